@@ -1,0 +1,55 @@
+//! The conformance suite: the store behaviour every factline backend must
+//! show. A backend's test file calls [`conformance_suite!`] with a factory
+//! that returns a fresh, empty store (and a guard that keeps whatever backs
+//! it, such as a temporary directory, alive for the test).
+//!
+//! ```ignore
+//! factline_conformance::conformance_suite!(|| async { (InMemoryStore::new(), ()) });
+//! ```
+//!
+//! The calling crate needs `tokio` (with `macros` and `rt-multi-thread`) as a
+//! dev-dependency.
+
+pub mod cases;
+
+/// Expands to one `#[tokio::test]` per conformance case.
+#[macro_export]
+macro_rules! conformance_suite {
+    ($factory:expr) => {
+        $crate::conformance_suite!(@cases $factory;
+            no_stream_creates_stream_with_versions_from_one,
+            no_stream_on_existing_stream_conflicts,
+            exact_version_matches_or_conflicts_with_actual,
+            exact_zero_means_no_stream,
+            stream_exists_requires_events,
+            any_always_appends,
+            concurrent_appends_at_same_version_exactly_one_wins,
+            conflict_in_one_append_does_not_fail_concurrent_others,
+            idempotent_retry_returns_original_and_writes_nothing,
+            idempotent_retry_with_incompatible_expectation_conflicts,
+            partial_overlap_is_refused_and_writes_nothing,
+            event_id_used_in_other_stream_is_refused,
+            duplicate_event_id_in_one_append_is_refused,
+            empty_append_is_refused,
+            oversized_event_is_refused_and_nothing_written,
+            malformed_event_type_is_refused_and_nothing_written,
+            invalid_stream_ids_cannot_be_constructed,
+            read_stream_forwards_backwards_from_and_limit,
+            read_missing_stream_is_empty,
+            read_all_positions_strictly_increase_with_from_and_limit,
+            read_category_returns_only_that_category,
+            metadata_and_data_round_trip,
+            subscription_catches_up_then_goes_live_under_concurrent_writes,
+            subscription_to_category_and_stream_filters_and_resumes,
+        );
+    };
+    (@cases $factory:expr; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let (store, _guard) = ($factory)().await;
+                $crate::cases::$case(store).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,190 @@
+//! Append rules shared by every backend, so they cannot drift apart.
+
+use std::collections::HashSet;
+
+use uuid::Uuid;
+
+use crate::{
+    AppendResult, EventData, ExpectedVersion, IdempotencyMismatch, StoreError, StreamId,
+};
+
+/// Guardrails applied to every append.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted event: type + JSON data + JSON metadata, in bytes.
+    pub max_event_bytes: usize,
+    /// Most events accepted in one append.
+    pub max_events_per_append: usize,
+}
+
+impl Limits {
+    pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
+    pub const MAX_EVENT_TYPE_BYTES: usize = 256;
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_event_bytes: Self::DEFAULT_MAX_EVENT_BYTES,
+            max_events_per_append: 10_000,
+        }
+    }
+}
+
+/// An event after validation, with its JSON already serialised.
+#[derive(Clone, Debug)]
+pub struct EncodedEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub data: String,
+    pub metadata: String,
+}
+
+/// Checks an append before anything is written and serialises its events.
+/// Every backend calls this first, so the same input is refused the same way
+/// everywhere.
+pub fn validate_append(
+    events: &[EventData],
+    limits: &Limits,
+) -> Result<Vec<EncodedEvent>, StoreError> {
+    if events.is_empty() {
+        return Err(StoreError::invalid_input(
+            "an append needs at least one event",
+        ));
+    }
+    if events.len() > limits.max_events_per_append {
+        return Err(StoreError::invalid_input(format!(
+            "an append holds at most {} events, this one has {}",
+            limits.max_events_per_append,
+            events.len()
+        )));
+    }
+    let mut seen = HashSet::with_capacity(events.len());
+    let mut encoded = Vec::with_capacity(events.len());
+    for event in events {
+        if !seen.insert(event.event_id) {
+            return Err(StoreError::invalid_input(format!(
+                "event id {} appears twice in one append",
+                event.event_id
+            )));
+        }
+        validate_event_type(&event.event_type)?;
+        let data = serde_json::to_string(&event.data).map_err(|e| {
+            StoreError::invalid_input(format!("event {} data: {e}", event.event_id))
+        })?;
+        let metadata = serde_json::to_string(&event.metadata).map_err(|e| {
+            StoreError::invalid_input(format!("event {} metadata: {e}", event.event_id))
+        })?;
+        let size = event.event_type.len() + data.len() + metadata.len();
+        if size > limits.max_event_bytes {
+            return Err(StoreError::TooLarge {
+                event_id: event.event_id,
+                size,
+                max: limits.max_event_bytes,
+            });
+        }
+        encoded.push(EncodedEvent {
+            event_id: event.event_id,
+            event_type: event.event_type.clone(),
+            data,
+            metadata,
+        });
+    }
+    Ok(encoded)
+}
+
+fn validate_event_type(event_type: &str) -> Result<(), StoreError> {
+    let problem = if event_type.is_empty() {
+        "is empty"
+    } else if event_type.len() > Limits::MAX_EVENT_TYPE_BYTES {
+        "is longer than 256 bytes"
+    } else if event_type.chars().any(char::is_control) {
+        "contains a control character"
+    } else {
+        return Ok(());
+    };
+    Err(StoreError::invalid_input(format!(
+        "event type {:?} {problem}",
+        event_type.chars().take(64).collect::<String>()
+    )))
+}
+
+/// Where an event id of an incoming append is already stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ExistingEvent {
+    pub stream_id: StreamId,
+    pub version: u64,
+    pub position: u64,
+}
+
+/// Decides what an append means when some of its event ids may already be
+/// stored (S3).
+///
+/// `existing[i]` is where `event_ids[i]` is stored, if anywhere, and
+/// `current_version` is the stream's version now. Returns `Ok(None)` when no
+/// id is stored (a normal append), `Ok(Some(original))` for an exact retry,
+/// and an error for anything in between.
+pub fn resolve_duplicates(
+    stream_id: &StreamId,
+    expected: ExpectedVersion,
+    current_version: u64,
+    event_ids: &[Uuid],
+    existing: &[Option<ExistingEvent>],
+) -> Result<Option<AppendResult>, StoreError> {
+    let stored = existing.iter().flatten().count();
+    if stored == 0 {
+        return Ok(None);
+    }
+    let mismatch = |reason| StoreError::IdempotencyMismatch {
+        stream_id: stream_id.clone(),
+        reason,
+    };
+    let elsewhere = event_ids.iter().zip(existing).find_map(|(id, e)| match e {
+        Some(e) if &e.stream_id != stream_id => Some((*id, e.stream_id.clone())),
+        _ => None,
+    });
+    if let Some((event_id, other_stream)) = elsewhere {
+        return Err(mismatch(IdempotencyMismatch::OtherStream {
+            event_id,
+            stream_id: other_stream,
+        }));
+    }
+    if stored < existing.len() {
+        return Err(mismatch(IdempotencyMismatch::PartialOverlap {
+            stored,
+            total: existing.len(),
+        }));
+    }
+    let run: Vec<&ExistingEvent> = existing.iter().flatten().collect();
+    let first = run[0];
+    let last = run[run.len() - 1];
+    let consecutive = run
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.version == first.version + i as u64);
+    if !consecutive {
+        return Err(mismatch(IdempotencyMismatch::DifferentOrder));
+    }
+    // The retry must state an expectation the original append could have
+    // met; otherwise it is a different request and gets the normal conflict.
+    let consistent = match expected {
+        ExpectedVersion::Any => true,
+        ExpectedVersion::NoStream => first.version == 1,
+        ExpectedVersion::StreamExists => first.version > 1,
+        ExpectedVersion::Exact(n) => first.version == n + 1,
+    };
+    if !consistent {
+        return Err(StoreError::Conflict {
+            stream_id: stream_id.clone(),
+            expected,
+            actual: current_version,
+        });
+    }
+    Ok(Some(AppendResult {
+        stream_id: stream_id.clone(),
+        first_version: first.version,
+        last_version: last.version,
+        first_position: first.position,
+        last_position: last.position,
+    }))
+}

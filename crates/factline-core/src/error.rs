@@ -1,0 +1,122 @@
+use std::fmt;
+
+use uuid::Uuid;
+
+use crate::{ExpectedVersion, InvalidStreamId, StreamId};
+
+/// Everything a store operation can fail with.
+///
+/// All variants but [`StoreError::Storage`] are rejections of the request
+/// itself: retrying the same request gives the same answer. `Storage` is an
+/// infrastructure failure, see [`StorageError::is_retryable`].
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("version conflict on stream {stream_id}: expected {expected}, actual {actual}")]
+    Conflict {
+        stream_id: StreamId,
+        expected: ExpectedVersion,
+        /// The stream's current version; 0 when it does not exist.
+        actual: u64,
+    },
+    #[error("idempotency mismatch on stream {stream_id}: {reason}")]
+    IdempotencyMismatch {
+        stream_id: StreamId,
+        reason: IdempotencyMismatch,
+    },
+    #[error("event {event_id} is {size} bytes, over the limit of {max} bytes")]
+    TooLarge {
+        event_id: Uuid,
+        size: usize,
+        max: usize,
+    },
+    #[error(transparent)]
+    InvalidStreamId(#[from] InvalidStreamId),
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+impl StoreError {
+    /// True for rejections of the request (as opposed to infrastructure failures).
+    pub fn is_rejection(&self) -> bool {
+        !matches!(self, StoreError::Storage(_))
+    }
+
+    pub fn invalid_input(message: impl Into<String>) -> Self {
+        StoreError::InvalidInput(message.into())
+    }
+}
+
+/// Why a retried append does not match what is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdempotencyMismatch {
+    /// Some of the append's event ids are stored, some are not.
+    PartialOverlap { stored: usize, total: usize },
+    /// An event id is already used by an event of another stream.
+    OtherStream { event_id: Uuid, stream_id: StreamId },
+    /// All ids are stored in this stream, but not as one run in this order.
+    DifferentOrder,
+}
+
+impl fmt::Display for IdempotencyMismatch {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdempotencyMismatch::PartialOverlap { stored, total } => write!(
+                f,
+                "{stored} of the {total} event ids are already stored; a retry must repeat exactly the original events"
+            ),
+            IdempotencyMismatch::OtherStream { event_id, stream_id } => {
+                write!(f, "event id {event_id} is already used in stream {stream_id}")
+            }
+            IdempotencyMismatch::DifferentOrder => f.write_str(
+                "the event ids are stored, but not consecutively in this order",
+            ),
+        }
+    }
+}
+
+/// An infrastructure failure: disk, database, network, corrupt data.
+#[derive(Debug, thiserror::Error)]
+#[error("storage failure: {message}")]
+pub struct StorageError {
+    message: String,
+    retryable: bool,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl StorageError {
+    pub fn new(message: impl Into<String>) -> Self {
+        StorageError {
+            message: message.into(),
+            retryable: false,
+            source: None,
+        }
+    }
+
+    pub fn with_source(
+        message: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        StorageError {
+            message: message.into(),
+            retryable: false,
+            source: Some(Box::new(source)),
+        }
+    }
+
+    /// Marks the failure as transient: the same request may succeed later.
+    pub fn retryable(mut self) -> Self {
+        self.retryable = true;
+        self
+    }
+
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}

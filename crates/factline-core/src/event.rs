@@ -1,0 +1,113 @@
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::StreamId;
+
+/// Metadata carried by every event.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// Shared by everything one business transaction caused.
+    #[serde(default)]
+    pub correlation_id: Option<String>,
+    /// The id of the command or event that directly caused this one.
+    #[serde(default)]
+    pub causation_id: Option<String>,
+    /// The version of the event type's schema this payload follows.
+    #[serde(default = "first_schema_version")]
+    pub schema_version: u32,
+    /// Free-form string headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+}
+
+fn first_schema_version() -> u32 {
+    1
+}
+
+impl Default for Metadata {
+    fn default() -> Self {
+        Metadata {
+            correlation_id: None,
+            causation_id: None,
+            schema_version: first_schema_version(),
+            headers: BTreeMap::new(),
+        }
+    }
+}
+
+/// An event to append. The JSON form is
+/// `{"event_id"?, "type", "data"?, "metadata"?}`; a missing `event_id` gets a
+/// fresh UUID, a missing `data` is `{}`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventData {
+    #[serde(default = "Uuid::new_v4")]
+    pub event_id: Uuid,
+    #[serde(rename = "type", alias = "event_type")]
+    pub event_type: String,
+    #[serde(default = "empty_object")]
+    pub data: Value,
+    #[serde(default)]
+    pub metadata: Metadata,
+}
+
+fn empty_object() -> Value {
+    Value::Object(Default::default())
+}
+
+impl EventData {
+    /// A new event with a fresh event id and default metadata.
+    pub fn new(event_type: impl Into<String>, data: Value) -> Self {
+        EventData {
+            event_id: Uuid::new_v4(),
+            event_type: event_type.into(),
+            data,
+            metadata: Metadata::default(),
+        }
+    }
+
+    pub fn with_event_id(mut self, event_id: Uuid) -> Self {
+        self.event_id = event_id;
+        self
+    }
+
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// An event as stored.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RecordedEvent {
+    pub stream_id: StreamId,
+    /// 1-based position of the event within its stream.
+    pub version: u64,
+    /// Global position in `$all`, starting at 1.
+    pub position: u64,
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub data: Value,
+    pub metadata: Metadata,
+    pub recorded_at: DateTime<Utc>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_json_defaults_and_strictness() {
+        let e: EventData = serde_json::from_str(r#"{"type":"OrderPlaced"}"#).unwrap();
+        assert_eq!(e.data, serde_json::json!({}));
+        assert_eq!(e.metadata.schema_version, 1);
+        assert!(serde_json::from_str::<EventData>(r#"{"type":"X","dta":{}}"#).is_err());
+        assert!(serde_json::from_str::<EventData>(r#"{"data":{}}"#).is_err());
+        assert!(serde_json::from_str::<Metadata>(r#"{"correlationId":"x"}"#).is_err());
+    }
+}

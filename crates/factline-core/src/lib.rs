@@ -1,0 +1,27 @@
+//! The core of factline: the event model, the [`EventStore`] trait every
+//! backend implements, subscriptions built on top of that trait, and an
+//! in-memory store for unit tests.
+//!
+//! Conventions shared by every backend:
+//! - stream versions are 1-based: a stream's first event has version 1 and a
+//!   stream that does not exist has version 0;
+//! - global positions start at 1 and strictly increase in commit order;
+//! - every `from` argument is inclusive.
+
+mod append;
+mod error;
+mod event;
+pub mod memory;
+mod store;
+mod stream_id;
+mod subscription;
+mod version;
+
+pub use append::{resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits};
+pub use error::{IdempotencyMismatch, StorageError, StoreError};
+pub use event::{EventData, Metadata, RecordedEvent};
+pub use memory::InMemoryStore;
+pub use store::{Direction, EventStore, ReadStream, StreamFilter};
+pub use stream_id::{InvalidStreamId, StreamId};
+pub use subscription::Subscription;
+pub use version::{AppendResult, ExpectedVersion, ParseExpectedVersionError};

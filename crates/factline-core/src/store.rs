@@ -1,0 +1,132 @@
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::{
+    AppendResult, EventData, ExpectedVersion, RecordedEvent, StoreError, StreamId, Subscription,
+};
+
+/// Which way to read a stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Direction {
+    #[default]
+    Forwards,
+    Backwards,
+}
+
+/// How to read one stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadStream {
+    pub direction: Direction,
+    /// First version returned (inclusive). `None` starts at the first event
+    /// when reading forwards and at the last one when reading backwards.
+    pub from_version: Option<u64>,
+    pub limit: usize,
+}
+
+impl ReadStream {
+    pub fn forwards() -> Self {
+        ReadStream {
+            direction: Direction::Forwards,
+            from_version: None,
+            limit: usize::MAX,
+        }
+    }
+
+    pub fn backwards() -> Self {
+        ReadStream {
+            direction: Direction::Backwards,
+            ..Self::forwards()
+        }
+    }
+
+    pub fn from_version(mut self, version: u64) -> Self {
+        self.from_version = Some(version);
+        self
+    }
+
+    pub fn limit(mut self, limit: usize) -> Self {
+        self.limit = limit;
+        self
+    }
+}
+
+/// A set of events in global order: `$all`, one category, or one stream.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum StreamFilter {
+    All,
+    Category(String),
+    Stream(StreamId),
+}
+
+impl StreamFilter {
+    pub fn matches(&self, event: &RecordedEvent) -> bool {
+        match self {
+            StreamFilter::All => true,
+            StreamFilter::Category(c) => event.stream_id.category() == c,
+            StreamFilter::Stream(s) => &event.stream_id == s,
+        }
+    }
+}
+
+/// The operations every event store backend provides.
+///
+/// Implementations are cheap-to-clone handles; clones share one store.
+#[async_trait]
+pub trait EventStore: Send + Sync + 'static {
+    /// Appends `events` to one stream atomically: all of them or none.
+    ///
+    /// Appending events whose ids are all already stored in this stream, in
+    /// this order, returns the original result and writes nothing (S3).
+    async fn append(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError>;
+
+    /// Reads one stream. A stream that does not exist reads as empty.
+    async fn read_stream(
+        &self,
+        stream_id: &StreamId,
+        options: ReadStream,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Reads the events matching `filter` with global position `>= from`, in
+    /// global order, at most `limit` of them. Only committed events are
+    /// returned, and never an event whose position is below one that a
+    /// previous call already returned (no holes).
+    async fn read_filtered(
+        &self,
+        filter: &StreamFilter,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// Reads `$all` from global position `from` (inclusive).
+    async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read_filtered(&StreamFilter::All, from, limit).await
+    }
+
+    /// Reads a category from global position `from` (inclusive).
+    async fn read_category(
+        &self,
+        category: &str,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read_filtered(&StreamFilter::Category(category.to_string()), from, limit)
+            .await
+    }
+
+    /// The global position of the last committed event (0 when empty).
+    async fn head_position(&self) -> Result<u64, StoreError>;
+
+    /// A receiver that changes whenever this process commits an append; its
+    /// value is the head position after that commit.
+    fn watch_head(&self) -> watch::Receiver<u64>;
+
+    /// Follows `filter` from global position `from` (inclusive): first the
+    /// stored events, then live ones as they are committed, with no gap and
+    /// no duplicate at the hand-over.
+    fn subscribe(&self, filter: StreamFilter, from: u64) -> Subscription;
+}
