@@ -1,0 +1,279 @@
+//! factline's embedded default backend: the whole event store in one SQLite
+//! file (WAL mode, durable by default).
+//!
+//! One writer thread owns the only write connection and group-commits:
+//! appends queue on a channel, and the writer commits everything queued in one
+//! transaction (one fsync), with a savepoint per append so each append still
+//! succeeds or fails alone. Reads run on a small pool of read connections,
+//! which WAL mode lets proceed while the writer commits.
+
+pub mod baseline;
+mod reader;
+mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use factline_core::{
+    validate_append, AppendResult, EventData, EventStore, ExpectedVersion, Limits, ReadStream,
+    RecordedEvent, StorageError, StoreError, StreamFilter, StreamId, Subscription,
+};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use schema::SCHEMA_VERSION;
+
+/// SQLite's `synchronous` setting: how hard a commit waits for the disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Synchronous {
+    /// No fsync: fast, and a power loss may lose recent commits or worse.
+    Off,
+    /// In WAL mode a power loss may lose the latest commits, never corrupts.
+    Normal,
+    /// Every commit is fsynced before it is acknowledged.
+    #[default]
+    Full,
+}
+
+impl Synchronous {
+    fn pragma_value(self) -> &'static str {
+        match self {
+            Synchronous::Off => "OFF",
+            Synchronous::Normal => "NORMAL",
+            Synchronous::Full => "FULL",
+        }
+    }
+}
+
+impl std::str::FromStr for Synchronous {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "off" => Ok(Synchronous::Off),
+            "normal" => Ok(Synchronous::Normal),
+            "full" => Ok(Synchronous::Full),
+            _ => Err(format!("invalid synchronous mode {s:?}: use off, normal or full")),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SqliteConfig {
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    pub limits: Limits,
+    /// Most events the writer puts in one group-commit transaction.
+    pub max_batch_events: usize,
+    /// Appends that may wait for the writer before callers are held back.
+    pub queue_capacity: usize,
+    /// How often an idle subscription re-reads, to see commits made by
+    /// other processes (commits of this process wake it at once).
+    pub fallback_poll: Duration,
+    /// How long a connection waits for another process's write lock.
+    pub busy_timeout: Duration,
+    /// Idle read connections kept open.
+    pub max_idle_readers: usize,
+}
+
+impl SqliteConfig {
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        SqliteConfig {
+            path: path.into(),
+            synchronous: Synchronous::Full,
+            limits: Limits::default(),
+            max_batch_events: 20_000,
+            queue_capacity: 4_096,
+            fallback_poll: Duration::from_millis(200),
+            busy_timeout: Duration::from_secs(10),
+            max_idle_readers: 8,
+        }
+    }
+}
+
+/// Counters of the writer's work, for tests and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    /// Write transactions committed (or attempted).
+    pub transactions: u64,
+    /// Append calls handled.
+    pub appends: u64,
+}
+
+#[derive(Clone)]
+pub struct SqliteStore {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    config: SqliteConfig,
+    jobs: mpsc::Sender<writer::AppendJob>,
+    head: Arc<watch::Sender<u64>>,
+    stats: Arc<writer::Counters>,
+    readers: reader::Pool,
+}
+
+/// Wraps a SQLite error as a storage failure. Busy/locked databases are
+/// transient, so they are marked retryable.
+pub(crate) fn db_error(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |e| {
+        let retryable = matches!(
+            e.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+        );
+        let err = StorageError::with_source(format!("{context}: {e}"), e);
+        if retryable {
+            err.retryable().into()
+        } else {
+            err.into()
+        }
+    }
+}
+
+pub(crate) fn open_connection(config: &SqliteConfig, read_only: bool) -> Result<Connection, StoreError> {
+    // Readers open read-write but set `query_only`: a read-only open cannot
+    // always attach to an existing WAL's shared memory.
+    let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
+        | OpenFlags::SQLITE_OPEN_CREATE
+        | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let open_err = db_error("opening the database");
+    let conn = Connection::open_with_flags(&config.path, flags).map_err(&open_err)?;
+    conn.busy_timeout(config.busy_timeout).map_err(&open_err)?;
+    if read_only {
+        conn.pragma_update(None, "query_only", "ON").map_err(&open_err)?;
+    } else {
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(&open_err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StorageError::new(format!(
+                "{} could not be switched to WAL mode (it reports {mode})",
+                config.path.display()
+            ))
+            .into());
+        }
+    }
+    conn.pragma_update(None, "synchronous", config.synchronous.pragma_value())
+        .map_err(&open_err)?;
+    conn.set_prepared_statement_cache_capacity(32);
+    Ok(conn)
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the store at `path` with default settings.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, StoreError> {
+        Self::open_with(SqliteConfig::new(path.as_ref()))
+    }
+
+    /// Opens the store and starts its writer thread. Must be called inside a
+    /// tokio runtime only if the caller later uses the store there; the
+    /// writer itself is a plain OS thread.
+    pub fn open_with(config: SqliteConfig) -> Result<Self, StoreError> {
+        let mut conn = open_connection(&config, false)?;
+        schema::migrate(&mut conn)?;
+        let head_now = reader::head_position(&conn)?;
+        let head = Arc::new(watch::channel(head_now).0);
+        let stats = Arc::new(writer::Counters::default());
+        let (jobs, queue) = mpsc::channel(config.queue_capacity.max(1));
+        writer::spawn(
+            conn,
+            queue,
+            head.clone(),
+            stats.clone(),
+            config.max_batch_events.max(1),
+        )?;
+        let readers = reader::Pool::new(config.clone());
+        Ok(SqliteStore {
+            shared: Arc::new(Shared {
+                config,
+                jobs,
+                head,
+                stats,
+                readers,
+            }),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.shared.config.path
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        WriterStats {
+            transactions: self.shared.stats.transactions.load(Ordering::Relaxed),
+            appends: self.shared.stats.appends.load(Ordering::Relaxed),
+        }
+    }
+}
+
+fn writer_gone() -> StoreError {
+    StorageError::new("the SQLite writer thread has stopped").into()
+}
+
+#[async_trait]
+impl EventStore for SqliteStore {
+    async fn append(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        // Serialise and check on the caller's task, keeping the single
+        // writer thread free for the database work.
+        let events = validate_append(&events, &self.shared.config.limits)?;
+        let (reply, answer) = oneshot::channel();
+        let job = writer::AppendJob {
+            stream_id: stream_id.clone(),
+            expected,
+            events,
+            reply,
+        };
+        self.shared.jobs.send(job).await.map_err(|_| writer_gone())?;
+        answer.await.map_err(|_| writer_gone())?
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &StreamId,
+        options: ReadStream,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let stream_id = stream_id.clone();
+        self.shared
+            .readers
+            .run(move |conn| reader::read_stream(conn, &stream_id, options))
+            .await
+    }
+
+    async fn read_filtered(
+        &self,
+        filter: &StreamFilter,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let filter = filter.clone();
+        self.shared
+            .readers
+            .run(move |conn| reader::read_filtered(conn, &filter, from, limit))
+            .await
+    }
+
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        self.shared.readers.run(reader::head_position).await
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.shared.head.subscribe()
+    }
+
+    fn subscribe(&self, filter: StreamFilter, from: u64) -> Subscription {
+        Subscription::new(
+            Arc::new(self.clone()),
+            filter,
+            from,
+            Some(self.shared.config.fallback_poll),
+        )
+    }
+}

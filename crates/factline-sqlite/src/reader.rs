@@ -1,0 +1,201 @@
+//! The read side: a small pool of read connections used from
+//! `spawn_blocking`, and the queries.
+
+use std::sync::{Arc, Mutex};
+
+use chrono::DateTime;
+use factline_core::{
+    Direction, Metadata, ReadStream, RecordedEvent, StorageError, StoreError, StreamFilter,
+    StreamId,
+};
+use rusqlite::{params, Connection, Row};
+use uuid::Uuid;
+
+use crate::{db_error, open_connection, SqliteConfig};
+
+pub(crate) struct Pool {
+    inner: Arc<PoolInner>,
+}
+
+struct PoolInner {
+    config: SqliteConfig,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl Pool {
+    pub fn new(config: SqliteConfig) -> Self {
+        Pool {
+            inner: Arc::new(PoolInner {
+                config,
+                idle: Mutex::new(Vec::new()),
+            }),
+        }
+    }
+
+    /// Runs `query` on a pooled read connection off the async runtime.
+    pub async fn run<T, F>(&self, query: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = inner.take()?;
+            let result = query(&conn);
+            inner.give_back(conn);
+            result
+        })
+        .await
+        .map_err(|e| StorageError::new(format!("a read task failed: {e}")))?
+    }
+}
+
+impl PoolInner {
+    fn take(&self) -> Result<Connection, StoreError> {
+        let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
+        match pooled {
+            Some(conn) => Ok(conn),
+            None => open_connection(&self.config, true),
+        }
+    }
+
+    fn give_back(&self, conn: Connection) {
+        if let Ok(mut idle) = self.idle.lock() {
+            if idle.len() < self.config.max_idle_readers {
+                idle.push(conn);
+            }
+        }
+    }
+}
+
+const COLUMNS: &str =
+    "position, stream_id, version, event_id, event_type, data, metadata, recorded_at";
+
+/// SQLite integers are signed; a limit beyond `i64::MAX` means "no limit".
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn sql_u64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+pub(crate) fn head_position(conn: &Connection) -> Result<u64, StoreError> {
+    conn.query_row("SELECT COALESCE(MAX(position), 0) FROM events", [], |r| {
+        r.get::<_, i64>(0)
+    })
+    .map(|p| p as u64)
+    .map_err(db_error("reading the head position"))
+}
+
+pub(crate) fn read_stream(
+    conn: &Connection,
+    stream_id: &StreamId,
+    options: ReadStream,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let (sql, from) = match options.direction {
+        Direction::Forwards => (
+            format!("SELECT {COLUMNS} FROM events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version ASC LIMIT ?3"),
+            options.from_version.unwrap_or(1),
+        ),
+        Direction::Backwards => (
+            format!("SELECT {COLUMNS} FROM events WHERE stream_id = ?1 AND version <= ?2 ORDER BY version DESC LIMIT ?3"),
+            options.from_version.unwrap_or(u64::MAX),
+        ),
+    };
+    query_events(
+        conn,
+        &sql,
+        params![stream_id.as_str(), sql_u64(from), sql_limit(options.limit)],
+    )
+}
+
+pub(crate) fn read_filtered(
+    conn: &Connection,
+    filter: &StreamFilter,
+    from: u64,
+    limit: usize,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let (from, limit) = (sql_u64(from), sql_limit(limit));
+    match filter {
+        StreamFilter::All => query_events(
+            conn,
+            &format!("SELECT {COLUMNS} FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2"),
+            params![from, limit],
+        ),
+        StreamFilter::Category(category) => query_events(
+            conn,
+            &format!("SELECT {COLUMNS} FROM events WHERE category = ?1 AND position >= ?2 ORDER BY position LIMIT ?3"),
+            params![category, from, limit],
+        ),
+        // Within one stream version order is position order, and the
+        // (stream_id, version) index serves it without a sort.
+        StreamFilter::Stream(stream_id) => query_events(
+            conn,
+            &format!("SELECT {COLUMNS} FROM events WHERE stream_id = ?1 AND position >= ?2 ORDER BY version LIMIT ?3"),
+            params![stream_id.as_str(), from, limit],
+        ),
+    }
+}
+
+fn query_events(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<RecordedEvent>, StoreError> {
+    let read_err = db_error("reading events");
+    let mut stmt = conn.prepare_cached(sql).map_err(&read_err)?;
+    let rows = stmt.query_map(params, RawEvent::from_row).map_err(&read_err)?;
+    let mut events = Vec::new();
+    for row in rows {
+        events.push(row.map_err(&read_err)?.decode()?);
+    }
+    Ok(events)
+}
+
+/// A row as stored, before its JSON and ids are decoded.
+struct RawEvent {
+    position: i64,
+    stream_id: String,
+    version: i64,
+    event_id: Vec<u8>,
+    event_type: String,
+    data: String,
+    metadata: String,
+    recorded_at: i64,
+}
+
+impl RawEvent {
+    fn from_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+        Ok(RawEvent {
+            position: row.get(0)?,
+            stream_id: row.get(1)?,
+            version: row.get(2)?,
+            event_id: row.get(3)?,
+            event_type: row.get(4)?,
+            data: row.get(5)?,
+            metadata: row.get(6)?,
+            recorded_at: row.get(7)?,
+        })
+    }
+
+    fn decode(self) -> Result<RecordedEvent, StoreError> {
+        let position = self.position;
+        let corrupt = move |what: &str| -> StoreError {
+            StorageError::new(format!("stored event at position {position} has a corrupt {what}"))
+                .into()
+        };
+        Ok(RecordedEvent {
+            stream_id: StreamId::new(self.stream_id).map_err(|_| corrupt("stream id"))?,
+            version: self.version as u64,
+            position: self.position as u64,
+            event_id: Uuid::from_slice(&self.event_id).map_err(|_| corrupt("event id"))?,
+            event_type: self.event_type,
+            data: serde_json::from_str(&self.data).map_err(|_| corrupt("data"))?,
+            metadata: serde_json::from_str::<Metadata>(&self.metadata)
+                .map_err(|_| corrupt("metadata"))?,
+            recorded_at: DateTime::from_timestamp_micros(self.recorded_at)
+                .ok_or_else(|| corrupt("timestamp"))?,
+        })
+    }
+}

@@ -1,0 +1,52 @@
+//! Versioned schema migrations, tracked in SQLite's `user_version`.
+
+use factline_core::{StorageError, StoreError};
+use rusqlite::{Connection, TransactionBehavior};
+
+use crate::db_error;
+
+/// Each entry upgrades the schema from version `index` to `index + 1`.
+/// Entries are never edited once released; changes are new entries.
+const MIGRATIONS: &[&str] = &[
+    // 1: the event log. AUTOINCREMENT keeps positions from ever being
+    // reused, even if the newest rows are removed by a future retention
+    // policy, so "strictly increasing" holds for the life of the file.
+    "CREATE TABLE events (
+        position    INTEGER PRIMARY KEY AUTOINCREMENT,
+        stream_id   TEXT    NOT NULL,
+        version     INTEGER NOT NULL,
+        category    TEXT    NOT NULL,
+        event_id    BLOB    NOT NULL,
+        event_type  TEXT    NOT NULL,
+        data        TEXT    NOT NULL,
+        metadata    TEXT    NOT NULL,
+        recorded_at INTEGER NOT NULL
+    );
+    CREATE UNIQUE INDEX events_stream_version ON events (stream_id, version);
+    CREATE UNIQUE INDEX events_event_id ON events (event_id);
+    CREATE INDEX events_category_position ON events (category, position);",
+];
+
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+/// Brings the schema up to date. Safe when several processes open the same
+/// file at once: the check and the upgrade run in one write transaction.
+pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
+    let run = |conn: &mut Connection| -> rusqlite::Result<Result<(), StoreError>> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if current > SCHEMA_VERSION {
+            return Ok(Err(StorageError::new(format!(
+                "the database has schema version {current}, newer than this build's {SCHEMA_VERSION}; upgrade factline"
+            ))
+            .into()));
+        }
+        for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", index as i64 + 1)?;
+        }
+        tx.commit()?;
+        Ok(Ok(()))
+    };
+    run(conn).map_err(db_error("migrating the schema"))?
+}

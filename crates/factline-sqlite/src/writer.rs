@@ -1,0 +1,250 @@
+//! The single writer thread and its group commit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use chrono::Utc;
+use factline_core::{
+    resolve_duplicates, AppendResult, EncodedEvent, ExistingEvent, ExpectedVersion, StorageError,
+    StoreError, StreamId,
+};
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::db_error;
+
+pub(crate) struct AppendJob {
+    pub stream_id: StreamId,
+    pub expected: ExpectedVersion,
+    pub events: Vec<EncodedEvent>,
+    pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub transactions: AtomicU64,
+    pub appends: AtomicU64,
+}
+
+pub(crate) fn spawn(
+    conn: Connection,
+    queue: mpsc::Receiver<AppendJob>,
+    head: Arc<watch::Sender<u64>>,
+    counters: Arc<Counters>,
+    max_batch_events: usize,
+) -> Result<(), StoreError> {
+    std::thread::Builder::new()
+        .name("factline-sqlite-writer".into())
+        .spawn(move || run(conn, queue, &head, &counters, max_batch_events))
+        .map(|_| ())
+        .map_err(|e| StorageError::with_source("starting the SQLite writer thread", e).into())
+}
+
+/// Runs until every sender is gone (the store was dropped).
+fn run(
+    mut conn: Connection,
+    mut queue: mpsc::Receiver<AppendJob>,
+    head: &watch::Sender<u64>,
+    counters: &Counters,
+    max_batch_events: usize,
+) {
+    while let Some(first) = queue.blocking_recv() {
+        // Whatever queued up while the previous commit was fsyncing goes into
+        // this transaction: that is the group commit.
+        let mut queued_events = first.events.len();
+        let mut batch = vec![first];
+        while queued_events < max_batch_events {
+            match queue.try_recv() {
+                Ok(job) => {
+                    queued_events += job.events.len();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let outcomes = commit_batch(&mut conn, &batch);
+        counters.transactions.fetch_add(1, Ordering::Relaxed);
+        counters
+            .appends
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let newest = outcomes
+            .iter()
+            .filter_map(|o| o.as_ref().ok().map(|r| r.last_position))
+            .max();
+        if let Some(newest) = newest {
+            // Wake subscribers before answering, so an appender that then
+            // subscribes can never have missed its own wake-up.
+            head.send_if_modified(|h| {
+                let raised = newest > *h;
+                *h = (*h).max(newest);
+                raised
+            });
+        }
+        for (job, outcome) in batch.into_iter().zip(outcomes) {
+            // The caller may have gone away; its append stands regardless.
+            let _ = job.reply.send(outcome);
+        }
+    }
+}
+
+/// Commits a batch in one transaction. A rejected append only rolls back
+/// its own savepoint; a database failure fails every append in the batch,
+/// since none of them is durable.
+fn commit_batch(conn: &mut Connection, batch: &[AppendJob]) -> Vec<Result<AppendResult, StoreError>> {
+    let recorded_at = Utc::now().timestamp_micros();
+    let attempt = |conn: &mut Connection| -> rusqlite::Result<Vec<Result<AppendResult, StoreError>>> {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for job in batch {
+            outcomes.push(append_one(&tx, job, recorded_at)?);
+        }
+        tx.commit()?;
+        Ok(outcomes)
+    };
+    match attempt(conn) {
+        Ok(outcomes) => outcomes,
+        Err(e) => {
+            tracing::warn!(error = %e, appends = batch.len(), "group commit failed");
+            let to_error = db_error("committing appends");
+            batch.iter().map(|_| Err(to_error(clone_error(&e)))).collect()
+        }
+    }
+}
+
+/// `rusqlite::Error` is not `Clone`; keep the code and message for each caller.
+fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
+    match e {
+        rusqlite::Error::SqliteFailure(code, msg) => rusqlite::Error::SqliteFailure(*code, msg.clone()),
+        other => rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(other.to_string()),
+        ),
+    }
+}
+
+/// Appends one job inside the batch transaction. The outer `Result` is a
+/// database failure (aborts the batch); the inner one is this append's own
+/// outcome.
+fn append_one(
+    conn: &Connection,
+    job: &AppendJob,
+    recorded_at: i64,
+) -> rusqlite::Result<Result<AppendResult, StoreError>> {
+    let current = stream_version(conn, &job.stream_id)?;
+    if !job.expected.is_satisfied_by(current) {
+        // Maybe a retry of an append that already happened (S3).
+        return Ok(match resolve_retry(conn, job, current)? {
+            Ok(Some(original)) => Ok(original),
+            Ok(None) => Err(StoreError::Conflict {
+                stream_id: job.stream_id.clone(),
+                expected: job.expected,
+                actual: current,
+            }),
+            Err(e) => Err(e),
+        });
+    }
+    conn.execute_batch("SAVEPOINT append_job")?;
+    match insert_events(conn, job, current, recorded_at) {
+        Ok((first_position, last_position)) => {
+            conn.execute_batch("RELEASE append_job")?;
+            Ok(Ok(AppendResult {
+                stream_id: job.stream_id.clone(),
+                first_version: current + 1,
+                last_version: current + job.events.len() as u64,
+                first_position,
+                last_position,
+            }))
+        }
+        Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
+            // An event id is already stored: undo this job's rows and decide
+            // whether it is an exact retry or a mismatch.
+            conn.execute_batch("ROLLBACK TO append_job; RELEASE append_job")?;
+            Ok(match resolve_retry(conn, job, current)? {
+                Ok(Some(original)) => Ok(original),
+                Ok(None) => Err(StorageError::with_source(
+                    "an insert hit a unique constraint that no stored event explains",
+                    e,
+                )
+                .into()),
+                Err(rejection) => Err(rejection),
+            })
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn stream_version(conn: &Connection, stream_id: &StreamId) -> rusqlite::Result<u64> {
+    let mut stmt =
+        conn.prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")?;
+    stmt.query_row([stream_id.as_str()], |r| r.get::<_, i64>(0))
+        .map(|v| v as u64)
+}
+
+fn insert_events(
+    conn: &Connection,
+    job: &AppendJob,
+    current: u64,
+    recorded_at: i64,
+) -> rusqlite::Result<(u64, u64)> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT INTO events (stream_id, version, category, event_id, event_type, data, metadata, recorded_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let category = job.stream_id.category();
+    let mut first_position = 0;
+    let mut last_position = 0;
+    for (i, event) in job.events.iter().enumerate() {
+        stmt.execute(params![
+            job.stream_id.as_str(),
+            (current + 1 + i as u64) as i64,
+            category,
+            event.event_id.as_bytes().as_slice(),
+            event.event_type,
+            event.data,
+            event.metadata,
+            recorded_at,
+        ])?;
+        last_position = conn.last_insert_rowid() as u64;
+        if i == 0 {
+            first_position = last_position;
+        }
+    }
+    Ok((first_position, last_position))
+}
+
+fn resolve_retry(
+    conn: &Connection,
+    job: &AppendJob,
+    current: u64,
+) -> rusqlite::Result<Result<Option<AppendResult>, StoreError>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT stream_id, version, position FROM events WHERE event_id = ?1",
+    )?;
+    let mut ids = Vec::with_capacity(job.events.len());
+    let mut existing = Vec::with_capacity(job.events.len());
+    for event in &job.events {
+        ids.push(event.event_id);
+        let found = stmt
+            .query_row([event.event_id.as_bytes().as_slice()], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+            })
+            .optional()?;
+        existing.push(match found {
+            Some((stream, version, position)) => match StreamId::new(stream) {
+                Ok(stream_id) => Some(ExistingEvent {
+                    stream_id,
+                    version: version as u64,
+                    position: position as u64,
+                }),
+                Err(_) => {
+                    return Ok(Err(StorageError::new(format!(
+                        "stored event at position {position} has a corrupt stream id"
+                    ))
+                    .into()))
+                }
+            },
+            None => None,
+        });
+    }
+    Ok(resolve_duplicates(&job.stream_id, job.expected, current, &ids, &existing))
+}
