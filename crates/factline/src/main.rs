@@ -1,1 +1,123 @@
-fn main(){}
+//! The `factline` command-line tool.
+//!
+//! Exit codes are a public contract: 0 success, 2 invalid input or usage,
+//! 3 version conflict, 4 idempotency mismatch, 1 any other failure.
+
+mod bench;
+mod commands;
+mod demo;
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use factline::{Location, OpenError, StoreError};
+
+#[derive(Parser, Debug)]
+#[command(name = "factline", version, about = "An event store and projection engine for event-sourced CQRS systems")]
+struct Cli {
+    /// Database: a file path (SQLite) or memory:.
+    #[arg(long, global = true, env = "FACTLINE_DB", default_value = factline::DEFAULT_DB)]
+    db: String,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Append one event, or a batch of JSON lines from stdin, to a stream.
+    Append(commands::AppendArgs),
+    /// Read one stream.
+    Read(commands::ReadArgs),
+    /// Read all events in global order.
+    ReadAll(commands::ReadAllArgs),
+    /// Read one category (stream ids `<category>-…`) in global order.
+    ReadCategory(commands::ReadCategoryArgs),
+    /// Follow a stream, a category or all events live.
+    Tail(commands::TailArgs),
+    /// Append a small sample of order events and show them.
+    Demo(demo::DemoArgs),
+    /// Measure the store.
+    Bench(BenchCommand),
+}
+
+#[derive(Args, Debug)]
+struct BenchCommand {
+    #[command(subcommand)]
+    which: bench::Bench,
+}
+
+/// Bad input from the user: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+pub fn usage(message: impl Into<String>) -> anyhow::Error {
+    UsageError(message.into()).into()
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) if is_broken_pipe(&err) => ExitCode::SUCCESS,
+        Err(err) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("error: {err:#}");
+            ExitCode::from(exit_code(&err))
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let location = Location::parse(&cli.db)?;
+    match cli.command {
+        Command::Append(args) => commands::append(&location, args).await,
+        Command::Read(args) => commands::read(&location, args).await,
+        Command::ReadAll(args) => commands::read_all(&location, args).await,
+        Command::ReadCategory(args) => commands::read_category(&location, args).await,
+        Command::Tail(args) => commands::tail(&location, args).await,
+        Command::Demo(args) => demo::run(&location, args).await,
+        Command::Bench(b) => bench::run(b.which).await,
+    }
+}
+
+fn exit_code(err: &anyhow::Error) -> u8 {
+    for cause in err.chain() {
+        if let Some(store) = cause.downcast_ref::<StoreError>() {
+            return match store {
+                StoreError::Conflict { .. } => 3,
+                StoreError::IdempotencyMismatch { .. } => 4,
+                StoreError::TooLarge { .. }
+                | StoreError::InvalidStreamId(_)
+                | StoreError::InvalidInput(_) => 2,
+                StoreError::Storage(_) => 1,
+            };
+        }
+        if cause.is::<UsageError>() || cause.is::<factline::InvalidStreamId>() {
+            return 2;
+        }
+        if let Some(open) = cause.downcast_ref::<OpenError>() {
+            if matches!(open, OpenError::Unsupported(_) | OpenError::Invalid(_)) {
+                return 2;
+            }
+        }
+    }
+    1
+}
+
+/// `factline read-all | head` closing the pipe early is not a failure.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}

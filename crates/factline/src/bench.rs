@@ -1,0 +1,184 @@
+//! `factline bench`: measurements reported against a baseline measured in
+//! the same run, so figures from a shared, noisy machine stay comparable.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Args, Subcommand, ValueEnum};
+use factline::sqlite::{baseline, SqliteConfig, SqliteStore, Synchronous};
+use factline::{EventData, EventStore, ExpectedVersion, InMemoryStore, StreamId};
+use serde_json::json;
+
+use crate::usage;
+
+#[derive(Subcommand, Debug)]
+pub enum Bench {
+    /// Append throughput and latency against plain rusqlite inserts.
+    Append(AppendBench),
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum Backend {
+    Sqlite,
+    Memory,
+}
+
+#[derive(Args, Debug)]
+pub struct AppendBench {
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: Backend,
+    /// Concurrent appending tasks.
+    #[arg(long, default_value_t = 1)]
+    writers: usize,
+    /// Events per append.
+    #[arg(long, default_value_t = 1000)]
+    batch: usize,
+    /// Events in total.
+    #[arg(long, default_value_t = 100_000)]
+    events: u64,
+    /// SQLite synchronous mode for both factline and the baseline: full, normal or off.
+    #[arg(long, default_value = "full")]
+    synchronous: String,
+    /// Longest the baseline may run; it stops early and reports its rate.
+    #[arg(long, default_value_t = 20)]
+    baseline_seconds: u64,
+}
+
+pub async fn run(bench: Bench) -> anyhow::Result<()> {
+    match bench {
+        Bench::Append(args) => append(args).await,
+    }
+}
+
+/// About 200 bytes of JSON, like a typical small domain event.
+fn payload() -> serde_json::Value {
+    json!({
+        "order_id": "7f3a9c2e-4b1d-4e8a-9f6b-2c5d8e1a3b7f",
+        "customer_id": "c-0042",
+        "region": "eu-west",
+        "amount_cents": 129_900,
+        "currency": "EUR",
+        "lines": [{ "sku": "SKU-1001", "qty": 2 }, { "sku": "SKU-2002", "qty": 1 }],
+        "note": "deliver to the back door"
+    })
+}
+
+async fn append(args: AppendBench) -> anyhow::Result<()> {
+    if args.writers == 0 || args.batch == 0 || args.events == 0 {
+        return Err(usage("--writers, --batch and --events must be at least 1"));
+    }
+    let synchronous: Synchronous = args.synchronous.parse().map_err(usage)?;
+    let dir = tempfile::tempdir()?;
+    let store: Arc<dyn EventStore> = match args.backend {
+        Backend::Memory => Arc::new(InMemoryStore::new()),
+        Backend::Sqlite => {
+            let mut config = SqliteConfig::new(dir.path().join("factline.db"));
+            config.synchronous = synchronous;
+            Arc::new(SqliteStore::open_with(config)?)
+        }
+    };
+    let data = payload();
+    let data_text = serde_json::to_string(&data)?;
+
+    let appends = args.events.div_ceil(args.batch as u64);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for writer in 0..args.writers as u64 {
+        let store = store.clone();
+        let data = data.clone();
+        let (batch, total, writers) = (args.batch as u64, args.events, args.writers as u64);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut version = 0u64;
+            // Each writer takes every `writers`-th append; a stream gets ten
+            // appends, with exact expected versions, before the next one.
+            for (nth, k) in (writer..appends).step_by(writers as usize).enumerate() {
+                if nth % 10 == 0 {
+                    version = 0;
+                }
+                let stream = StreamId::new(format!("Bench-{writer}-{}", nth / 10))?;
+                let n = batch.min(total - k * batch);
+                let events: Vec<EventData> = (0..n)
+                    .map(|_| EventData::new("BenchEvent", data.clone()))
+                    .collect();
+                let t = Instant::now();
+                store
+                    .append(&stream, ExpectedVersion::Exact(version), events)
+                    .await?;
+                latencies.push(t.elapsed());
+                version += n;
+            }
+            anyhow::Ok(latencies)
+        }));
+    }
+    let mut latencies = Vec::with_capacity(appends as usize);
+    for task in tasks {
+        latencies.extend(task.await??);
+    }
+    let elapsed = started.elapsed();
+    let appended = store.head_position().await?;
+    anyhow::ensure!(
+        appended == args.events,
+        "the store holds {appended} events, expected {}",
+        args.events
+    );
+    drop(store);
+
+    let baseline_path = dir.path().join("baseline.db");
+    let budget = Duration::from_secs(args.baseline_seconds.max(1));
+    let (events, batch) = (args.events, args.batch as u64);
+    let base = tokio::task::spawn_blocking(move || {
+        baseline::insert_rows(&baseline_path, synchronous, &data_text, events, batch, budget)
+    })
+    .await??;
+
+    latencies.sort_unstable();
+    let rate = args.events as f64 / elapsed.as_secs_f64();
+    let base_rate = base.events as f64 / base.elapsed.as_secs_f64();
+    let p50 = percentile_ms(&latencies, 0.50);
+    let p99 = percentile_ms(&latencies, 0.99);
+    let backend = match args.backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Memory => "memory",
+    };
+    println!("factline bench append: {backend}, synchronous={}", args.synchronous);
+    println!("  writers {:>6}   batch {:>6}   events {:>9}", args.writers, args.batch, args.events);
+    println!("  {:<28} {:>14} {:>10}", "", "events/s", "seconds");
+    println!("  {:<28} {:>14.0} {:>10.2}", "factline", rate, elapsed.as_secs_f64());
+    println!(
+        "  {:<28} {:>14.0} {:>10.2}   ({} events)",
+        "baseline (raw rusqlite)",
+        base_rate,
+        base.elapsed.as_secs_f64(),
+        base.events
+    );
+    println!("  ratio {:.3}   append latency p50 {p50:.3} ms   p99 {p99:.3} ms", rate / base_rate);
+    println!(
+        "{}",
+        json!({
+            "bench": "append",
+            "backend": backend,
+            "writers": args.writers,
+            "batch": args.batch,
+            "events": args.events,
+            "events_per_s": round(rate),
+            "baseline_events_per_s": round(base_rate),
+            "ratio": (rate / base_rate * 1000.0).round() / 1000.0,
+            "p50_ms": p50,
+            "p99_ms": p99,
+        })
+    );
+    Ok(())
+}
+
+fn round(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let index = ((sorted.len() - 1) as f64 * q).round() as usize;
+    (sorted[index].as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
