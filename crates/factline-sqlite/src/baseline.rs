@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 
 use factline_core::StoreError;
 use rusqlite::params;
-use uuid::Uuid;
 
 use crate::{db_error, open_connection, schema, SqliteConfig, Synchronous};
 
@@ -43,21 +42,26 @@ pub fn insert_rows(
     while done < events && started.elapsed() < budget {
         let tx = conn.transaction().map_err(&err)?;
         {
+            // The rows factline writes for an append to a new stream: the
+            // stream, its events, and the stream's new version.
+            stream += 1;
+            let n = batch.min(events - done);
+            tx.prepare_cached("INSERT INTO streams (stream_id, category, version) VALUES (?1, ?2, 0)")
+                .and_then(|mut s| s.execute(params![format!("Baseline-{stream}"), "Baseline"]))
+                .map_err(&err)?;
+            let stream_no = tx.last_insert_rowid();
             let mut stmt = tx
                 .prepare_cached(
-                    "INSERT INTO events (stream_id, version, category, event_id, event_type, data, metadata, recorded_at)
+                    "INSERT INTO events (stream_no, version, category, event_id, event_type, data, metadata, recorded_at)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 )
                 .map_err(&err)?;
-            stream += 1;
-            let stream_id = format!("Baseline-{stream}");
-            let n = batch.min(events - done);
             for version in 1..=n {
                 stmt.execute(params![
-                    stream_id,
+                    stream_no,
                     version as i64,
                     "Baseline",
-                    Uuid::new_v4().as_bytes().as_slice(),
+                    factline_core::new_event_id().as_bytes().as_slice(),
                     "BenchEvent",
                     data,
                     metadata,
@@ -65,6 +69,9 @@ pub fn insert_rows(
                 ])
                 .map_err(&err)?;
             }
+            tx.prepare_cached("UPDATE streams SET version = ?1 WHERE stream_no = ?2")
+                .and_then(|mut s| s.execute(params![n as i64, stream_no]))
+                .map_err(&err)?;
             done += n;
         }
         tx.commit().map_err(&err)?;

@@ -68,8 +68,9 @@ impl PoolInner {
     }
 }
 
-const COLUMNS: &str =
-    "position, stream_id, version, event_id, event_type, data, metadata, recorded_at";
+/// Selects a full recorded event; queries add their WHERE and ORDER BY.
+const SELECT_EVENTS: &str = "SELECT e.position, s.stream_id, e.version, e.event_id, e.event_type, e.data, e.metadata, e.recorded_at
+     FROM events e JOIN streams s ON s.stream_no = e.stream_no";
 
 /// SQLite integers are signed; a limit beyond `i64::MAX` means "no limit".
 fn sql_limit(limit: usize) -> i64 {
@@ -95,11 +96,11 @@ pub(crate) fn read_stream(
 ) -> Result<Vec<RecordedEvent>, StoreError> {
     let (sql, from) = match options.direction {
         Direction::Forwards => (
-            format!("SELECT {COLUMNS} FROM events WHERE stream_id = ?1 AND version >= ?2 ORDER BY version ASC LIMIT ?3"),
+            format!("{SELECT_EVENTS} WHERE s.stream_id = ?1 AND e.version >= ?2 ORDER BY e.version ASC LIMIT ?3"),
             options.from_version.unwrap_or(1),
         ),
         Direction::Backwards => (
-            format!("SELECT {COLUMNS} FROM events WHERE stream_id = ?1 AND version <= ?2 ORDER BY version DESC LIMIT ?3"),
+            format!("{SELECT_EVENTS} WHERE s.stream_id = ?1 AND e.version <= ?2 ORDER BY e.version DESC LIMIT ?3"),
             options.from_version.unwrap_or(u64::MAX),
         ),
     };
@@ -120,19 +121,19 @@ pub(crate) fn read_filtered(
     match filter {
         StreamFilter::All => query_events(
             conn,
-            &format!("SELECT {COLUMNS} FROM events WHERE position >= ?1 ORDER BY position LIMIT ?2"),
+            &format!("{SELECT_EVENTS} WHERE e.position >= ?1 ORDER BY e.position LIMIT ?2"),
             params![from, limit],
         ),
         StreamFilter::Category(category) => query_events(
             conn,
-            &format!("SELECT {COLUMNS} FROM events WHERE category = ?1 AND position >= ?2 ORDER BY position LIMIT ?3"),
+            &format!("{SELECT_EVENTS} WHERE e.category = ?1 AND e.position >= ?2 ORDER BY e.position LIMIT ?3"),
             params![category, from, limit],
         ),
         // Within one stream version order is position order, and the
-        // (stream_id, version) index serves it without a sort.
+        // (stream_no, version) index serves it without a sort.
         StreamFilter::Stream(stream_id) => query_events(
             conn,
-            &format!("SELECT {COLUMNS} FROM events WHERE stream_id = ?1 AND position >= ?2 ORDER BY version LIMIT ?3"),
+            &format!("{SELECT_EVENTS} WHERE s.stream_id = ?1 AND e.position >= ?2 ORDER BY e.version LIMIT ?3"),
             params![stream_id.as_str(), from, limit],
         ),
     }

@@ -87,28 +87,60 @@ fn run(
     }
 }
 
-/// Commits a batch in one transaction. A rejected append only rolls back
-/// its own savepoint; a database failure fails every append in the batch,
-/// since none of them is durable.
+/// Commits a batch in one transaction. A rejected append writes nothing and
+/// leaves the others alone; a database failure fails every append in the
+/// batch, since none of them is durable.
+///
+/// The common path takes no savepoints: rejections are decided before an
+/// append inserts anything. The one thing found only by inserting is an
+/// event id that is already stored; then the transaction is rolled back and
+/// the batch replayed with that append checking its ids before inserting.
+/// Replays are rare (only retries hit them) and bounded by the batch size.
 fn commit_batch(conn: &mut Connection, batch: &[AppendJob]) -> Vec<Result<AppendResult, StoreError>> {
     let recorded_at = Utc::now().timestamp_micros();
-    let attempt = |conn: &mut Connection| -> rusqlite::Result<Vec<Result<AppendResult, StoreError>>> {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut outcomes = Vec::with_capacity(batch.len());
-        for job in batch {
-            outcomes.push(append_one(&tx, job, recorded_at)?);
-        }
-        tx.commit()?;
-        Ok(outcomes)
-    };
-    match attempt(conn) {
-        Ok(outcomes) => outcomes,
-        Err(e) => {
-            tracing::warn!(error = %e, appends = batch.len(), "group commit failed");
-            let to_error = db_error("committing appends");
-            batch.iter().map(|_| Err(to_error(clone_error(&e)))).collect()
+    let mut check_ids_first = vec![false; batch.len()];
+    loop {
+        match attempt_batch(conn, batch, &check_ids_first, recorded_at) {
+            Ok(Attempt::Committed(outcomes)) => return outcomes,
+            Ok(Attempt::DuplicateIn(index)) => check_ids_first[index] = true,
+            Err(e) => {
+                tracing::warn!(error = %e, appends = batch.len(), "group commit failed");
+                let to_error = db_error("committing appends");
+                return batch.iter().map(|_| Err(to_error(clone_error(&e)))).collect();
+            }
         }
     }
+}
+
+enum Attempt {
+    Committed(Vec<Result<AppendResult, StoreError>>),
+    /// The append at this index hit an already-stored event id; the
+    /// transaction was rolled back.
+    DuplicateIn(usize),
+}
+
+fn attempt_batch(
+    conn: &mut Connection,
+    batch: &[AppendJob],
+    check_ids_first: &[bool],
+    recorded_at: i64,
+) -> rusqlite::Result<Attempt> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut outcomes = Vec::with_capacity(batch.len());
+    for (index, job) in batch.iter().enumerate() {
+        match append_one(&tx, job, check_ids_first[index], recorded_at) {
+            Ok(outcome) => outcomes.push(outcome),
+            Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+                && !check_ids_first[index] =>
+            {
+                // Dropping `tx` rolls back.
+                return Ok(Attempt::DuplicateIn(index));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    tx.commit()?;
+    Ok(Attempt::Committed(outcomes))
 }
 
 /// `rusqlite::Error` is not `Clone`; keep the code and message for each caller.
@@ -123,71 +155,70 @@ fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
 }
 
 /// Appends one job inside the batch transaction. The outer `Result` is a
-/// database failure (aborts the batch); the inner one is this append's own
-/// outcome.
+/// database failure; the inner one is this append's own outcome, decided
+/// before anything of it is written.
 fn append_one(
     conn: &Connection,
     job: &AppendJob,
+    check_ids_first: bool,
     recorded_at: i64,
 ) -> rusqlite::Result<Result<AppendResult, StoreError>> {
-    let current = stream_version(conn, &job.stream_id)?;
-    if !job.expected.is_satisfied_by(current) {
+    let stream = find_stream(conn, &job.stream_id)?;
+    let current = stream.map_or(0, |(_, version)| version);
+    if check_ids_first || !job.expected.is_satisfied_by(current) {
         // Maybe a retry of an append that already happened (S3).
-        return Ok(match resolve_retry(conn, job, current)? {
-            Ok(Some(original)) => Ok(original),
-            Ok(None) => Err(StoreError::Conflict {
-                stream_id: job.stream_id.clone(),
-                expected: job.expected,
-                actual: current,
-            }),
-            Err(e) => Err(e),
-        });
-    }
-    conn.execute_batch("SAVEPOINT append_job")?;
-    match insert_events(conn, job, current, recorded_at) {
-        Ok((first_position, last_position)) => {
-            conn.execute_batch("RELEASE append_job")?;
-            Ok(Ok(AppendResult {
-                stream_id: job.stream_id.clone(),
-                first_version: current + 1,
-                last_version: current + job.events.len() as u64,
-                first_position,
-                last_position,
-            }))
+        match resolve_retry(conn, job, current)? {
+            Ok(Some(original)) => return Ok(Ok(original)),
+            Err(rejection) => return Ok(Err(rejection)),
+            Ok(None) if !job.expected.is_satisfied_by(current) => {
+                return Ok(Err(StoreError::Conflict {
+                    stream_id: job.stream_id.clone(),
+                    expected: job.expected,
+                    actual: current,
+                }))
+            }
+            Ok(None) => {}
         }
-        Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation) => {
-            // An event id is already stored: undo this job's rows and decide
-            // whether it is an exact retry or a mismatch.
-            conn.execute_batch("ROLLBACK TO append_job; RELEASE append_job")?;
-            Ok(match resolve_retry(conn, job, current)? {
-                Ok(Some(original)) => Ok(original),
-                Ok(None) => Err(StorageError::with_source(
-                    "an insert hit a unique constraint that no stored event explains",
-                    e,
-                )
-                .into()),
-                Err(rejection) => Err(rejection),
-            })
-        }
-        Err(e) => Err(e),
     }
+    let stream_no = match stream {
+        Some((stream_no, _)) => stream_no,
+        None => create_stream(conn, &job.stream_id)?,
+    };
+    let (first_position, last_position) = insert_events(conn, job, stream_no, current, recorded_at)?;
+    let last_version = current + job.events.len() as u64;
+    conn.prepare_cached("UPDATE streams SET version = ?1 WHERE stream_no = ?2")?
+        .execute(params![last_version as i64, stream_no])?;
+    Ok(Ok(AppendResult {
+        stream_id: job.stream_id.clone(),
+        first_version: current + 1,
+        last_version,
+        first_position,
+        last_position,
+    }))
 }
 
-fn stream_version(conn: &Connection, stream_id: &StreamId) -> rusqlite::Result<u64> {
-    let mut stmt =
-        conn.prepare_cached("SELECT COALESCE(MAX(version), 0) FROM events WHERE stream_id = ?1")?;
-    stmt.query_row([stream_id.as_str()], |r| r.get::<_, i64>(0))
-        .map(|v| v as u64)
+/// The stream's number and current version, if it exists.
+fn find_stream(conn: &Connection, stream_id: &StreamId) -> rusqlite::Result<Option<(i64, u64)>> {
+    conn.prepare_cached("SELECT stream_no, version FROM streams WHERE stream_id = ?1")?
+        .query_row([stream_id.as_str()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)))
+        .optional()
+}
+
+fn create_stream(conn: &Connection, stream_id: &StreamId) -> rusqlite::Result<i64> {
+    conn.prepare_cached("INSERT INTO streams (stream_id, category, version) VALUES (?1, ?2, 0)")?
+        .execute(params![stream_id.as_str(), stream_id.category()])?;
+    Ok(conn.last_insert_rowid())
 }
 
 fn insert_events(
     conn: &Connection,
     job: &AppendJob,
+    stream_no: i64,
     current: u64,
     recorded_at: i64,
 ) -> rusqlite::Result<(u64, u64)> {
     let mut stmt = conn.prepare_cached(
-        "INSERT INTO events (stream_id, version, category, event_id, event_type, data, metadata, recorded_at)
+        "INSERT INTO events (stream_no, version, category, event_id, event_type, data, metadata, recorded_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     let category = job.stream_id.category();
@@ -195,7 +226,7 @@ fn insert_events(
     let mut last_position = 0;
     for (i, event) in job.events.iter().enumerate() {
         stmt.execute(params![
-            job.stream_id.as_str(),
+            stream_no,
             (current + 1 + i as u64) as i64,
             category,
             event.event_id.as_bytes().as_slice(),
@@ -218,7 +249,9 @@ fn resolve_retry(
     current: u64,
 ) -> rusqlite::Result<Result<Option<AppendResult>, StoreError>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT stream_id, version, position FROM events WHERE event_id = ?1",
+        "SELECT s.stream_id, e.version, e.position
+         FROM events e JOIN streams s ON s.stream_no = e.stream_no
+         WHERE e.event_id = ?1",
     )?;
     let mut ids = Vec::with_capacity(job.events.len());
     let mut existing = Vec::with_capacity(job.events.len());

@@ -69,44 +69,53 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
     }
     let synchronous: Synchronous = args.synchronous.parse().map_err(usage)?;
     let dir = tempfile::tempdir()?;
+    let mut sqlite = None;
     let store: Arc<dyn EventStore> = match args.backend {
         Backend::Memory => Arc::new(InMemoryStore::new()),
         Backend::Sqlite => {
             let mut config = SqliteConfig::new(dir.path().join("factline.db"));
             config.synchronous = synchronous;
-            Arc::new(SqliteStore::open_with(config)?)
+            let store = SqliteStore::open_with(config)?;
+            sqlite = Some(store.clone());
+            Arc::new(store)
         }
     };
     let data = payload();
     let data_text = serde_json::to_string(&data)?;
 
     let appends = args.events.div_ceil(args.batch as u64);
+    let (batch, writers) = (args.batch as u64, args.writers as u64);
+    // Each writer takes every `writers`-th append; a stream gets ten appends,
+    // with exact expected versions, before the next one. The events are
+    // built before the clock starts: making them is the caller's work.
+    let mut plans = Vec::new();
+    for writer in 0..writers {
+        let mut plan = Vec::new();
+        let mut version = 0u64;
+        for (nth, k) in (writer..appends).step_by(writers as usize).enumerate() {
+            if nth % 10 == 0 {
+                version = 0;
+            }
+            let stream = StreamId::new(format!("Bench-{writer}-{}", nth / 10))?;
+            let n = batch.min(args.events - k * batch);
+            let events: Vec<EventData> = (0..n)
+                .map(|_| EventData::new("BenchEvent", data.clone()))
+                .collect();
+            plan.push((stream, ExpectedVersion::Exact(version), events));
+            version += n;
+        }
+        plans.push(plan);
+    }
     let started = Instant::now();
     let mut tasks = Vec::new();
-    for writer in 0..args.writers as u64 {
+    for plan in plans {
         let store = store.clone();
-        let data = data.clone();
-        let (batch, total, writers) = (args.batch as u64, args.events, args.writers as u64);
         tasks.push(tokio::spawn(async move {
-            let mut latencies = Vec::new();
-            let mut version = 0u64;
-            // Each writer takes every `writers`-th append; a stream gets ten
-            // appends, with exact expected versions, before the next one.
-            for (nth, k) in (writer..appends).step_by(writers as usize).enumerate() {
-                if nth % 10 == 0 {
-                    version = 0;
-                }
-                let stream = StreamId::new(format!("Bench-{writer}-{}", nth / 10))?;
-                let n = batch.min(total - k * batch);
-                let events: Vec<EventData> = (0..n)
-                    .map(|_| EventData::new("BenchEvent", data.clone()))
-                    .collect();
+            let mut latencies = Vec::with_capacity(plan.len());
+            for (stream, expected, events) in plan {
                 let t = Instant::now();
-                store
-                    .append(&stream, ExpectedVersion::Exact(version), events)
-                    .await?;
+                store.append(&stream, expected, events).await?;
                 latencies.push(t.elapsed());
-                version += n;
             }
             anyhow::Ok(latencies)
         }));
@@ -122,7 +131,6 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
         "the store holds {appended} events, expected {}",
         args.events
     );
-    drop(store);
 
     let baseline_path = dir.path().join("baseline.db");
     let budget = Duration::from_secs(args.baseline_seconds.max(1));
@@ -152,6 +160,15 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
         base.elapsed.as_secs_f64(),
         base.events
     );
+    if let Some(store) = &sqlite {
+        let stats = store.stats();
+        println!(
+            "  group commit: {} appends in {} transactions ({:.1} appends per transaction)",
+            stats.appends,
+            stats.transactions,
+            stats.appends as f64 / stats.transactions.max(1) as f64
+        );
+    }
     println!("  ratio {:.3}   append latency p50 {p50:.3} ms   p99 {p99:.3} ms", rate / base_rate);
     println!(
         "{}",

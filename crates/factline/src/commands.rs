@@ -69,7 +69,7 @@ pub async fn append(location: &Location, args: AppendArgs) -> anyhow::Result<()>
         let event_id = match &args.event_id {
             Some(text) => Uuid::parse_str(text)
                 .map_err(|e| usage(format!("--event-id {text:?} is not a UUID: {e}")))?,
-            None => Uuid::new_v4(),
+            None => factline::new_event_id(),
         };
         vec![EventData {
             event_id,
