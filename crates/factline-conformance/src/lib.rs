@@ -3,7 +3,7 @@
 //! that returns a fresh, empty store (and a guard that keeps whatever backs
 //! it, such as a temporary directory, alive for the test).
 //!
-//! ```ignore
+//! ```text
 //! factline_conformance::conformance_suite!(|| async { (InMemoryStore::new(), ()) });
 //! ```
 //!

@@ -5,7 +5,8 @@ use std::collections::HashSet;
 use uuid::Uuid;
 
 use crate::{
-    AppendResult, EventData, ExpectedVersion, IdempotencyMismatch, StoreError, StreamId,
+    AppendResult, EventData, ExpectedVersion, IdempotencyMismatch, Metadata, StoreError,
+    StreamId,
 };
 
 /// Guardrails applied to every append.
@@ -37,7 +38,8 @@ pub struct EncodedEvent {
     pub event_id: Uuid,
     pub event_type: String,
     pub data: String,
-    pub metadata: String,
+    /// `None` when the metadata is the default, so stores can skip it.
+    pub metadata: Option<String>,
 }
 
 /// Checks an append before anything is written and serialises its events.
@@ -72,10 +74,14 @@ pub fn validate_append(
         let data = serde_json::to_string(&event.data).map_err(|e| {
             StoreError::invalid_input(format!("event {} data: {e}", event.event_id))
         })?;
-        let metadata = serde_json::to_string(&event.metadata).map_err(|e| {
-            StoreError::invalid_input(format!("event {} metadata: {e}", event.event_id))
-        })?;
-        let size = event.event_type.len() + data.len() + metadata.len();
+        let metadata = if event.metadata == Metadata::default() {
+            None
+        } else {
+            Some(serde_json::to_string(&event.metadata).map_err(|e| {
+                StoreError::invalid_input(format!("event {} metadata: {e}", event.event_id))
+            })?)
+        };
+        let size = event.event_type.len() + data.len() + metadata.as_ref().map_or(0, String::len);
         if size > limits.max_event_bytes {
             return Err(StoreError::TooLarge {
                 event_id: event.event_id,

@@ -34,7 +34,8 @@ pub fn insert_rows(
     let mut conn = open_connection(&config, false)?;
     schema::migrate(&mut conn)?;
     let err = db_error("baseline insert");
-    let metadata = r#"{"correlation_id":null,"causation_id":null,"schema_version":1,"headers":{}}"#;
+    // Default metadata, which the store keeps as NULL.
+    let metadata: Option<&str> = None;
     let batch = batch.max(1);
     let started = Instant::now();
     let mut done = 0u64;

@@ -8,6 +8,7 @@
 //! which WAL mode lets proceed while the writer commits.
 
 pub mod baseline;
+mod checkpoint;
 mod reader;
 mod schema;
 mod writer;
@@ -187,9 +188,13 @@ impl SqliteStore {
         let head = Arc::new(watch::channel(head_now).0);
         let stats = Arc::new(writer::Counters::default());
         let (jobs, queue) = mpsc::channel(config.queue_capacity.max(1));
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(db_error("configuring checkpoints"))?;
+        let checkpoints = checkpoint::spawn(&config)?;
         writer::spawn(
             conn,
             queue,
+            checkpoints,
             head.clone(),
             stats.clone(),
             config.max_batch_events.max(1),

@@ -162,7 +162,7 @@ struct RawEvent {
     event_id: Vec<u8>,
     event_type: String,
     data: String,
-    metadata: String,
+    metadata: Option<String>,
     recorded_at: i64,
 }
 
@@ -193,8 +193,10 @@ impl RawEvent {
             event_id: Uuid::from_slice(&self.event_id).map_err(|_| corrupt("event id"))?,
             event_type: self.event_type,
             data: serde_json::from_str(&self.data).map_err(|_| corrupt("data"))?,
-            metadata: serde_json::from_str::<Metadata>(&self.metadata)
-                .map_err(|_| corrupt("metadata"))?,
+            metadata: match self.metadata {
+                Some(text) => serde_json::from_str(&text).map_err(|_| corrupt("metadata"))?,
+                None => Metadata::default(),
+            },
             recorded_at: DateTime::from_timestamp_micros(self.recorded_at)
                 .ok_or_else(|| corrupt("timestamp"))?,
         })

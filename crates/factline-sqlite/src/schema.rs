@@ -28,13 +28,13 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE events (
         position    INTEGER PRIMARY KEY AUTOINCREMENT,
-        stream_no   INTEGER NOT NULL REFERENCES streams (stream_no),
+        stream_no   INTEGER NOT NULL,
         version     INTEGER NOT NULL,
         category    TEXT    NOT NULL,
         event_id    BLOB    NOT NULL,
         event_type  TEXT    NOT NULL,
         data        TEXT    NOT NULL,
-        metadata    TEXT    NOT NULL,
+        metadata    TEXT,              -- NULL: default metadata
         recorded_at INTEGER NOT NULL
     );
     CREATE UNIQUE INDEX events_stream_version ON events (stream_no, version);

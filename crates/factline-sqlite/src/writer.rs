@@ -11,6 +11,7 @@ use factline_core::{
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::checkpoint::Nudge;
 use crate::db_error;
 
 pub(crate) struct AppendJob {
@@ -29,13 +30,14 @@ pub(crate) struct Counters {
 pub(crate) fn spawn(
     conn: Connection,
     queue: mpsc::Receiver<AppendJob>,
+    checkpoints: Nudge,
     head: Arc<watch::Sender<u64>>,
     counters: Arc<Counters>,
     max_batch_events: usize,
 ) -> Result<(), StoreError> {
     std::thread::Builder::new()
         .name("factline-sqlite-writer".into())
-        .spawn(move || run(conn, queue, &head, &counters, max_batch_events))
+        .spawn(move || run(conn, queue, &checkpoints, &head, &counters, max_batch_events))
         .map(|_| ())
         .map_err(|e| StorageError::with_source("starting the SQLite writer thread", e).into())
 }
@@ -44,6 +46,7 @@ pub(crate) fn spawn(
 fn run(
     mut conn: Connection,
     mut queue: mpsc::Receiver<AppendJob>,
+    checkpoints: &Nudge,
     head: &watch::Sender<u64>,
     counters: &Counters,
     max_batch_events: usize,
@@ -72,6 +75,7 @@ fn run(
             .filter_map(|o| o.as_ref().ok().map(|r| r.last_position))
             .max();
         if let Some(newest) = newest {
+            checkpoints.after_commit();
             // Wake subscribers before answering, so an appender that then
             // subscribes can never have missed its own wake-up.
             head.send_if_modified(|h| {
