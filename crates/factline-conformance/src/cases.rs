@@ -52,10 +52,19 @@ pub async fn no_stream_creates_stream_with_versions_from_one<S: EventStore>(stor
 
 pub async fn no_stream_on_existing_stream_conflicts<S: EventStore>(store: S) {
     let s = sid("Order-1");
-    store.append(&s, ExpectedVersion::NoStream, events(0..2)).await.unwrap();
-    let err = store.append(&s, ExpectedVersion::NoStream, events(2..3)).await;
+    store
+        .append(&s, ExpectedVersion::NoStream, events(0..2))
+        .await
+        .unwrap();
+    let err = store
+        .append(&s, ExpectedVersion::NoStream, events(2..3))
+        .await;
     match err {
-        Err(StoreError::Conflict { stream_id, expected, actual }) => {
+        Err(StoreError::Conflict {
+            stream_id,
+            expected,
+            actual,
+        }) => {
             assert_eq!(stream_id, s);
             assert_eq!(expected, ExpectedVersion::NoStream);
             assert_eq!(actual, 2);
@@ -67,26 +76,57 @@ pub async fn no_stream_on_existing_stream_conflicts<S: EventStore>(store: S) {
 
 pub async fn exact_version_matches_or_conflicts_with_actual<S: EventStore>(store: S) {
     let s = sid("Order-1");
-    expect_conflict(store.append(&s, ExpectedVersion::Exact(1), events(0..1)).await, 0);
-    store.append(&s, ExpectedVersion::Exact(0), events(0..2)).await.unwrap();
-    let r = store.append(&s, ExpectedVersion::Exact(2), events(2..4)).await.unwrap();
+    expect_conflict(
+        store
+            .append(&s, ExpectedVersion::Exact(1), events(0..1))
+            .await,
+        0,
+    );
+    store
+        .append(&s, ExpectedVersion::Exact(0), events(0..2))
+        .await
+        .unwrap();
+    let r = store
+        .append(&s, ExpectedVersion::Exact(2), events(2..4))
+        .await
+        .unwrap();
     assert_eq!((r.first_version, r.last_version), (3, 4));
-    expect_conflict(store.append(&s, ExpectedVersion::Exact(2), events(4..5)).await, 4);
-    expect_conflict(store.append(&s, ExpectedVersion::Exact(5), events(4..5)).await, 4);
+    expect_conflict(
+        store
+            .append(&s, ExpectedVersion::Exact(2), events(4..5))
+            .await,
+        4,
+    );
+    expect_conflict(
+        store
+            .append(&s, ExpectedVersion::Exact(5), events(4..5))
+            .await,
+        4,
+    );
     assert_eq!(all_events(&store).await.len(), 4);
 }
 
 pub async fn exact_zero_means_no_stream<S: EventStore>(store: S) {
     let s = sid("Order-1");
-    let r = store.append(&s, ExpectedVersion::Exact(0), events(0..1)).await.unwrap();
+    let r = store
+        .append(&s, ExpectedVersion::Exact(0), events(0..1))
+        .await
+        .unwrap();
     assert_eq!(r.first_version, 1);
-    expect_conflict(store.append(&s, ExpectedVersion::Exact(0), events(1..2)).await, 1);
+    expect_conflict(
+        store
+            .append(&s, ExpectedVersion::Exact(0), events(1..2))
+            .await,
+        1,
+    );
 }
 
 pub async fn stream_exists_requires_events<S: EventStore>(store: S) {
     let s = sid("Order-1");
     expect_conflict(
-        store.append(&s, ExpectedVersion::StreamExists, events(0..1)).await,
+        store
+            .append(&s, ExpectedVersion::StreamExists, events(0..1))
+            .await,
         0,
     );
     assert!(all_events(&store).await.is_empty());
@@ -114,7 +154,9 @@ pub async fn concurrent_appends_at_same_version_exactly_one_wins<S: EventStore +
         let store = store.clone();
         let s = s.clone();
         tasks.push(tokio::spawn(async move {
-            store.append(&s, ExpectedVersion::Exact(1), events(i..i + 2)).await
+            store
+                .append(&s, ExpectedVersion::Exact(1), events(i..i + 2))
+                .await
         }));
     }
     let mut wins = 0;
@@ -148,7 +190,9 @@ pub async fn conflict_in_one_append_does_not_fail_concurrent_others<S: EventStor
             } else {
                 ExpectedVersion::Exact(5)
             };
-            store.append(&sid(&format!("Mixed-{i}")), expected, events(0..1)).await
+            store
+                .append(&sid(&format!("Mixed-{i}")), expected, events(0..1))
+                .await
         }));
     }
     for (i, task) in tasks.into_iter().enumerate() {
@@ -197,9 +241,20 @@ pub async fn idempotent_retry_returns_original_and_writes_nothing<S: EventStore>
 pub async fn idempotent_retry_with_incompatible_expectation_conflicts<S: EventStore>(store: S) {
     let s = sid("Order-1");
     let batch = events(0..2);
-    store.append(&s, ExpectedVersion::NoStream, batch.clone()).await.unwrap();
-    expect_conflict(store.append(&s, ExpectedVersion::Exact(2), batch.clone()).await, 2);
-    expect_conflict(store.append(&s, ExpectedVersion::StreamExists, batch).await, 2);
+    store
+        .append(&s, ExpectedVersion::NoStream, batch.clone())
+        .await
+        .unwrap();
+    expect_conflict(
+        store
+            .append(&s, ExpectedVersion::Exact(2), batch.clone())
+            .await,
+        2,
+    );
+    expect_conflict(
+        store.append(&s, ExpectedVersion::StreamExists, batch).await,
+        2,
+    );
     assert_eq!(all_events(&store).await.len(), 2);
 }
 
@@ -210,7 +265,11 @@ pub async fn partial_overlap_is_refused_and_writes_nothing<S: EventStore>(store:
     let overlapping = vec![batch[2].clone(), event(9)];
     match store.append(&s, ANY, overlapping).await {
         Err(StoreError::IdempotencyMismatch {
-            reason: IdempotencyMismatch::PartialOverlap { stored: 1, total: 2 },
+            reason:
+                IdempotencyMismatch::PartialOverlap {
+                    stored: 1,
+                    total: 2,
+                },
             ..
         }) => {}
         other => panic!("expected a partial-overlap error, got {other:?}"),
@@ -228,10 +287,17 @@ pub async fn partial_overlap_is_refused_and_writes_nothing<S: EventStore>(store:
 
 pub async fn event_id_used_in_other_stream_is_refused<S: EventStore>(store: S) {
     let e = event(1);
-    store.append(&sid("Order-1"), ANY, vec![e.clone()]).await.unwrap();
+    store
+        .append(&sid("Order-1"), ANY, vec![e.clone()])
+        .await
+        .unwrap();
     match store.append(&sid("Order-2"), ANY, vec![e.clone()]).await {
         Err(StoreError::IdempotencyMismatch {
-            reason: IdempotencyMismatch::OtherStream { event_id, stream_id },
+            reason:
+                IdempotencyMismatch::OtherStream {
+                    event_id,
+                    stream_id,
+                },
             ..
         }) => {
             assert_eq!(event_id, e.event_id);
@@ -249,22 +315,34 @@ pub async fn event_id_used_in_other_stream_is_refused<S: EventStore>(store: S) {
 pub async fn duplicate_event_id_in_one_append_is_refused<S: EventStore>(store: S) {
     let e = event(1);
     let result = store.append(&sid("Order-1"), ANY, vec![e.clone(), e]).await;
-    assert!(matches!(result, Err(StoreError::InvalidInput(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(StoreError::InvalidInput(_))),
+        "{result:?}"
+    );
     assert!(all_events(&store).await.is_empty());
 }
 
 pub async fn empty_append_is_refused<S: EventStore>(store: S) {
     let result = store.append(&sid("Order-1"), ANY, vec![]).await;
-    assert!(matches!(result, Err(StoreError::InvalidInput(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(StoreError::InvalidInput(_))),
+        "{result:?}"
+    );
 }
 
 pub async fn oversized_event_is_refused_and_nothing_written<S: EventStore>(store: S) {
     let big = EventData::new("Big", json!({ "blob": "x".repeat(64 * 1024) }));
     let big_id = big.event_id;
     // One oversized event spoils the whole append.
-    let result = store.append(&sid("Order-1"), ANY, vec![event(1), big]).await;
+    let result = store
+        .append(&sid("Order-1"), ANY, vec![event(1), big])
+        .await;
     match result {
-        Err(StoreError::TooLarge { event_id, size, max }) => {
+        Err(StoreError::TooLarge {
+            event_id,
+            size,
+            max,
+        }) => {
             assert_eq!(event_id, big_id);
             assert!(size > max);
             assert_eq!(max, 64 * 1024);
@@ -274,14 +352,20 @@ pub async fn oversized_event_is_refused_and_nothing_written<S: EventStore>(store
     assert!(all_events(&store).await.is_empty());
     // Just under the limit is fine.
     let fits = EventData::new("Fits", json!({ "blob": "x".repeat(60 * 1024) }));
-    store.append(&sid("Order-1"), ANY, vec![fits]).await.unwrap();
+    store
+        .append(&sid("Order-1"), ANY, vec![fits])
+        .await
+        .unwrap();
 }
 
 pub async fn malformed_event_type_is_refused_and_nothing_written<S: EventStore>(store: S) {
     for bad in ["", "a\nb", &"t".repeat(300)] {
         let e = EventData::new(bad, json!({}));
         let result = store.append(&sid("Order-1"), ANY, vec![event(1), e]).await;
-        assert!(matches!(result, Err(StoreError::InvalidInput(_))), "{bad:?}: {result:?}");
+        assert!(
+            matches!(result, Err(StoreError::InvalidInput(_))),
+            "{bad:?}: {result:?}"
+        );
     }
     assert!(all_events(&store).await.is_empty());
 }
@@ -300,33 +384,85 @@ pub async fn invalid_stream_ids_cannot_be_constructed<S: EventStore>(store: S) {
 pub async fn read_stream_forwards_backwards_from_and_limit<S: EventStore>(store: S) {
     let s = sid("Order-1");
     store.append(&s, ANY, events(0..5)).await.unwrap();
-    store.append(&sid("Order-2"), ANY, events(0..2)).await.unwrap();
+    store
+        .append(&sid("Order-2"), ANY, events(0..2))
+        .await
+        .unwrap();
     store.append(&s, ANY, events(5..10)).await.unwrap();
     let versions = |evs: Vec<RecordedEvent>| evs.iter().map(|e| e.version).collect::<Vec<_>>();
     let read = |o| store.read_stream(&s, o);
-    assert_eq!(versions(read(ReadStream::forwards()).await.unwrap()), (1..=10).collect::<Vec<_>>());
-    assert_eq!(versions(read(ReadStream::forwards().from_version(4).limit(3)).await.unwrap()), vec![4, 5, 6]);
-    assert_eq!(versions(read(ReadStream::forwards().from_version(9)).await.unwrap()), vec![9, 10]);
-    assert!(read(ReadStream::forwards().from_version(11)).await.unwrap().is_empty());
-    assert_eq!(versions(read(ReadStream::backwards().limit(3)).await.unwrap()), vec![10, 9, 8]);
-    assert_eq!(versions(read(ReadStream::backwards().from_version(2)).await.unwrap()), vec![2, 1]);
-    assert_eq!(versions(read(ReadStream::backwards().from_version(50).limit(1)).await.unwrap()), vec![10]);
-    assert!(read(ReadStream::forwards().limit(0)).await.unwrap().is_empty());
-    let data: Vec<_> = read(ReadStream::forwards()).await.unwrap().into_iter().map(|e| e.data["n"].as_u64().unwrap()).collect();
+    assert_eq!(
+        versions(read(ReadStream::forwards()).await.unwrap()),
+        (1..=10).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        versions(
+            read(ReadStream::forwards().from_version(4).limit(3))
+                .await
+                .unwrap()
+        ),
+        vec![4, 5, 6]
+    );
+    assert_eq!(
+        versions(read(ReadStream::forwards().from_version(9)).await.unwrap()),
+        vec![9, 10]
+    );
+    assert!(read(ReadStream::forwards().from_version(11))
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(
+        versions(read(ReadStream::backwards().limit(3)).await.unwrap()),
+        vec![10, 9, 8]
+    );
+    assert_eq!(
+        versions(read(ReadStream::backwards().from_version(2)).await.unwrap()),
+        vec![2, 1]
+    );
+    assert_eq!(
+        versions(
+            read(ReadStream::backwards().from_version(50).limit(1))
+                .await
+                .unwrap()
+        ),
+        vec![10]
+    );
+    assert!(read(ReadStream::forwards().limit(0))
+        .await
+        .unwrap()
+        .is_empty());
+    let data: Vec<_> = read(ReadStream::forwards())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.data["n"].as_u64().unwrap())
+        .collect();
     assert_eq!(data, (0..10).collect::<Vec<_>>());
 }
 
 pub async fn read_missing_stream_is_empty<S: EventStore>(store: S) {
-    store.append(&sid("Order-1"), ANY, events(0..1)).await.unwrap();
-    let read = store.read_stream(&sid("Order-404"), ReadStream::forwards()).await.unwrap();
+    store
+        .append(&sid("Order-1"), ANY, events(0..1))
+        .await
+        .unwrap();
+    let read = store
+        .read_stream(&sid("Order-404"), ReadStream::forwards())
+        .await
+        .unwrap();
     assert!(read.is_empty());
-    let read = store.read_stream(&sid("Order-404"), ReadStream::backwards()).await.unwrap();
+    let read = store
+        .read_stream(&sid("Order-404"), ReadStream::backwards())
+        .await
+        .unwrap();
     assert!(read.is_empty());
 }
 
 pub async fn read_all_positions_strictly_increase_with_from_and_limit<S: EventStore>(store: S) {
     for i in 0..20 {
-        store.append(&sid(&format!("Order-{}", i % 3)), ANY, events(0..3)).await.unwrap();
+        store
+            .append(&sid(&format!("Order-{}", i % 3)), ANY, events(0..3))
+            .await
+            .unwrap();
     }
     let all = all_events(&store).await;
     assert_eq!(all.len(), 60);
@@ -334,25 +470,48 @@ pub async fn read_all_positions_strictly_increase_with_from_and_limit<S: EventSt
     assert!(all.windows(2).all(|w| w[0].position < w[1].position));
     let page = store.read_all(all[10].position, 5).await.unwrap();
     assert_eq!(page, all[10..15].to_vec());
-    assert!(store.read_all(all[59].position + 1, 10).await.unwrap().is_empty());
+    assert!(store
+        .read_all(all[59].position + 1, 10)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(store.read_all(0, 1).await.unwrap(), all[..1].to_vec());
     assert_eq!(store.head_position().await.unwrap(), all[59].position);
 }
 
 pub async fn read_category_returns_only_that_category<S: EventStore>(store: S) {
     for i in 0..10 {
-        store.append(&sid(&format!("Order-{i}")), ANY, events(0..2)).await.unwrap();
-        store.append(&sid(&format!("Customer-{i}")), ANY, events(0..1)).await.unwrap();
-        store.append(&sid("Orderly"), ANY, events(0..1)).await.unwrap();
+        store
+            .append(&sid(&format!("Order-{i}")), ANY, events(0..2))
+            .await
+            .unwrap();
+        store
+            .append(&sid(&format!("Customer-{i}")), ANY, events(0..1))
+            .await
+            .unwrap();
+        store
+            .append(&sid("Orderly"), ANY, events(0..1))
+            .await
+            .unwrap();
     }
     let orders = store.read_category("Order", 1, usize::MAX).await.unwrap();
     assert_eq!(orders.len(), 20);
     assert!(orders.iter().all(|e| e.stream_id.category() == "Order"));
     assert!(orders.windows(2).all(|w| w[0].position < w[1].position));
-    let page = store.read_category("Order", orders[5].position, 4).await.unwrap();
+    let page = store
+        .read_category("Order", orders[5].position, 4)
+        .await
+        .unwrap();
     assert_eq!(page, orders[5..9].to_vec());
-    assert_eq!(store.read_category("Orderly", 1, 100).await.unwrap().len(), 10);
-    assert!(store.read_category("Nothing", 1, 100).await.unwrap().is_empty());
+    assert_eq!(
+        store.read_category("Orderly", 1, 100).await.unwrap().len(),
+        10
+    );
+    assert!(store
+        .read_category("Nothing", 1, 100)
+        .await
+        .unwrap()
+        .is_empty());
 }
 
 pub async fn metadata_and_data_round_trip<S: EventStore>(store: S) {
@@ -363,12 +522,24 @@ pub async fn metadata_and_data_round_trip<S: EventStore>(store: S) {
         ..Metadata::default()
     };
     metadata.headers.insert("user".into(), "zoë".into());
-    metadata.headers.insert("trace".into(), "a=b; c=\"d\"".into());
+    metadata
+        .headers
+        .insert("trace".into(), "a=b; c=\"d\"".into());
     let data = json!({ "unicode": "日本語 ✓", "nested": { "list": [1, 2.5, null, true] }, "big": u64::MAX });
     let sent = EventData::new("Shaped", data.clone()).with_metadata(metadata.clone());
     let before = std::time::SystemTime::now();
-    store.append(&sid("Order-1"), ANY, vec![sent.clone(), EventData::new("Bare", json!(42))]).await.unwrap();
-    let read = store.read_stream(&sid("Order-1"), ReadStream::forwards()).await.unwrap();
+    store
+        .append(
+            &sid("Order-1"),
+            ANY,
+            vec![sent.clone(), EventData::new("Bare", json!(42))],
+        )
+        .await
+        .unwrap();
+    let read = store
+        .read_stream(&sid("Order-1"), ReadStream::forwards())
+        .await
+        .unwrap();
     assert_eq!(read[0].event_id, sent.event_id);
     assert_eq!(read[0].event_type, "Shaped");
     assert_eq!(read[0].data, data);
@@ -405,7 +576,10 @@ pub async fn subscription_catches_up_then_goes_live_under_concurrent_writes<
     const PER_WRITER: u64 = (TOTAL - HISTORY) / WRITERS;
     const _: () = assert!(HISTORY + PER_WRITER * WRITERS == TOTAL);
     // Some history first, so the subscription starts in catch-up mode.
-    store.append(&sid("Order-history"), ANY, events(0..HISTORY)).await.unwrap();
+    store
+        .append(&sid("Order-history"), ANY, events(0..HISTORY))
+        .await
+        .unwrap();
     let mut sub = store.subscribe(StreamFilter::All, 1);
     let head_before = collect(&mut sub, 100).await;
     let mut writers = Vec::new();
@@ -416,7 +590,11 @@ pub async fn subscription_catches_up_then_goes_live_under_concurrent_writes<
             while i < PER_WRITER {
                 let n = (i % 7 + 1).min(PER_WRITER - i);
                 store
-                    .append(&sid(&format!("Order-w{w}-{}", i % 13)), ANY, events(i..i + n))
+                    .append(
+                        &sid(&format!("Order-w{w}-{}", i % 13)),
+                        ANY,
+                        events(i..i + n),
+                    )
                     .await
                     .unwrap();
                 i += n;
@@ -435,8 +613,15 @@ pub async fn subscription_catches_up_then_goes_live_under_concurrent_writes<
     let stored = all_events(&store).await;
     assert_eq!(stored.len(), TOTAL as usize);
     assert_eq!(got.len(), stored.len());
-    let ids = |v: &[RecordedEvent]| v.iter().map(|e| (e.position, e.event_id)).collect::<Vec<_>>();
-    assert!(ids(&got) == ids(&stored), "subscription order differs from $all");
+    let ids = |v: &[RecordedEvent]| {
+        v.iter()
+            .map(|e| (e.position, e.event_id))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        ids(&got) == ids(&stored),
+        "subscription order differs from $all"
+    );
     // Nothing more is delivered once caught up.
     let extra = tokio::time::timeout(Duration::from_millis(300), sub.next()).await;
     assert!(extra.is_err(), "unexpected extra event {extra:?}");
@@ -447,8 +632,14 @@ pub async fn subscription_to_category_and_stream_filters_and_resumes<S: EventSto
 ) {
     let target = sid("Order-7");
     for i in 0..30 {
-        store.append(&sid(&format!("Order-{}", i % 10)), ANY, events(0..1)).await.unwrap();
-        store.append(&sid(&format!("Customer-{i}")), ANY, events(0..1)).await.unwrap();
+        store
+            .append(&sid(&format!("Order-{}", i % 10)), ANY, events(0..1))
+            .await
+            .unwrap();
+        store
+            .append(&sid(&format!("Customer-{i}")), ANY, events(0..1))
+            .await
+            .unwrap();
     }
     let mut cat = store.subscribe(StreamFilter::Category("Order".into()), 1);
     let mut one = store.subscribe(StreamFilter::Stream(target.clone()), 1);
@@ -456,13 +647,19 @@ pub async fn subscription_to_category_and_stream_filters_and_resumes<S: EventSto
     assert!(orders.iter().all(|e| e.stream_id.category() == "Order"));
     let mine = collect(&mut one, 3).await;
     assert!(mine.iter().all(|e| e.stream_id == target));
-    assert_eq!(mine.iter().map(|e| e.version).collect::<Vec<_>>(), vec![1, 2, 3]);
+    assert_eq!(
+        mine.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
     // Live: a write to the target stream reaches both, a customer write neither.
     let writer = store.clone();
     let t = target.clone();
     let live = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        writer.append(&sid("Customer-live"), ANY, events(0..1)).await.unwrap();
+        writer
+            .append(&sid("Customer-live"), ANY, events(0..1))
+            .await
+            .unwrap();
         writer.append(&t, ANY, events(0..1)).await.unwrap()
     });
     let next_cat = collect(&mut cat, 1).await.remove(0);
@@ -472,9 +669,16 @@ pub async fn subscription_to_category_and_stream_filters_and_resumes<S: EventSto
     assert_eq!(next_one.position, appended.first_position);
     assert_eq!(next_one.version, 4);
     // Resuming after a delivered position continues exactly there.
-    let mut resumed = store.subscribe(StreamFilter::Category("Order".into()), orders[9].position + 1);
+    let mut resumed = store.subscribe(
+        StreamFilter::Category("Order".into()),
+        orders[9].position + 1,
+    );
     let rest = collect(&mut resumed, 21).await;
-    let expect: Vec<u64> = orders[10..].iter().map(|e| e.position).chain([appended.first_position]).collect();
+    let expect: Vec<u64> = orders[10..]
+        .iter()
+        .map(|e| e.position)
+        .chain([appended.first_position])
+        .collect();
     assert_eq!(rest.iter().map(|e| e.position).collect::<Vec<_>>(), expect);
     let unique: HashSet<_> = rest.iter().map(|e| e.event_id).collect();
     assert_eq!(unique.len(), rest.len());

@@ -5,8 +5,7 @@ use std::collections::HashSet;
 use uuid::Uuid;
 
 use crate::{
-    AppendResult, EventData, ExpectedVersion, IdempotencyMismatch, Metadata, StoreError,
-    StreamId,
+    AppendResult, EventData, ExpectedVersion, IdempotencyMismatch, Metadata, StoreError, StreamId,
 };
 
 /// Guardrails applied to every append.

@@ -117,7 +117,11 @@ impl EventStore for InMemoryStore {
                 recorded_at,
             });
             state.by_event_id.insert(event.event_id, index);
-            state.streams.entry(stream_id.clone()).or_default().push(index);
+            state
+                .streams
+                .entry(stream_id.clone())
+                .or_default()
+                .push(index);
         }
         let last_position = state.events.len() as u64;
         drop(state);
@@ -145,13 +149,23 @@ impl EventStore for InMemoryStore {
         Ok(match options.direction {
             Direction::Forwards => {
                 let skip = options.from_version.unwrap_or(1).saturating_sub(1) as usize;
-                indexes.iter().skip(skip).take(options.limit).map(pick).collect()
+                indexes
+                    .iter()
+                    .skip(skip)
+                    .take(options.limit)
+                    .map(pick)
+                    .collect()
             }
             Direction::Backwards => {
                 let end = options
                     .from_version
                     .map_or(indexes.len(), |v| (v as usize).min(indexes.len()));
-                indexes[..end].iter().rev().take(options.limit).map(pick).collect()
+                indexes[..end]
+                    .iter()
+                    .rev()
+                    .take(options.limit)
+                    .map(pick)
+                    .collect()
             }
         })
     }

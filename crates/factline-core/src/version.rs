@@ -109,7 +109,10 @@ mod tests {
 
     #[test]
     fn serialises_numbers_as_numbers() {
-        assert_eq!(serde_json::to_string(&ExpectedVersion::Exact(3)).unwrap(), "3");
+        assert_eq!(
+            serde_json::to_string(&ExpectedVersion::Exact(3)).unwrap(),
+            "3"
+        );
         assert_eq!(
             serde_json::to_string(&ExpectedVersion::NoStream).unwrap(),
             "\"no_stream\""

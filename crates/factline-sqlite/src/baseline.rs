@@ -47,9 +47,11 @@ pub fn insert_rows(
             // stream, its events, and the stream's new version.
             stream += 1;
             let n = batch.min(events - done);
-            tx.prepare_cached("INSERT INTO streams (stream_id, category, version) VALUES (?1, ?2, 0)")
-                .and_then(|mut s| s.execute(params![format!("Baseline-{stream}"), "Baseline"]))
-                .map_err(&err)?;
+            tx.prepare_cached(
+                "INSERT INTO streams (stream_id, category, version) VALUES (?1, ?2, 0)",
+            )
+            .and_then(|mut s| s.execute(params![format!("Baseline-{stream}"), "Baseline"]))
+            .map_err(&err)?;
             let stream_no = tx.last_insert_rowid();
             let mut stmt = tx
                 .prepare_cached(

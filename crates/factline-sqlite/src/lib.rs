@@ -57,7 +57,9 @@ impl std::str::FromStr for Synchronous {
             "off" => Ok(Synchronous::Off),
             "normal" => Ok(Synchronous::Normal),
             "full" => Ok(Synchronous::Full),
-            _ => Err(format!("invalid synchronous mode {s:?}: use off, normal or full")),
+            _ => Err(format!(
+                "invalid synchronous mode {s:?}: use off, normal or full"
+            )),
         }
     }
 }
@@ -134,7 +136,10 @@ pub(crate) fn db_error(context: &'static str) -> impl Fn(rusqlite::Error) -> Sto
     }
 }
 
-pub(crate) fn open_connection(config: &SqliteConfig, read_only: bool) -> Result<Connection, StoreError> {
+pub(crate) fn open_connection(
+    config: &SqliteConfig,
+    read_only: bool,
+) -> Result<Connection, StoreError> {
     // Readers open read-write but set `query_only`: a read-only open cannot
     // always attach to an existing WAL's shared memory.
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -144,7 +149,8 @@ pub(crate) fn open_connection(config: &SqliteConfig, read_only: bool) -> Result<
     let conn = Connection::open_with_flags(&config.path, flags).map_err(&open_err)?;
     conn.busy_timeout(config.busy_timeout).map_err(&open_err)?;
     if read_only {
-        conn.pragma_update(None, "query_only", "ON").map_err(&open_err)?;
+        conn.pragma_update(None, "query_only", "ON")
+            .map_err(&open_err)?;
     } else {
         let mode: String = conn
             .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
@@ -160,14 +166,19 @@ pub(crate) fn open_connection(config: &SqliteConfig, read_only: bool) -> Result<
     conn.pragma_update(None, "synchronous", config.synchronous.pragma_value())
         .map_err(&open_err)?;
     // Temporary b-trees (sorts) stay off the disk.
-    conn.pragma_update(None, "temp_store", "MEMORY").map_err(&open_err)?;
+    conn.pragma_update(None, "temp_store", "MEMORY")
+        .map_err(&open_err)?;
     // 32 MiB of page cache keeps the indexes' hot pages in memory.
-    conn.pragma_update(None, "cache_size", -32_768).map_err(&open_err)?;
+    conn.pragma_update(None, "cache_size", -32_768)
+        .map_err(&open_err)?;
     // With the bundled build's STAT4, binding a value to an indexed column
     // expires the statement and forces a re-prepare on every execution; a
     // stable query plan keeps the cached statements valid.
-    conn.set_db_config(rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
-        .map_err(&open_err)?;
+    conn.set_db_config(
+        rusqlite::config::DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG,
+        true,
+    )
+    .map_err(&open_err)?;
     conn.set_prepared_statement_cache_capacity(32);
     Ok(conn)
 }
@@ -245,7 +256,11 @@ impl EventStore for SqliteStore {
             events,
             reply,
         };
-        self.shared.jobs.send(job).await.map_err(|_| writer_gone())?;
+        self.shared
+            .jobs
+            .send(job)
+            .await
+            .map_err(|_| writer_gone())?;
         answer.await.map_err(|_| writer_gone())?
     }
 

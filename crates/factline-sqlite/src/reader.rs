@@ -146,7 +146,9 @@ fn query_events(
 ) -> Result<Vec<RecordedEvent>, StoreError> {
     let read_err = db_error("reading events");
     let mut stmt = conn.prepare_cached(sql).map_err(&read_err)?;
-    let rows = stmt.query_map(params, RawEvent::from_row).map_err(&read_err)?;
+    let rows = stmt
+        .query_map(params, RawEvent::from_row)
+        .map_err(&read_err)?;
     let mut events = Vec::new();
     for row in rows {
         events.push(row.map_err(&read_err)?.decode()?);
@@ -183,8 +185,10 @@ impl RawEvent {
     fn decode(self) -> Result<RecordedEvent, StoreError> {
         let position = self.position;
         let corrupt = move |what: &str| -> StoreError {
-            StorageError::new(format!("stored event at position {position} has a corrupt {what}"))
-                .into()
+            StorageError::new(format!(
+                "stored event at position {position} has a corrupt {what}"
+            ))
+            .into()
         };
         Ok(RecordedEvent {
             stream_id: StreamId::new(self.stream_id).map_err(|_| corrupt("stream id"))?,

@@ -37,7 +37,16 @@ pub(crate) fn spawn(
 ) -> Result<(), StoreError> {
     std::thread::Builder::new()
         .name("factline-sqlite-writer".into())
-        .spawn(move || run(conn, queue, &checkpoints, &head, &counters, max_batch_events))
+        .spawn(move || {
+            run(
+                conn,
+                queue,
+                &checkpoints,
+                &head,
+                &counters,
+                max_batch_events,
+            )
+        })
         .map(|_| ())
         .map_err(|e| StorageError::with_source("starting the SQLite writer thread", e).into())
 }
@@ -100,7 +109,10 @@ fn run(
 /// event id that is already stored; then the transaction is rolled back and
 /// the batch replayed with that append checking its ids before inserting.
 /// Replays are rare (only retries hit them) and bounded by the batch size.
-fn commit_batch(conn: &mut Connection, batch: &[AppendJob]) -> Vec<Result<AppendResult, StoreError>> {
+fn commit_batch(
+    conn: &mut Connection,
+    batch: &[AppendJob],
+) -> Vec<Result<AppendResult, StoreError>> {
     let recorded_at = Utc::now().timestamp_micros();
     let mut check_ids_first = vec![false; batch.len()];
     loop {
@@ -110,7 +122,10 @@ fn commit_batch(conn: &mut Connection, batch: &[AppendJob]) -> Vec<Result<Append
             Err(e) => {
                 tracing::warn!(error = %e, appends = batch.len(), "group commit failed");
                 let to_error = db_error("committing appends");
-                return batch.iter().map(|_| Err(to_error(clone_error(&e)))).collect();
+                return batch
+                    .iter()
+                    .map(|_| Err(to_error(clone_error(&e))))
+                    .collect();
             }
         }
     }
@@ -134,8 +149,9 @@ fn attempt_batch(
     for (index, job) in batch.iter().enumerate() {
         match append_one(&tx, job, check_ids_first[index], recorded_at) {
             Ok(outcome) => outcomes.push(outcome),
-            Err(e) if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
-                && !check_ids_first[index] =>
+            Err(e)
+                if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
+                    && !check_ids_first[index] =>
             {
                 // Dropping `tx` rolls back.
                 return Ok(Attempt::DuplicateIn(index));
@@ -150,7 +166,9 @@ fn attempt_batch(
 /// `rusqlite::Error` is not `Clone`; keep the code and message for each caller.
 fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
     match e {
-        rusqlite::Error::SqliteFailure(code, msg) => rusqlite::Error::SqliteFailure(*code, msg.clone()),
+        rusqlite::Error::SqliteFailure(code, msg) => {
+            rusqlite::Error::SqliteFailure(*code, msg.clone())
+        }
         other => rusqlite::Error::SqliteFailure(
             rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
             Some(other.to_string()),
@@ -188,7 +206,8 @@ fn append_one(
         Some((stream_no, _)) => stream_no,
         None => create_stream(conn, &job.stream_id)?,
     };
-    let (first_position, last_position) = insert_events(conn, job, stream_no, current, recorded_at)?;
+    let (first_position, last_position) =
+        insert_events(conn, job, stream_no, current, recorded_at)?;
     let last_version = current + job.events.len() as u64;
     conn.prepare_cached("UPDATE streams SET version = ?1 WHERE stream_no = ?2")?
         .execute(params![last_version as i64, stream_no])?;
@@ -204,7 +223,9 @@ fn append_one(
 /// The stream's number and current version, if it exists.
 fn find_stream(conn: &Connection, stream_id: &StreamId) -> rusqlite::Result<Option<(i64, u64)>> {
     conn.prepare_cached("SELECT stream_no, version FROM streams WHERE stream_id = ?1")?
-        .query_row([stream_id.as_str()], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)))
+        .query_row([stream_id.as_str()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64))
+        })
         .optional()
 }
 
@@ -263,7 +284,11 @@ fn resolve_retry(
         ids.push(event.event_id);
         let found = stmt
             .query_row([event.event_id.as_bytes().as_slice()], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
             })
             .optional()?;
         existing.push(match found {
@@ -283,5 +308,11 @@ fn resolve_retry(
             None => None,
         });
     }
-    Ok(resolve_duplicates(&job.stream_id, job.expected, current, &ids, &existing))
+    Ok(resolve_duplicates(
+        &job.stream_id,
+        job.expected,
+        current,
+        &ids,
+        &existing,
+    ))
 }

@@ -3,6 +3,7 @@
 
 factline_conformance::conformance_suite!(|| async {
     let dir = tempfile::tempdir().expect("temp dir");
-    let store = factline_sqlite::SqliteStore::open(dir.path().join("events.db")).expect("open store");
+    let store =
+        factline_sqlite::SqliteStore::open(dir.path().join("events.db")).expect("open store");
     (store, dir)
 });

@@ -24,7 +24,11 @@ async fn concurrent_single_appends_share_transactions() {
                     ExpectedVersion::Any
                 };
                 let result = store
-                    .append(&sid(&format!("Gc-{w}")), expected, vec![EventData::new("T", json!({ "i": i }))])
+                    .append(
+                        &sid(&format!("Gc-{w}")),
+                        expected,
+                        vec![EventData::new("T", json!({ "i": i }))],
+                    )
                     .await;
                 match (i % 5 == 4, result) {
                     (false, Ok(_)) | (true, Err(StoreError::Conflict { .. })) => {}
@@ -52,16 +56,32 @@ async fn data_survives_reopen_and_positions_continue() {
     let first = {
         let store = SqliteStore::open(&path).unwrap();
         store
-            .append(&sid("Order-1"), ExpectedVersion::NoStream, vec![EventData::new("A", json!(1)), EventData::new("B", json!(2))])
+            .append(
+                &sid("Order-1"),
+                ExpectedVersion::NoStream,
+                vec![EventData::new("A", json!(1)), EventData::new("B", json!(2))],
+            )
             .await
             .unwrap()
     };
     let store = SqliteStore::open(&path).unwrap();
     assert_eq!(store.head_position().await.unwrap(), first.last_position);
-    let read = store.read_stream(&sid("Order-1"), ReadStream::forwards()).await.unwrap();
-    assert_eq!(read.iter().map(|e| e.event_type.as_str()).collect::<Vec<_>>(), vec!["A", "B"]);
+    let read = store
+        .read_stream(&sid("Order-1"), ReadStream::forwards())
+        .await
+        .unwrap();
+    assert_eq!(
+        read.iter()
+            .map(|e| e.event_type.as_str())
+            .collect::<Vec<_>>(),
+        vec!["A", "B"]
+    );
     let next = store
-        .append(&sid("Order-1"), ExpectedVersion::Exact(2), vec![EventData::new("C", json!(3))])
+        .append(
+            &sid("Order-1"),
+            ExpectedVersion::Exact(2),
+            vec![EventData::new("C", json!(3))],
+        )
         .await
         .unwrap();
     assert_eq!(next.first_position, first.last_position + 1);
@@ -73,13 +93,27 @@ async fn opens_in_wal_mode_with_durable_commits_by_default() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("e.db");
     let store = SqliteStore::open(&path).unwrap();
-    store.append(&sid("Order-1"), ExpectedVersion::Any, vec![EventData::new("A", json!(1))]).await.unwrap();
+    store
+        .append(
+            &sid("Order-1"),
+            ExpectedVersion::Any,
+            vec![EventData::new("A", json!(1))],
+        )
+        .await
+        .unwrap();
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).unwrap();
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(mode, "wal");
-    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).unwrap();
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
     assert_eq!(version, SCHEMA_VERSION);
-    assert_eq!(SqliteConfig::new(&path).synchronous, factline_sqlite::Synchronous::Full);
+    assert_eq!(
+        SqliteConfig::new(&path).synchronous,
+        factline_sqlite::Synchronous::Full
+    );
 }
 
 #[tokio::test]
@@ -88,7 +122,8 @@ async fn refuses_a_database_from_a_newer_version() {
     let path = dir.path().join("e.db");
     drop(SqliteStore::open(&path).unwrap());
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+    conn.pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+        .unwrap();
     drop(conn);
     match SqliteStore::open(&path) {
         Err(StoreError::Storage(e)) => assert!(e.message().contains("newer"), "{e}"),
@@ -103,8 +138,13 @@ async fn configured_event_size_limit_applies() {
     config.limits.max_event_bytes = 1_000;
     let store = SqliteStore::open_with(config).unwrap();
     let big = EventData::new("Big", json!({ "x": "y".repeat(1_000) }));
-    let result = store.append(&sid("Order-1"), ExpectedVersion::Any, vec![big]).await;
-    assert!(matches!(result, Err(StoreError::TooLarge { max: 1_000, .. })), "{result:?}");
+    let result = store
+        .append(&sid("Order-1"), ExpectedVersion::Any, vec![big])
+        .await;
+    assert!(
+        matches!(result, Err(StoreError::TooLarge { max: 1_000, .. })),
+        "{result:?}"
+    );
     assert_eq!(store.head_position().await.unwrap(), 0);
 }
 
@@ -122,7 +162,11 @@ async fn a_second_store_on_the_same_file_sees_and_wakes_on_commits() {
         tasks.push(tokio::spawn(async move {
             for i in 0..200 {
                 store
-                    .append(&sid(&format!("S{n}-{}", i % 7)), ExpectedVersion::Any, vec![EventData::new("T", json!(i))])
+                    .append(
+                        &sid(&format!("S{n}-{}", i % 7)),
+                        ExpectedVersion::Any,
+                        vec![EventData::new("T", json!(i))],
+                    )
                     .await
                     .unwrap();
             }

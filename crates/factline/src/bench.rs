@@ -75,7 +75,9 @@ struct FactlineRun {
 
 async fn append(args: AppendBench) -> anyhow::Result<()> {
     if args.writers == 0 || args.batch == 0 || args.events == 0 || args.rounds == 0 {
-        return Err(usage("--writers, --batch, --events and --rounds must be at least 1"));
+        return Err(usage(
+            "--writers, --batch, --events and --rounds must be at least 1",
+        ));
     }
     let synchronous: Synchronous = args.synchronous.parse().map_err(usage)?;
     let data = payload();
@@ -108,7 +110,10 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
         .collect();
     let rate = median(&mut rates);
     let base_rate = median(&mut base_rates);
-    let mut latencies: Vec<Duration> = runs.iter().flat_map(|r| r.latencies.iter().copied()).collect();
+    let mut latencies: Vec<Duration> = runs
+        .iter()
+        .flat_map(|r| r.latencies.iter().copied())
+        .collect();
     latencies.sort_unstable();
     let p50 = percentile_ms(&latencies, 0.50);
     let p99 = percentile_ms(&latencies, 0.99);
@@ -116,15 +121,23 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
         Backend::Sqlite => "sqlite",
         Backend::Memory => "memory",
     };
-    println!("factline bench append: {backend}, synchronous={}, {} rounds", args.synchronous, args.rounds);
-    println!("  writers {:>6}   batch {:>6}   events {:>9}", args.writers, args.batch, args.events);
+    println!(
+        "factline bench append: {backend}, synchronous={}, {} rounds",
+        args.synchronous, args.rounds
+    );
+    println!(
+        "  writers {:>6}   batch {:>6}   events {:>9}",
+        args.writers, args.batch, args.events
+    );
     for (i, (run, base)) in runs.iter().zip(&bases).enumerate() {
-        let group = run.transactions.map_or(String::new(), |(appends, transactions)| {
-            format!(
-                "   {:.1} appends per transaction",
-                appends as f64 / transactions.max(1) as f64
-            )
-        });
+        let group = run
+            .transactions
+            .map_or(String::new(), |(appends, transactions)| {
+                format!(
+                    "   {:.1} appends per transaction",
+                    appends as f64 / transactions.max(1) as f64
+                )
+            });
         println!(
             "  round {}: factline {:>9.0} events/s   baseline {:>9.0} events/s ({} events){group}",
             i + 1,
@@ -133,8 +146,13 @@ async fn append(args: AppendBench) -> anyhow::Result<()> {
             base.events,
         );
     }
-    println!("  median: factline {rate:.0} events/s, baseline (raw rusqlite) {base_rate:.0} events/s");
-    println!("  ratio {:.3}   append latency p50 {p50:.3} ms   p99 {p99:.3} ms", rate / base_rate);
+    println!(
+        "  median: factline {rate:.0} events/s, baseline (raw rusqlite) {base_rate:.0} events/s"
+    );
+    println!(
+        "  ratio {:.3}   append latency p50 {p50:.3} ms   p99 {p99:.3} ms",
+        rate / base_rate
+    );
     let report = AppendReport {
         bench: "append",
         events_per_s: round(rate),

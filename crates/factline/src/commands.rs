@@ -95,7 +95,10 @@ fn read_batch(input: impl BufRead) -> anyhow::Result<Vec<EventData>> {
         if line.trim().is_empty() {
             continue;
         }
-        events.push(parse_json(&format!("line {} of the batch", index + 1), &line)?);
+        events.push(parse_json(
+            &format!("line {} of the batch", index + 1),
+            &line,
+        )?);
     }
     if events.is_empty() {
         return Err(usage("--batch read no events from stdin"));
@@ -215,7 +218,13 @@ pub async fn read_all(location: &Location, args: ReadAllArgs) -> anyhow::Result<
 
 pub async fn read_category(location: &Location, args: ReadCategoryArgs) -> anyhow::Result<()> {
     let category = parse_category(&args.category)?;
-    read_filtered(location, StreamFilter::Category(category), args.from, args.limit).await
+    read_filtered(
+        location,
+        StreamFilter::Category(category),
+        args.from,
+        args.limit,
+    )
+    .await
 }
 
 fn parse_category(category: &str) -> anyhow::Result<String> {

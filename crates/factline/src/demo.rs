@@ -59,19 +59,29 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
             .collect();
         let total: u64 = lines
             .iter()
-            .map(|l| l["quantity"].as_u64().unwrap_or(0) * l["unit_price_cents"].as_u64().unwrap_or(0))
+            .map(|l| {
+                l["quantity"].as_u64().unwrap_or(0) * l["unit_price_cents"].as_u64().unwrap_or(0)
+            })
             .sum();
         let placed = EventData::new(
             "OrderPlaced",
             json!({ "customer_id": customer, "region": region, "lines": lines, "total_cents": total, "currency": "EUR" }),
         )
         .with_metadata(metadata.clone());
-        store.append(&order, ExpectedVersion::NoStream, vec![placed]).await?;
+        store
+            .append(&order, ExpectedVersion::NoStream, vec![placed])
+            .await?;
 
         // Most orders are paid and many shipped; every fifth is cancelled.
         let (follow_ups, status) = match n % 5 {
-            4 => (vec![("OrderCancelled", json!({ "reason": "customer request" }))], "cancelled"),
-            3 => (vec![("OrderPaid", json!({ "amount_cents": total }))], "paid"),
+            4 => (
+                vec![("OrderCancelled", json!({ "reason": "customer request" }))],
+                "cancelled",
+            ),
+            3 => (
+                vec![("OrderPaid", json!({ "amount_cents": total }))],
+                "paid",
+            ),
             _ => (
                 vec![
                     ("OrderPaid", json!({ "amount_cents": total })),
@@ -84,7 +94,9 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
             .into_iter()
             .map(|(t, d)| EventData::new(t, d).with_metadata(metadata.clone()))
             .collect();
-        store.append(&order, ExpectedVersion::Exact(1), events).await?;
+        store
+            .append(&order, ExpectedVersion::Exact(1), events)
+            .await?;
         if status != "cancelled" {
             *revenue.entry(region).or_default() += total;
         }
@@ -92,10 +104,21 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
     }
 
     let stored = store.read_all(start, usize::MAX).await?;
-    println!("Appended {} events for {} orders to {}:", stored.len(), args.orders, describe(location));
-    println!("  {:>8}  {:<14}  {:<45} {:>3}", "position", "type", "stream", "ver");
+    println!(
+        "Appended {} events for {} orders to {}:",
+        stored.len(),
+        args.orders,
+        describe(location)
+    );
+    println!(
+        "  {:>8}  {:<14}  {:<45} {:>3}",
+        "position", "type", "stream", "ver"
+    );
     for e in &stored {
-        println!("  {:>8}  {:<14}  {:<45} {:>3}", e.position, e.event_type, e.stream_id, e.version);
+        println!(
+            "  {:>8}  {:<14}  {:<45} {:>3}",
+            e.position, e.event_type, e.stream_id, e.version
+        );
     }
     println!("\nOrders by status:");
     for (status, count) in &statuses {

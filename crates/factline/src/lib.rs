@@ -79,10 +79,19 @@ mod tests {
 
     #[test]
     fn locations() {
-        assert_eq!(Location::parse("a/b.db").unwrap(), Location::Sqlite("a/b.db".into()));
+        assert_eq!(
+            Location::parse("a/b.db").unwrap(),
+            Location::Sqlite("a/b.db".into())
+        );
         assert_eq!(Location::parse("memory:").unwrap(), Location::Memory);
-        assert!(matches!(Location::parse("postgres://x/y"), Err(OpenError::Unsupported(_))));
-        assert!(matches!(Location::parse("nats://x"), Err(OpenError::Invalid(_))));
+        assert!(matches!(
+            Location::parse("postgres://x/y"),
+            Err(OpenError::Unsupported(_))
+        ));
+        assert!(matches!(
+            Location::parse("nats://x"),
+            Err(OpenError::Invalid(_))
+        ));
         assert!(matches!(Location::parse(""), Err(OpenError::Invalid(_))));
     }
 }

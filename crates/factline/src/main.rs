@@ -14,7 +14,11 @@ use clap::{Args, Parser, Subcommand};
 use factline::{Location, OpenError, StoreError};
 
 #[derive(Parser, Debug)]
-#[command(name = "factline", version, about = "An event store and projection engine for event-sourced CQRS systems")]
+#[command(
+    name = "factline",
+    version,
+    about = "An event store and projection engine for event-sourced CQRS systems"
+)]
 struct Cli {
     /// Database: a file path (SQLite) or memory:.
     #[arg(long, global = true, env = "FACTLINE_DB", default_value = factline::DEFAULT_DB)]
@@ -59,7 +63,10 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

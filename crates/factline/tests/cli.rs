@@ -37,7 +37,12 @@ fn run_with_stdin(db: &Path, args: &[&str], stdin: &str) -> Output {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child.stdin.take().unwrap().write_all(stdin.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
     child.wait_with_output().unwrap()
 }
 
@@ -63,16 +68,38 @@ fn count_all(db: &Path) -> usize {
 #[test]
 fn append_prints_the_result_contract() {
     let db = db();
-    let out = run(&db.path, &["append", "Order-1", "--type", "OrderPlaced", "--data", r#"{"total":5}"#]);
+    let out = run(
+        &db.path,
+        &[
+            "append",
+            "Order-1",
+            "--type",
+            "OrderPlaced",
+            "--data",
+            r#"{"total":5}"#,
+        ],
+    );
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let lines = json_lines(&out);
     assert_eq!(lines.len(), 1);
     let r = &lines[0];
     let mut keys: Vec<_> = r.as_object().unwrap().keys().cloned().collect();
     keys.sort();
-    assert_eq!(keys, ["first_position", "first_version", "last_position", "last_version", "stream_id"]);
+    assert_eq!(
+        keys,
+        [
+            "first_position",
+            "first_version",
+            "last_position",
+            "last_version",
+            "stream_id"
+        ]
+    );
     assert_eq!(r["stream_id"], "Order-1");
-    assert_eq!((r["first_version"].as_u64(), r["last_position"].as_u64()), (Some(1), Some(1)));
+    assert_eq!(
+        (r["first_version"].as_u64(), r["last_position"].as_u64()),
+        (Some(1), Some(1))
+    );
 }
 
 #[test]
@@ -81,14 +108,44 @@ fn exit_codes_follow_the_contract() {
     let p = &db.path;
     assert_eq!(code(&run(p, &["append", "Order-1", "--type", "A"])), 0);
     // 3: conflict, naming expected and actual.
-    let out = run(p, &["append", "Order-1", "--type", "A", "--expected-version", "5"]);
+    let out = run(
+        p,
+        &[
+            "append",
+            "Order-1",
+            "--type",
+            "A",
+            "--expected-version",
+            "5",
+        ],
+    );
     assert_eq!(code(&out), 3);
-    assert!(stderr(&out).contains("expected 5") && stderr(&out).contains("actual 1"), "{}", stderr(&out));
-    let out = run(p, &["append", "Order-1", "--type", "A", "--expected-version", "no_stream"]);
+    assert!(
+        stderr(&out).contains("expected 5") && stderr(&out).contains("actual 1"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(
+        p,
+        &[
+            "append",
+            "Order-1",
+            "--type",
+            "A",
+            "--expected-version",
+            "no_stream",
+        ],
+    );
     assert_eq!(code(&out), 3);
     // 4: an event id reused in another stream.
     let id = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
-    assert_eq!(code(&run(p, &["append", "Order-2", "--type", "A", "--event-id", id])), 0);
+    assert_eq!(
+        code(&run(
+            p,
+            &["append", "Order-2", "--type", "A", "--event-id", id]
+        )),
+        0
+    );
     let out = run(p, &["append", "Order-3", "--type", "A", "--event-id", id]);
     assert_eq!(code(&out), 4, "{}", stderr(&out));
     // 2: every kind of invalid input, each with a message and nothing written.
@@ -98,9 +155,30 @@ fn exit_codes_follow_the_contract() {
         vec!["append", "", "--type", "A"],
         vec!["append", "$all", "--type", "A"],
         vec!["append", "Order-9", "--type", "A", "--data", "{not json"],
-        vec!["append", "Order-9", "--type", "A", "--metadata", r#"{"unknown":1}"#],
-        vec!["append", "Order-9", "--type", "A", "--event-id", "not-a-uuid"],
-        vec!["append", "Order-9", "--type", "A", "--expected-version", "latest"],
+        vec![
+            "append",
+            "Order-9",
+            "--type",
+            "A",
+            "--metadata",
+            r#"{"unknown":1}"#,
+        ],
+        vec![
+            "append",
+            "Order-9",
+            "--type",
+            "A",
+            "--event-id",
+            "not-a-uuid",
+        ],
+        vec![
+            "append",
+            "Order-9",
+            "--type",
+            "A",
+            "--expected-version",
+            "latest",
+        ],
         vec!["append", "Order-9", "--type", "", "--data", "{}"],
         vec!["append", "Order-9", "--type", "Big", "--data", &big],
         vec!["append", "Order-9"],
@@ -110,7 +188,10 @@ fn exit_codes_follow_the_contract() {
     for args in invalid {
         let out = run(p, &args);
         assert_eq!(code(&out), 2, "{args:?}: {}", stderr(&out));
-        assert!(!stderr(&out).trim().is_empty(), "{args:?} printed no message");
+        assert!(
+            !stderr(&out).trim().is_empty(),
+            "{args:?} printed no message"
+        );
     }
     assert_eq!(count_all(p), before);
     // 1: other failures, e.g. a database path that cannot be created.
@@ -124,7 +205,16 @@ fn exit_codes_follow_the_contract() {
 fn idempotent_retry_through_the_cli() {
     let db = db();
     let id = "6fa459ea-ee8a-3ca4-894e-db77e160355e";
-    let args = ["append", "Order-1", "--type", "A", "--event-id", id, "--expected-version", "no_stream"];
+    let args = [
+        "append",
+        "Order-1",
+        "--type",
+        "A",
+        "--event-id",
+        id,
+        "--expected-version",
+        "no_stream",
+    ];
     let first = run(&db.path, &args);
     let again = run(&db.path, &args);
     assert_eq!((code(&first), code(&again)), (0, 0), "{}", stderr(&again));
@@ -139,7 +229,10 @@ fn batch_appends_atomically_and_refuses_bad_lines_whole() {
     let out = run_with_stdin(&db.path, &["append", "Order-1", "--batch"], good);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = &json_lines(&out)[0];
-    assert_eq!((r["first_version"].as_u64(), r["last_version"].as_u64()), (Some(1), Some(2)));
+    assert_eq!(
+        (r["first_version"].as_u64(), r["last_version"].as_u64()),
+        (Some(1), Some(2))
+    );
     let bad = "{\"type\":\"C\"}\n{\"type\":\"D\",\"bogus\":1}\n";
     let out = run_with_stdin(&db.path, &["append", "Order-1", "--batch"], bad);
     assert_eq!(code(&out), 2);
@@ -156,38 +249,119 @@ fn reads_print_recorded_events_with_the_contract_fields() {
     for i in 0..5 {
         let stream = if i % 2 == 0 { "Order-1" } else { "Customer-1" };
         let data = format!("{{\"i\":{i}}}");
-        assert_eq!(code(&run(&db.path, &["append", stream, "--type", "T", "--data", &data])), 0);
+        assert_eq!(
+            code(&run(
+                &db.path,
+                &["append", stream, "--type", "T", "--data", &data]
+            )),
+            0
+        );
     }
     let all = json_lines(&run(&db.path, &["read-all"]));
     assert_eq!(all.len(), 5);
     for e in &all {
-        for key in ["stream_id", "version", "position", "event_id", "event_type", "data", "metadata", "recorded_at"] {
+        for key in [
+            "stream_id",
+            "version",
+            "position",
+            "event_id",
+            "event_type",
+            "data",
+            "metadata",
+            "recorded_at",
+        ] {
             assert!(e.get(key).is_some(), "{key} missing in {e}");
         }
     }
-    let positions = |v: &[Value]| v.iter().map(|e| e["position"].as_u64().unwrap()).collect::<Vec<_>>();
+    let positions = |v: &[Value]| {
+        v.iter()
+            .map(|e| e["position"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
     assert_eq!(positions(&all), vec![1, 2, 3, 4, 5]);
-    assert_eq!(positions(&json_lines(&run(&db.path, &["read-all", "--from", "2", "--limit", "2"]))), vec![2, 3]);
-    assert_eq!(positions(&json_lines(&run(&db.path, &["read-category", "Order"]))), vec![1, 3, 5]);
-    assert_eq!(positions(&json_lines(&run(&db.path, &["read-category", "Order", "--from", "2"]))), vec![3, 5]);
-    let versions = |v: &[Value]| v.iter().map(|e| e["version"].as_u64().unwrap()).collect::<Vec<_>>();
-    assert_eq!(versions(&json_lines(&run(&db.path, &["read", "Order-1"]))), vec![1, 2, 3]);
-    assert_eq!(versions(&json_lines(&run(&db.path, &["read", "Order-1", "--backwards"]))), vec![3, 2, 1]);
-    assert_eq!(versions(&json_lines(&run(&db.path, &["read", "Order-1", "--backwards", "--from", "2"]))), vec![2, 1]);
-    assert_eq!(versions(&json_lines(&run(&db.path, &["read", "Order-1", "--from", "2", "--limit", "1"]))), vec![2]);
+    assert_eq!(
+        positions(&json_lines(&run(
+            &db.path,
+            &["read-all", "--from", "2", "--limit", "2"]
+        ))),
+        vec![2, 3]
+    );
+    assert_eq!(
+        positions(&json_lines(&run(&db.path, &["read-category", "Order"]))),
+        vec![1, 3, 5]
+    );
+    assert_eq!(
+        positions(&json_lines(&run(
+            &db.path,
+            &["read-category", "Order", "--from", "2"]
+        ))),
+        vec![3, 5]
+    );
+    let versions = |v: &[Value]| {
+        v.iter()
+            .map(|e| e["version"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        versions(&json_lines(&run(&db.path, &["read", "Order-1"]))),
+        vec![1, 2, 3]
+    );
+    assert_eq!(
+        versions(&json_lines(&run(
+            &db.path,
+            &["read", "Order-1", "--backwards"]
+        ))),
+        vec![3, 2, 1]
+    );
+    assert_eq!(
+        versions(&json_lines(&run(
+            &db.path,
+            &["read", "Order-1", "--backwards", "--from", "2"]
+        ))),
+        vec![2, 1]
+    );
+    assert_eq!(
+        versions(&json_lines(&run(
+            &db.path,
+            &["read", "Order-1", "--from", "2", "--limit", "1"]
+        ))),
+        vec![2]
+    );
     assert!(json_lines(&run(&db.path, &["read", "Order-404"])).is_empty());
 }
 
 #[test]
 fn reads_page_through_long_streams() {
     let db = db();
-    let lines: String = (0..2_500).map(|i| format!("{{\"type\":\"T\",\"data\":{i}}}\n")).collect();
-    assert_eq!(code(&run_with_stdin(&db.path, &["append", "Order-1", "--batch"], &lines)), 0);
-    assert_eq!(json_lines(&run(&db.path, &["read", "Order-1"])).len(), 2_500);
-    let back = json_lines(&run(&db.path, &["read", "Order-1", "--backwards", "--limit", "1500"]));
+    let lines: String = (0..2_500)
+        .map(|i| format!("{{\"type\":\"T\",\"data\":{i}}}\n"))
+        .collect();
+    assert_eq!(
+        code(&run_with_stdin(
+            &db.path,
+            &["append", "Order-1", "--batch"],
+            &lines
+        )),
+        0
+    );
+    assert_eq!(
+        json_lines(&run(&db.path, &["read", "Order-1"])).len(),
+        2_500
+    );
+    let back = json_lines(&run(
+        &db.path,
+        &["read", "Order-1", "--backwards", "--limit", "1500"],
+    ));
     assert_eq!(back.len(), 1_500);
     assert_eq!(back[1_499]["version"], 1_001);
-    assert_eq!(json_lines(&run(&db.path, &["read-all", "--from", "100", "--limit", "2000"])).len(), 2_000);
+    assert_eq!(
+        json_lines(&run(
+            &db.path,
+            &["read-all", "--from", "100", "--limit", "2000"]
+        ))
+        .len(),
+        2_000
+    );
 }
 
 /// Several OS processes appending to one file at once: SQLite's write lock
@@ -206,8 +380,15 @@ fn concurrent_processes_append_to_one_file() {
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
-            let lines: String = (0..200).map(|i| format!("{{\"type\":\"T\",\"data\":{{\"p\":{p},\"i\":{i}}}}}\n")).collect();
-            child.stdin.take().unwrap().write_all(lines.as_bytes()).unwrap();
+            let lines: String = (0..200)
+                .map(|i| format!("{{\"type\":\"T\",\"data\":{{\"p\":{p},\"i\":{i}}}}}\n"))
+                .collect();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(lines.as_bytes())
+                .unwrap();
             child
         })
         .collect();
@@ -229,7 +410,10 @@ fn concurrent_processes_append_to_one_file() {
 #[test]
 fn tail_follows_appends_from_other_processes() {
     let db = db();
-    assert_eq!(code(&run(&db.path, &["append", "Order-0", "--type", "Old"])), 0);
+    assert_eq!(
+        code(&run(&db.path, &["append", "Order-0", "--type", "Old"])),
+        0
+    );
     let mut tail = factline(&db.path)
         .args(["tail", "--category", "Order", "--from", "1"])
         .stdout(Stdio::piped())
@@ -246,12 +430,23 @@ fn tail_follows_appends_from_other_processes() {
         }
     });
     let next = || -> Value {
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("tail printed nothing");
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("tail printed nothing");
         serde_json::from_str(&line).unwrap()
     };
     assert_eq!(next()["event_type"], "Old");
-    assert_eq!(code(&run(&db.path, &["append", "Customer-1", "--type", "Skipped"])), 0);
-    assert_eq!(code(&run(&db.path, &["append", "Order-1", "--type", "New"])), 0);
+    assert_eq!(
+        code(&run(
+            &db.path,
+            &["append", "Customer-1", "--type", "Skipped"]
+        )),
+        0
+    );
+    assert_eq!(
+        code(&run(&db.path, &["append", "Order-1", "--type", "New"])),
+        0
+    );
     let live = next();
     assert_eq!(live["event_type"], "New");
     assert_eq!(live["position"], 3);
@@ -267,11 +462,21 @@ fn demo_appends_orders_and_reports_them() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Revenue by region"), "{text}");
     let events = json_lines(&run(&db.path, &["read-category", "Order"]));
-    let placed = events.iter().filter(|e| e["event_type"] == "OrderPlaced").count();
-    let cancelled = events.iter().filter(|e| e["event_type"] == "OrderCancelled").count();
+    let placed = events
+        .iter()
+        .filter(|e| e["event_type"] == "OrderPlaced")
+        .count();
+    let cancelled = events
+        .iter()
+        .filter(|e| e["event_type"] == "OrderCancelled")
+        .count();
     assert_eq!((placed, cancelled), (10, 2));
     // An order's events share one correlation id.
     let first_stream = &events[0]["stream_id"];
-    let corr: Vec<_> = events.iter().filter(|e| &e["stream_id"] == first_stream).map(|e| e["metadata"]["correlation_id"].clone()).collect();
+    let corr: Vec<_> = events
+        .iter()
+        .filter(|e| &e["stream_id"] == first_stream)
+        .map(|e| e["metadata"]["correlation_id"].clone())
+        .collect();
     assert!(corr.len() >= 2 && corr.iter().all(|c| c == &corr[0] && c.is_string()));
 }
