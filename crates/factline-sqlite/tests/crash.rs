@@ -1,0 +1,174 @@
+//! A writer process killed with SIGKILL in the middle of group commits loses
+//! no acknowledged append and leaves no partial one behind.
+//!
+//! The test re-runs its own test binary as the writer process: with
+//! `CHILD_DB` set, the same test function becomes the child.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use factline_core::{EventData, EventStore, ExpectedVersion, ReadStream, StreamId};
+use factline_sqlite::SqliteStore;
+use serde_json::{json, Value};
+
+const CHILD_DB: &str = "FACTLINE_TEST_CRASH_CHILD_DB";
+const EVENTS_PER_APPEND: u64 = 20;
+const STREAMS: u64 = 40;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The child: 8 concurrent writers append forever, printing each
+/// acknowledged append as a JSON line.
+fn run_child(path: &str) -> ! {
+    runtime().block_on(async {
+        let store = SqliteStore::open(path).unwrap();
+        let (acks, mut acked) = tokio::sync::mpsc::unbounded_channel::<String>();
+        for writer in 0..8u64 {
+            let store = store.clone();
+            let acks = acks.clone();
+            tokio::spawn(async move {
+                for n in 0.. {
+                    let stream =
+                        StreamId::new(format!("Crash-{}", (writer + n * 8) % STREAMS)).unwrap();
+                    let tag = format!("{}-{writer}-{n}", std::process::id());
+                    let events = (0..EVENTS_PER_APPEND)
+                        .map(|i| EventData::new("Tick", json!({ "append": tag, "i": i })))
+                        .collect();
+                    let r = store
+                        .append(&stream, ExpectedVersion::Any, events)
+                        .await
+                        .unwrap();
+                    let line = json!({
+                        "stream": r.stream_id, "tag": tag,
+                        "first_version": r.first_version, "first_position": r.first_position,
+                    });
+                    acks.send(line.to_string()).unwrap();
+                }
+            });
+        }
+        let mut out = std::io::stdout().lock();
+        while let Some(line) = acked.recv().await {
+            writeln!(out, "{line}").unwrap();
+            out.flush().unwrap();
+        }
+    });
+    std::process::exit(0)
+}
+
+#[test]
+fn sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one() {
+    if let Ok(path) = std::env::var(CHILD_DB) {
+        run_child(&path);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("crash.db");
+    let mut acked: Vec<Value> = Vec::new();
+    for round in 0..3 {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_DB, &path)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<Value>(&line) {
+                    if tx.send(v).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        // Let it get well into its stride, then kill it without warning.
+        let mut seen = 0;
+        while seen < 200 {
+            let ack = rx
+                .recv_timeout(Duration::from_secs(60))
+                .unwrap_or_else(|_| {
+                    panic!("round {round}: the child stopped acknowledging after {seen} appends")
+                });
+            acked.push(ack);
+            seen += 1;
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        reader.join().unwrap();
+        acked.extend(rx.try_iter());
+    }
+
+    runtime().block_on(async {
+        let store = SqliteStore::open(&path).unwrap();
+        // Every acknowledged append is there, whole, where it was reported.
+        for ack in &acked {
+            let stream = StreamId::new(ack["stream"].as_str().unwrap()).unwrap();
+            let from = ack["first_version"].as_u64().unwrap();
+            let events = store
+                .read_stream(
+                    &stream,
+                    ReadStream::forwards()
+                        .from_version(from)
+                        .limit(EVENTS_PER_APPEND as usize),
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                events.len() as u64,
+                EVENTS_PER_APPEND,
+                "acknowledged append {ack} is incomplete"
+            );
+            assert_eq!(events[0].position, ack["first_position"].as_u64().unwrap());
+            assert!(
+                events.iter().all(|e| e.data["append"] == ack["tag"]),
+                "append {ack} was overwritten"
+            );
+        }
+        // Nothing partial: every append in the log is complete and contiguous.
+        let all = store.read_all(1, usize::MAX).await.unwrap();
+        assert!(all.windows(2).all(|w| w[0].position < w[1].position));
+        let mut per_append: HashMap<(String, String), Vec<u64>> = HashMap::new();
+        for e in &all {
+            let key = (
+                e.stream_id.to_string(),
+                e.data["append"].as_str().unwrap().to_string(),
+            );
+            per_append.entry(key).or_default().push(e.version);
+        }
+        for (key, versions) in &per_append {
+            assert_eq!(
+                versions.len() as u64,
+                EVENTS_PER_APPEND,
+                "partial append {key:?}"
+            );
+            assert!(
+                versions.windows(2).all(|w| w[1] == w[0] + 1),
+                "append {key:?} is not contiguous"
+            );
+        }
+        // And the store keeps working after the crashes.
+        store
+            .append(
+                &StreamId::new("Crash-after").unwrap(),
+                ExpectedVersion::NoStream,
+                vec![EventData::new("Ok", json!({}))],
+            )
+            .await
+            .unwrap();
+    });
+}
