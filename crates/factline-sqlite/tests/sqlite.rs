@@ -185,3 +185,40 @@ async fn a_second_store_on_the_same_file_sees_and_wakes_on_commits() {
     }
     assert_eq!(positions, (1..=400).collect::<Vec<u64>>());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_subscriptions_are_woken_by_the_append_not_the_fallback_poll() {
+    // With the cross-process poll pushed out of reach, only the writer's
+    // wake-up can deliver live events.
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = SqliteConfig::new(dir.path().join("e.db"));
+    config.fallback_poll = std::time::Duration::from_secs(3_600);
+    let store = SqliteStore::open_with(config).unwrap();
+    let mut sub = store.subscribe(factline_core::StreamFilter::All, 1);
+    let follower = tokio::spawn(async move {
+        let mut positions = Vec::new();
+        while positions.len() < 20 {
+            positions.push(sub.next().await.unwrap().position);
+        }
+        positions
+    });
+    let mut appended = Vec::new();
+    for i in 0..20u64 {
+        // Give the follower time to run dry and wait before each append.
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let r = store
+            .append(
+                &sid("Order-1"),
+                ExpectedVersion::Any,
+                vec![EventData::new("T", json!(i))],
+            )
+            .await
+            .unwrap();
+        appended.push(r.first_position);
+    }
+    let delivered = tokio::time::timeout(std::time::Duration::from_secs(30), follower)
+        .await
+        .expect("live events were not delivered: appends did not wake the subscription")
+        .unwrap();
+    assert_eq!(delivered, appended);
+}
