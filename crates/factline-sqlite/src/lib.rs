@@ -189,9 +189,9 @@ impl SqliteStore {
         Self::open_with(SqliteConfig::new(path.as_ref()))
     }
 
-    /// Opens the store and starts its writer thread. Must be called inside a
-    /// tokio runtime only if the caller later uses the store there; the
-    /// writer itself is a plain OS thread.
+    /// Opens the store, applies pending migrations and starts the writer and
+    /// checkpoint threads (plain OS threads: opening needs no runtime, the
+    /// async methods need a tokio runtime).
     pub fn open_with(config: SqliteConfig) -> Result<Self, StoreError> {
         let mut conn = open_connection(&config, false)?;
         schema::migrate(&mut conn)?;
