@@ -108,35 +108,25 @@ fn exit_codes_follow_the_contract() {
     let p = &db.path;
     assert_eq!(code(&run(p, &["append", "Order-1", "--type", "A"])), 0);
     // 3: conflict, naming expected and actual.
-    let out = run(
-        p,
-        &[
-            "append",
-            "Order-1",
-            "--type",
-            "A",
-            "--expected-version",
-            "5",
-        ],
-    );
-    assert_eq!(code(&out), 3);
-    assert!(
-        stderr(&out).contains("expected 5") && stderr(&out).contains("actual 1"),
-        "{}",
-        stderr(&out)
-    );
-    let out = run(
-        p,
-        &[
-            "append",
-            "Order-1",
-            "--type",
-            "A",
-            "--expected-version",
-            "no_stream",
-        ],
-    );
-    assert_eq!(code(&out), 3);
+    for (expected, named) in [("5", "expected 5"), ("no_stream", "expected no_stream")] {
+        let out = run(
+            p,
+            &[
+                "append",
+                "Order-1",
+                "--type",
+                "A",
+                "--expected-version",
+                expected,
+            ],
+        );
+        assert_eq!(code(&out), 3, "{}", stderr(&out));
+        assert!(
+            stderr(&out).contains(named) && stderr(&out).contains("actual 1"),
+            "{}",
+            stderr(&out)
+        );
+    }
     // 4: an event id reused in another stream.
     let id = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
     assert_eq!(
