@@ -123,17 +123,21 @@ struct Shared {
 /// transient, so they are marked retryable.
 pub(crate) fn db_error(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
     move |e| {
-        let retryable = matches!(
-            e.sqlite_error_code(),
-            Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-        );
+        let transient = is_transient(&e);
         let err = StorageError::with_source(format!("{context}: {e}"), e);
-        if retryable {
+        if transient {
             err.retryable().into()
         } else {
             err.into()
         }
     }
+}
+
+pub(crate) fn is_transient(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
 }
 
 pub(crate) fn open_connection(

@@ -12,7 +12,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBeha
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::checkpoint::Nudge;
-use crate::db_error;
+use crate::is_transient;
 
 pub(crate) struct AppendJob {
     pub stream_id: StreamId,
@@ -121,10 +121,14 @@ fn commit_batch(
             Ok(Attempt::DuplicateIn(index)) => check_ids_first[index] = true,
             Err(e) => {
                 tracing::warn!(error = %e, appends = batch.len(), "group commit failed");
-                let to_error = db_error("committing appends");
+                // Every caller gets its own error with the same message.
+                let transient = is_transient(&e);
                 return batch
                     .iter()
-                    .map(|_| Err(to_error(clone_error(&e))))
+                    .map(|_| {
+                        let err = StorageError::new(format!("committing appends: {e}"));
+                        Err(if transient { err.retryable() } else { err }.into())
+                    })
                     .collect();
             }
         }
@@ -161,19 +165,6 @@ fn attempt_batch(
     }
     tx.commit()?;
     Ok(Attempt::Committed(outcomes))
-}
-
-/// `rusqlite::Error` is not `Clone`; keep the code and message for each caller.
-fn clone_error(e: &rusqlite::Error) -> rusqlite::Error {
-    match e {
-        rusqlite::Error::SqliteFailure(code, msg) => {
-            rusqlite::Error::SqliteFailure(*code, msg.clone())
-        }
-        other => rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
-            Some(other.to_string()),
-        ),
-    }
 }
 
 /// Appends one job inside the batch transaction. The outer `Result` is a

@@ -163,24 +163,18 @@ pub async fn read(location: &Location, args: ReadArgs) -> anyhow::Result<()> {
             ..options
         };
         let page = store.read_stream(&stream_id, options).await?;
-        let Some(last) = page.last() else { break };
-        from = Some(if args.backwards {
-            match last.version.checked_sub(1) {
-                Some(v) if v > 0 => v,
-                _ => {
-                    remaining = 0;
-                    0
-                }
-            }
-        } else {
-            last.version + 1
-        });
         for event in &page {
             print_event(&mut out, event)?;
         }
-        remaining = remaining.saturating_sub(page.len());
-        if page.len() < options.limit {
-            break;
+        remaining -= page.len();
+        let next_from = match (page.last(), args.backwards) {
+            (Some(last), false) => Some(last.version + 1),
+            (Some(last), true) => last.version.checked_sub(1).filter(|&v| v > 0),
+            (None, _) => None,
+        };
+        match next_from {
+            Some(version) if page.len() == options.limit => from = Some(version),
+            _ => break,
         }
     }
     out.flush()?;
