@@ -683,3 +683,46 @@ pub async fn subscription_to_category_and_stream_filters_and_resumes<S: EventSto
     let unique: HashSet<_> = rest.iter().map(|e| e.event_id).collect();
     assert_eq!(unique.len(), rest.len());
 }
+
+/// Any valid JSON is stored as sent, including escapes some databases'
+/// JSON types refuse (`\u0000`) and deep nesting.
+pub async fn any_valid_json_round_trips<S: EventStore>(store: S) {
+    let mut deep = json!("bottom");
+    for _ in 0..64 {
+        deep = json!([deep]);
+    }
+    let data =
+        json!({ "nul": "a\u{0}b", "escapes": "\"\\/\n\t\u{1f}", "deep": deep, "neg": -1.5e300 });
+    let sent = EventData::new("Odd", data.clone());
+    store
+        .append(&sid("Odd-1"), ANY, vec![sent.clone()])
+        .await
+        .unwrap();
+    let read = store
+        .read_stream(&sid("Odd-1"), ReadStream::forwards())
+        .await
+        .unwrap();
+    assert_eq!(read[0].data, data);
+}
+
+/// The same append sent several times at once (a client retrying before
+/// the first answer came back) is written once, and every copy gets the
+/// original result.
+pub async fn simultaneous_identical_appends_write_once<S: EventStore + Clone>(store: S) {
+    let batch = events(0..3);
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, batch) = (store.clone(), batch.clone());
+        tasks.push(tokio::spawn(async move {
+            store.append(&sid("Order-1"), ANY, batch).await
+        }));
+    }
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.unwrap().expect("every copy succeeds"));
+    }
+    assert!(results.windows(2).all(|w| w[0] == w[1]), "{results:?}");
+    let stored = all_events(&store).await;
+    assert_eq!(stored.len(), 3);
+    assert_eq!(results[0].last_position, stored[2].position);
+}

@@ -39,6 +39,8 @@ macro_rules! conformance_suite {
             read_all_positions_strictly_increase_with_from_and_limit,
             read_category_returns_only_that_category,
             metadata_and_data_round_trip,
+            any_valid_json_round_trips,
+            simultaneous_identical_appends_write_once,
             subscription_catches_up_then_goes_live_under_concurrent_writes,
             subscription_to_category_and_stream_filters_and_resumes,
         );

@@ -1,0 +1,372 @@
+//! factline's PostgreSQL backend: the event store for several processes
+//! sharing one database.
+//!
+//! - Appends go through one writer task per store, which group-commits
+//!   everything queued into one transaction on its own connection.
+//! - Every append transaction locks the `head` row first and holds it until
+//!   COMMIT, so positions are handed out in commit order across all
+//!   processes: a reader of `$all` never finds an event appear below a
+//!   position it has already passed (S4). ARCHITECTURE.md has the argument.
+//! - Reads use a bounded connection pool.
+//! - A listener connection LISTENs for the notification every commit sends,
+//!   so live subscriptions in every process wake without polling.
+
+mod error;
+mod listener;
+mod schema;
+mod writer;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use factline_core::{
+    validate_append, AppendResult, Direction, EventData, EventStore, ExpectedVersion, Limits,
+    Metadata, ReadStream, RecordedEvent, StorageError, StoreError, StreamFilter, StreamId,
+    Subscription,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::Row;
+
+pub use schema::SCHEMA_VERSION;
+pub use writer::CommitGate;
+
+use error::{pg_error, pool_error};
+use schema::Sql;
+
+#[derive(Clone)]
+pub struct PostgresConfig {
+    /// A libpq-style connection string: `postgres://user:password@host:port/db`
+    /// or `host=… dbname=…`.
+    pub url: String,
+    /// The PostgreSQL schema factline's tables live in; created if missing.
+    pub schema: String,
+    /// Most connections the read pool opens. The writer and the listener
+    /// have one connection each besides.
+    pub pool_size: usize,
+    pub limits: Limits,
+    /// Most events the writer puts in one group-commit transaction.
+    pub max_batch_events: usize,
+    /// Appends that may wait for the writer before callers are held back.
+    pub queue_capacity: usize,
+    /// How long opening a connection, or waiting for a pooled one, may take.
+    pub connect_timeout: Duration,
+    /// The server ends a writer transaction idle this long, so a stalled
+    /// process cannot hold up every other process's appends.
+    pub idle_in_transaction_timeout: Duration,
+    /// Test hook: runs before each COMMIT; see [`CommitGate`].
+    #[doc(hidden)]
+    pub commit_gate: Option<CommitGate>,
+}
+
+impl std::fmt::Debug for PostgresConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password.
+        f.debug_struct("PostgresConfig")
+            .field("schema", &self.schema)
+            .field("pool_size", &self.pool_size)
+            .field("limits", &self.limits)
+            .field("max_batch_events", &self.max_batch_events)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        PostgresConfig {
+            url: url.into(),
+            schema: "factline".to_string(),
+            pool_size: 16,
+            limits: Limits::default(),
+            max_batch_events: 20_000,
+            queue_capacity: 4096,
+            connect_timeout: Duration::from_secs(5),
+            idle_in_transaction_timeout: Duration::from_secs(60),
+            commit_gate: None,
+        }
+    }
+}
+
+/// Counts of the writer's work, for tests and benchmarks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WriterStats {
+    pub transactions: u64,
+    pub appends: u64,
+}
+
+/// A handle to a PostgreSQL event store; clones share one writer, pool and
+/// listener, which stop when the last clone is dropped.
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    limits: Limits,
+    sql: Arc<Sql>,
+    pool: Pool,
+    queue: mpsc::Sender<writer::AppendJob>,
+    head: Arc<watch::Sender<u64>>,
+    counters: Arc<writer::Counters>,
+    _stop_listener: oneshot::Sender<()>,
+}
+
+impl PostgresStore {
+    /// Connects with default settings, creating or upgrading the schema.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with(PostgresConfig::new(url)).await
+    }
+
+    pub async fn connect_with(config: PostgresConfig) -> Result<Self, StoreError> {
+        schema::validate_schema_name(&config.schema)?;
+        let mut pg_config: tokio_postgres::Config = config.url.parse().map_err(|e| {
+            StoreError::invalid_input(format!("invalid PostgreSQL connection string: {e}"))
+        })?;
+        if pg_config.get_connect_timeout().is_none() {
+            pg_config.connect_timeout(config.connect_timeout);
+        }
+        if pg_config.get_application_name().is_none() {
+            pg_config.application_name("factline");
+        }
+        // Notice a silently dead server within a minute, not hours.
+        pg_config.keepalives_idle(Duration::from_secs(30));
+
+        let (mut client, connection) = pg_config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| pg_error("connecting to PostgreSQL", e))?;
+        let driver = tokio::spawn(connection);
+        let sql = Arc::new(Sql::new(&config.schema));
+        let setup = async {
+            schema::migrate(&mut client, &config.schema).await?;
+            let row = client
+                .query_one(&sql.head, &[])
+                .await
+                .map_err(|e| pg_error("reading the head position", e))?;
+            Ok::<_, StoreError>(row.get::<_, i64>(0) as u64)
+        }
+        .await;
+        drop(client);
+        let _ = driver.await;
+        let head_position = setup?;
+
+        let manager = Manager::from_config(
+            pg_config.clone(),
+            tokio_postgres::NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(config.pool_size.max(1))
+            .wait_timeout(Some(config.connect_timeout))
+            .create_timeout(Some(config.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| StorageError::with_source("building the connection pool", e))?;
+
+        let (head, _) = watch::channel(head_position);
+        let head = Arc::new(head);
+        let counters = Arc::new(writer::Counters::default());
+        let (queue, jobs) = mpsc::channel(config.queue_capacity.max(1));
+        let writer = writer::Writer {
+            pg_config: pg_config.clone(),
+            sql: sql.clone(),
+            head: head.clone(),
+            counters: counters.clone(),
+            max_batch_events: config.max_batch_events.max(1),
+            idle_in_transaction_timeout: config.idle_in_transaction_timeout,
+            commit_gate: config.commit_gate.clone(),
+            connection: None,
+        };
+        tokio::spawn(writer.run(jobs));
+        let (stop_listener, stopped) = oneshot::channel();
+        let listener = listener::Listener {
+            pg_config,
+            channel: sql.channel.clone(),
+            head_sql: sql.head.clone(),
+            head: head.clone(),
+        };
+        tokio::spawn(listener.run(stopped));
+
+        Ok(PostgresStore {
+            inner: Arc::new(Inner {
+                limits: config.limits,
+                sql,
+                pool,
+                queue,
+                head,
+                counters,
+                _stop_listener: stop_listener,
+            }),
+        })
+    }
+
+    pub fn stats(&self) -> WriterStats {
+        WriterStats {
+            transactions: self.inner.counters.transactions.load(Ordering::Relaxed),
+            appends: self.inner.counters.appends.load(Ordering::Relaxed),
+        }
+    }
+
+    async fn query(
+        &self,
+        context: &str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let client = self
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(context, e))?;
+        let statement = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_error(context, e))?;
+        client
+            .query(&statement, params)
+            .await
+            .map_err(|e| pg_error(context, e))
+    }
+
+    async fn read_events(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.query("reading events", sql, params)
+            .await?
+            .iter()
+            .map(decode_event)
+            .collect()
+    }
+}
+
+/// PostgreSQL integers are signed; a limit beyond `i64::MAX` means "no limit".
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+fn sql_u64(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+fn decode_event(row: &Row) -> Result<RecordedEvent, StoreError> {
+    let position = row.get::<_, i64>(0) as u64;
+    let corrupt = |what: String| -> StoreError {
+        StorageError::new(format!(
+            "the event at position {position} is corrupt: {what}"
+        ))
+        .into()
+    };
+    let stream_id =
+        StreamId::new(row.get::<_, String>(1)).map_err(|e| corrupt(format!("stream id: {e}")))?;
+    let data: &str = row.get(5);
+    let metadata: Option<&str> = row.get(6);
+    Ok(RecordedEvent {
+        stream_id,
+        version: row.get::<_, i64>(2) as u64,
+        position,
+        event_id: row.get(3),
+        event_type: row.get(4),
+        data: serde_json::from_str(data).map_err(|e| corrupt(format!("data: {e}")))?,
+        metadata: match metadata {
+            None => Metadata::default(),
+            Some(text) => {
+                serde_json::from_str(text).map_err(|e| corrupt(format!("metadata: {e}")))?
+            }
+        },
+        recorded_at: row.get::<_, DateTime<Utc>>(7),
+    })
+}
+
+#[async_trait]
+impl EventStore for PostgresStore {
+    async fn append(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        let events = validate_append(&events, &self.inner.limits)?;
+        let (reply, answer) = oneshot::channel();
+        let job = writer::AppendJob {
+            stream_id: stream_id.clone(),
+            expected,
+            events,
+            reply,
+        };
+        let gone = || StoreError::from(StorageError::new("the PostgreSQL writer task has stopped"));
+        self.inner.queue.send(job).await.map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
+
+    async fn read_stream(
+        &self,
+        stream_id: &StreamId,
+        options: ReadStream,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let limit = sql_limit(options.limit);
+        let sql = &self.inner.sql;
+        match options.direction {
+            Direction::Forwards => {
+                let from = sql_u64(options.from_version.unwrap_or(1));
+                self.read_events(
+                    &sql.read_stream_forwards,
+                    &[&stream_id.as_str(), &from, &limit],
+                )
+                .await
+            }
+            Direction::Backwards => {
+                let from = options.from_version.map_or(i64::MAX, sql_u64);
+                self.read_events(
+                    &sql.read_stream_backwards,
+                    &[&stream_id.as_str(), &from, &limit],
+                )
+                .await
+            }
+        }
+    }
+
+    async fn read_filtered(
+        &self,
+        filter: &StreamFilter,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let (from, limit) = (sql_u64(from), sql_limit(limit));
+        let sql = &self.inner.sql;
+        match filter {
+            StreamFilter::All => self.read_events(&sql.read_all, &[&from, &limit]).await,
+            StreamFilter::Category(category) => {
+                self.read_events(&sql.read_category, &[&category.as_str(), &from, &limit])
+                    .await
+            }
+            StreamFilter::Stream(stream_id) => {
+                self.read_events(&sql.read_one_stream, &[&stream_id.as_str(), &from, &limit])
+                    .await
+            }
+        }
+    }
+
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        let rows = self
+            .query("reading the head position", &self.inner.sql.head, &[])
+            .await?;
+        Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    fn watch_head(&self) -> watch::Receiver<u64> {
+        self.inner.head.subscribe()
+    }
+
+    fn subscribe(&self, filter: StreamFilter, from: u64) -> Subscription {
+        // Commits of every process arrive through the listener: no polling.
+        Subscription::new(Arc::new(self.clone()), filter, from, None)
+    }
+}

@@ -1,0 +1,224 @@
+//! Versioned schema migrations and the SQL text of every statement, written
+//! for the configured schema name.
+
+use factline_core::{StorageError, StoreError};
+use tokio_postgres::Client;
+
+use crate::error::pg_error;
+
+/// The schema version this build writes.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// Each entry upgrades the schema from version `index` to `index + 1`; `{s}`
+/// stands for the quoted schema name. Entries are never edited once
+/// released; changes are new entries.
+const MIGRATIONS: &[&str] = &[
+    // 1: streams, the event log, and the head row.
+    //
+    // `head` is one row holding the last position and stream number handed
+    // out. Every append transaction locks it first and keeps the lock until
+    // it commits, which is what makes the global order hole-free (see
+    // ARCHITECTURE.md). Positions and stream numbers are assigned by the
+    // writer under that lock, so they have no gaps either.
+    //
+    // Event data is `json`, not `jsonb`: it keeps the text exactly as sent
+    // and accepts every valid JSON document (jsonb refuses `\u0000`), and a
+    // read model can still cast it to jsonb to query it.
+    "CREATE TABLE {s}.head (
+        id             boolean PRIMARY KEY DEFAULT true CHECK (id),
+        last_position  bigint  NOT NULL,
+        last_stream_no bigint  NOT NULL
+    );
+    INSERT INTO {s}.head (id, last_position, last_stream_no) VALUES (true, 0, 0);
+    CREATE TABLE {s}.streams (
+        stream_no bigint PRIMARY KEY,
+        stream_id text   NOT NULL UNIQUE,
+        category  text   NOT NULL,
+        version   bigint NOT NULL
+    );
+    CREATE TABLE {s}.events (
+        position    bigint      PRIMARY KEY,
+        stream_no   bigint      NOT NULL,
+        version     bigint      NOT NULL,
+        category    text        NOT NULL,
+        event_id    uuid        NOT NULL UNIQUE,
+        event_type  text        NOT NULL,
+        data        json        NOT NULL,
+        metadata    json,
+        recorded_at timestamptz NOT NULL,
+        UNIQUE (stream_no, version)
+    );
+    CREATE INDEX events_category_position ON {s}.events (category, position);",
+];
+
+/// Quotes an identifier for SQL.
+pub(crate) fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// Checks a schema name before it goes into SQL text.
+pub(crate) fn validate_schema_name(name: &str) -> Result<(), StoreError> {
+    let valid = !name.is_empty()
+        && name.len() <= 50
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && !name.starts_with("pg_");
+    if valid {
+        Ok(())
+    } else {
+        Err(StoreError::invalid_input(format!(
+            "schema name {name:?} must be 1 to 50 lower-case letters, digits or _, not start with a digit or pg_"
+        )))
+    }
+}
+
+/// Brings the schema up to [`SCHEMA_VERSION`]. Safe when several processes
+/// start at once: the whole check-and-apply runs under an advisory lock.
+pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<(), StoreError> {
+    let s = quote_ident(schema);
+    let err = |e| pg_error("migrating the schema", e);
+    let tx = client.transaction().await.map_err(err)?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&format!("factline-migrate:{schema}")],
+    )
+    .await
+    .map_err(err)?;
+    tx.batch_execute(&format!(
+        "CREATE SCHEMA IF NOT EXISTS {s};
+         CREATE TABLE IF NOT EXISTS {s}.schema_version (
+             version    integer     PRIMARY KEY,
+             applied_at timestamptz NOT NULL DEFAULT now()
+         );"
+    ))
+    .await
+    .map_err(err)?;
+    let current: i32 = tx
+        .query_one(
+            &format!("SELECT coalesce(max(version), 0) FROM {s}.schema_version"),
+            &[],
+        )
+        .await
+        .map_err(err)?
+        .get(0);
+    if current > SCHEMA_VERSION {
+        return Err(StorageError::new(format!(
+            "the schema {schema:?} is at version {current}, newer than this factline ({SCHEMA_VERSION}); upgrade factline"
+        ))
+        .into());
+    }
+    for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        tx.batch_execute(&migration.replace("{s}", &s))
+            .await
+            .map_err(err)?;
+        tx.execute(
+            &format!("INSERT INTO {s}.schema_version (version) VALUES ($1)"),
+            &[&(index as i32 + 1)],
+        )
+        .await
+        .map_err(err)?;
+    }
+    tx.commit().await.map_err(err)
+}
+
+/// Every statement the store runs, for one schema.
+pub(crate) struct Sql {
+    pub head: String,
+    pub lock_head: String,
+    pub update_head: String,
+    pub find_streams: String,
+    pub find_events: String,
+    pub insert_streams: String,
+    pub update_streams: String,
+    pub insert_events: String,
+    pub read_stream_forwards: String,
+    pub read_stream_backwards: String,
+    pub read_all: String,
+    pub read_category: String,
+    pub read_one_stream: String,
+    /// The LISTEN/NOTIFY channel commits are announced on.
+    pub channel: String,
+}
+
+const EVENT_COLUMNS: &str =
+    "e.position, s.stream_id, e.version, e.event_id, e.event_type, e.data::text, e.metadata::text, e.recorded_at";
+
+impl Sql {
+    pub fn new(schema: &str) -> Sql {
+        let s = quote_ident(schema);
+        let select = format!(
+            "SELECT {EVENT_COLUMNS} FROM {s}.events e JOIN {s}.streams s ON s.stream_no = e.stream_no"
+        );
+        Sql {
+            head: format!("SELECT last_position FROM {s}.head"),
+            lock_head: format!("SELECT last_position, last_stream_no FROM {s}.head FOR UPDATE"),
+            // The notification goes out when the transaction commits, and
+            // not at all if it rolls back.
+            update_head: format!(
+                "WITH h AS (UPDATE {s}.head SET last_position = $1, last_stream_no = $2 RETURNING last_position)
+                 SELECT pg_notify($3, last_position::text) FROM h"
+            ),
+            find_streams: format!(
+                "SELECT stream_id, stream_no, version FROM {s}.streams WHERE stream_id = ANY($1)"
+            ),
+            find_events: format!(
+                "SELECT e.event_id, s.stream_id, e.version, e.position
+                 FROM {s}.events e JOIN {s}.streams s ON s.stream_no = e.stream_no
+                 WHERE e.event_id = ANY($1)"
+            ),
+            insert_streams: format!(
+                "INSERT INTO {s}.streams (stream_no, stream_id, category, version)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])"
+            ),
+            update_streams: format!(
+                "UPDATE {s}.streams s SET version = u.version
+                 FROM unnest($1::bigint[], $2::bigint[]) AS u(stream_no, version)
+                 WHERE s.stream_no = u.stream_no"
+            ),
+            insert_events: format!(
+                "INSERT INTO {s}.events
+                     (position, stream_no, version, category, event_id, event_type, data, metadata, recorded_at)
+                 SELECT u.position, u.stream_no, u.version, u.category, u.event_id, u.event_type,
+                        u.data::json, u.metadata::json, $9
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
+                             $6::text[], $7::text[], $8::text[])
+                      AS u(position, stream_no, version, category, event_id, event_type, data, metadata)"
+            ),
+            read_stream_forwards: format!(
+                "{select} WHERE s.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3"
+            ),
+            read_stream_backwards: format!(
+                "{select} WHERE s.stream_id = $1 AND e.version <= $2 ORDER BY e.version DESC LIMIT $3"
+            ),
+            read_all: format!("{select} WHERE e.position >= $1 ORDER BY e.position LIMIT $2"),
+            read_category: format!(
+                "{select} WHERE e.category = $1 AND e.position >= $2 ORDER BY e.position LIMIT $3"
+            ),
+            // Within a stream, versions and positions rise together, so the
+            // (stream_no, version) index serves position order too.
+            read_one_stream: format!(
+                "{select} WHERE s.stream_id = $1 AND e.position >= $2 ORDER BY e.version LIMIT $3"
+            ),
+            // Channel names are identifiers, at most 63 bytes: hence the
+            // 50-byte cap on schema names.
+            channel: format!("factline_{schema}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_are_checked_before_use() {
+        assert!(validate_schema_name("factline").is_ok());
+        assert!(validate_schema_name("bench_2").is_ok());
+        for bad in ["", "Factline", "a-b", "1x", "pg_x", "a\"b", &"x".repeat(51)] {
+            assert!(validate_schema_name(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+    }
+}

@@ -1,0 +1,647 @@
+//! The writer task: group commit with serialised position assignment.
+//!
+//! Appends queue on a channel; the writer takes everything queued and
+//! commits it in one transaction on its own connection. Every transaction
+//! first locks the `head` row and holds that lock until it commits, so
+//! positions are handed out in commit order across every process sharing
+//! the database (see ARCHITECTURE.md for why that makes `$all` hole-free).
+//!
+//! A transaction is three round trips when nothing unusual happens: BEGIN,
+//! the head lock and the stream lookup go out together; then the plan is
+//! made in memory; then the inserts, the head update and COMMIT go out
+//! together.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use factline_core::{
+    resolve_duplicates, AppendResult, EncodedEvent, ExistingEvent, ExpectedVersion, StorageError,
+    StoreError, StreamId,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{Client, NoTls, Statement};
+use uuid::Uuid;
+
+use crate::error::pg_error;
+use crate::schema::Sql;
+
+/// Test hook run after a transaction has taken its positions and written
+/// its rows, just before COMMIT. Returning `false` rolls it back.
+pub type CommitGate = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
+
+pub(crate) struct AppendJob {
+    pub stream_id: StreamId,
+    pub expected: ExpectedVersion,
+    pub events: Vec<EncodedEvent>,
+    pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+}
+
+#[derive(Default)]
+pub(crate) struct Counters {
+    pub transactions: AtomicU64,
+    pub appends: AtomicU64,
+}
+
+pub(crate) struct Writer {
+    pub pg_config: tokio_postgres::Config,
+    pub sql: Arc<Sql>,
+    pub head: Arc<watch::Sender<u64>>,
+    pub counters: Arc<Counters>,
+    pub max_batch_events: usize,
+    pub idle_in_transaction_timeout: Duration,
+    pub commit_gate: Option<CommitGate>,
+    pub connection: Option<Connection>,
+}
+
+/// The writer's connection with its statements prepared.
+pub(crate) struct Connection {
+    client: Client,
+    channel: String,
+    begin: Statement,
+    commit: Statement,
+    rollback: Statement,
+    lock_head: Statement,
+    update_head: Statement,
+    find_streams: Statement,
+    find_events: Statement,
+    insert_streams: Statement,
+    update_streams: Statement,
+    insert_events: Statement,
+}
+
+impl Writer {
+    /// Runs until every sender is gone (the store was dropped).
+    pub async fn run(mut self, mut queue: mpsc::Receiver<AppendJob>) {
+        while let Some(first) = queue.recv().await {
+            // Whatever queued up while the previous commit was on its way
+            // goes into this transaction: that is the group commit.
+            let mut queued_events = first.events.len();
+            let mut batch = vec![first];
+            while queued_events < self.max_batch_events {
+                match queue.try_recv() {
+                    Ok(job) => {
+                        queued_events += job.events.len();
+                        batch.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let outcomes = self.commit_batch(&batch).await;
+            self.counters.transactions.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .appends
+                .fetch_add(batch.len() as u64, Ordering::Relaxed);
+            let newest = outcomes
+                .iter()
+                .filter_map(|o| o.as_ref().ok().map(|r| r.last_position))
+                .max();
+            if let Some(newest) = newest {
+                // Wake subscribers before answering, so an appender that then
+                // subscribes can never have missed its own wake-up.
+                self.head.send_if_modified(|h| {
+                    let raised = newest > *h;
+                    *h = (*h).max(newest);
+                    raised
+                });
+            }
+            for (job, outcome) in batch.into_iter().zip(outcomes) {
+                // The caller may have gone away; its append stands regardless.
+                let _ = job.reply.send(outcome);
+            }
+        }
+    }
+
+    /// Commits a batch in one transaction. A rejected append writes nothing
+    /// and leaves the others alone; a database failure fails every append in
+    /// the batch with the same error.
+    async fn commit_batch(&mut self, batch: &[AppendJob]) -> Vec<Result<AppendResult, StoreError>> {
+        let recorded_at = Utc::now();
+        // Event ids are looked up only when an append's expected version
+        // fails or an id repeats within the batch. An id stored earlier is
+        // otherwise found by the unique index; then the batch is replayed
+        // with every id looked up first. Only retries get there.
+        let mut check_all_ids = false;
+        let gate = self.commit_gate.clone();
+        loop {
+            let result = match self.connect().await {
+                Ok(conn) => {
+                    attempt_batch(conn, batch, check_all_ids, recorded_at, gate.as_ref()).await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(Attempt::Committed(outcomes)) => return outcomes,
+                Ok(Attempt::StoredEventId) if !check_all_ids => check_all_ids = true,
+                Ok(Attempt::StoredEventId) => {
+                    return fail_all(
+                        batch,
+                        &StorageError::new(
+                            "an event id was stored concurrently by something other than a factline writer",
+                        ),
+                    )
+                }
+                Err(failure) => {
+                    if self.connection.as_ref().is_some_and(|c| c.client.is_closed()) {
+                        self.connection = None;
+                    }
+                    tracing::warn!(error = %failure, appends = batch.len(), "group commit failed");
+                    return fail_all(batch, &failure);
+                }
+            }
+        }
+    }
+
+    async fn connect(&mut self) -> Result<&Connection, StorageError> {
+        if self
+            .connection
+            .as_ref()
+            .is_some_and(|c| c.client.is_closed())
+        {
+            self.connection = None;
+        }
+        if self.connection.is_none() {
+            self.connection = Some(self.open().await.map_err(|e| match e {
+                StoreError::Storage(s) => s,
+                other => StorageError::new(other.to_string()),
+            })?);
+        }
+        Ok(self.connection.as_ref().expect("connection was just set"))
+    }
+
+    async fn open(&self) -> Result<Connection, StoreError> {
+        let err = |e| pg_error("connecting the writer", e);
+        let (client, connection) = self.pg_config.connect(NoTls).await.map_err(err)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "writer connection ended");
+            }
+        });
+        // A writer stalled inside a transaction holds the head lock that
+        // every process's appends wait for; the server ends it instead.
+        client
+            .batch_execute(&format!(
+                "SET idle_in_transaction_session_timeout = {}",
+                self.idle_in_transaction_timeout.as_millis().max(1)
+            ))
+            .await
+            .map_err(err)?;
+        let sql = &self.sql;
+        let (
+            begin,
+            commit,
+            rollback,
+            lock_head,
+            update_head,
+            find_streams,
+            find_events,
+            insert_streams,
+            update_streams,
+            insert_events,
+        ) = tokio::try_join!(
+            client.prepare("BEGIN"),
+            client.prepare("COMMIT"),
+            client.prepare("ROLLBACK"),
+            client.prepare(&sql.lock_head),
+            client.prepare(&sql.update_head),
+            client.prepare(&sql.find_streams),
+            client.prepare(&sql.find_events),
+            client.prepare(&sql.insert_streams),
+            client.prepare(&sql.update_streams),
+            client.prepare(&sql.insert_events),
+        )
+        .map_err(err)?;
+        Ok(Connection {
+            client,
+            channel: sql.channel.clone(),
+            begin,
+            commit,
+            rollback,
+            lock_head,
+            update_head,
+            find_streams,
+            find_events,
+            insert_streams,
+            update_streams,
+            insert_events,
+        })
+    }
+}
+
+fn fail_all(batch: &[AppendJob], failure: &StorageError) -> Vec<Result<AppendResult, StoreError>> {
+    batch
+        .iter()
+        .map(|_| {
+            let err = StorageError::new(failure.message().to_string());
+            Err(if failure.is_retryable() {
+                err.retryable()
+            } else {
+                err
+            }
+            .into())
+        })
+        .collect()
+}
+
+fn storage(e: StoreError) -> StorageError {
+    match e {
+        StoreError::Storage(s) => s,
+        other => StorageError::new(other.to_string()),
+    }
+}
+
+enum Attempt {
+    Committed(Vec<Result<AppendResult, StoreError>>),
+    /// The insert hit an event id stored before this transaction; it was
+    /// rolled back.
+    StoredEventId,
+}
+
+async fn attempt_batch(
+    conn: &Connection,
+    batch: &[AppendJob],
+    check_all_ids: bool,
+    recorded_at: DateTime<Utc>,
+    gate: Option<&CommitGate>,
+) -> Result<Attempt, StorageError> {
+    let client = &conn.client;
+    let mut stream_ids: Vec<&str> = batch.iter().map(|j| j.stream_id.as_str()).collect();
+    stream_ids.sort_unstable();
+    stream_ids.dedup();
+    let find_params: [&(dyn ToSql + Sync); 1] = [&stream_ids];
+    let (begun, locked, found) = tokio::join!(
+        client.execute(&conn.begin, &[]),
+        client.query_one(&conn.lock_head, &[]),
+        client.query(&conn.find_streams, &find_params),
+    );
+    let opened = async {
+        begun.map_err(|e| pg_error("starting the append transaction", e))?;
+        let locked = locked.map_err(|e| pg_error("locking the head position", e))?;
+        let found = found.map_err(|e| pg_error("looking up streams", e))?;
+        let head = Head {
+            last_position: locked.get::<_, i64>(0) as u64,
+            last_stream_no: locked.get(1),
+        };
+        let mut streams = HashMap::with_capacity(found.len());
+        for row in found {
+            let (id, stream_no, version): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
+            streams.insert(id, (stream_no, version as u64));
+        }
+        Ok::<_, StoreError>((head, streams))
+    }
+    .await;
+    let (head, streams) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            rollback(conn).await;
+            return Err(storage(e));
+        }
+    };
+    let mut stored = None;
+    if check_all_ids {
+        stored = Some(find_events(conn, batch).await?);
+    }
+    let plan = loop {
+        match plan_batch(batch, &streams, stored.as_ref(), head) {
+            Ok(plan) => break plan,
+            Err(NeedStoredIds) => stored = Some(find_events(conn, batch).await?),
+        }
+    };
+    if plan.events.position.is_empty() {
+        rollback(conn).await;
+        return Ok(Attempt::Committed(plan.outcomes));
+    }
+    let writes = write_plan(conn, &plan, recorded_at);
+    let committed = match gate {
+        None => {
+            let (written, committed) = tokio::join!(writes, client.execute(&conn.commit, &[]));
+            written.map(|()| committed)
+        }
+        Some(gate) => match writes.await {
+            Ok(()) if gate().await => Ok(client.execute(&conn.commit, &[]).await),
+            Ok(()) => {
+                rollback(conn).await;
+                return Err(StorageError::new("the commit was cancelled"));
+            }
+            Err(e) => Err(e),
+        },
+    };
+    match committed {
+        Ok(Ok(_)) => Ok(Attempt::Committed(plan.outcomes)),
+        Ok(Err(e)) => {
+            let e = pg_error("committing appends", e);
+            // The server may have committed before the connection dropped.
+            Err(StorageError::new(format!(
+                "{}; the appends may or may not have been committed, and retrying them with the same event ids is safe",
+                storage(e).message()
+            ))
+            .retryable())
+        }
+        Err(WriteFailure::StoredEventId) => {
+            // COMMIT went out after the failed insert, so the server has
+            // already rolled the transaction back.
+            Ok(Attempt::StoredEventId)
+        }
+        Err(WriteFailure::Other(e)) => {
+            rollback(conn).await;
+            Err(e)
+        }
+    }
+}
+
+enum WriteFailure {
+    StoredEventId,
+    Other(StorageError),
+}
+
+/// Sends the plan's writes and awaits them all. They are pipelined with each
+/// other (and, by the caller, with COMMIT): one round trip for all.
+async fn write_plan(
+    conn: &Connection,
+    plan: &Plan<'_>,
+    recorded_at: DateTime<Utc>,
+) -> Result<(), WriteFailure> {
+    let client = &conn.client;
+    let e = &plan.events;
+    let (new, changed) = (&plan.new_streams, &plan.changed_streams);
+    let stream_params: [&(dyn ToSql + Sync); 4] =
+        [&new.stream_no, &new.stream_id, &new.category, &new.version];
+    let version_params: [&(dyn ToSql + Sync); 2] = [&changed.stream_no, &changed.version];
+    let event_params: [&(dyn ToSql + Sync); 9] = [
+        &e.position,
+        &e.stream_no,
+        &e.version,
+        &e.category,
+        &e.event_id,
+        &e.event_type,
+        &e.data,
+        &e.metadata,
+        &recorded_at,
+    ];
+    let last_position = plan.head.last_position as i64;
+    let head_params: [&(dyn ToSql + Sync); 3] =
+        [&last_position, &plan.head.last_stream_no, &conn.channel];
+    let (inserted_streams, updated_streams, inserted_events, updated_head) = tokio::join!(
+        async {
+            if new.stream_no.is_empty() {
+                return Ok(0);
+            }
+            client.execute(&conn.insert_streams, &stream_params).await
+        },
+        async {
+            if changed.stream_no.is_empty() {
+                return Ok(0);
+            }
+            client.execute(&conn.update_streams, &version_params).await
+        },
+        client.execute(&conn.insert_events, &event_params),
+        client.query(&conn.update_head, &head_params),
+    );
+    if let Err(e) = &inserted_events {
+        let on_event_id = e.code() == Some(&SqlState::UNIQUE_VIOLATION)
+            && e.as_db_error()
+                .and_then(|db| db.constraint())
+                .is_some_and(|c| c.ends_with("event_id_key"));
+        if on_event_id {
+            return Err(WriteFailure::StoredEventId);
+        }
+    }
+    let other = |context, e| WriteFailure::Other(storage(pg_error(context, e)));
+    inserted_streams.map_err(|e| other("inserting streams", e))?;
+    updated_streams.map_err(|e| other("updating stream versions", e))?;
+    inserted_events.map_err(|e| other("inserting events", e))?;
+    updated_head.map_err(|e| other("updating the head position", e))?;
+    Ok(())
+}
+
+async fn rollback(conn: &Connection) {
+    // On a broken connection the server rolls back by itself.
+    let _ = conn.client.execute(&conn.rollback, &[]).await;
+}
+
+/// Where each of the batch's event ids is already stored, if anywhere.
+async fn find_events(
+    conn: &Connection,
+    batch: &[AppendJob],
+) -> Result<HashMap<Uuid, ExistingEvent>, StorageError> {
+    let ids: Vec<Uuid> = batch
+        .iter()
+        .flat_map(|j| j.events.iter().map(|e| e.event_id))
+        .collect();
+    let rows = match conn.client.query(&conn.find_events, &[&ids]).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            rollback(conn).await;
+            return Err(storage(pg_error("looking up event ids", e)));
+        }
+    };
+    let mut stored = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let stream: String = row.get(1);
+        let stream_id = StreamId::new(stream).map_err(|e| {
+            StorageError::new(format!("a stored event has a corrupt stream id: {e}"))
+        })?;
+        stored.insert(
+            row.get::<_, Uuid>(0),
+            ExistingEvent {
+                stream_id,
+                version: row.get::<_, i64>(2) as u64,
+                position: row.get::<_, i64>(3) as u64,
+            },
+        );
+    }
+    Ok(stored)
+}
+
+/// The last position and stream number handed out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub last_position: u64,
+    pub last_stream_no: i64,
+}
+
+/// What one transaction writes, column by column, ready for `unnest`.
+#[derive(Default)]
+pub(crate) struct EventColumns<'a> {
+    pub position: Vec<i64>,
+    pub stream_no: Vec<i64>,
+    pub version: Vec<i64>,
+    pub category: Vec<&'a str>,
+    pub event_id: Vec<Uuid>,
+    pub event_type: Vec<&'a str>,
+    pub data: Vec<&'a str>,
+    pub metadata: Vec<Option<&'a str>>,
+}
+
+#[derive(Default)]
+pub(crate) struct NewStreams<'a> {
+    pub stream_no: Vec<i64>,
+    pub stream_id: Vec<&'a str>,
+    pub category: Vec<&'a str>,
+    pub version: Vec<i64>,
+}
+
+#[derive(Default)]
+pub(crate) struct ChangedStreams {
+    pub stream_no: Vec<i64>,
+    pub version: Vec<i64>,
+}
+
+pub(crate) struct Plan<'a> {
+    pub outcomes: Vec<Result<AppendResult, StoreError>>,
+    pub events: EventColumns<'a>,
+    pub new_streams: NewStreams<'a>,
+    pub changed_streams: ChangedStreams,
+    pub head: Head,
+}
+
+/// The plan needs to know which of the batch's event ids are stored.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct NeedStoredIds;
+
+struct StreamState<'a> {
+    category: &'a str,
+    stream_no: i64,
+    version: u64,
+    /// Created by this batch (else it exists and may have been changed).
+    created: bool,
+    changed: bool,
+}
+
+/// Decides every append of the batch in memory, in queue order, as if they
+/// ran one after another: each sees the versions the earlier ones produced.
+///
+/// `streams` holds the stored state of the batch's streams; `stored` is
+/// where the batch's event ids are stored, when that has been looked up.
+/// Asks for it (`Err(NeedStoredIds)`) when an append cannot be decided
+/// without it.
+pub(crate) fn plan_batch<'a>(
+    batch: &'a [AppendJob],
+    streams: &HashMap<String, (i64, u64)>,
+    stored: Option<&HashMap<Uuid, ExistingEvent>>,
+    head: Head,
+) -> Result<Plan<'a>, NeedStoredIds> {
+    let mut states: HashMap<&str, StreamState<'a>> = HashMap::new();
+    // Events this batch writes, by id: a later append in the batch that
+    // repeats them is a retry of an earlier one.
+    let mut written: HashMap<Uuid, ExistingEvent> = HashMap::new();
+    let mut events = EventColumns::default();
+    let mut outcomes = Vec::with_capacity(batch.len());
+    let mut next = head;
+    for job in batch {
+        let stream = job.stream_id.as_str();
+        let current = states
+            .get(stream)
+            .map(|s| s.version)
+            .or_else(|| streams.get(stream).map(|&(_, version)| version))
+            .unwrap_or(0);
+        let satisfied = job.expected.is_satisfied_by(current);
+        let repeats_batch = job.events.iter().any(|e| written.contains_key(&e.event_id));
+        if stored.is_some() || !satisfied || repeats_batch {
+            // Maybe a retry of an append that already happened (S3).
+            let stored = stored.ok_or(NeedStoredIds)?;
+            let ids: Vec<Uuid> = job.events.iter().map(|e| e.event_id).collect();
+            let existing: Vec<Option<ExistingEvent>> = ids
+                .iter()
+                .map(|id| written.get(id).or_else(|| stored.get(id)).cloned())
+                .collect();
+            match resolve_duplicates(&job.stream_id, job.expected, current, &ids, &existing) {
+                Ok(Some(original)) => {
+                    outcomes.push(Ok(original));
+                    continue;
+                }
+                Err(rejection) => {
+                    outcomes.push(Err(rejection));
+                    continue;
+                }
+                Ok(None) if !satisfied => {
+                    outcomes.push(Err(StoreError::Conflict {
+                        stream_id: job.stream_id.clone(),
+                        expected: job.expected,
+                        actual: current,
+                    }));
+                    continue;
+                }
+                Ok(None) => {}
+            }
+        }
+        let state = states
+            .entry(stream)
+            .or_insert_with(|| match streams.get(stream) {
+                Some(&(stream_no, version)) => StreamState {
+                    category: job.stream_id.category(),
+                    stream_no,
+                    version,
+                    created: false,
+                    changed: false,
+                },
+                None => {
+                    next.last_stream_no += 1;
+                    StreamState {
+                        category: job.stream_id.category(),
+                        stream_no: next.last_stream_no,
+                        version: 0,
+                        created: true,
+                        changed: false,
+                    }
+                }
+            });
+        let category = job.stream_id.category();
+        let first_version = state.version + 1;
+        let first_position = next.last_position + 1;
+        for event in &job.events {
+            state.version += 1;
+            next.last_position += 1;
+            events.position.push(next.last_position as i64);
+            events.stream_no.push(state.stream_no);
+            events.version.push(state.version as i64);
+            events.category.push(category);
+            events.event_id.push(event.event_id);
+            events.event_type.push(&event.event_type);
+            events.data.push(&event.data);
+            events.metadata.push(event.metadata.as_deref());
+            written.insert(
+                event.event_id,
+                ExistingEvent {
+                    stream_id: job.stream_id.clone(),
+                    version: state.version,
+                    position: next.last_position,
+                },
+            );
+        }
+        state.changed = true;
+        outcomes.push(Ok(AppendResult {
+            stream_id: job.stream_id.clone(),
+            first_version,
+            last_version: state.version,
+            first_position,
+            last_position: next.last_position,
+        }));
+    }
+    let mut new_streams = NewStreams::default();
+    let mut changed_streams = ChangedStreams::default();
+    for (stream, state) in &states {
+        if state.created {
+            new_streams.stream_no.push(state.stream_no);
+            new_streams.stream_id.push(stream);
+            new_streams.category.push(state.category);
+            new_streams.version.push(state.version as i64);
+        } else if state.changed {
+            changed_streams.stream_no.push(state.stream_no);
+            changed_streams.version.push(state.version as i64);
+        }
+    }
+    Ok(Plan {
+        outcomes,
+        events,
+        new_streams,
+        changed_streams,
+        head: next,
+    })
+}
