@@ -61,7 +61,13 @@ impl Subscription {
     }
 
     /// Waits for and returns the next event.
+    ///
+    /// A transient storage failure (a lost connection, a restarting server)
+    /// is retried with backoff from the last delivered position, so the
+    /// consumer sees neither a gap nor a duplicate; only a permanent failure
+    /// is returned.
     pub async fn next(&mut self) -> Result<RecordedEvent, StoreError> {
+        let mut backoff = Duration::from_millis(50);
         loop {
             if let Some(event) = self.buffer.pop_front() {
                 return Ok(event);
@@ -69,10 +75,20 @@ impl Subscription {
             // Mark the current head as seen *before* reading, so a commit
             // that lands after the read still wakes the wait below.
             self.head.borrow_and_update();
-            let page = self
+            let page = match self
                 .store
                 .read_filtered(&self.filter, self.next_position, self.page_size)
-                .await?;
+                .await
+            {
+                Ok(page) => page,
+                Err(StoreError::Storage(e)) if e.is_retryable() => {
+                    tracing::warn!(error = %e, position = self.next_position, "subscription read failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             if let Some(last) = page.last() {
                 self.next_position = last.position + 1;
                 self.buffer.extend(page);
@@ -96,5 +112,119 @@ impl Subscription {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use async_trait::async_trait;
+    use serde_json::json;
+
+    use super::*;
+    use crate::{
+        AppendResult, EventData, ExpectedVersion, InMemoryStore, ReadStream, StorageError, StreamId,
+    };
+
+    /// Fails reads of `$all` while `failures` is above zero, then delegates.
+    struct Flaky {
+        store: InMemoryStore,
+        failures: AtomicU32,
+        retryable: bool,
+    }
+
+    #[async_trait]
+    impl EventStore for Flaky {
+        async fn append(
+            &self,
+            stream_id: &StreamId,
+            expected: ExpectedVersion,
+            events: Vec<EventData>,
+        ) -> Result<AppendResult, StoreError> {
+            self.store.append(stream_id, expected, events).await
+        }
+        async fn read_stream(
+            &self,
+            stream_id: &StreamId,
+            options: ReadStream,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            self.store.read_stream(stream_id, options).await
+        }
+        async fn read_filtered(
+            &self,
+            filter: &StreamFilter,
+            from: u64,
+            limit: usize,
+        ) -> Result<Vec<RecordedEvent>, StoreError> {
+            let left = self.failures.load(Ordering::SeqCst);
+            if left > 0 {
+                self.failures.store(left - 1, Ordering::SeqCst);
+                let e = StorageError::new("connection lost");
+                return Err(if self.retryable { e.retryable() } else { e }.into());
+            }
+            self.store.read_filtered(filter, from, limit).await
+        }
+        async fn head_position(&self) -> Result<u64, StoreError> {
+            self.store.head_position().await
+        }
+        fn watch_head(&self) -> watch::Receiver<u64> {
+            self.store.watch_head()
+        }
+        fn subscribe(&self, _: StreamFilter, _: u64) -> Subscription {
+            unreachable!("the tests build subscriptions directly")
+        }
+    }
+
+    async fn flaky(failures: u32, retryable: bool) -> Arc<Flaky> {
+        let store = InMemoryStore::new();
+        for n in 0..5 {
+            store
+                .append(
+                    &StreamId::new("Order-1").unwrap(),
+                    ExpectedVersion::Any,
+                    vec![EventData::new("Tested", json!({ "n": n }))],
+                )
+                .await
+                .unwrap();
+        }
+        Arc::new(Flaky {
+            store,
+            failures: AtomicU32::new(failures),
+            retryable,
+        })
+    }
+
+    #[tokio::test]
+    async fn transient_read_failures_are_retried_without_gap_or_duplicate() {
+        let store = flaky(0, true).await;
+        let mut sub =
+            Subscription::new(store.clone(), StreamFilter::All, 1, None).with_page_size(2);
+        assert_eq!(sub.next().await.unwrap().position, 1);
+        assert_eq!(sub.next().await.unwrap().position, 2);
+        // The next page read fails three times before it succeeds.
+        store.failures.store(3, Ordering::SeqCst);
+        let rest: Vec<u64> = [
+            sub.next().await.unwrap(),
+            sub.next().await.unwrap(),
+            sub.next().await.unwrap(),
+        ]
+        .iter()
+        .map(|e| e.position)
+        .collect();
+        assert_eq!(rest, vec![3, 4, 5]);
+        assert_eq!(store.failures.load(Ordering::SeqCst), 0);
+    }
+
+    #[tokio::test]
+    async fn permanent_read_failures_are_returned() {
+        let store = flaky(1, false).await;
+        let mut sub = Subscription::new(store.clone(), StreamFilter::All, 1, None);
+        match sub.next().await {
+            Err(StoreError::Storage(e)) => assert!(!e.is_retryable()),
+            other => panic!("expected the storage failure, got {other:?}"),
+        }
+        // Nothing was skipped: the next call starts where it stood.
+        assert_eq!(sub.next().await.unwrap().position, 1);
     }
 }

@@ -133,6 +133,14 @@ impl PostgresStore {
         }
         // Notice a silently dead server within a minute, not hours.
         pg_config.keepalives_idle(Duration::from_secs(30));
+        // The writer and listener connections are told apart in
+        // pg_stat_activity by a suffix.
+        let named = |role: &str| {
+            let mut named = pg_config.clone();
+            let base = pg_config.get_application_name().unwrap_or("factline");
+            named.application_name(format!("{base} {role}"));
+            named
+        };
 
         let (mut client, connection) = pg_config
             .connect(tokio_postgres::NoTls)
@@ -173,7 +181,7 @@ impl PostgresStore {
         let counters = Arc::new(writer::Counters::default());
         let (queue, jobs) = mpsc::channel(config.queue_capacity.max(1));
         let writer = writer::Writer {
-            pg_config: pg_config.clone(),
+            pg_config: named("writer"),
             sql: sql.clone(),
             head: head.clone(),
             counters: counters.clone(),
@@ -185,7 +193,7 @@ impl PostgresStore {
         tokio::spawn(writer.run(jobs));
         let (stop_listener, stopped) = oneshot::channel();
         let listener = listener::Listener {
-            pg_config,
+            pg_config: named("listener"),
             channel: sql.channel.clone(),
             head_sql: sql.head.clone(),
             head: head.clone(),
@@ -203,6 +211,11 @@ impl PostgresStore {
                 _stop_listener: stop_listener,
             }),
         })
+    }
+
+    /// Appends waiting for the writer right now.
+    pub fn queued_appends(&self) -> usize {
+        self.inner.queue.max_capacity() - self.inner.queue.capacity()
     }
 
     pub fn stats(&self) -> WriterStats {
