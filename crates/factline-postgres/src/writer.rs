@@ -318,46 +318,53 @@ async fn attempt_batch(
         return Ok(Attempt::Committed(plan.outcomes));
     }
     let writes = write_plan(conn, &plan, recorded_at);
-    let committed = match gate {
-        None => {
-            let (written, committed) = tokio::join!(writes, client.execute(&conn.commit, &[]));
-            written.map(|()| committed)
-        }
+    let (written, committed) = match gate {
+        None => tokio::join!(writes, client.execute(&conn.commit, &[])),
         Some(gate) => match writes.await {
-            Ok(()) if gate().await => Ok(client.execute(&conn.commit, &[]).await),
+            Ok(()) if gate().await => (Ok(()), client.execute(&conn.commit, &[]).await),
             Ok(()) => {
                 rollback(conn).await;
                 return Err(StorageError::new("the commit was cancelled"));
             }
-            Err(e) => Err(e),
+            Err(e) => {
+                rollback(conn).await;
+                return match e {
+                    WriteFailure::StoredEventId => Ok(Attempt::StoredEventId),
+                    WriteFailure::Rejected(e) | WriteFailure::Lost(e) => Err(e),
+                };
+            }
         },
     };
-    match committed {
-        Ok(Ok(_)) => Ok(Attempt::Committed(plan.outcomes)),
-        Ok(Err(e)) => {
-            let e = pg_error("committing appends", e);
-            // The server may have committed before the connection dropped.
-            Err(StorageError::new(format!(
-                "{}; the appends may or may not have been committed, and retrying them with the same event ids is safe",
-                storage(e).message()
-            ))
-            .retryable())
-        }
-        Err(WriteFailure::StoredEventId) => {
-            // COMMIT went out after the failed insert, so the server has
-            // already rolled the transaction back.
-            Ok(Attempt::StoredEventId)
-        }
-        Err(WriteFailure::Other(e)) => {
+    match (written, committed) {
+        (Ok(()), Ok(_)) => Ok(Attempt::Committed(plan.outcomes)),
+        // The server refused a write, so the COMMIT that followed it in the
+        // pipeline could only roll back.
+        (Err(WriteFailure::StoredEventId), _) => Ok(Attempt::StoredEventId),
+        (Err(WriteFailure::Rejected(e)), _) => {
             rollback(conn).await;
             Err(e)
         }
+        // The connection failed with COMMIT already sent: the server may
+        // have committed before it went.
+        (Ok(()), Err(e)) | (Err(WriteFailure::Lost(_)), Err(e)) => {
+            let e = storage(pg_error("committing appends", e));
+            Err(StorageError::new(format!(
+                "{}; the appends may or may not have been committed, and retrying them with the same event ids is safe",
+                e.message()
+            ))
+            .retryable())
+        }
+        (Err(WriteFailure::Lost(e)), Ok(_)) => Err(e),
     }
 }
 
 enum WriteFailure {
+    /// The insert hit an event id stored before this transaction.
     StoredEventId,
-    Other(StorageError),
+    /// The server refused a write: the transaction is aborted.
+    Rejected(StorageError),
+    /// No answer came (the connection failed).
+    Lost(StorageError),
 }
 
 /// Sends the plan's writes and awaits them all. They are pipelined with each
@@ -412,7 +419,13 @@ async fn write_plan(
             return Err(WriteFailure::StoredEventId);
         }
     }
-    let other = |context, e| WriteFailure::Other(storage(pg_error(context, e)));
+    let other = |context, e: tokio_postgres::Error| {
+        if e.as_db_error().is_some() {
+            WriteFailure::Rejected(storage(pg_error(context, e)))
+        } else {
+            WriteFailure::Lost(storage(pg_error(context, e)))
+        }
+    };
     inserted_streams.map_err(|e| other("inserting streams", e))?;
     updated_streams.map_err(|e| other("updating stream versions", e))?;
     inserted_events.map_err(|e| other("inserting events", e))?;

@@ -24,7 +24,8 @@ const PARENT_WRITERS: u64 = 8;
 const CHILD_WRITERS: u64 = 4;
 const TOTAL: u64 = 20_000;
 const PER_WRITER: u64 = TOTAL / WRITERS;
-const _: () = assert!(PARENT_WRITERS + 2 * CHILD_WRITERS == WRITERS && PER_WRITER * WRITERS == TOTAL);
+const _: () =
+    assert!(PARENT_WRITERS + 2 * CHILD_WRITERS == WRITERS && PER_WRITER * WRITERS == TOTAL);
 
 /// Writer `w` appends `PER_WRITER` events in appends of 1 to 5 events: to
 /// its own streams with exact expected versions, and every fourth append to
