@@ -78,7 +78,7 @@ pub async fn append(location: &Location, args: AppendArgs) -> anyhow::Result<()>
             metadata,
         }]
     };
-    let store = location.open()?;
+    let store = location.open().await?;
     let result = store.append(&stream_id, expected, events).await?;
     let mut out = std::io::stdout().lock();
     serde_json::to_writer(&mut out, &result)?;
@@ -147,7 +147,7 @@ fn print_event(out: &mut impl Write, event: &RecordedEvent) -> anyhow::Result<()
 
 pub async fn read(location: &Location, args: ReadArgs) -> anyhow::Result<()> {
     let stream_id = parse_stream(&args.stream)?;
-    let store = location.open()?;
+    let store = location.open().await?;
     let mut remaining = args.limit.unwrap_or(usize::MAX);
     let mut from = args.from;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -187,7 +187,7 @@ async fn read_filtered(
     mut from: u64,
     limit: Option<usize>,
 ) -> anyhow::Result<()> {
-    let store = location.open()?;
+    let store = location.open().await?;
     let mut remaining = limit.unwrap_or(usize::MAX);
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     while remaining > 0 {
@@ -254,7 +254,7 @@ pub async fn tail(location: &Location, args: TailArgs) -> anyhow::Result<()> {
         (_, Some(category)) => StreamFilter::Category(parse_category(category)?),
         _ => StreamFilter::All,
     };
-    let store = location.open()?;
+    let store = location.open().await?;
     let from = match args.from {
         Some(from) => from,
         None => store.head_position().await? + 1,

@@ -38,7 +38,7 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
     if args.orders == 0 || args.orders > 10_000 {
         return Err(usage("--orders must be between 1 and 10000"));
     }
-    let store = location.open()?;
+    let store = location.open().await?;
     let start = store.head_position().await? + 1;
     let mut revenue: BTreeMap<&str, u64> = BTreeMap::new();
     let mut statuses: BTreeMap<&str, u32> = BTreeMap::new();
@@ -108,7 +108,7 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
         "Appended {} events for {} orders to {}:",
         stored.len(),
         args.orders,
-        describe(location)
+        location.describe()
     );
     println!(
         "  {:>8}  {:<14}  {:<45} {:>3}",
@@ -130,11 +130,4 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
     }
     println!("\nTry: factline read-category Order --limit 5   |   factline tail --all");
     Ok(())
-}
-
-fn describe(location: &Location) -> String {
-    match location {
-        Location::Sqlite(path) => path.display().to_string(),
-        Location::Memory => "memory".to_string(),
-    }
 }

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use factline_core::*;
+pub use factline_postgres as postgres;
 pub use factline_sqlite as sqlite;
 
 /// Where the CLI keeps its data when neither `--db` nor `FACTLINE_DB` is set.
@@ -18,13 +19,13 @@ pub enum Location {
     Sqlite(PathBuf),
     /// `memory:`: an in-memory store that lives as long as the process.
     Memory,
+    /// A `postgres://` or `postgresql://` URL.
+    Postgres(String),
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("{0:?} is not a supported database: PostgreSQL support has not been built yet; use a file path for SQLite")]
-    Unsupported(String),
-    #[error("{0:?} is not a database location: give a file path, or memory:")]
+    #[error("{0:?} is not a database location: give a file path (SQLite), a postgres:// URL, or memory:")]
     Invalid(String),
     #[error("cannot create the directory {path}: {source}")]
     CreateDir {
@@ -39,7 +40,7 @@ impl Location {
     pub fn parse(spec: &str) -> Result<Self, OpenError> {
         let lower = spec.to_ascii_lowercase();
         if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
-            return Err(OpenError::Unsupported(spec.to_string()));
+            return Ok(Location::Postgres(spec.to_string()));
         }
         if spec == "memory:" {
             return Ok(Location::Memory);
@@ -50,15 +51,46 @@ impl Location {
         Ok(Location::Sqlite(PathBuf::from(spec)))
     }
 
-    /// Opens the store, creating a SQLite file (and its directory) if needed.
-    pub fn open(&self) -> Result<Arc<dyn EventStore>, OpenError> {
+    /// Opens the store, creating a SQLite file (and its directory) or the
+    /// PostgreSQL schema if needed.
+    pub async fn open(&self) -> Result<Arc<dyn EventStore>, OpenError> {
         match self {
             Location::Memory => Ok(Arc::new(InMemoryStore::new())),
             Location::Sqlite(path) => {
                 create_parent(path)?;
                 Ok(Arc::new(sqlite::SqliteStore::open(path)?))
             }
+            Location::Postgres(url) => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
         }
+    }
+
+    /// The location for people to read: a PostgreSQL password is hidden.
+    pub fn describe(&self) -> String {
+        match self {
+            Location::Sqlite(path) => path.display().to_string(),
+            Location::Memory => "memory".to_string(),
+            Location::Postgres(url) => redact_password(url),
+        }
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact_password(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|i| i + 3) else {
+        return url.to_string();
+    };
+    let authority_end = url[scheme_end..]
+        .find(['/', '?'])
+        .map_or(url.len(), |i| scheme_end + i);
+    let authority = &url[scheme_end..authority_end];
+    match (authority.rfind('@'), authority.find(':')) {
+        (Some(at), Some(colon)) if colon < at => format!(
+            "{}{}:***{}",
+            &url[..scheme_end],
+            &authority[..colon],
+            &url[scheme_end + at..]
+        ),
+        _ => url.to_string(),
     }
 }
 
@@ -84,14 +116,30 @@ mod tests {
             Location::Sqlite("a/b.db".into())
         );
         assert_eq!(Location::parse("memory:").unwrap(), Location::Memory);
-        assert!(matches!(
-            Location::parse("postgres://x/y"),
-            Err(OpenError::Unsupported(_))
-        ));
+        assert_eq!(
+            Location::parse("postgres://x/y").unwrap(),
+            Location::Postgres("postgres://x/y".into())
+        );
+        assert_eq!(
+            Location::parse("PostgreSQL://x/y").unwrap(),
+            Location::Postgres("PostgreSQL://x/y".into())
+        );
         assert!(matches!(
             Location::parse("nats://x"),
             Err(OpenError::Invalid(_))
         ));
         assert!(matches!(Location::parse(""), Err(OpenError::Invalid(_))));
+    }
+
+    #[test]
+    fn passwords_are_hidden_in_descriptions() {
+        let show = |s: &str| Location::parse(s).unwrap().describe();
+        assert_eq!(
+            show("postgres://me:s3cr:t@db.example:5432/app?sslmode=disable"),
+            "postgres://me:***@db.example:5432/app?sslmode=disable"
+        );
+        assert_eq!(show("postgres://me@db/app"), "postgres://me@db/app");
+        assert_eq!(show("postgres://db:5432/app"), "postgres://db:5432/app");
+        assert_eq!(show("a/b.db"), "a/b.db");
     }
 }

@@ -20,7 +20,7 @@ use factline::{Location, OpenError, StoreError};
     about = "An event store and projection engine for event-sourced CQRS systems"
 )]
 struct Cli {
-    /// Database: a file path (SQLite) or memory:.
+    /// Database: a file path (SQLite), a postgres:// URL, or memory:.
     #[arg(long, global = true, env = "FACTLINE_DB", default_value = factline::DEFAULT_DB)]
     db: String,
 
@@ -112,10 +112,8 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if cause.is::<UsageError>() || cause.is::<factline::InvalidStreamId>() {
             return 2;
         }
-        if let Some(open) = cause.downcast_ref::<OpenError>() {
-            if matches!(open, OpenError::Unsupported(_) | OpenError::Invalid(_)) {
-                return 2;
-            }
+        if let Some(OpenError::Invalid(_)) = cause.downcast_ref::<OpenError>() {
+            return 2;
         }
     }
     1

@@ -1,35 +1,76 @@
-//! The CLI contract: output shapes and exit codes, checked on the real binary.
+//! The CLI contract: output shapes and exit codes, checked on the real
+//! binary, once with a SQLite file and once with a PostgreSQL URL as `--db`.
 
+use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::Value;
 
+/// A `--db` value and whatever keeps it alive for the test.
 struct Db {
-    _dir: tempfile::TempDir,
-    path: PathBuf,
+    spec: String,
+    _guard: Box<dyn std::any::Any>,
 }
 
-fn db() -> Db {
+fn sqlite_db() -> Db {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/dir/factline.db");
-    Db { _dir: dir, path }
+    Db {
+        spec: path.to_str().expect("temp paths are UTF-8").to_string(),
+        _guard: Box::new(dir),
+    }
 }
 
-fn factline(db: &Path) -> Command {
+fn postgres_db() -> Db {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let db = runtime.block_on(factline_testpg::database());
+    Db {
+        spec: db.url.clone(),
+        _guard: Box::new(db),
+    }
+}
+
+/// Runs each named test (a `fn(Db)`) against both backends.
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $( #[test] fn $test() { super::$test(super::sqlite_db()) } )*
+        }
+        mod postgres {
+            $( #[test] fn $test() { super::$test(super::postgres_db()) } )*
+        }
+    };
+}
+
+on_every_backend!(
+    append_prints_the_result_contract,
+    exit_codes_follow_the_contract,
+    idempotent_retry_through_the_cli,
+    batch_appends_atomically_and_refuses_bad_lines_whole,
+    reads_print_recorded_events_with_the_contract_fields,
+    reads_page_through_long_streams,
+    concurrent_processes_append_to_one_store,
+    tail_follows_appends_from_other_processes,
+    demo_appends_orders_and_reports_them,
+);
+
+fn factline(db: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_factline"));
     cmd.arg("--db").arg(db).env_remove("FACTLINE_DB");
     cmd
 }
 
-fn run(db: &Path, args: &[&str]) -> Output {
+fn run(db: impl AsRef<OsStr>, args: &[&str]) -> Output {
     factline(db).args(args).output().unwrap()
 }
 
-fn run_with_stdin(db: &Path, args: &[&str], stdin: &str) -> Output {
+fn run_with_stdin(db: impl AsRef<OsStr>, args: &[&str], stdin: &str) -> Output {
     let mut child = factline(db)
         .args(args)
         .stdin(Stdio::piped())
@@ -61,15 +102,13 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-fn count_all(db: &Path) -> usize {
+fn count_all(db: impl AsRef<OsStr>) -> usize {
     json_lines(&run(db, &["read-all"])).len()
 }
 
-#[test]
-fn append_prints_the_result_contract() {
-    let db = db();
+fn append_prints_the_result_contract(db: Db) {
     let out = run(
-        &db.path,
+        &db.spec,
         &[
             "append",
             "Order-1",
@@ -102,10 +141,8 @@ fn append_prints_the_result_contract() {
     );
 }
 
-#[test]
-fn exit_codes_follow_the_contract() {
-    let db = db();
-    let p = &db.path;
+fn exit_codes_follow_the_contract(db: Db) {
+    let p = &db.spec;
     assert_eq!(code(&run(p, &["append", "Order-1", "--type", "A"])), 0);
     // 3: conflict, naming expected and actual.
     for (expected, named) in [("5", "expected 5"), ("no_stream", "expected no_stream")] {
@@ -184,16 +221,34 @@ fn exit_codes_follow_the_contract() {
         );
     }
     assert_eq!(count_all(p), before);
-    // 1: other failures, e.g. a database path that cannot be created.
-    let blocker = p.parent().unwrap().join("file");
-    std::fs::write(&blocker, "x").unwrap();
-    let out = run(&blocker.join("sub/db"), &["read-all"]);
-    assert_eq!(code(&out), 1, "{}", stderr(&out));
 }
 
+/// Exit code 1: a failure that is not the input's fault.
 #[test]
-fn idempotent_retry_through_the_cli() {
-    let db = db();
+fn unusable_databases_exit_with_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let blocker = dir.path().join("file");
+    std::fs::write(&blocker, "x").unwrap();
+    let out = run(blocker.join("sub/db"), &["read-all"]);
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    // Nothing listens on a port we just had bound and released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let out = run(
+        format!("postgres://postgres@127.0.0.1:{port}/x"),
+        &["read-all"],
+    );
+    assert_eq!(code(&out), 1, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("connecting to PostgreSQL"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+fn idempotent_retry_through_the_cli(db: Db) {
     let id = "6fa459ea-ee8a-3ca4-894e-db77e160355e";
     let args = [
         "append",
@@ -205,18 +260,16 @@ fn idempotent_retry_through_the_cli() {
         "--expected-version",
         "no_stream",
     ];
-    let first = run(&db.path, &args);
-    let again = run(&db.path, &args);
+    let first = run(&db.spec, &args);
+    let again = run(&db.spec, &args);
     assert_eq!((code(&first), code(&again)), (0, 0), "{}", stderr(&again));
     assert_eq!(json_lines(&first), json_lines(&again));
-    assert_eq!(count_all(&db.path), 1);
+    assert_eq!(count_all(&db.spec), 1);
 }
 
-#[test]
-fn batch_appends_atomically_and_refuses_bad_lines_whole() {
-    let db = db();
+fn batch_appends_atomically_and_refuses_bad_lines_whole(db: Db) {
     let good = "{\"type\":\"A\",\"data\":{\"n\":1}}\n{\"type\":\"B\",\"metadata\":{\"correlation_id\":\"c-1\",\"headers\":{\"k\":\"v\"}}}\n";
-    let out = run_with_stdin(&db.path, &["append", "Order-1", "--batch"], good);
+    let out = run_with_stdin(&db.spec, &["append", "Order-1", "--batch"], good);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let r = &json_lines(&out)[0];
     assert_eq!(
@@ -224,30 +277,28 @@ fn batch_appends_atomically_and_refuses_bad_lines_whole() {
         (Some(1), Some(2))
     );
     let bad = "{\"type\":\"C\"}\n{\"type\":\"D\",\"bogus\":1}\n";
-    let out = run_with_stdin(&db.path, &["append", "Order-1", "--batch"], bad);
+    let out = run_with_stdin(&db.spec, &["append", "Order-1", "--batch"], bad);
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("line 2"), "{}", stderr(&out));
-    let events = json_lines(&run(&db.path, &["read", "Order-1"]));
+    let events = json_lines(&run(&db.spec, &["read", "Order-1"]));
     assert_eq!(events.len(), 2);
     assert_eq!(events[1]["metadata"]["correlation_id"], "c-1");
     assert_eq!(events[1]["metadata"]["headers"]["k"], "v");
 }
 
-#[test]
-fn reads_print_recorded_events_with_the_contract_fields() {
-    let db = db();
+fn reads_print_recorded_events_with_the_contract_fields(db: Db) {
     for i in 0..5 {
         let stream = if i % 2 == 0 { "Order-1" } else { "Customer-1" };
         let data = format!("{{\"i\":{i}}}");
         assert_eq!(
             code(&run(
-                &db.path,
+                &db.spec,
                 &["append", stream, "--type", "T", "--data", &data]
             )),
             0
         );
     }
-    let all = json_lines(&run(&db.path, &["read-all"]));
+    let all = json_lines(&run(&db.spec, &["read-all"]));
     assert_eq!(all.len(), 5);
     for e in &all {
         for key in [
@@ -271,18 +322,18 @@ fn reads_print_recorded_events_with_the_contract_fields() {
     assert_eq!(positions(&all), vec![1, 2, 3, 4, 5]);
     assert_eq!(
         positions(&json_lines(&run(
-            &db.path,
+            &db.spec,
             &["read-all", "--from", "2", "--limit", "2"]
         ))),
         vec![2, 3]
     );
     assert_eq!(
-        positions(&json_lines(&run(&db.path, &["read-category", "Order"]))),
+        positions(&json_lines(&run(&db.spec, &["read-category", "Order"]))),
         vec![1, 3, 5]
     );
     assert_eq!(
         positions(&json_lines(&run(
-            &db.path,
+            &db.spec,
             &["read-category", "Order", "--from", "2"]
         ))),
         vec![3, 5]
@@ -293,60 +344,58 @@ fn reads_print_recorded_events_with_the_contract_fields() {
             .collect::<Vec<_>>()
     };
     assert_eq!(
-        versions(&json_lines(&run(&db.path, &["read", "Order-1"]))),
+        versions(&json_lines(&run(&db.spec, &["read", "Order-1"]))),
         vec![1, 2, 3]
     );
     assert_eq!(
         versions(&json_lines(&run(
-            &db.path,
+            &db.spec,
             &["read", "Order-1", "--backwards"]
         ))),
         vec![3, 2, 1]
     );
     assert_eq!(
         versions(&json_lines(&run(
-            &db.path,
+            &db.spec,
             &["read", "Order-1", "--backwards", "--from", "2"]
         ))),
         vec![2, 1]
     );
     assert_eq!(
         versions(&json_lines(&run(
-            &db.path,
+            &db.spec,
             &["read", "Order-1", "--from", "2", "--limit", "1"]
         ))),
         vec![2]
     );
-    assert!(json_lines(&run(&db.path, &["read", "Order-404"])).is_empty());
+    assert!(json_lines(&run(&db.spec, &["read", "Order-404"])).is_empty());
 }
 
-#[test]
-fn reads_page_through_long_streams() {
-    let db = db();
+fn reads_page_through_long_streams(db: Db) {
     let lines: String = (0..2_500)
         .map(|i| format!("{{\"type\":\"T\",\"data\":{i}}}\n"))
         .collect();
     assert_eq!(
         code(&run_with_stdin(
-            &db.path,
+            &db.spec,
             &["append", "Order-1", "--batch"],
             &lines
         )),
         0
     );
     assert_eq!(
-        json_lines(&run(&db.path, &["read", "Order-1"])).len(),
+        json_lines(&run(&db.spec, &["read", "Order-1"])).len(),
         2_500
     );
     let back = json_lines(&run(
-        &db.path,
+        &db.spec,
         &["read", "Order-1", "--backwards", "--limit", "1500"],
     ));
     assert_eq!(back.len(), 1_500);
     assert_eq!(back[1_499]["version"], 1_001);
     assert_eq!(
         json_lines(&run(
-            &db.path,
+            &db.spec,
             &["read-all", "--from", "100", "--limit", "2000"]
         ))
         .len(),
@@ -354,16 +403,14 @@ fn reads_page_through_long_streams() {
     );
 }
 
-/// Several OS processes appending to one file at once: SQLite's write lock
-/// serialises them, and positions and versions stay gap-free and ordered.
-#[test]
-fn concurrent_processes_append_to_one_file() {
-    let db = db();
-    // Create the file first so the processes do not race on creating it.
-    assert_eq!(code(&run(&db.path, &["read-all"])), 0);
+/// Several OS processes appending to one store at once: positions and
+/// versions stay gap-free and ordered.
+fn concurrent_processes_append_to_one_store(db: Db) {
+    // Create the store first so the processes do not race on creating it.
+    assert_eq!(code(&run(&db.spec, &["read-all"])), 0);
     let children: Vec<_> = (0..8)
         .map(|p| {
-            let mut child = factline(&db.path)
+            let mut child = factline(&db.spec)
                 .args(["append", "Shared-1", "--batch"])
                 .stdin(Stdio::piped())
                 .stdout(Stdio::piped())
@@ -386,7 +433,7 @@ fn concurrent_processes_append_to_one_file() {
         let out = child.wait_with_output().unwrap();
         assert_eq!(code(&out), 0, "{}", stderr(&out));
     }
-    let events = json_lines(&run(&db.path, &["read", "Shared-1"]));
+    let events = json_lines(&run(&db.spec, &["read", "Shared-1"]));
     assert_eq!(events.len(), 1_600);
     for (i, e) in events.iter().enumerate() {
         assert_eq!(e["version"], i as u64 + 1);
@@ -397,14 +444,12 @@ fn concurrent_processes_append_to_one_file() {
     }
 }
 
-#[test]
-fn tail_follows_appends_from_other_processes() {
-    let db = db();
+fn tail_follows_appends_from_other_processes(db: Db) {
     assert_eq!(
-        code(&run(&db.path, &["append", "Order-0", "--type", "Old"])),
+        code(&run(&db.spec, &["append", "Order-0", "--type", "Old"])),
         0
     );
-    let mut tail = factline(&db.path)
+    let mut tail = factline(&db.spec)
         .args(["tail", "--category", "Order", "--from", "1"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -428,13 +473,13 @@ fn tail_follows_appends_from_other_processes() {
     assert_eq!(next()["event_type"], "Old");
     assert_eq!(
         code(&run(
-            &db.path,
+            &db.spec,
             &["append", "Customer-1", "--type", "Skipped"]
         )),
         0
     );
     assert_eq!(
-        code(&run(&db.path, &["append", "Order-1", "--type", "New"])),
+        code(&run(&db.spec, &["append", "Order-1", "--type", "New"])),
         0
     );
     let live = next();
@@ -444,14 +489,12 @@ fn tail_follows_appends_from_other_processes() {
     tail.wait().unwrap();
 }
 
-#[test]
-fn demo_appends_orders_and_reports_them() {
-    let db = db();
-    let out = run(&db.path, &["demo", "--orders", "10"]);
+fn demo_appends_orders_and_reports_them(db: Db) {
+    let out = run(&db.spec, &["demo", "--orders", "10"]);
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Revenue by region"), "{text}");
-    let events = json_lines(&run(&db.path, &["read-category", "Order"]));
+    let events = json_lines(&run(&db.spec, &["read-category", "Order"]));
     let placed = events
         .iter()
         .filter(|e| e["event_type"] == "OrderPlaced")
