@@ -11,6 +11,7 @@
 //! - A listener connection LISTENs for the notification every commit sends,
 //!   so live subscriptions in every process wake without polling.
 
+pub mod baseline;
 mod error;
 mod listener;
 mod schema;

@@ -21,6 +21,10 @@ const MIGRATIONS: &[&str] = &[
     // ARCHITECTURE.md). Positions and stream numbers are assigned by the
     // writer under that lock, so they have no gaps either.
     //
+    // `streams` maps a stream id to its number once and is never updated: a
+    // stream's version is its newest event's, one index probe away, so an
+    // append writes no row but its events (and a new stream's name).
+    //
     // Event data is `json`, not `jsonb`: it keeps the text exactly as sent
     // and accepts every valid JSON document (jsonb refuses `\u0000`), and a
     // read model can still cast it to jsonb to query it.
@@ -33,8 +37,7 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE {s}.streams (
         stream_no bigint PRIMARY KEY,
         stream_id text   NOT NULL UNIQUE,
-        category  text   NOT NULL,
-        version   bigint NOT NULL
+        category  text   NOT NULL
     );
     CREATE TABLE {s}.events (
         position    bigint      PRIMARY KEY,
@@ -131,7 +134,6 @@ pub(crate) struct Sql {
     pub find_streams: String,
     pub find_events: String,
     pub insert_streams: String,
-    pub update_streams: String,
     pub insert_events: String,
     pub read_stream_forwards: String,
     pub read_stream_backwards: String,
@@ -161,7 +163,9 @@ impl Sql {
                  SELECT pg_notify($3, last_position::text) FROM h"
             ),
             find_streams: format!(
-                "SELECT stream_id, stream_no, version FROM {s}.streams WHERE stream_id = ANY($1)"
+                "SELECT s.stream_id, s.stream_no,
+                        (SELECT max(e.version) FROM {s}.events e WHERE e.stream_no = s.stream_no)
+                 FROM {s}.streams s WHERE s.stream_id = ANY($1)"
             ),
             find_events: format!(
                 "SELECT e.event_id, s.stream_id, e.version, e.position
@@ -169,13 +173,8 @@ impl Sql {
                  WHERE e.event_id = ANY($1)"
             ),
             insert_streams: format!(
-                "INSERT INTO {s}.streams (stream_no, stream_id, category, version)
-                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[])"
-            ),
-            update_streams: format!(
-                "UPDATE {s}.streams s SET version = u.version
-                 FROM unnest($1::bigint[], $2::bigint[]) AS u(stream_no, version)
-                 WHERE s.stream_no = u.stream_no"
+                "INSERT INTO {s}.streams (stream_no, stream_id, category)
+                 SELECT * FROM unnest($1::bigint[], $2::text[], $3::text[])"
             ),
             insert_events: format!(
                 "INSERT INTO {s}.events

@@ -72,7 +72,6 @@ pub(crate) struct Connection {
     find_streams: Statement,
     find_events: Statement,
     insert_streams: Statement,
-    update_streams: Statement,
     insert_events: Statement,
 }
 
@@ -202,7 +201,6 @@ impl Writer {
             find_streams,
             find_events,
             insert_streams,
-            update_streams,
             insert_events,
         ) = tokio::try_join!(
             client.prepare("BEGIN"),
@@ -213,7 +211,6 @@ impl Writer {
             client.prepare(&sql.find_streams),
             client.prepare(&sql.find_events),
             client.prepare(&sql.insert_streams),
-            client.prepare(&sql.update_streams),
             client.prepare(&sql.insert_events),
         )
         .map_err(err)?;
@@ -228,7 +225,6 @@ impl Writer {
             find_streams,
             find_events,
             insert_streams,
-            update_streams,
             insert_events,
         })
     }
@@ -290,8 +286,9 @@ async fn attempt_batch(
         };
         let mut streams = HashMap::with_capacity(found.len());
         for row in found {
-            let (id, stream_no, version): (String, i64, i64) = (row.get(0), row.get(1), row.get(2));
-            streams.insert(id, (stream_no, version as u64));
+            let (id, stream_no): (String, i64) = (row.get(0), row.get(1));
+            let version: Option<i64> = row.get(2);
+            streams.insert(id, (stream_no, version.unwrap_or(0) as u64));
         }
         Ok::<_, StoreError>((head, streams))
     }
@@ -376,10 +373,8 @@ async fn write_plan(
 ) -> Result<(), WriteFailure> {
     let client = &conn.client;
     let e = &plan.events;
-    let (new, changed) = (&plan.new_streams, &plan.changed_streams);
-    let stream_params: [&(dyn ToSql + Sync); 4] =
-        [&new.stream_no, &new.stream_id, &new.category, &new.version];
-    let version_params: [&(dyn ToSql + Sync); 2] = [&changed.stream_no, &changed.version];
+    let new = &plan.new_streams;
+    let stream_params: [&(dyn ToSql + Sync); 3] = [&new.stream_no, &new.stream_id, &new.category];
     let event_params: [&(dyn ToSql + Sync); 9] = [
         &e.position,
         &e.stream_no,
@@ -394,18 +389,12 @@ async fn write_plan(
     let last_position = plan.head.last_position as i64;
     let head_params: [&(dyn ToSql + Sync); 3] =
         [&last_position, &plan.head.last_stream_no, &conn.channel];
-    let (inserted_streams, updated_streams, inserted_events, updated_head) = tokio::join!(
+    let (inserted_streams, inserted_events, updated_head) = tokio::join!(
         async {
             if new.stream_no.is_empty() {
                 return Ok(0);
             }
             client.execute(&conn.insert_streams, &stream_params).await
-        },
-        async {
-            if changed.stream_no.is_empty() {
-                return Ok(0);
-            }
-            client.execute(&conn.update_streams, &version_params).await
         },
         client.execute(&conn.insert_events, &event_params),
         client.query(&conn.update_head, &head_params),
@@ -427,7 +416,6 @@ async fn write_plan(
         }
     };
     inserted_streams.map_err(|e| other("inserting streams", e))?;
-    updated_streams.map_err(|e| other("updating stream versions", e))?;
     inserted_events.map_err(|e| other("inserting events", e))?;
     updated_head.map_err(|e| other("updating the head position", e))?;
     Ok(())
@@ -480,7 +468,6 @@ pub(crate) struct Head {
 }
 
 /// What one transaction writes, column by column, ready for `unnest`.
-#[derive(Default)]
 pub(crate) struct EventColumns<'a> {
     pub position: Vec<i64>,
     pub stream_no: Vec<i64>,
@@ -492,25 +479,32 @@ pub(crate) struct EventColumns<'a> {
     pub metadata: Vec<Option<&'a str>>,
 }
 
+impl EventColumns<'_> {
+    fn with_capacity(n: usize) -> Self {
+        EventColumns {
+            position: Vec::with_capacity(n),
+            stream_no: Vec::with_capacity(n),
+            version: Vec::with_capacity(n),
+            category: Vec::with_capacity(n),
+            event_id: Vec::with_capacity(n),
+            event_type: Vec::with_capacity(n),
+            data: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+        }
+    }
+}
+
 #[derive(Default)]
 pub(crate) struct NewStreams<'a> {
     pub stream_no: Vec<i64>,
     pub stream_id: Vec<&'a str>,
     pub category: Vec<&'a str>,
-    pub version: Vec<i64>,
-}
-
-#[derive(Default)]
-pub(crate) struct ChangedStreams {
-    pub stream_no: Vec<i64>,
-    pub version: Vec<i64>,
 }
 
 pub(crate) struct Plan<'a> {
     pub outcomes: Vec<Result<AppendResult, StoreError>>,
     pub events: EventColumns<'a>,
     pub new_streams: NewStreams<'a>,
-    pub changed_streams: ChangedStreams,
     pub head: Head,
 }
 
@@ -522,9 +516,8 @@ struct StreamState<'a> {
     category: &'a str,
     stream_no: i64,
     version: u64,
-    /// Created by this batch (else it exists and may have been changed).
+    /// Created by this batch.
     created: bool,
-    changed: bool,
 }
 
 /// Decides every append of the batch in memory, in queue order, as if they
@@ -543,8 +536,9 @@ pub(crate) fn plan_batch<'a>(
     let mut states: HashMap<&str, StreamState<'a>> = HashMap::new();
     // Events this batch writes, by id: a later append in the batch that
     // repeats them is a retry of an earlier one.
-    let mut written: HashMap<Uuid, ExistingEvent> = HashMap::new();
-    let mut events = EventColumns::default();
+    let total_events = batch.iter().map(|j| j.events.len()).sum();
+    let mut written: HashMap<Uuid, (&StreamId, u64, u64)> = HashMap::with_capacity(total_events);
+    let mut events = EventColumns::with_capacity(total_events);
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut next = head;
     for job in batch {
@@ -562,7 +556,14 @@ pub(crate) fn plan_batch<'a>(
             let ids: Vec<Uuid> = job.events.iter().map(|e| e.event_id).collect();
             let existing: Vec<Option<ExistingEvent>> = ids
                 .iter()
-                .map(|id| written.get(id).or_else(|| stored.get(id)).cloned())
+                .map(|id| match written.get(id) {
+                    Some(&(stream_id, version, position)) => Some(ExistingEvent {
+                        stream_id: stream_id.clone(),
+                        version,
+                        position,
+                    }),
+                    None => stored.get(id).cloned(),
+                })
                 .collect();
             match resolve_duplicates(&job.stream_id, job.expected, current, &ids, &existing) {
                 Ok(Some(original)) => {
@@ -592,7 +593,6 @@ pub(crate) fn plan_batch<'a>(
                     stream_no,
                     version,
                     created: false,
-                    changed: false,
                 },
                 None => {
                     next.last_stream_no += 1;
@@ -601,7 +601,6 @@ pub(crate) fn plan_batch<'a>(
                         stream_no: next.last_stream_no,
                         version: 0,
                         created: true,
-                        changed: false,
                     }
                 }
             });
@@ -621,14 +620,9 @@ pub(crate) fn plan_batch<'a>(
             events.metadata.push(event.metadata.as_deref());
             written.insert(
                 event.event_id,
-                ExistingEvent {
-                    stream_id: job.stream_id.clone(),
-                    version: state.version,
-                    position: next.last_position,
-                },
+                (&job.stream_id, state.version, next.last_position),
             );
         }
-        state.changed = true;
         outcomes.push(Ok(AppendResult {
             stream_id: job.stream_id.clone(),
             first_version,
@@ -638,23 +632,17 @@ pub(crate) fn plan_batch<'a>(
         }));
     }
     let mut new_streams = NewStreams::default();
-    let mut changed_streams = ChangedStreams::default();
     for (stream, state) in &states {
         if state.created {
             new_streams.stream_no.push(state.stream_no);
             new_streams.stream_id.push(stream);
             new_streams.category.push(state.category);
-            new_streams.version.push(state.version as i64);
-        } else if state.changed {
-            changed_streams.stream_no.push(state.stream_no);
-            changed_streams.version.push(state.version as i64);
         }
     }
     Ok(Plan {
         outcomes,
         events,
         new_streams,
-        changed_streams,
         head: next,
     })
 }

@@ -7,6 +7,11 @@ mod bench;
 mod commands;
 mod demo;
 
+// An event store allocates and frees many small buffers per append; glibc's
+// allocator spends a large share of the CPU on that, mimalloc a small one.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -93,7 +98,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ReadCategory(args) => commands::read_category(&location, args).await,
         Command::Tail(args) => commands::tail(&location, args).await,
         Command::Demo(args) => demo::run(&location, args).await,
-        Command::Bench(b) => bench::run(b.which).await,
+        Command::Bench(b) => bench::run(b.which, &location).await,
     }
 }
 
