@@ -96,6 +96,8 @@ impl PostgresConfig {
 pub struct WriterStats {
     pub transactions: u64,
     pub appends: u64,
+    /// Transactions that took the one-round-trip path (see ARCHITECTURE.md).
+    pub fast_transactions: u64,
 }
 
 /// A handle to a PostgreSQL event store; clones share one writer, pool and
@@ -190,6 +192,7 @@ impl PostgresStore {
             idle_in_transaction_timeout: config.idle_in_transaction_timeout,
             commit_gate: config.commit_gate.clone(),
             connection: None,
+            known_streams: Default::default(),
         };
         tokio::spawn(writer.run(jobs));
         let (stop_listener, stopped) = oneshot::channel();
@@ -223,6 +226,11 @@ impl PostgresStore {
         WriterStats {
             transactions: self.inner.counters.transactions.load(Ordering::Relaxed),
             appends: self.inner.counters.appends.load(Ordering::Relaxed),
+            fast_transactions: self
+                .inner
+                .counters
+                .fast_transactions
+                .load(Ordering::Relaxed),
         }
     }
 
@@ -307,16 +315,18 @@ impl EventStore for PostgresStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
-        let events = validate_append(&events, &self.inner.limits)?;
+        let encoded = validate_append(&events, &self.inner.limits)?;
         let (reply, answer) = oneshot::channel();
         let job = writer::AppendJob {
             stream_id: stream_id.clone(),
             expected,
-            events,
+            events: encoded,
             reply,
         };
         let gone = || StoreError::from(StorageError::new("the PostgreSQL writer task has stopped"));
         self.inner.queue.send(job).await.map_err(|_| gone())?;
+        // Freeing the caller's events overlaps with the database work.
+        drop(events);
         answer.await.map_err(|_| gone())?
     }
 

@@ -135,6 +135,9 @@ pub(crate) struct Sql {
     pub find_events: String,
     pub insert_streams: String,
     pub insert_events: String,
+    pub insert_streams_relative: String,
+    pub insert_events_relative: String,
+    pub advance_head: String,
     pub read_stream_forwards: String,
     pub read_stream_backwards: String,
     pub read_all: String,
@@ -184,6 +187,32 @@ impl Sql {
                  FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
                              $6::text[], $7::text[], $8::text[])
                       AS u(position, stream_no, version, category, event_id, event_type, data, metadata)"
+            ),
+            // The fast path's statements: positions and new stream numbers
+            // are offsets from the head row, which the same transaction has
+            // locked; a new stream's number is `$base + k` for the k-th one.
+            insert_streams_relative: format!(
+                "INSERT INTO {s}.streams (stream_no, stream_id, category)
+                 SELECT h.last_stream_no + (u.stream_no - $4), u.stream_id, u.category
+                 FROM {s}.head h, unnest($1::bigint[], $2::text[], $3::text[])
+                      AS u(stream_no, stream_id, category)"
+            ),
+            insert_events_relative: format!(
+                "INSERT INTO {s}.events
+                     (position, stream_no, version, category, event_id, event_type, data, metadata, recorded_at)
+                 SELECT h.last_position + u.position,
+                        CASE WHEN u.stream_no < 0 THEN h.last_stream_no + (u.stream_no - $10) ELSE u.stream_no END,
+                        u.version, u.category, u.event_id, u.event_type, u.data::json, u.metadata::json, $9
+                 FROM {s}.head h,
+                      unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
+                             $6::text[], $7::text[], $8::text[])
+                      AS u(position, stream_no, version, category, event_id, event_type, data, metadata)"
+            ),
+            advance_head: format!(
+                "WITH h AS (UPDATE {s}.head SET last_position = last_position + $1,
+                                                last_stream_no = last_stream_no + $2
+                            RETURNING last_position)
+                 SELECT pg_notify($3, last_position::text) FROM h"
             ),
             read_stream_forwards: format!(
                 "{select} WHERE s.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3"

@@ -47,6 +47,8 @@ pub(crate) struct AppendJob {
 pub(crate) struct Counters {
     pub transactions: AtomicU64,
     pub appends: AtomicU64,
+    /// Transactions committed by the one-round-trip fast path.
+    pub fast_transactions: AtomicU64,
 }
 
 pub(crate) struct Writer {
@@ -58,7 +60,18 @@ pub(crate) struct Writer {
     pub idle_in_transaction_timeout: Duration,
     pub commit_gate: Option<CommitGate>,
     pub connection: Option<Connection>,
+    /// The number and version of streams this writer has written, as of its
+    /// last commit to each. Another process may have moved on since; see
+    /// [`Writer::commit_batch`] for why a stale entry is harmless.
+    pub known_streams: HashMap<String, (i64, u64)>,
 }
+
+/// Most streams the writer remembers; past this it starts afresh.
+const MAX_KNOWN_STREAMS: usize = 100_000;
+
+/// Where the stream numbers of a relative plan start (new streams number
+/// upwards from here; real stream numbers are positive).
+const RELATIVE_STREAM_BASE: i64 = -(1 << 62);
 
 /// The writer's connection with its statements prepared.
 pub(crate) struct Connection {
@@ -73,6 +86,9 @@ pub(crate) struct Connection {
     find_events: Statement,
     insert_streams: Statement,
     insert_events: Statement,
+    insert_streams_relative: Statement,
+    insert_events_relative: Statement,
+    advance_head: Statement,
 }
 
 impl Writer {
@@ -120,23 +136,66 @@ impl Writer {
     /// Commits a batch in one transaction. A rejected append writes nothing
     /// and leaves the others alone; a database failure fails every append in
     /// the batch with the same error.
+    ///
+    /// The fast path is one round trip: the batch is planned from the
+    /// streams this writer already knows, with positions and new stream
+    /// numbers relative to the head, and BEGIN, the head lock, the inserts
+    /// and COMMIT go out together. A stale guess cannot commit: every way
+    /// the guess can be wrong (the stream moved on, it exists already, an
+    /// event id is stored) makes an insert hit a unique index, which rolls
+    /// the transaction back, and the batch goes the slow way. Appends the
+    /// known streams cannot decide (an expected version that does not match,
+    /// a retry) go the slow way at once.
     async fn commit_batch(&mut self, batch: &[AppendJob]) -> Vec<Result<AppendResult, StoreError>> {
         let recorded_at = Utc::now();
+        let gate = self.commit_gate.clone();
+        let relative = Head {
+            last_position: 0,
+            last_stream_no: RELATIVE_STREAM_BASE,
+        };
+        if let Ok(plan) = plan_batch(batch, &self.known_streams, None, relative) {
+            let result = match self.take_connection().await {
+                Ok(conn) => {
+                    let result = attempt_fast(&conn, plan, recorded_at, gate.as_ref()).await;
+                    self.put_back(conn);
+                    result
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(Some((outcomes, streams))) => {
+                    self.counters
+                        .fast_transactions
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.remember(streams);
+                    return outcomes;
+                }
+                Ok(None) => {}
+                Err(failure) => return fail_all(batch, &failure),
+            }
+        }
+        // The slow path reads the streams' state under the head lock first.
         // Event ids are looked up only when an append's expected version
         // fails or an id repeats within the batch. An id stored earlier is
         // otherwise found by the unique index; then the batch is replayed
         // with every id looked up first. Only retries get there.
         let mut check_all_ids = false;
-        let gate = self.commit_gate.clone();
         loop {
-            let result = match self.connect().await {
+            let result = match self.take_connection().await {
                 Ok(conn) => {
-                    attempt_batch(conn, batch, check_all_ids, recorded_at, gate.as_ref()).await
+                    let result =
+                        attempt_batch(&conn, batch, check_all_ids, recorded_at, gate.as_ref())
+                            .await;
+                    self.put_back(conn);
+                    result
                 }
                 Err(e) => Err(e),
             };
             match result {
-                Ok(Attempt::Committed(outcomes)) => return outcomes,
+                Ok(Attempt::Committed(outcomes, streams)) => {
+                    self.remember(streams);
+                    return outcomes;
+                }
                 Ok(Attempt::StoredEventId) if !check_all_ids => check_all_ids = true,
                 Ok(Attempt::StoredEventId) => {
                     return fail_all(
@@ -146,32 +205,32 @@ impl Writer {
                         ),
                     )
                 }
-                Err(failure) => {
-                    if self.connection.as_ref().is_some_and(|c| c.client.is_closed()) {
-                        self.connection = None;
-                    }
-                    tracing::warn!(error = %failure, appends = batch.len(), "group commit failed");
-                    return fail_all(batch, &failure);
-                }
+                Err(failure) => return fail_all(batch, &failure),
             }
         }
     }
 
-    async fn connect(&mut self) -> Result<&Connection, StorageError> {
-        if self
-            .connection
-            .as_ref()
-            .is_some_and(|c| c.client.is_closed())
-        {
-            self.connection = None;
+    fn remember(&mut self, streams: Vec<(String, i64, u64)>) {
+        if self.known_streams.len() + streams.len() > MAX_KNOWN_STREAMS {
+            self.known_streams.clear();
         }
-        if self.connection.is_none() {
-            self.connection = Some(self.open().await.map_err(|e| match e {
-                StoreError::Storage(s) => s,
-                other => StorageError::new(other.to_string()),
-            })?);
+        for (stream_id, stream_no, version) in streams {
+            self.known_streams.insert(stream_id, (stream_no, version));
         }
-        Ok(self.connection.as_ref().expect("connection was just set"))
+    }
+
+    /// The writer's connection, opened if there is none or it was lost.
+    async fn take_connection(&mut self) -> Result<Connection, StorageError> {
+        match self.connection.take() {
+            Some(conn) if !conn.client.is_closed() => Ok(conn),
+            _ => self.open().await.map_err(storage),
+        }
+    }
+
+    fn put_back(&mut self, conn: Connection) {
+        if !conn.client.is_closed() {
+            self.connection = Some(conn);
+        }
     }
 
     async fn open(&self) -> Result<Connection, StoreError> {
@@ -202,6 +261,9 @@ impl Writer {
             find_events,
             insert_streams,
             insert_events,
+            insert_streams_relative,
+            insert_events_relative,
+            advance_head,
         ) = tokio::try_join!(
             client.prepare("BEGIN"),
             client.prepare("COMMIT"),
@@ -212,6 +274,9 @@ impl Writer {
             client.prepare(&sql.find_events),
             client.prepare(&sql.insert_streams),
             client.prepare(&sql.insert_events),
+            client.prepare(&sql.insert_streams_relative),
+            client.prepare(&sql.insert_events_relative),
+            client.prepare(&sql.advance_head),
         )
         .map_err(err)?;
         Ok(Connection {
@@ -226,11 +291,15 @@ impl Writer {
             find_events,
             insert_streams,
             insert_events,
+            insert_streams_relative,
+            insert_events_relative,
+            advance_head,
         })
     }
 }
 
 fn fail_all(batch: &[AppendJob], failure: &StorageError) -> Vec<Result<AppendResult, StoreError>> {
+    tracing::warn!(error = %failure, appends = batch.len(), "group commit failed");
     batch
         .iter()
         .map(|_| {
@@ -252,11 +321,76 @@ fn storage(e: StoreError) -> StorageError {
     }
 }
 
+/// What the slow path did with a batch.
 enum Attempt {
-    Committed(Vec<Result<AppendResult, StoreError>>),
+    Committed(
+        Vec<Result<AppendResult, StoreError>>,
+        Vec<(String, i64, u64)>,
+    ),
     /// The insert hit an event id stored before this transaction; it was
     /// rolled back.
     StoredEventId,
+}
+
+fn owned_streams(streams: &[(&str, i64, u64)]) -> Vec<(String, i64, u64)> {
+    streams
+        .iter()
+        .map(|&(id, no, version)| (id.to_string(), no, version))
+        .collect()
+}
+
+/// The fast path: `plan` was made relative to the head. `Ok(None)` means a
+/// unique index refused the guess and nothing was committed.
+#[allow(clippy::type_complexity)]
+async fn attempt_fast(
+    conn: &Connection,
+    plan: Plan<'_>,
+    recorded_at: DateTime<Utc>,
+    gate: Option<&CommitGate>,
+) -> Result<
+    Option<(
+        Vec<Result<AppendResult, StoreError>>,
+        Vec<(String, i64, u64)>,
+    )>,
+    StorageError,
+> {
+    let client = &conn.client;
+    let writes = async {
+        let (begun, locked, written) = tokio::join!(
+            client.execute(&conn.begin, &[]),
+            client.query_one(&conn.lock_head, &[]),
+            write_plan(conn, &plan, recorded_at, Placement::Relative),
+        );
+        begun.map_err(|e| write_failure("starting the append transaction", e))?;
+        let locked = locked.map_err(|e| write_failure("locking the head position", e))?;
+        written?;
+        Ok(Head {
+            last_position: locked.get::<_, i64>(0) as u64,
+            last_stream_no: locked.get(1),
+        })
+    };
+    let head = match commit_writes(conn, writes, gate).await? {
+        Ok(head) => head,
+        Err(Collision { .. }) => return Ok(None),
+    };
+    let mut outcomes = plan.outcomes;
+    for result in outcomes.iter_mut().flatten() {
+        result.first_position += head.last_position;
+        result.last_position += head.last_position;
+    }
+    let streams = plan
+        .streams
+        .iter()
+        .map(|&(id, no, version)| {
+            let no = if no < 0 {
+                head.last_stream_no + (no - RELATIVE_STREAM_BASE)
+            } else {
+                no
+            };
+            (id.to_string(), no, version)
+        })
+        .collect();
+    Ok(Some((outcomes, streams)))
 }
 
 async fn attempt_batch(
@@ -312,38 +446,65 @@ async fn attempt_batch(
     };
     if plan.events.position.is_empty() {
         rollback(conn).await;
-        return Ok(Attempt::Committed(plan.outcomes));
+        return Ok(Attempt::Committed(plan.outcomes, Vec::new()));
     }
-    let writes = write_plan(conn, &plan, recorded_at);
+    let writes = write_plan(conn, &plan, recorded_at, Placement::Absolute);
+    match commit_writes(conn, writes, gate).await? {
+        Ok(()) => {
+            let streams = owned_streams(&plan.streams);
+            Ok(Attempt::Committed(plan.outcomes, streams))
+        }
+        Err(Collision { on_event_id: true }) => Ok(Attempt::StoredEventId),
+        Err(Collision { on_event_id: false }) => Err(StorageError::new(
+            "a stream or version was written concurrently by something other than a factline writer",
+        )),
+    }
+}
+
+/// A unique index refused a row; the transaction was rolled back.
+struct Collision {
+    /// It was an event id (else a stream id or stream version).
+    on_event_id: bool,
+}
+
+/// Sends `writes` with COMMIT right behind them in the pipeline (or, with a
+/// commit gate, waits for the gate in between), and works out what the
+/// server did.
+async fn commit_writes<T>(
+    conn: &Connection,
+    writes: impl Future<Output = Result<T, WriteFailure>>,
+    gate: Option<&CommitGate>,
+) -> Result<Result<T, Collision>, StorageError> {
+    let client = &conn.client;
     let (written, committed) = match gate {
         None => tokio::join!(writes, client.execute(&conn.commit, &[])),
         Some(gate) => match writes.await {
-            Ok(()) if gate().await => (Ok(()), client.execute(&conn.commit, &[]).await),
-            Ok(()) => {
+            Ok(value) if gate().await => (Ok(value), client.execute(&conn.commit, &[]).await),
+            Ok(_) => {
                 rollback(conn).await;
                 return Err(StorageError::new("the commit was cancelled"));
             }
             Err(e) => {
                 rollback(conn).await;
                 return match e {
-                    WriteFailure::StoredEventId => Ok(Attempt::StoredEventId),
+                    WriteFailure::Collided(collision) => Ok(Err(collision)),
                     WriteFailure::Rejected(e) | WriteFailure::Lost(e) => Err(e),
                 };
             }
         },
     };
     match (written, committed) {
-        (Ok(()), Ok(_)) => Ok(Attempt::Committed(plan.outcomes)),
+        (Ok(value), Ok(_)) => Ok(Ok(value)),
         // The server refused a write, so the COMMIT that followed it in the
         // pipeline could only roll back.
-        (Err(WriteFailure::StoredEventId), _) => Ok(Attempt::StoredEventId),
+        (Err(WriteFailure::Collided(collision)), _) => Ok(Err(collision)),
         (Err(WriteFailure::Rejected(e)), _) => {
             rollback(conn).await;
             Err(e)
         }
         // The connection failed with COMMIT already sent: the server may
         // have committed before it went.
-        (Ok(()), Err(e)) | (Err(WriteFailure::Lost(_)), Err(e)) => {
+        (Ok(_), Err(e)) | (Err(WriteFailure::Lost(_)), Err(e)) => {
             let e = storage(pg_error("committing appends", e));
             Err(StorageError::new(format!(
                 "{}; the appends may or may not have been committed, and retrying them with the same event ids is safe",
@@ -356,12 +517,34 @@ async fn attempt_batch(
 }
 
 enum WriteFailure {
-    /// The insert hit an event id stored before this transaction.
-    StoredEventId,
+    Collided(Collision),
     /// The server refused a write: the transaction is aborted.
     Rejected(StorageError),
     /// No answer came (the connection failed).
     Lost(StorageError),
+}
+
+fn write_failure(context: &str, e: tokio_postgres::Error) -> WriteFailure {
+    if e.code() == Some(&SqlState::UNIQUE_VIOLATION) {
+        let on_event_id = e
+            .as_db_error()
+            .and_then(|db| db.constraint())
+            .is_some_and(|c| c.ends_with("event_id_key"));
+        return WriteFailure::Collided(Collision { on_event_id });
+    }
+    if e.as_db_error().is_some() {
+        WriteFailure::Rejected(storage(pg_error(context, e)))
+    } else {
+        WriteFailure::Lost(storage(pg_error(context, e)))
+    }
+}
+
+/// Whether a plan's positions and new stream numbers are final or relative
+/// to the head row as locked in the same transaction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Placement {
+    Absolute,
+    Relative,
 }
 
 /// Sends the plan's writes and awaits them all. They are pipelined with each
@@ -370,12 +553,16 @@ async fn write_plan(
     conn: &Connection,
     plan: &Plan<'_>,
     recorded_at: DateTime<Utc>,
+    placement: Placement,
 ) -> Result<(), WriteFailure> {
     let client = &conn.client;
     let e = &plan.events;
     let new = &plan.new_streams;
-    let stream_params: [&(dyn ToSql + Sync); 3] = [&new.stream_no, &new.stream_id, &new.category];
-    let event_params: [&(dyn ToSql + Sync); 9] = [
+    let base = RELATIVE_STREAM_BASE;
+    let relative = placement == Placement::Relative;
+    let mut stream_params: Vec<&(dyn ToSql + Sync)> =
+        vec![&new.stream_no, &new.stream_id, &new.category];
+    let mut event_params: Vec<&(dyn ToSql + Sync)> = vec![
         &e.position,
         &e.stream_no,
         &e.version,
@@ -386,38 +573,40 @@ async fn write_plan(
         &e.metadata,
         &recorded_at,
     ];
+    if relative {
+        stream_params.push(&base);
+        event_params.push(&base);
+    }
     let last_position = plan.head.last_position as i64;
-    let head_params: [&(dyn ToSql + Sync); 3] =
-        [&last_position, &plan.head.last_stream_no, &conn.channel];
+    // Relative: how far to move the head; absolute: where to put it.
+    let head_stream_no = if relative {
+        plan.head.last_stream_no - base
+    } else {
+        plan.head.last_stream_no
+    };
+    let head_params: [&(dyn ToSql + Sync); 3] = [&last_position, &head_stream_no, &conn.channel];
+    let (insert_streams, insert_events, update_head) = if relative {
+        (
+            &conn.insert_streams_relative,
+            &conn.insert_events_relative,
+            &conn.advance_head,
+        )
+    } else {
+        (&conn.insert_streams, &conn.insert_events, &conn.update_head)
+    };
     let (inserted_streams, inserted_events, updated_head) = tokio::join!(
         async {
             if new.stream_no.is_empty() {
                 return Ok(0);
             }
-            client.execute(&conn.insert_streams, &stream_params).await
+            client.execute(insert_streams, &stream_params).await
         },
-        client.execute(&conn.insert_events, &event_params),
-        client.query(&conn.update_head, &head_params),
+        client.execute(insert_events, &event_params),
+        client.query(update_head, &head_params),
     );
-    if let Err(e) = &inserted_events {
-        let on_event_id = e.code() == Some(&SqlState::UNIQUE_VIOLATION)
-            && e.as_db_error()
-                .and_then(|db| db.constraint())
-                .is_some_and(|c| c.ends_with("event_id_key"));
-        if on_event_id {
-            return Err(WriteFailure::StoredEventId);
-        }
-    }
-    let other = |context, e: tokio_postgres::Error| {
-        if e.as_db_error().is_some() {
-            WriteFailure::Rejected(storage(pg_error(context, e)))
-        } else {
-            WriteFailure::Lost(storage(pg_error(context, e)))
-        }
-    };
-    inserted_streams.map_err(|e| other("inserting streams", e))?;
-    inserted_events.map_err(|e| other("inserting events", e))?;
-    updated_head.map_err(|e| other("updating the head position", e))?;
+    inserted_streams.map_err(|e| write_failure("inserting streams", e))?;
+    inserted_events.map_err(|e| write_failure("inserting events", e))?;
+    updated_head.map_err(|e| write_failure("updating the head position", e))?;
     Ok(())
 }
 
@@ -505,6 +694,8 @@ pub(crate) struct Plan<'a> {
     pub outcomes: Vec<Result<AppendResult, StoreError>>,
     pub events: EventColumns<'a>,
     pub new_streams: NewStreams<'a>,
+    /// Every stream the plan writes to: (id, number, version after).
+    pub streams: Vec<(&'a str, i64, u64)>,
     pub head: Head,
 }
 
@@ -533,7 +724,7 @@ pub(crate) fn plan_batch<'a>(
     stored: Option<&HashMap<Uuid, ExistingEvent>>,
     head: Head,
 ) -> Result<Plan<'a>, NeedStoredIds> {
-    let mut states: HashMap<&str, StreamState<'a>> = HashMap::new();
+    let mut states: HashMap<&'a str, StreamState<'a>> = HashMap::new();
     // Events this batch writes, by id: a later append in the batch that
     // repeats them is a retry of an earlier one.
     let total_events = batch.iter().map(|j| j.events.len()).sum();
@@ -632,7 +823,9 @@ pub(crate) fn plan_batch<'a>(
         }));
     }
     let mut new_streams = NewStreams::default();
+    let mut touched = Vec::with_capacity(states.len());
     for (stream, state) in &states {
+        touched.push((*stream, state.stream_no, state.version));
         if state.created {
             new_streams.stream_no.push(state.stream_no);
             new_streams.stream_id.push(stream);
@@ -643,6 +836,7 @@ pub(crate) fn plan_batch<'a>(
         outcomes,
         events,
         new_streams,
+        streams: touched,
         head: next,
     })
 }

@@ -336,3 +336,63 @@ async fn subscriber_survives_its_listener_connection_being_killed() {
         assert_eq!(got.position, round);
     }
 }
+
+/// Each store guesses stream versions from its own last commits, and
+/// another store (process) makes those guesses stale. A stale guess must
+/// never commit: every append still gets exactly the versions and
+/// conflicts the stored state says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stale_guesses_about_streams_never_commit() {
+    let db = factline_testpg::database().await;
+    let a = connect(&db.url).await;
+    let b = connect(&db.url).await;
+    let order = sid("Order-1");
+    let exact = ExpectedVersion::Exact;
+
+    // A creates the stream and now guesses it is at version 1.
+    let r = a
+        .append(&order, ExpectedVersion::NoStream, events(1, "a1"))
+        .await
+        .unwrap();
+    assert_eq!(r.last_version, 1);
+    // B has never seen it: its guess "new stream" is wrong.
+    match b
+        .append(&order, ExpectedVersion::NoStream, events(1, "b"))
+        .await
+    {
+        Err(StoreError::Conflict { actual, .. }) => assert_eq!(actual, 1),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let r = b.append(&order, ANY, events(1, "b1")).await.unwrap();
+    assert_eq!((r.first_version, r.first_position), (2, 2));
+    // A's guess (version 1) is stale. An append expecting 1, as A believes,
+    // is a real conflict; expecting 2 succeeds; Any lands after 2.
+    match a.append(&order, exact(1), events(1, "a")).await {
+        Err(StoreError::Conflict { actual, .. }) => assert_eq!(actual, 2),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let r = a.append(&order, exact(2), events(2, "a2")).await.unwrap();
+    assert_eq!((r.first_version, r.last_version), (3, 4));
+    // Now B's guess (2) is stale, and Any must not overwrite version 3.
+    let r = b.append(&order, ANY, events(1, "b2")).await.unwrap();
+    assert_eq!((r.first_version, r.first_position), (5, 5));
+    // Same for a stream created elsewhere while A guessed nothing.
+    let other = sid("Order-2");
+    b.append(&other, ANY, events(3, "b")).await.unwrap();
+    let r = a.append(&other, ANY, events(1, "a")).await.unwrap();
+    assert_eq!(r.first_version, 4);
+
+    let stored = a
+        .read_stream(&order, factline_core::ReadStream::forwards())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored.iter().map(|e| e.version).collect::<Vec<_>>(),
+        vec![1, 2, 3, 4, 5]
+    );
+    let all = a.read_all(1, 100).await.unwrap();
+    assert!(all.iter().zip(1..).all(|(e, p)| e.position == p));
+    // Both paths ran: guesses that held committed in one round trip.
+    assert!(a.stats().fast_transactions >= 1 && b.stats().fast_transactions >= 1);
+    assert!(a.stats().fast_transactions < a.stats().transactions);
+}

@@ -252,12 +252,12 @@ impl EventStore for SqliteStore {
     ) -> Result<AppendResult, StoreError> {
         // Serialise and check on the caller's task, keeping the single
         // writer thread free for the database work.
-        let events = validate_append(&events, &self.shared.config.limits)?;
+        let encoded = validate_append(&events, &self.shared.config.limits)?;
         let (reply, answer) = oneshot::channel();
         let job = writer::AppendJob {
             stream_id: stream_id.clone(),
             expected,
-            events,
+            events: encoded,
             reply,
         };
         self.shared
@@ -265,6 +265,8 @@ impl EventStore for SqliteStore {
             .send(job)
             .await
             .map_err(|_| writer_gone())?;
+        // Freeing the caller's events overlaps with the database work.
+        drop(events);
         answer.await.map_err(|_| writer_gone())?
     }
 
