@@ -3,9 +3,9 @@
 //!
 //! One writer thread owns the only write connection and group-commits:
 //! appends queue on a channel, and the writer commits everything queued in one
-//! transaction (one fsync), with a savepoint per append so each append still
-//! succeeds or fails alone. Reads run on a small pool of read connections,
-//! which WAL mode lets proceed while the writer commits.
+//! transaction (one fsync); each append is decided before it writes anything,
+//! so it still succeeds or fails alone. Reads run on a small pool of read
+//! connections, which WAL mode lets proceed while the writer commits.
 
 pub mod baseline;
 mod checkpoint;
