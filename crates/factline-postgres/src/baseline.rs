@@ -74,6 +74,7 @@ pub async fn insert_rows(
         ))
         .await
         .map_err(|e| pg_error("creating the baseline table", e))?;
+    checkpoint(url).await?;
     let batch = if method == Method::RowPerTransaction {
         1
     } else {
@@ -148,6 +149,19 @@ pub async fn drop_schema(url: &str, schema: &str) -> Result<(), StoreError> {
         ))
         .await
         .map_err(|e| pg_error("dropping a schema", e))
+}
+
+/// Runs a CHECKPOINT so that a measurement does not pay for the previous
+/// one's dirty pages and full-page writes. Best effort: without the right
+/// (superuser or `pg_checkpoint`) it does nothing and says so.
+pub async fn checkpoint(url: &str) -> Result<bool, StoreError> {
+    match connect(url).await?.batch_execute("CHECKPOINT").await {
+        Ok(()) => Ok(true),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Ok(false)
+        }
+        Err(e) => Err(pg_error("checkpoint", e)),
+    }
 }
 
 async fn connect(url: &str) -> Result<Client, StoreError> {

@@ -396,3 +396,37 @@ async fn stale_guesses_about_streams_never_commit() {
     assert!(a.stats().fast_transactions >= 1 && b.stats().fast_transactions >= 1);
     assert!(a.stats().fast_transactions < a.stats().transactions);
 }
+
+/// Reads share a bounded pool: many concurrent reads open no more than
+/// `pool_size` connections, and all of them complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_reads_share_a_bounded_pool() {
+    let db = factline_testpg::database().await;
+    let mut config = PostgresConfig::new(&db.url);
+    config.pool_size = 3;
+    let store = PostgresStore::connect_with(config).await.unwrap();
+    store
+        .append(&sid("Order-1"), ANY, events(10, "r"))
+        .await
+        .unwrap();
+    let reads: Vec<_> = (0..200)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.read_all(1, 100).await })
+        })
+        .collect();
+    for read in reads {
+        assert_eq!(read.await.unwrap().unwrap().len(), 10);
+    }
+    let admin = factline_testpg::connect(&db.url).await;
+    let pooled: i64 = admin
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND application_name = 'factline'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!((1..=3).contains(&pooled), "{pooled} pooled connections");
+}

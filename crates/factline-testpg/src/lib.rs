@@ -62,7 +62,8 @@ impl PgCluster {
     /// Creates and starts a cluster. Panics with an install hint when the
     /// PostgreSQL binaries are missing.
     pub fn start(durability: Durability) -> PgCluster {
-        let bin = find_bin_dir().unwrap_or_else(|| panic!("{INSTALL_HINT}"));
+        let bin = server_binaries(Path::new("/usr/lib/postgresql"), std::env::var_os("PATH"))
+            .unwrap_or_else(|hint| panic!("{hint}"));
         let run_as = if running_as_root() {
             Some(unprivileged_user())
         } else {
@@ -271,9 +272,12 @@ fn server_failed(log: &Path) -> bool {
         .unwrap_or(false)
 }
 
-fn find_bin_dir() -> Option<PathBuf> {
+/// The directory of the newest server binaries under `installs` (Debian's
+/// `/usr/lib/postgresql/<version>/bin`), else on `path`; else the install
+/// hint.
+fn server_binaries(installs: &Path, path: Option<std::ffi::OsString>) -> Result<PathBuf, String> {
     let has_server = |dir: &Path| dir.join("initdb").is_file() && dir.join("postgres").is_file();
-    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir(installs)
         .into_iter()
         .flatten()
         .flatten()
@@ -285,12 +289,12 @@ fn find_bin_dir() -> Option<PathBuf> {
         .collect();
     versions.sort();
     if let Some((_, bin)) = versions.pop() {
-        return Some(bin);
+        return Ok(bin);
     }
-    std::env::var_os("PATH")
-        .into_iter()
+    path.into_iter()
         .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
         .find(|dir| has_server(dir))
+        .ok_or_else(|| INSTALL_HINT.to_string())
 }
 
 fn running_as_root() -> bool {
@@ -476,6 +480,26 @@ mod tests {
         assert_eq!(
             with_database("postgresql://h:1/", "n"),
             "postgresql://h:1/n"
+        );
+    }
+
+    #[test]
+    fn missing_server_binaries_name_the_package_to_install() {
+        let empty = tempfile::tempdir().unwrap();
+        let hint = server_binaries(empty.path(), Some(empty.path().into())).unwrap_err();
+        assert!(hint.contains("apt-get install -y postgresql"), "{hint}");
+        assert!(hint.contains("FACTLINE_TEST_PG_URL"), "{hint}");
+        // With several versions installed, the newest is used.
+        for version in ["13", "15"] {
+            let bin = empty.path().join(version).join("bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            for program in ["initdb", "postgres"] {
+                std::fs::write(bin.join(program), "").unwrap();
+            }
+        }
+        assert_eq!(
+            server_binaries(empty.path(), None).unwrap(),
+            empty.path().join("15/bin")
         );
     }
 

@@ -298,6 +298,8 @@ async fn run_factline_postgres(
     url: &str,
 ) -> anyhow::Result<FactlineRun> {
     let store = fresh_postgres_store(url).await?;
+    // Both sides start from a checkpoint (the baseline does the same).
+    pg_baseline::checkpoint(url).await?;
     let mut run = drive_appends(args, data, Arc::new(store.clone())).await?;
     let stats = store.stats();
     run.transactions = Some((stats.appends, stats.transactions));
