@@ -188,31 +188,36 @@ impl Sql {
                              $6::text[], $7::text[], $8::text[])
                       AS u(position, stream_no, version, category, event_id, event_type, data, metadata)"
             ),
-            // The fast path's statements: positions and new stream numbers
-            // are offsets from the head row, which the same transaction has
-            // locked; a new stream's number is `$base + k` for the k-th one.
+            // The fast path's statements. Its first statement advances the
+            // head by the batch's size (which locks the row until commit) and
+            // returns where it stood; the inserts then place their rows
+            // relative to the head row as this transaction now sees it:
+            // event k of n at `last_position - n + k`, the j-th new stream
+            // (numbered `$base + j` in the plan) at `last_stream_no - m + j`.
+            advance_head: format!(
+                "WITH h AS (UPDATE {s}.head SET last_position = last_position + $1,
+                                                last_stream_no = last_stream_no + $2
+                            RETURNING last_position, last_stream_no)
+                 SELECT last_position - $1, last_stream_no - $2, pg_notify($3, last_position::text)
+                 FROM h"
+            ),
             insert_streams_relative: format!(
                 "INSERT INTO {s}.streams (stream_no, stream_id, category)
-                 SELECT h.last_stream_no + (u.stream_no - $4), u.stream_id, u.category
+                 SELECT h.last_stream_no - $5 + (u.stream_no - $4), u.stream_id, u.category
                  FROM {s}.head h, unnest($1::bigint[], $2::text[], $3::text[])
                       AS u(stream_no, stream_id, category)"
             ),
             insert_events_relative: format!(
                 "INSERT INTO {s}.events
                      (position, stream_no, version, category, event_id, event_type, data, metadata, recorded_at)
-                 SELECT h.last_position + u.position,
-                        CASE WHEN u.stream_no < 0 THEN h.last_stream_no + (u.stream_no - $10) ELSE u.stream_no END,
+                 SELECT h.last_position - $11 + u.position,
+                        CASE WHEN u.stream_no < 0 THEN h.last_stream_no - $12 + (u.stream_no - $10)
+                             ELSE u.stream_no END,
                         u.version, u.category, u.event_id, u.event_type, u.data::json, u.metadata::json, $9
                  FROM {s}.head h,
                       unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
                              $6::text[], $7::text[], $8::text[])
                       AS u(position, stream_no, version, category, event_id, event_type, data, metadata)"
-            ),
-            advance_head: format!(
-                "WITH h AS (UPDATE {s}.head SET last_position = last_position + $1,
-                                                last_stream_no = last_stream_no + $2
-                            RETURNING last_position)
-                 SELECT pg_notify($3, last_position::text) FROM h"
             ),
             read_stream_forwards: format!(
                 "{select} WHERE s.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3"

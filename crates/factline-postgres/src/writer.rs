@@ -355,18 +355,20 @@ async fn attempt_fast(
     StorageError,
 > {
     let client = &conn.client;
+    let (events, new_streams) = plan.relative_size();
+    let advance_params: [&(dyn ToSql + Sync); 3] = [&events, &new_streams, &conn.channel];
     let writes = async {
-        let (begun, locked, written) = tokio::join!(
+        let (begun, advanced, written) = tokio::join!(
             client.execute(&conn.begin, &[]),
-            client.query_one(&conn.lock_head, &[]),
+            client.query_one(&conn.advance_head, &advance_params),
             write_plan(conn, &plan, recorded_at, Placement::Relative),
         );
         begun.map_err(|e| write_failure("starting the append transaction", e))?;
-        let locked = locked.map_err(|e| write_failure("locking the head position", e))?;
+        let advanced = advanced.map_err(|e| write_failure("advancing the head position", e))?;
         written?;
         Ok(Head {
-            last_position: locked.get::<_, i64>(0) as u64,
-            last_stream_no: locked.get(1),
+            last_position: advanced.get::<_, i64>(0) as u64,
+            last_stream_no: advanced.get(1),
         })
     };
     let head = match commit_writes(conn, writes, gate).await? {
@@ -559,7 +561,7 @@ async fn write_plan(
     let e = &plan.events;
     let new = &plan.new_streams;
     let base = RELATIVE_STREAM_BASE;
-    let relative = placement == Placement::Relative;
+    let (relative_events, relative_streams) = plan.relative_size();
     let mut stream_params: Vec<&(dyn ToSql + Sync)> =
         vec![&new.stream_no, &new.stream_id, &new.category];
     let mut event_params: Vec<&(dyn ToSql + Sync)> = vec![
@@ -573,26 +575,20 @@ async fn write_plan(
         &e.metadata,
         &recorded_at,
     ];
-    if relative {
-        stream_params.push(&base);
-        event_params.push(&base);
-    }
     let last_position = plan.head.last_position as i64;
-    // Relative: how far to move the head; absolute: where to put it.
-    let head_stream_no = if relative {
-        plan.head.last_stream_no - base
-    } else {
-        plan.head.last_stream_no
-    };
-    let head_params: [&(dyn ToSql + Sync); 3] = [&last_position, &head_stream_no, &conn.channel];
-    let (insert_streams, insert_events, update_head) = if relative {
-        (
-            &conn.insert_streams_relative,
-            &conn.insert_events_relative,
-            &conn.advance_head,
-        )
-    } else {
-        (&conn.insert_streams, &conn.insert_events, &conn.update_head)
+    let head_params: [&(dyn ToSql + Sync); 3] =
+        [&last_position, &plan.head.last_stream_no, &conn.channel];
+    let (insert_streams, insert_events) = match placement {
+        Placement::Relative => {
+            stream_params.extend([&base as &(dyn ToSql + Sync), &relative_streams]);
+            event_params.extend([
+                &base as &(dyn ToSql + Sync),
+                &relative_events,
+                &relative_streams,
+            ]);
+            (&conn.insert_streams_relative, &conn.insert_events_relative)
+        }
+        Placement::Absolute => (&conn.insert_streams, &conn.insert_events),
     };
     let (inserted_streams, inserted_events, updated_head) = tokio::join!(
         async {
@@ -602,7 +598,13 @@ async fn write_plan(
             client.execute(insert_streams, &stream_params).await
         },
         client.execute(insert_events, &event_params),
-        client.query(update_head, &head_params),
+        async {
+            // A relative plan's caller advanced the head before the inserts.
+            if placement == Placement::Relative {
+                return Ok(Vec::new());
+            }
+            client.query(&conn.update_head, &head_params).await
+        },
     );
     inserted_streams.map_err(|e| write_failure("inserting streams", e))?;
     inserted_events.map_err(|e| write_failure("inserting events", e))?;
@@ -697,6 +699,17 @@ pub(crate) struct Plan<'a> {
     /// Every stream the plan writes to: (id, number, version after).
     pub streams: Vec<(&'a str, i64, u64)>,
     pub head: Head,
+}
+
+impl Plan<'_> {
+    /// For a plan made relative to the head: how many events and new
+    /// streams it adds.
+    fn relative_size(&self) -> (i64, i64) {
+        (
+            self.head.last_position as i64,
+            self.head.last_stream_no - RELATIVE_STREAM_BASE,
+        )
+    }
 }
 
 /// The plan needs to know which of the batch's event ids are stored.

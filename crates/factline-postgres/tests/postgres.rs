@@ -11,14 +11,14 @@ use factline_postgres::{PostgresConfig, PostgresStore, SCHEMA_VERSION};
 
 const ANY: ExpectedVersion = ExpectedVersion::Any;
 
-/// Backends of this database waiting for a lock while running the writer's
-/// head-lock statement.
+/// Backends of this database waiting for a lock while running a statement
+/// that takes the head row (the writer's first statement on either path).
 async fn writers_waiting_for_head(admin: &tokio_postgres::Client) -> i64 {
     admin
         .query_one(
             "SELECT count(*) FROM pg_stat_activity
              WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%head FOR UPDATE%'",
+               AND query LIKE '%.head%'",
             &[],
         )
         .await
