@@ -61,41 +61,63 @@ pub fn validate_append(
         )));
     }
     let mut seen = HashSet::with_capacity(events.len());
-    let mut encoded = Vec::with_capacity(events.len());
-    for event in events {
-        if !seen.insert(event.event_id) {
-            return Err(StoreError::invalid_input(format!(
-                "event id {} appears twice in one append",
-                event.event_id
-            )));
+    if let Some(event) = events.iter().find(|e| !seen.insert(e.event_id)) {
+        return Err(StoreError::invalid_input(format!(
+            "event id {} appears twice in one append",
+            event.event_id
+        )));
+    }
+    // A large append is serialised on two threads: the caller waits for all
+    // of it, and JSON serialisation is most of an append's own CPU cost.
+    if events.len() >= PARALLEL_ENCODING_FROM {
+        let (first, second) = events.split_at(events.len() / 2);
+        let (first, second) = std::thread::scope(|scope| {
+            let helper = scope.spawn(|| encode_all(second, limits));
+            (encode_all(first, limits), helper.join())
+        });
+        let mut encoded = first?;
+        match second {
+            Ok(second) => encoded.extend(second?),
+            Err(panic) => std::panic::resume_unwind(panic),
         }
-        validate_event_type(&event.event_type)?;
-        let data = serde_json::to_string(&event.data).map_err(|e| {
-            StoreError::invalid_input(format!("event {} data: {e}", event.event_id))
-        })?;
-        let metadata = if event.metadata == Metadata::default() {
-            None
-        } else {
-            Some(serde_json::to_string(&event.metadata).map_err(|e| {
-                StoreError::invalid_input(format!("event {} metadata: {e}", event.event_id))
-            })?)
-        };
-        let size = event.event_type.len() + data.len() + metadata.as_ref().map_or(0, String::len);
-        if size > limits.max_event_bytes {
-            return Err(StoreError::TooLarge {
-                event_id: event.event_id,
-                size,
-                max: limits.max_event_bytes,
-            });
-        }
-        encoded.push(EncodedEvent {
+        return Ok(encoded);
+    }
+    encode_all(events, limits)
+}
+
+/// Appends at least this large are serialised on two threads.
+const PARALLEL_ENCODING_FROM: usize = 512;
+
+/// Serialises and checks events in order; the first bad one is the error.
+fn encode_all(events: &[EventData], limits: &Limits) -> Result<Vec<EncodedEvent>, StoreError> {
+    events.iter().map(|e| encode_event(e, limits)).collect()
+}
+
+fn encode_event(event: &EventData, limits: &Limits) -> Result<EncodedEvent, StoreError> {
+    validate_event_type(&event.event_type)?;
+    let data = serde_json::to_string(&event.data)
+        .map_err(|e| StoreError::invalid_input(format!("event {} data: {e}", event.event_id)))?;
+    let metadata = if event.metadata == Metadata::default() {
+        None
+    } else {
+        Some(serde_json::to_string(&event.metadata).map_err(|e| {
+            StoreError::invalid_input(format!("event {} metadata: {e}", event.event_id))
+        })?)
+    };
+    let size = event.event_type.len() + data.len() + metadata.as_ref().map_or(0, String::len);
+    if size > limits.max_event_bytes {
+        return Err(StoreError::TooLarge {
             event_id: event.event_id,
-            event_type: event.event_type.clone(),
-            data,
-            metadata,
+            size,
+            max: limits.max_event_bytes,
         });
     }
-    Ok(encoded)
+    Ok(EncodedEvent {
+        event_id: event.event_id,
+        event_type: event.event_type.clone(),
+        data,
+        metadata,
+    })
 }
 
 fn validate_event_type(event_type: &str) -> Result<(), StoreError> {
@@ -192,4 +214,56 @@ pub fn resolve_duplicates(
         first_position: first.position,
         last_position: last.position,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn events(n: usize) -> Vec<EventData> {
+        (0..n)
+            .map(|i| EventData::new("Tested", json!({ "i": i })))
+            .collect()
+    }
+
+    /// Large appends are encoded on two threads; the result must be the
+    /// same as encoding them in order, and errors anywhere must surface.
+    #[test]
+    fn large_appends_encode_in_order_and_report_errors_anywhere() {
+        let limits = Limits::default();
+        let batch = events(PARALLEL_ENCODING_FROM * 2 + 1);
+        let encoded = validate_append(&batch, &limits).unwrap();
+        assert_eq!(encoded.len(), batch.len());
+        for (e, sent) in encoded.iter().zip(&batch) {
+            assert_eq!(e.event_id, sent.event_id);
+            assert_eq!(e.data, serde_json::to_string(&sent.data).unwrap());
+        }
+
+        let mut too_big = batch.clone();
+        let last = too_big.len() - 1;
+        too_big[last].data = json!("x".repeat(limits.max_event_bytes));
+        match validate_append(&too_big, &limits) {
+            Err(StoreError::TooLarge { event_id, .. }) => {
+                assert_eq!(event_id, too_big[last].event_id)
+            }
+            other => panic!("expected TooLarge, got {other:?}"),
+        }
+
+        let mut bad_types = batch.clone();
+        bad_types[3].event_type = String::new();
+        bad_types[last].event_type = "\n".into();
+        match validate_append(&bad_types, &limits) {
+            Err(StoreError::InvalidInput(message)) => assert!(message.contains("is empty")),
+            other => panic!("expected the first invalid type, got {other:?}"),
+        }
+
+        let mut repeated = batch;
+        repeated[last].event_id = repeated[0].event_id;
+        assert!(matches!(
+            validate_append(&repeated, &limits),
+            Err(StoreError::InvalidInput(m)) if m.contains("appears twice")
+        ));
+    }
 }
