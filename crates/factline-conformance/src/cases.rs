@@ -726,3 +726,41 @@ pub async fn simultaneous_identical_appends_write_once<S: EventStore + Clone>(st
     assert_eq!(stored.len(), 3);
     assert_eq!(results[0].last_position, stored[2].position);
 }
+
+/// A large append (stores may split it into several statements) whose
+/// 900th event reuses an id stored elsewhere is refused whole.
+pub async fn large_append_refused_late_writes_nothing<S: EventStore>(store: S) {
+    let taken = EventData::new("Taken", json!({}));
+    store
+        .append(&sid("Customer-1"), ANY, vec![taken.clone()])
+        .await
+        .unwrap();
+    let mut batch = events(0..1000);
+    batch[900].event_id = taken.event_id;
+    match store.append(&sid("Order-1"), ANY, batch.clone()).await {
+        Err(StoreError::IdempotencyMismatch {
+            reason: IdempotencyMismatch::OtherStream { event_id, .. },
+            ..
+        }) => assert_eq!(event_id, taken.event_id),
+        other => panic!("expected an id used in another stream, got {other:?}"),
+    }
+    assert_eq!(all_events(&store).await.len(), 1);
+    // Without the clash the same append goes through whole, in order.
+    batch[900].event_id = Uuid::now_v7();
+    let result = store
+        .append(&sid("Order-1"), ANY, batch.clone())
+        .await
+        .unwrap();
+    assert_eq!((result.first_version, result.last_version), (1, 1000));
+    let stored = store
+        .read_stream(&sid("Order-1"), ReadStream::forwards())
+        .await
+        .unwrap();
+    assert!(stored
+        .iter()
+        .zip(&batch)
+        .all(|(s, b)| s.event_id == b.event_id));
+    assert!(stored
+        .windows(2)
+        .all(|w| w[1].position == w[0].position + 1));
+}

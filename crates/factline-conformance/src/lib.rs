@@ -41,6 +41,7 @@ macro_rules! conformance_suite {
             metadata_and_data_round_trip,
             any_valid_json_round_trips,
             simultaneous_identical_appends_write_once,
+            large_append_refused_late_writes_nothing,
             subscription_catches_up_then_goes_live_under_concurrent_writes,
             subscription_to_category_and_stream_filters_and_resumes,
         );

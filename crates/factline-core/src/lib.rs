@@ -17,7 +17,9 @@ mod stream_id;
 mod subscription;
 mod version;
 
-pub use append::{resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits};
+pub use append::{
+    drop_aside, resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits,
+};
 pub use error::{IdempotencyMismatch, StorageError, StoreError};
 pub use event::{new_event_id, EventData, Metadata, RecordedEvent};
 pub use memory::InMemoryStore;

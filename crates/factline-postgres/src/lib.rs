@@ -325,8 +325,7 @@ impl EventStore for PostgresStore {
         };
         let gone = || StoreError::from(StorageError::new("the PostgreSQL writer task has stopped"));
         self.inner.queue.send(job).await.map_err(|_| gone())?;
-        // Freeing the caller's events overlaps with the database work.
-        drop(events);
+        factline_core::drop_aside(events);
         answer.await.map_err(|_| gone())?
     }
 

@@ -564,28 +564,43 @@ async fn write_plan(
     let (relative_events, relative_streams) = plan.relative_size();
     let mut stream_params: Vec<&(dyn ToSql + Sync)> =
         vec![&new.stream_no, &new.stream_id, &new.category];
-    let mut event_params: Vec<&(dyn ToSql + Sync)> = vec![
-        &e.position,
-        &e.stream_no,
-        &e.version,
-        &e.category,
-        &e.event_id,
-        &e.event_type,
-        &e.data,
-        &e.metadata,
-        &recorded_at,
-    ];
+    // A large batch goes out as several INSERTs in the same pipeline: the
+    // server starts on the first while the rest are still arriving, instead
+    // of waiting for one large message to cross the socket.
+    let chunks: Vec<EventSlices> = (0..e.position.len())
+        .step_by(INSERT_CHUNK_EVENTS)
+        .map(|start| e.slice(start..(start + INSERT_CHUNK_EVENTS).min(e.position.len())))
+        .collect();
+    let event_params: Vec<Vec<&(dyn ToSql + Sync)>> = chunks
+        .iter()
+        .map(|c| {
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+                &c.position,
+                &c.stream_no,
+                &c.version,
+                &c.category,
+                &c.event_id,
+                &c.event_type,
+                &c.data,
+                &c.metadata,
+                &recorded_at,
+            ];
+            if placement == Placement::Relative {
+                params.extend([
+                    &base as &(dyn ToSql + Sync),
+                    &relative_events,
+                    &relative_streams,
+                ]);
+            }
+            params
+        })
+        .collect();
     let last_position = plan.head.last_position as i64;
     let head_params: [&(dyn ToSql + Sync); 3] =
         [&last_position, &plan.head.last_stream_no, &conn.channel];
     let (insert_streams, insert_events) = match placement {
         Placement::Relative => {
             stream_params.extend([&base as &(dyn ToSql + Sync), &relative_streams]);
-            event_params.extend([
-                &base as &(dyn ToSql + Sync),
-                &relative_events,
-                &relative_streams,
-            ]);
             (&conn.insert_streams_relative, &conn.insert_events_relative)
         }
         Placement::Absolute => (&conn.insert_streams, &conn.insert_events),
@@ -597,7 +612,11 @@ async fn write_plan(
             }
             client.execute(insert_streams, &stream_params).await
         },
-        client.execute(insert_events, &event_params),
+        futures_util::future::join_all(
+            event_params
+                .iter()
+                .map(|params| client.execute(insert_events, params)),
+        ),
         async {
             // A relative plan's caller advanced the head before the inserts.
             if placement == Placement::Relative {
@@ -607,9 +626,43 @@ async fn write_plan(
         },
     );
     inserted_streams.map_err(|e| write_failure("inserting streams", e))?;
-    inserted_events.map_err(|e| write_failure("inserting events", e))?;
+    // The first failure is the cause; the chunks after it only report the
+    // aborted transaction.
+    for inserted in inserted_events {
+        inserted.map_err(|e| write_failure("inserting events", e))?;
+    }
     updated_head.map_err(|e| write_failure("updating the head position", e))?;
     Ok(())
+}
+
+/// Events per INSERT statement of a batch.
+const INSERT_CHUNK_EVENTS: usize = 128;
+
+/// One chunk of a plan's event columns.
+struct EventSlices<'p, 'a> {
+    position: &'p [i64],
+    stream_no: &'p [i64],
+    version: &'p [i64],
+    category: &'p [&'a str],
+    event_id: &'p [Uuid],
+    event_type: &'p [&'a str],
+    data: &'p [&'a str],
+    metadata: &'p [Option<&'a str>],
+}
+
+impl<'a> EventColumns<'a> {
+    fn slice(&self, range: std::ops::Range<usize>) -> EventSlices<'_, 'a> {
+        EventSlices {
+            position: &self.position[range.clone()],
+            stream_no: &self.stream_no[range.clone()],
+            version: &self.version[range.clone()],
+            category: &self.category[range.clone()],
+            event_id: &self.event_id[range.clone()],
+            event_type: &self.event_type[range.clone()],
+            data: &self.data[range.clone()],
+            metadata: &self.metadata[range],
+        }
+    }
 }
 
 async fn rollback(conn: &Connection) {

@@ -265,8 +265,7 @@ impl EventStore for SqliteStore {
             .send(job)
             .await
             .map_err(|_| writer_gone())?;
-        // Freeing the caller's events overlaps with the database work.
-        drop(events);
+        factline_core::drop_aside(events);
         answer.await.map_err(|_| writer_gone())?
     }
 
