@@ -567,10 +567,20 @@ async fn write_plan(
     // A large batch goes out as several INSERTs in the same pipeline: the
     // server starts on the first while the rest are still arriving, instead
     // of waiting for one large message to cross the socket.
-    let chunks: Vec<EventSlices> = (0..e.position.len())
-        .step_by(INSERT_CHUNK_EVENTS)
-        .map(|start| e.slice(start..(start + INSERT_CHUNK_EVENTS).min(e.position.len())))
-        .collect();
+    let total = e.position.len();
+    let mut chunks: Vec<EventSlices> = Vec::new();
+    let mut start = 0;
+    while start < total {
+        // A small first chunk gets the server going soonest.
+        let size = if start == 0 && total > INSERT_CHUNK_EVENTS {
+            FIRST_CHUNK_EVENTS
+        } else {
+            INSERT_CHUNK_EVENTS
+        };
+        let end = (start + size).min(total);
+        chunks.push(e.slice(start..end));
+        start = end;
+    }
     let event_params: Vec<Vec<&(dyn ToSql + Sync)>> = chunks
         .iter()
         .map(|c| {
@@ -635,8 +645,9 @@ async fn write_plan(
     Ok(())
 }
 
-/// Events per INSERT statement of a batch.
+/// Events per INSERT statement of a batch (the first one: fewer).
 const INSERT_CHUNK_EVENTS: usize = 128;
+const FIRST_CHUNK_EVENTS: usize = 32;
 
 /// One chunk of a plan's event columns.
 struct EventSlices<'p, 'a> {
