@@ -85,22 +85,8 @@ pub fn validate_append(
     encode_all(events, limits)
 }
 
-/// Frees an append's events off the caller's task, so that freeing a large
-/// append overlaps with its database work instead of delaying the writer
-/// (which often runs next on the same runtime thread). Small appends are
-/// freed at once: handing them over would cost more than it saves.
-pub fn drop_aside(events: Vec<EventData>) {
-    if events.len() >= PARALLEL_ENCODING_FROM / 2 {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            drop(runtime.spawn_blocking(move || drop(events)));
-            return;
-        }
-    }
-    drop(events);
-}
-
 /// Appends at least this large are serialised on two threads.
-const PARALLEL_ENCODING_FROM: usize = 512;
+pub(crate) const PARALLEL_ENCODING_FROM: usize = 512;
 
 /// Serialises and checks events in order; the first bad one is the error.
 fn encode_all(events: &[EventData], limits: &Limits) -> Result<Vec<EncodedEvent>, StoreError> {

@@ -16,10 +16,9 @@ mod store;
 mod stream_id;
 mod subscription;
 mod version;
+pub mod writer_queue;
 
-pub use append::{
-    drop_aside, resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits,
-};
+pub use append::{resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits};
 pub use error::{IdempotencyMismatch, StorageError, StoreError};
 pub use event::{new_event_id, EventData, Metadata, RecordedEvent};
 pub use memory::InMemoryStore;

@@ -24,10 +24,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use factline_core::writer_queue::{submit_append, AppendJob};
 use factline_core::{
-    validate_append, AppendResult, Direction, EventData, EventStore, ExpectedVersion, Limits,
-    Metadata, ReadStream, RecordedEvent, StorageError, StoreError, StreamFilter, StreamId,
-    Subscription,
+    AppendResult, Direction, EventData, EventStore, ExpectedVersion, Limits, Metadata, ReadStream,
+    RecordedEvent, StorageError, StoreError, StreamFilter, StreamId, Subscription,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Row;
@@ -111,7 +111,7 @@ struct Inner {
     limits: Limits,
     sql: Arc<Sql>,
     pool: Pool,
-    queue: mpsc::Sender<writer::AppendJob>,
+    queue: mpsc::Sender<AppendJob>,
     head: Arc<watch::Sender<u64>>,
     counters: Arc<writer::Counters>,
     _stop_listener: oneshot::Sender<()>,
@@ -315,18 +315,15 @@ impl EventStore for PostgresStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
-        let encoded = validate_append(&events, &self.inner.limits)?;
-        let (reply, answer) = oneshot::channel();
-        let job = writer::AppendJob {
-            stream_id: stream_id.clone(),
+        submit_append(
+            &self.inner.queue,
+            &self.inner.limits,
+            stream_id,
             expected,
-            events: encoded,
-            reply,
-        };
-        let gone = || StoreError::from(StorageError::new("the PostgreSQL writer task has stopped"));
-        self.inner.queue.send(job).await.map_err(|_| gone())?;
-        factline_core::drop_aside(events);
-        answer.await.map_err(|_| gone())?
+            events,
+            "PostgreSQL writer task",
+        )
+        .await
     }
 
     async fn read_stream(

@@ -19,11 +19,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use factline_core::writer_queue::{drain_batch, AppendJob};
 use factline_core::{
-    resolve_duplicates, AppendResult, EncodedEvent, ExistingEvent, ExpectedVersion, StorageError,
-    StoreError, StreamId,
+    resolve_duplicates, AppendResult, ExistingEvent, StorageError, StoreError, StreamId,
 };
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
@@ -35,13 +35,6 @@ use crate::schema::Sql;
 /// Test hook run after a transaction has taken its positions and written
 /// its rows, just before COMMIT. Returning `false` rolls it back.
 pub type CommitGate = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = bool> + Send>> + Send + Sync>;
-
-pub(crate) struct AppendJob {
-    pub stream_id: StreamId,
-    pub expected: ExpectedVersion,
-    pub events: Vec<EncodedEvent>,
-    pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
-}
 
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -95,19 +88,7 @@ impl Writer {
     /// Runs until every sender is gone (the store was dropped).
     pub async fn run(mut self, mut queue: mpsc::Receiver<AppendJob>) {
         while let Some(first) = queue.recv().await {
-            // Whatever queued up while the previous commit was on its way
-            // goes into this transaction: that is the group commit.
-            let mut queued_events = first.events.len();
-            let mut batch = vec![first];
-            while queued_events < self.max_batch_events {
-                match queue.try_recv() {
-                    Ok(job) => {
-                        queued_events += job.events.len();
-                        batch.push(job);
-                    }
-                    Err(_) => break,
-                }
-            }
+            let batch = drain_batch(first, &mut queue, self.max_batch_events);
             let outcomes = self.commit_batch(&batch).await;
             self.counters.transactions.fetch_add(1, Ordering::Relaxed);
             self.counters

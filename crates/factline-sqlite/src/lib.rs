@@ -19,12 +19,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use factline_core::writer_queue::{submit_append, AppendJob};
 use factline_core::{
-    validate_append, AppendResult, EventData, EventStore, ExpectedVersion, Limits, ReadStream,
-    RecordedEvent, StorageError, StoreError, StreamFilter, StreamId, Subscription,
+    AppendResult, EventData, EventStore, ExpectedVersion, Limits, ReadStream, RecordedEvent,
+    StorageError, StoreError, StreamFilter, StreamId, Subscription,
 };
 use rusqlite::{Connection, OpenFlags};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 pub use schema::SCHEMA_VERSION;
 
@@ -113,7 +114,7 @@ pub struct SqliteStore {
 
 struct Shared {
     config: SqliteConfig,
-    jobs: mpsc::Sender<writer::AppendJob>,
+    jobs: mpsc::Sender<AppendJob>,
     head: Arc<watch::Sender<u64>>,
     stats: Arc<writer::Counters>,
     readers: reader::Pool,
@@ -238,10 +239,6 @@ impl SqliteStore {
     }
 }
 
-fn writer_gone() -> StoreError {
-    StorageError::new("the SQLite writer thread has stopped").into()
-}
-
 #[async_trait]
 impl EventStore for SqliteStore {
     async fn append(
@@ -250,23 +247,15 @@ impl EventStore for SqliteStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
-        // Serialise and check on the caller's task, keeping the single
-        // writer thread free for the database work.
-        let encoded = validate_append(&events, &self.shared.config.limits)?;
-        let (reply, answer) = oneshot::channel();
-        let job = writer::AppendJob {
-            stream_id: stream_id.clone(),
+        submit_append(
+            &self.shared.jobs,
+            &self.shared.config.limits,
+            stream_id,
             expected,
-            events: encoded,
-            reply,
-        };
-        self.shared
-            .jobs
-            .send(job)
-            .await
-            .map_err(|_| writer_gone())?;
-        factline_core::drop_aside(events);
-        answer.await.map_err(|_| writer_gone())?
+            events,
+            "SQLite writer thread",
+        )
+        .await
     }
 
     async fn read_stream(

@@ -4,22 +4,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use chrono::Utc;
+use factline_core::writer_queue::{drain_batch, AppendJob};
 use factline_core::{
-    resolve_duplicates, AppendResult, EncodedEvent, ExistingEvent, ExpectedVersion, StorageError,
-    StoreError, StreamId,
+    resolve_duplicates, AppendResult, ExistingEvent, StorageError, StoreError, StreamId,
 };
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::Nudge;
 use crate::is_transient;
-
-pub(crate) struct AppendJob {
-    pub stream_id: StreamId,
-    pub expected: ExpectedVersion,
-    pub events: Vec<EncodedEvent>,
-    pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
-}
 
 #[derive(Default)]
 pub(crate) struct Counters {
@@ -61,19 +54,7 @@ fn run(
     max_batch_events: usize,
 ) {
     while let Some(first) = queue.blocking_recv() {
-        // Whatever queued up while the previous commit was fsyncing goes into
-        // this transaction: that is the group commit.
-        let mut queued_events = first.events.len();
-        let mut batch = vec![first];
-        while queued_events < max_batch_events {
-            match queue.try_recv() {
-                Ok(job) => {
-                    queued_events += job.events.len();
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
-        }
+        let batch = drain_batch(first, &mut queue, max_batch_events);
         let outcomes = commit_batch(&mut conn, &batch);
         counters.transactions.fetch_add(1, Ordering::Relaxed);
         counters
