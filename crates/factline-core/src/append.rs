@@ -67,36 +67,14 @@ pub fn validate_append(
             event.event_id
         )));
     }
-    // A large append is serialised on two threads: the caller waits for all
-    // of it, and JSON serialisation is most of an append's own CPU cost.
-    if events.len() >= PARALLEL_ENCODING_FROM {
-        let (first, second) = events.split_at(events.len() / 2);
-        let (first, second) = std::thread::scope(|scope| {
-            let helper = scope.spawn(|| encode_all(second, limits));
-            (encode_all(first, limits), helper.join())
-        });
-        let mut encoded = first?;
-        match second {
-            Ok(second) => encoded.extend(second?),
-            Err(panic) => std::panic::resume_unwind(panic),
-        }
-        return Ok(encoded);
-    }
-    encode_all(events, limits)
-}
-
-/// Appends at least this large are serialised on two threads.
-pub(crate) const PARALLEL_ENCODING_FROM: usize = 512;
-
-/// Serialises and checks events in order; the first bad one is the error.
-fn encode_all(events: &[EventData], limits: &Limits) -> Result<Vec<EncodedEvent>, StoreError> {
     events.iter().map(|e| encode_event(e, limits)).collect()
 }
 
+/// Checks one event and serialises its metadata; its data is JSON text
+/// already.
 fn encode_event(event: &EventData, limits: &Limits) -> Result<EncodedEvent, StoreError> {
     validate_event_type(&event.event_type)?;
-    let data = serde_json::to_string(&event.data)
-        .map_err(|e| StoreError::invalid_input(format!("event {} data: {e}", event.event_id)))?;
+    let data = event.data.as_str();
     let metadata = if event.metadata == Metadata::default() {
         None
     } else {
@@ -115,7 +93,7 @@ fn encode_event(event: &EventData, limits: &Limits) -> Result<EncodedEvent, Stor
     Ok(EncodedEvent {
         event_id: event.event_id,
         event_type: event.event_type.clone(),
-        data,
+        data: data.to_owned(),
         metadata,
     })
 }
@@ -228,22 +206,22 @@ mod tests {
             .collect()
     }
 
-    /// Large appends are encoded on two threads; the result must be the
-    /// same as encoding them in order, and errors anywhere must surface.
+    /// Encoding keeps the order and the JSON text, and the first error
+    /// anywhere in a large append surfaces.
     #[test]
     fn large_appends_encode_in_order_and_report_errors_anywhere() {
         let limits = Limits::default();
-        let batch = events(PARALLEL_ENCODING_FROM * 2 + 1);
+        let batch = events(1025);
         let encoded = validate_append(&batch, &limits).unwrap();
         assert_eq!(encoded.len(), batch.len());
         for (e, sent) in encoded.iter().zip(&batch) {
             assert_eq!(e.event_id, sent.event_id);
-            assert_eq!(e.data, serde_json::to_string(&sent.data).unwrap());
+            assert_eq!(e.data, sent.data.as_str());
         }
 
         let mut too_big = batch.clone();
         let last = too_big.len() - 1;
-        too_big[last].data = json!("x".repeat(limits.max_event_bytes));
+        too_big[last].data = json!("x".repeat(limits.max_event_bytes)).into();
         match validate_append(&too_big, &limits) {
             Err(StoreError::TooLarge { event_id, .. }) => {
                 assert_eq!(event_id, too_big[last].event_id)

@@ -20,7 +20,7 @@ pub mod writer_queue;
 
 pub use append::{resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits};
 pub use error::{IdempotencyMismatch, StorageError, StoreError};
-pub use event::{new_event_id, EventData, Metadata, RecordedEvent};
+pub use event::{new_event_id, EventData, JsonText, Metadata, RecordedEvent};
 pub use memory::InMemoryStore;
 pub use store::{Direction, EventStore, ReadStream, StreamFilter};
 pub use stream_id::{InvalidStreamId, StreamId};

@@ -112,7 +112,7 @@ impl EventStore for InMemoryStore {
                 position: index as u64 + 1,
                 event_id: event.event_id,
                 event_type: event.event_type,
-                data: event.data,
+                data: event.data.to_value(),
                 metadata: event.metadata,
                 recorded_at,
             });

@@ -3,7 +3,6 @@
 
 use tokio::sync::{mpsc, oneshot};
 
-use crate::append::PARALLEL_ENCODING_FROM;
 use crate::{
     validate_append, AppendResult, EncodedEvent, EventData, ExpectedVersion, Limits, StorageError,
     StoreError, StreamId,
@@ -38,7 +37,7 @@ pub async fn submit_append(
     };
     let gone = || StoreError::from(StorageError::new(format!("the {writer} has stopped")));
     queue.send(job).await.map_err(|_| gone())?;
-    drop_aside(events);
+    drop(events);
     answer.await.map_err(|_| gone())?
 }
 
@@ -62,20 +61,6 @@ pub fn drain_batch(
         }
     }
     batch
-}
-
-/// Frees an append's events off the caller's task, so that freeing a large
-/// append overlaps with its database work instead of delaying the writer
-/// (which often runs next on the same runtime thread). Small appends are
-/// freed at once: handing them over would cost more than it saves.
-fn drop_aside(events: Vec<EventData>) {
-    if events.len() >= PARALLEL_ENCODING_FROM / 2 {
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            drop(runtime.spawn_blocking(move || drop(events)));
-            return;
-        }
-    }
-    drop(events);
 }
 
 #[cfg(test)]

@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use clap::{Args, Subcommand, ValueEnum};
 use factline::postgres::{baseline as pg_baseline, PostgresConfig, PostgresStore};
 use factline::sqlite::{baseline, SqliteConfig, SqliteStore, Synchronous};
-use factline::{EventData, EventStore, ExpectedVersion, InMemoryStore, Location, StreamId};
+use factline::{
+    EventData, EventStore, ExpectedVersion, InMemoryStore, JsonText, Location, StreamId,
+};
 use serde_json::json;
 
 use crate::usage;
@@ -326,6 +328,7 @@ async fn drive_appends(
     // Each writer takes every `writers`-th append; a stream gets ten appends,
     // with exact expected versions, before the next one. The payloads are
     // built before the clock starts: making them is the caller's work.
+    let data = JsonText::from(data);
     let mut plans = Vec::new();
     for writer in 0..writers {
         let mut plan = Vec::new();

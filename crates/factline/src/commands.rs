@@ -60,7 +60,7 @@ pub async fn append(location: &Location, args: AppendArgs) -> anyhow::Result<()>
         let event_type = args.event_type.unwrap_or_default();
         let data = match &args.data {
             Some(text) => parse_json("--data", text)?,
-            None => serde_json::json!({}),
+            None => factline::JsonText::empty_object(),
         };
         let metadata: Metadata = match &args.metadata {
             Some(text) => parse_json("--metadata", text)?,
@@ -277,7 +277,7 @@ mod tests {
         let ok = "{\"type\":\"A\"}\n\n{\"type\":\"B\",\"data\":{\"x\":1}}\n";
         let events = read_batch(ok.as_bytes()).unwrap();
         assert_eq!(events.len(), 2);
-        assert_eq!(events[1].data["x"], 1);
+        assert_eq!(events[1].data.to_value()["x"], 1);
         let err = read_batch("{\"type\":\"A\"}\nnot json\n".as_bytes()).unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
         assert!(read_batch("\n".as_bytes()).is_err());
