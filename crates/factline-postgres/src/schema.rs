@@ -138,6 +138,7 @@ pub(crate) struct Sql {
     pub insert_streams_relative: String,
     pub insert_events_relative: String,
     pub advance_head: String,
+    pub append_in_one: String,
     pub read_stream_forwards: String,
     pub read_stream_backwards: String,
     pub read_all: String,
@@ -218,6 +219,34 @@ impl Sql {
                       unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
                              $6::text[], $7::text[], $8::text[])
                       AS u(position, stream_no, version, category, event_id, event_type, data, metadata)"
+            ),
+            // The fast path for a batch small enough for one INSERT: head,
+            // streams and events in one statement, run as a transaction of
+            // its own (committed at the protocol's Sync). The sibling
+            // statements all place their rows from what the head UPDATE
+            // returns.
+            append_in_one: format!(
+                "WITH h AS (UPDATE {s}.head SET last_position = last_position + $11,
+                                                last_stream_no = last_stream_no + $12
+                            RETURNING last_position - $11 AS position_base,
+                                      last_stream_no - $12 AS stream_base),
+                      new_streams AS (
+                          INSERT INTO {s}.streams (stream_no, stream_id, category)
+                          SELECT h.stream_base + (u.stream_no - $10), u.stream_id, u.category
+                          FROM h, unnest($13::bigint[], $14::text[], $15::text[])
+                               AS u(stream_no, stream_id, category)),
+                      new_events AS (
+                          INSERT INTO {s}.events
+                              (position, stream_no, version, category, event_id, event_type, data, metadata, recorded_at)
+                          SELECT h.position_base + u.position,
+                                 CASE WHEN u.stream_no < 0 THEN h.stream_base + (u.stream_no - $10)
+                                      ELSE u.stream_no END,
+                                 u.version, u.category, u.event_id, u.event_type, u.data::json,
+                                 u.metadata::json, $9
+                          FROM h, unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::text[], $5::uuid[],
+                                         $6::text[], $7::text[], $8::text[])
+                               AS u(position, stream_no, version, category, event_id, event_type, data, metadata))
+                 SELECT position_base, stream_base, pg_notify($16, (position_base + $11)::text) FROM h"
             ),
             read_stream_forwards: format!(
                 "{select} WHERE s.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3"

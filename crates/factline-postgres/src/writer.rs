@@ -82,6 +82,7 @@ pub(crate) struct Connection {
     insert_streams_relative: Statement,
     insert_events_relative: Statement,
     advance_head: Statement,
+    append_in_one: Statement,
 }
 
 impl Writer {
@@ -245,6 +246,7 @@ impl Writer {
             insert_streams_relative,
             insert_events_relative,
             advance_head,
+            append_in_one,
         ) = tokio::try_join!(
             client.prepare("BEGIN"),
             client.prepare("COMMIT"),
@@ -258,6 +260,7 @@ impl Writer {
             client.prepare(&sql.insert_streams_relative),
             client.prepare(&sql.insert_events_relative),
             client.prepare(&sql.advance_head),
+            client.prepare(&sql.append_in_one),
         )
         .map_err(err)?;
         Ok(Connection {
@@ -275,6 +278,7 @@ impl Writer {
             insert_streams_relative,
             insert_events_relative,
             advance_head,
+            append_in_one,
         })
     }
 }
@@ -335,26 +339,16 @@ async fn attempt_fast(
     )>,
     StorageError,
 > {
-    let client = &conn.client;
-    let (events, new_streams) = plan.relative_size();
-    let advance_params: [&(dyn ToSql + Sync); 3] = [&events, &new_streams, &conn.channel];
-    let writes = async {
-        let (begun, advanced, written) = tokio::join!(
-            client.execute(&conn.begin, &[]),
-            client.query_one(&conn.advance_head, &advance_params),
-            write_plan(conn, &plan, recorded_at, Placement::Relative),
-        );
-        begun.map_err(|e| write_failure("starting the append transaction", e))?;
-        let advanced = advanced.map_err(|e| write_failure("advancing the head position", e))?;
-        written?;
-        Ok(Head {
-            last_position: advanced.get::<_, i64>(0) as u64,
-            last_stream_no: advanced.get(1),
-        })
-    };
-    let head = match commit_writes(conn, writes, gate).await? {
-        Ok(head) => head,
-        Err(Collision { .. }) => return Ok(None),
+    let head = if gate.is_none() && plan.events.position.len() <= INSERT_CHUNK_EVENTS {
+        match append_in_one(conn, &plan, recorded_at).await? {
+            Some(head) => head,
+            None => return Ok(None),
+        }
+    } else {
+        match attempt_pipelined(conn, &plan, recorded_at, gate).await? {
+            Ok(head) => head,
+            Err(Collision { .. }) => return Ok(None),
+        }
     };
     let mut outcomes = plan.outcomes;
     for result in outcomes.iter_mut().flatten() {
@@ -374,6 +368,85 @@ async fn attempt_fast(
         })
         .collect();
     Ok(Some((outcomes, streams)))
+}
+
+/// A small batch in one statement, committed on its own: one message to
+/// the server and one answer. `Ok(None)`: a unique index refused the guess.
+async fn append_in_one(
+    conn: &Connection,
+    plan: &Plan<'_>,
+    recorded_at: DateTime<Utc>,
+) -> Result<Option<Head>, StorageError> {
+    let e = plan.events.slice(0..plan.events.position.len());
+    let new = &plan.new_streams;
+    let base = RELATIVE_STREAM_BASE;
+    let (events, new_streams) = plan.relative_size();
+    let params: [&(dyn ToSql + Sync); 16] = [
+        &e.position,
+        &e.stream_no,
+        &e.version,
+        &e.category,
+        &e.event_id,
+        &e.event_type,
+        &e.data,
+        &e.metadata,
+        &recorded_at,
+        &base,
+        &events,
+        &new_streams,
+        &new.stream_no,
+        &new.stream_id,
+        &new.category,
+        &conn.channel,
+    ];
+    match conn.client.query_one(&conn.append_in_one, &params).await {
+        Ok(row) => Ok(Some(Head {
+            last_position: row.get::<_, i64>(0) as u64,
+            last_stream_no: row.get(1),
+        })),
+        Err(e) => match write_failure("appending", e) {
+            WriteFailure::Collided(_) => Ok(None),
+            WriteFailure::Rejected(e) => Err(e),
+            WriteFailure::Lost(e) => Err(outcome_unknown(e)),
+        },
+    }
+}
+
+/// BEGIN, head, inserts and COMMIT pipelined in one round trip.
+async fn attempt_pipelined(
+    conn: &Connection,
+    plan: &Plan<'_>,
+    recorded_at: DateTime<Utc>,
+    gate: Option<&CommitGate>,
+) -> Result<Result<Head, Collision>, StorageError> {
+    let client = &conn.client;
+    let (events, new_streams) = plan.relative_size();
+    let advance_params: [&(dyn ToSql + Sync); 3] = [&events, &new_streams, &conn.channel];
+    let writes = async {
+        let (begun, advanced, written) = tokio::join!(
+            client.execute(&conn.begin, &[]),
+            client.query_one(&conn.advance_head, &advance_params),
+            write_plan(conn, plan, recorded_at, Placement::Relative),
+        );
+        begun.map_err(|e| write_failure("starting the append transaction", e))?;
+        let advanced = advanced.map_err(|e| write_failure("advancing the head position", e))?;
+        written?;
+        Ok(Head {
+            last_position: advanced.get::<_, i64>(0) as u64,
+            last_stream_no: advanced.get(1),
+        })
+    };
+    commit_writes(conn, writes, gate).await
+}
+
+/// The connection failed with the commit on its way: the server may have
+/// committed before it went.
+fn outcome_unknown(e: StorageError) -> StorageError {
+    StorageError::new(format!(
+        "{}; the appends may or may not have been committed, and retrying them with the same event ids is safe",
+        e.message()
+    ))
+    .retryable()
 }
 
 async fn attempt_batch(
@@ -488,12 +561,7 @@ async fn commit_writes<T>(
         // The connection failed with COMMIT already sent: the server may
         // have committed before it went.
         (Ok(_), Err(e)) | (Err(WriteFailure::Lost(_)), Err(e)) => {
-            let e = storage(pg_error("committing appends", e));
-            Err(StorageError::new(format!(
-                "{}; the appends may or may not have been committed, and retrying them with the same event ids is safe",
-                e.message()
-            ))
-            .retryable())
+            Err(outcome_unknown(storage(pg_error("committing appends", e))))
         }
         (Err(WriteFailure::Lost(e)), Ok(_)) => Err(e),
     }

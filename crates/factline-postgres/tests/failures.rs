@@ -231,17 +231,23 @@ async fn server_crash_and_restart_under_load() {
     );
 }
 
-/// A TCP proxy in front of PostgreSQL that, when armed, cuts the connection
-/// at the server's acknowledgement of a COMMIT instead of passing it on:
-/// the transaction is committed, and the client never hears so.
+/// A TCP proxy in front of PostgreSQL that, when armed, cuts the writer's
+/// connection at the server's acknowledgement of a commit instead of passing
+/// it on: the transaction is committed, and the client never hears so.
 struct AckCutter {
     port: u16,
     armed: Arc<AtomicBool>,
     cut: Arc<AtomicBool>,
 }
 
-/// The CommandComplete message the server sends for COMMIT.
+/// The CommandComplete message the server sends for COMMIT (a batch written
+/// in an explicit transaction).
 const COMMIT_COMPLETE: &[u8] = b"C\x00\x00\x00\x0bCOMMIT\x00";
+/// CommandComplete for a one-row SELECT, then ReadyForQuery outside a
+/// transaction: a batch written in one statement, committed at its Sync.
+const ONE_STATEMENT_COMMITTED: &[u8] = b"C\x00\x00\x00\x0dSELECT 1\x00Z\x00\x00\x00\x05I";
+/// The writer connection names itself in its startup message.
+const WRITER_NAME: &[u8] = b"factline writer";
 
 impl AckCutter {
     async fn start(server_port: u16) -> AckCutter {
@@ -267,9 +273,24 @@ impl AckCutter {
     }
 }
 
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 async fn pump(client: TcpStream, server: TcpStream, armed: Arc<AtomicBool>, cut: Arc<AtomicBool>) {
     let (mut client_read, mut client_write) = client.into_split();
     let (mut server_read, mut server_write) = server.into_split();
+    // The startup message is the client's first; it says whether this is
+    // the writer's connection.
+    let mut startup = vec![0u8; 8 * 1024];
+    let n = match client_read.read(&mut startup).await {
+        Ok(n) if n > 0 => n,
+        _ => return,
+    };
+    let is_writer = contains(&startup[..n], WRITER_NAME);
+    if server_write.write_all(&startup[..n]).await.is_err() {
+        return;
+    }
     let upstream = tokio::spawn(async move {
         let _ = tokio::io::copy(&mut client_read, &mut server_write).await;
     });
@@ -280,9 +301,8 @@ async fn pump(client: TcpStream, server: TcpStream, armed: Arc<AtomicBool>, cut:
             Ok(n) => n,
         };
         let chunk = &buf[..n];
-        let is_commit_ack = chunk
-            .windows(COMMIT_COMPLETE.len())
-            .any(|w| w == COMMIT_COMPLETE);
+        let is_commit_ack = is_writer
+            && (contains(chunk, COMMIT_COMPLETE) || contains(chunk, ONE_STATEMENT_COMMITTED));
         if is_commit_ack && armed.swap(false, Ordering::SeqCst) {
             cut.store(true, Ordering::SeqCst);
             break;
@@ -298,7 +318,8 @@ async fn pump(client: TcpStream, server: TcpStream, armed: Arc<AtomicBool>, cut:
 /// S3 across a lost acknowledgement: the server commits, the connection is
 /// cut before the answer arrives, the append reports a retryable failure,
 /// and retrying it with the same event ids returns the original result and
-/// writes nothing more.
+/// writes nothing more. Small appends are committed in one statement, large
+/// ones in an explicit transaction: both are cut.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn append_whose_acknowledgement_was_lost_is_safe_to_retry() {
     let cluster = tokio::task::spawn_blocking(|| PgCluster::start(Durability::Throwaway))
@@ -313,15 +334,18 @@ async fn append_whose_acknowledgement_was_lost_is_safe_to_retry() {
     let store = PostgresStore::connect(&proxied).await.unwrap();
     let direct = PostgresStore::connect(&db.url).await.unwrap();
 
-    for (round, expected) in [
-        ExpectedVersion::NoStream,
-        ExpectedVersion::Exact(2),
-        ExpectedVersion::Any,
+    let mut stored_before = 0u64;
+    for (round, (expected, size)) in [
+        (ExpectedVersion::NoStream, 2),
+        (ExpectedVersion::Exact(2), 2),
+        (ExpectedVersion::Any, 2),
+        (ExpectedVersion::Exact(6), 300),
+        (ExpectedVersion::Any, 300),
     ]
     .into_iter()
     .enumerate()
     {
-        let events: Vec<EventData> = (0..2)
+        let events: Vec<EventData> = (0..size)
             .map(|i| EventData::new("Placed", json!({ "round": round, "i": i })))
             .collect();
         cutter.arm();
@@ -333,22 +357,23 @@ async fn append_whose_acknowledgement_was_lost_is_safe_to_retry() {
                 assert!(e.is_retryable(), "{e}");
                 assert!(e.message().contains("may or may not"), "{e}");
             }
-            other => panic!("expected a lost acknowledgement, got {other:?}"),
+            other => panic!("round {round}: expected a lost acknowledgement, got {other:?}"),
         }
         assert!(
             cutter.cut.load(Ordering::SeqCst),
-            "the proxy did not cut a COMMIT"
+            "round {round}: the proxy did not cut a commit"
         );
         // The server did commit.
         let stored = direct.read_all(1, usize::MAX).await.unwrap();
-        assert_eq!(stored.len(), 2 * (round + 1));
-        let first = 2 * round as u64 + 1;
-        assert_eq!(stored[first as usize - 1].event_id, events[0].event_id);
+        assert_eq!(stored.len() as u64, stored_before + size);
+        let first = stored_before + 1;
+        assert_eq!(stored[stored_before as usize].event_id, events[0].event_id);
 
         let retried = store
             .append(&sid("Order-1"), expected, events)
             .await
             .unwrap();
+        let last = stored_before + size;
         assert_eq!(
             (
                 retried.first_version,
@@ -356,11 +381,13 @@ async fn append_whose_acknowledgement_was_lost_is_safe_to_retry() {
                 retried.first_position,
                 retried.last_position
             ),
-            (first, first + 1, first, first + 1)
+            (first, last, first, last),
+            "round {round}"
         );
         assert_eq!(
-            direct.read_all(1, usize::MAX).await.unwrap().len(),
-            2 * (round + 1)
+            direct.read_all(1, usize::MAX).await.unwrap().len() as u64,
+            last
         );
+        stored_before = last;
     }
 }
