@@ -41,7 +41,8 @@ pub struct EncodedEvent {
     pub metadata: Option<String>,
 }
 
-/// Checks an append before anything is written and serialises its events.
+/// Checks an append before anything is written and encodes its events (the
+/// data is JSON text already; only non-default metadata is serialised).
 /// Every backend calls this first, so the same input is refused the same way
 /// everywhere.
 pub fn validate_append(
