@@ -10,7 +10,8 @@ mod handler;
 pub mod testing;
 
 pub use aggregate::{tagged, Aggregate, DomainEvent};
+pub use factline_core::{DecodeError, UpcastError, Upcasters};
 pub use handler::{
-    CommandContext, CommandError, CommandHandler, CommandOutcome, Failure, Loaded,
+    AsOf, CommandContext, CommandError, CommandHandler, CommandOutcome, Failure, Loaded,
     DEFAULT_MAX_ATTEMPTS,
 };

@@ -1,24 +1,28 @@
 //! The command handler on every backend: decisions appended with the loaded
 //! version, metadata propagated, rejections writing nothing, and version
-//! conflicts decided again up to the bound, under real concurrency.
+//! conflicts decided again up to the bound, under real concurrency;
+//! idempotency keys, snapshots, upcasting and time travel.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
 use factline_aggregate::testing::given;
 use factline_aggregate::{
-    tagged, Aggregate, CommandContext, CommandError, CommandHandler, DomainEvent, Failure,
+    tagged, Aggregate, AsOf, CommandContext, CommandError, CommandHandler, DecodeError,
+    DomainEvent, Failure, UpcastError, Upcasters,
 };
 use factline_core::{
-    AppendResult, EventData, EventStore, ExpectedVersion, JsonText, ReadStream, RecordedEvent,
-    StoreError, StreamFilter, StreamId, Subscription,
+    AppendResult, Appended, CommandKey, CommandRecord, EventData, EventStore, ExpectedVersion,
+    JsonText, Metadata, ReadStream, RecordedEvent, Snapshot, StoreError, StreamFilter, StreamId,
+    Subscription, TypedError,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{json, Value};
 
 /// A small account: opened, then deposits and withdrawals that may not
 /// overdraw it.
-#[derive(Default, Debug, PartialEq)]
+#[derive(Default, Debug, PartialEq, Serialize, Deserialize)]
 struct Account {
     open: bool,
     balance: i64,
@@ -40,8 +44,24 @@ impl DomainEvent for AccountEvent {
     fn decode(event_type: &str, data: &Value) -> Result<Self, serde_json::Error> {
         tagged::decode(event_type, data)
     }
+    fn upcasters() -> &'static Upcasters {
+        &ACCOUNT_UPCASTERS
+    }
 }
 
+/// `Deposited` v1 called its amount `sum`.
+static ACCOUNT_UPCASTERS: LazyLock<Upcasters> = LazyLock::new(|| {
+    Upcasters::new().step("Deposited", 1, |mut data| {
+        let sum = data
+            .as_object_mut()
+            .and_then(|o| o.remove("sum"))
+            .ok_or("a v1 deposit has a sum")?;
+        data["amount"] = sum;
+        Ok(data)
+    })
+});
+
+#[derive(Serialize)]
 enum AccountCommand {
     Open {
         owner: String,
@@ -389,6 +409,39 @@ struct Interfering {
 
 #[async_trait::async_trait]
 impl EventStore for Interfering {
+    async fn append_command(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        command: &CommandKey,
+    ) -> Result<Appended, StoreError> {
+        let inner = &self.inner;
+        inner
+            .append_command(stream_id, expected, events, command)
+            .await
+    }
+    async fn find_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
+        self.inner.find_command(key).await
+    }
+    async fn purge_commands(&self) -> Result<u64, StoreError> {
+        self.inner.purge_commands().await
+    }
+    async fn save_snapshot(
+        &self,
+        stream_id: &StreamId,
+        version: u64,
+        snapshot_version: u32,
+        data: &JsonText,
+    ) -> Result<(), StoreError> {
+        let inner = &self.inner;
+        inner
+            .save_snapshot(stream_id, version, snapshot_version, data)
+            .await
+    }
+    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        self.inner.load_snapshot(stream_id).await
+    }
     async fn append(
         &self,
         stream_id: &StreamId,
@@ -396,13 +449,10 @@ impl EventStore for Interfering {
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         if self.done.fetch_add(1, Ordering::SeqCst) < self.interfere {
-            let rival = AccountEvent::Deposited { amount: 1000 }.encode().unwrap();
+            let rival = AccountEvent::Deposited { amount: 1000 };
+            let rival = rival.to_event_data(Metadata::default()).unwrap();
             self.inner
-                .append(
-                    stream_id,
-                    ExpectedVersion::Any,
-                    vec![EventData::new(rival.0, rival.1)],
-                )
+                .append(stream_id, ExpectedVersion::Any, vec![rival])
                 .await?;
         }
         self.inner.append(stream_id, expected, events).await
@@ -509,42 +559,272 @@ async fn conflicts_are_decided_again_up_to_the_bound(store: Arc<dyn EventStore>)
     assert_eq!(outcome.appended.unwrap().last_version, 7);
 }
 
-macro_rules! on_every_backend {
-    ($($case:ident),* $(,)?) => {
-        mod memory {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    super::$case(std::sync::Arc::new(factline_core::InMemoryStore::new())).await;
-                }
-            )*
-        }
-        mod sqlite {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let dir = tempfile::tempdir().unwrap();
-                    let store = factline_sqlite::SqliteStore::open(dir.path().join("e.db")).unwrap();
-                    super::$case(std::sync::Arc::new(store)).await;
-                }
-            )*
-        }
-        mod postgres {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-                async fn $case() {
-                    let db = factline_testpg::database().await;
-                    let store = factline_postgres::PostgresStore::connect(&db.url).await.unwrap();
-                    super::$case(std::sync::Arc::new(store)).await;
-                }
-            )*
-        }
-    };
+fn open(owner: &str) -> AccountCommand {
+    AccountCommand::Open {
+        owner: owner.into(),
+    }
 }
 
-on_every_backend!(
+/// A key runs its command once: repeats get the first outcome, another
+/// command under the key is refused, and eight senders at once write once.
+async fn idempotent_commands_run_once(store: Arc<dyn EventStore>) {
+    let accounts = CommandHandler::<Account>::new(store.clone());
+    let ctx = CommandContext::new;
+    accounts.handle("i1", &open("ida"), &ctx()).await.unwrap();
+    let deposit = AccountCommand::Deposit { amount: 10 };
+    let first = accounts
+        .handle(
+            "i1",
+            &deposit,
+            &ctx().idempotent("dep-1").correlated_with("c-1"),
+        )
+        .await
+        .unwrap();
+    assert!(!first.replayed);
+    let again = accounts
+        .handle("i1", &deposit, &ctx().idempotent("dep-1"))
+        .await
+        .unwrap();
+    assert!(again.replayed);
+    assert_eq!(again.appended, first.appended);
+    assert_eq!(again.event_ids, first.event_ids);
+    assert_eq!(again.correlation_id, "c-1");
+    match accounts
+        .handle(
+            "i1",
+            &AccountCommand::Deposit { amount: 11 },
+            &ctx().idempotent("dep-1"),
+        )
+        .await
+    {
+        Err(CommandError::KeyReused { key }) => assert_eq!(key, "dep-1"),
+        other => panic!("expected KeyReused, got {other:?}"),
+    }
+    // The same payload for another account is another command too.
+    assert!(matches!(
+        accounts
+            .handle("i2", &deposit, &ctx().idempotent("dep-1"))
+            .await,
+        Err(CommandError::KeyReused { .. })
+    ));
+    assert_eq!(accounts.load("i1").await.unwrap().state.balance, 10);
+
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let accounts = accounts.clone();
+        tasks.push(tokio::spawn(async move {
+            accounts
+                .handle(
+                    "i1",
+                    &AccountCommand::Deposit { amount: 5 },
+                    &CommandContext::new().idempotent("dep-2"),
+                )
+                .await
+        }));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap().unwrap());
+    }
+    assert_eq!(outcomes.iter().filter(|o| !o.replayed).count(), 1);
+    assert!(outcomes
+        .iter()
+        .all(|o| o.event_ids == outcomes[0].event_ids));
+    let loaded = accounts.load("i1").await.unwrap();
+    assert_eq!((loaded.state.balance, loaded.version), (15, 3));
+}
+
+/// Loads start from the latest snapshot; a snapshot of another snapshot
+/// version, or one that does not decode, is ignored and replaced.
+async fn snapshots_shortcut_loads_and_bad_ones_are_replaced(store: Arc<dyn EventStore>) {
+    let plain = CommandHandler::<Account>::new(store.clone());
+    let snapshotting = CommandHandler::<Account>::new(store.clone()).with_snapshots(10);
+    let ctx = CommandContext::new();
+    snapshotting.handle("s1", &open("sam"), &ctx).await.unwrap();
+    for amount in 1..=24 {
+        let deposit = AccountCommand::Deposit { amount };
+        snapshotting.handle("s1", &deposit, &ctx).await.unwrap();
+    }
+    let stream = CommandHandler::<Account>::stream_id("s1").unwrap();
+    let kept = store.load_snapshot(&stream).await.unwrap().unwrap();
+    assert_eq!((kept.version, kept.snapshot_version), (20, 1));
+    let full = plain.load("s1").await.unwrap();
+    assert_eq!((full.state.balance, full.version), (300, 25));
+    assert_eq!((full.snapshot, full.events_applied), (None, 25));
+    let quick = snapshotting.load("s1").await.unwrap();
+    assert_eq!((quick.snapshot, quick.events_applied), (Some(20), 5));
+    assert_eq!((quick.state, quick.version), (full.state, 25));
+
+    let unusable = [
+        (99, json!({"open": true, "balance": 1})),
+        (1, json!({"open": "yes", "balance": "lots"})),
+    ];
+    for (snapshot_version, data) in unusable {
+        store
+            .save_snapshot(&stream, 25, snapshot_version, &JsonText::from(data))
+            .await
+            .unwrap();
+        let loaded = snapshotting.load("s1").await.unwrap();
+        assert_eq!((loaded.snapshot, loaded.events_applied), (None, 25));
+        assert_eq!(loaded.state.balance, 300);
+        let replaced = store.load_snapshot(&stream).await.unwrap().unwrap();
+        assert_eq!((replaced.version, replaced.snapshot_version), (25, 1));
+        assert_eq!(replaced.data, json!({"open": true, "balance": 300}));
+        let next = snapshotting.load("s1").await.unwrap();
+        assert_eq!((next.snapshot, next.events_applied), (Some(25), 0));
+    }
+}
+
+/// `Deposited` stored in its v1 shape reads as the current event on the
+/// handler's load and on a typed subscription; the stored event stays as it
+/// was. A version with no path is a clear error.
+async fn stored_v1_events_are_upcast_on_every_typed_read(store: Arc<dyn EventStore>) {
+    let accounts = CommandHandler::<Account>::new(store.clone());
+    accounts
+        .handle("u1", &open("uma"), &CommandContext::new())
+        .await
+        .unwrap();
+    let stream = CommandHandler::<Account>::stream_id("u1").unwrap();
+    let v1 = |sum: i64| {
+        EventData::new("Deposited", json!({ "sum": sum })).with_metadata(Metadata {
+            schema_version: 1,
+            ..Metadata::default()
+        })
+    };
+    store
+        .append(&stream, ExpectedVersion::Exact(1), vec![v1(7), v1(8)])
+        .await
+        .unwrap();
+    accounts
+        .handle(
+            "u1",
+            &AccountCommand::Deposit { amount: 5 },
+            &CommandContext::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(accounts.load("u1").await.unwrap().state.balance, 20);
+
+    let stored = store
+        .read_stream(&stream, ReadStream::forwards())
+        .await
+        .unwrap();
+    assert_eq!(
+        stored[1].data,
+        json!({"sum": 7}),
+        "stored events are never rewritten"
+    );
+    assert_eq!(stored[1].metadata.schema_version, 1);
+    assert_eq!(stored[3].data, json!({"amount": 5}));
+    assert_eq!(
+        stored[3].metadata.schema_version, 2,
+        "new events carry the current version"
+    );
+
+    let mut subscription = store.subscribe(StreamFilter::Stream(stream.clone()), 1);
+    let mut typed = Vec::new();
+    for _ in 0..4 {
+        typed.push(subscription.next_typed::<AccountEvent>().await.unwrap().1);
+    }
+    assert_eq!(
+        typed[1..],
+        [
+            AccountEvent::Deposited { amount: 7 },
+            AccountEvent::Deposited { amount: 8 },
+            AccountEvent::Deposited { amount: 5 },
+        ]
+    );
+
+    let future = EventData::new("Deposited", json!({"amount": 1})).with_metadata(Metadata {
+        schema_version: 3,
+        ..Metadata::default()
+    });
+    store
+        .append(&stream, ExpectedVersion::Any, vec![future])
+        .await
+        .unwrap();
+    match accounts.load("u1").await {
+        Err(Failure::Decode {
+            version: 5,
+            source: DecodeError::Upcast(e),
+            ..
+        }) => {
+            assert_eq!(
+                e,
+                UpcastError::FromTheFuture {
+                    event_type: "Deposited".into(),
+                    stored: 3,
+                    current: 2,
+                }
+            );
+            assert!(e.to_string().contains("Deposited v3"), "{e}");
+        }
+        other => panic!("expected a decode failure, got {other:?}"),
+    }
+    match subscription.next_typed::<AccountEvent>().await {
+        Err(TypedError::Decode { position, .. }) => assert_eq!(position, stored[3].position + 1),
+        other => panic!("expected a decode error, got {other:?}"),
+    }
+}
+
+/// An aggregate as of a version, a global position or a time, also when a
+/// later snapshot exists.
+async fn loads_as_of_version_position_and_time(store: Arc<dyn EventStore>) {
+    let accounts = CommandHandler::<Account>::new(store.clone()).with_snapshots(2);
+    let other = StreamId::new("Noise-1").unwrap();
+    let ctx = CommandContext::new();
+    accounts.handle("t1", &open("tia"), &ctx).await.unwrap();
+    for amount in [1, 2, 4] {
+        // Other streams' events between, so positions and versions differ.
+        store
+            .append(
+                &other,
+                ExpectedVersion::Any,
+                vec![EventData::new("Noise", json!({}))],
+            )
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let deposit = AccountCommand::Deposit { amount };
+        accounts.handle("t1", &deposit, &ctx).await.unwrap();
+    }
+    let stream = CommandHandler::<Account>::stream_id("t1").unwrap();
+    let events = store
+        .read_stream(&stream, ReadStream::forwards())
+        .await
+        .unwrap();
+    assert_eq!(
+        store.load_snapshot(&stream).await.unwrap().unwrap().version,
+        4
+    );
+
+    let at = |as_of| accounts.load_as_of("t1", as_of);
+    let v2 = at(AsOf::Version(2)).await.unwrap();
+    assert_eq!((v2.state.balance, v2.version, v2.snapshot), (1, 2, None));
+    let v4 = at(AsOf::Version(4)).await.unwrap();
+    assert_eq!((v4.state.balance, v4.snapshot), (7, Some(4)));
+    let p = at(AsOf::Position(events[2].position)).await.unwrap();
+    assert_eq!((p.state.balance, p.version), (3, 3));
+    let between = at(AsOf::Position(events[2].position + 1)).await.unwrap();
+    assert_eq!(between.version, 3, "the next position is another stream's");
+    let t = at(AsOf::Time(events[1].recorded_at)).await.unwrap();
+    assert_eq!((t.state.balance, t.version), (1, 2));
+    let before = at(AsOf::Time(
+        events[0].recorded_at - chrono::Duration::seconds(1),
+    ))
+    .await
+    .unwrap();
+    assert_eq!((before.version, before.state), (0, Account::default()));
+    assert_eq!(at(AsOf::Version(99)).await.unwrap().version, 4);
+}
+
+factline_conformance::on_every_backend!(
     commands_append_their_decisions_with_metadata,
     rejected_commands_write_nothing,
     concurrent_commands_decide_again_on_conflicts,
     conflicts_are_decided_again_up_to_the_bound,
+    idempotent_commands_run_once,
+    snapshots_shortcut_loads_and_bad_ones_are_replaced,
+    stored_v1_events_are_upcast_on_every_typed_read,
+    loads_as_of_version_position_and_time,
 );

@@ -1,16 +1,23 @@
 //! The conformance suite: the store behaviour every factline backend must
 //! show. A backend's test file calls [`conformance_suite!`] with a factory
-//! that returns a fresh, empty store (and a guard that keeps whatever backs
-//! it, such as a temporary directory, alive for the test).
+//! that returns a fresh, empty store with the given [`Limits`] (and a guard
+//! that keeps whatever backs it, such as a temporary directory, alive for
+//! the test).
 //!
 //! ```text
-//! factline_conformance::conformance_suite!(|| async { (InMemoryStore::new(), ()) });
+//! factline_conformance::conformance_suite!(|limits| async move {
+//!     (InMemoryStore::with_limits(limits), ())
+//! });
 //! ```
+//!
+//! [`Limits`]: factline_core::Limits
 //!
 //! The calling crate needs `tokio` (with `macros` and `rt-multi-thread`) as a
 //! dev-dependency.
 
 pub mod cases;
+
+pub use factline_core::Limits;
 
 /// Expands to one `#[tokio::test]` per conformance case.
 #[macro_export]
@@ -44,15 +51,78 @@ macro_rules! conformance_suite {
             large_append_refused_late_writes_nothing,
             subscription_catches_up_then_goes_live_under_concurrent_writes,
             subscription_to_category_and_stream_filters_and_resumes,
+            command_key_is_stored_with_its_events_and_repeats_replay,
+            command_key_of_another_command_is_refused,
+            rejected_command_stores_no_key,
+            concurrent_commands_with_one_key_execute_once,
+            snapshots_keep_the_newest_per_stream_and_format,
         );
+        $crate::conformance_suite!(@limited $factory;
+            expired_command_keys_are_free_and_purged_on_demand
+                => $crate::cases::short_command_retention(false),
+            expired_command_keys_are_purged_by_the_store
+                => $crate::cases::short_command_retention(true),
+        );
+    };
+    (@limited $factory:expr; $($case:ident => $limits:expr),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let (store, _guard) = ($factory)($limits).await;
+                $crate::cases::$case(store).await;
+            }
+        )*
     };
     (@cases $factory:expr; $($case:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn $case() {
-                let (store, _guard) = ($factory)().await;
+                let (store, _guard) = ($factory)($crate::Limits::default()).await;
                 $crate::cases::$case(store).await;
             }
         )*
+    };
+}
+
+/// Runs each named `async fn(Arc<dyn EventStore>)` in the calling module as
+/// a test on every backend: `memory::case`, `sqlite::case` (a fresh file)
+/// and `postgres::case` (a fresh database). For tests of code built on the
+/// store, such as the command side. The calling crate needs
+/// `factline-core`, `factline-sqlite`, `factline-postgres`,
+/// `factline-testpg`, `tempfile` and `tokio` as dev-dependencies.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case(std::sync::Arc::new(factline_core::InMemoryStore::new())).await;
+                }
+            )*
+        }
+        mod sqlite {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let dir = tempfile::tempdir().expect("temp dir");
+                    let store = factline_sqlite::SqliteStore::open(dir.path().join("events.db"))
+                        .expect("open the SQLite store");
+                    super::$case(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+        mod postgres {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    let db = factline_testpg::database().await;
+                    let store = factline_postgres::PostgresStore::connect(&db.url)
+                        .await
+                        .expect("connect to the test database");
+                    super::$case(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
     };
 }

@@ -1,6 +1,7 @@
 //! Append rules shared by every backend, so they cannot drift apart.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use uuid::Uuid;
 
@@ -15,11 +16,17 @@ pub struct Limits {
     pub max_event_bytes: usize,
     /// Most events accepted in one append.
     pub max_events_per_append: usize,
+    /// How long command idempotency keys are kept (C3). An older key counts
+    /// as absent and is purged.
+    pub command_retention: Duration,
+    /// How often a store deletes expired command keys, at most.
+    pub command_purge_interval: Duration,
 }
 
 impl Limits {
     pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
     pub const MAX_EVENT_TYPE_BYTES: usize = 256;
+    pub const DEFAULT_COMMAND_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 }
 
 impl Default for Limits {
@@ -27,6 +34,8 @@ impl Default for Limits {
         Limits {
             max_event_bytes: Self::DEFAULT_MAX_EVENT_BYTES,
             max_events_per_append: 10_000,
+            command_retention: Self::DEFAULT_COMMAND_RETENTION,
+            command_purge_interval: Duration::from_secs(3600),
         }
     }
 }

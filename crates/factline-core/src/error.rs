@@ -23,6 +23,11 @@ pub enum StoreError {
         stream_id: StreamId,
         reason: IdempotencyMismatch,
     },
+    /// The idempotency key is stored for a different command.
+    #[error(
+        "idempotency key {key:?} was already used by a different command (on stream {stream_id})"
+    )]
+    CommandKeyReused { key: String, stream_id: StreamId },
     #[error("event {event_id} is {size} bytes, over the limit of {max} bytes")]
     TooLarge {
         event_id: Uuid,

@@ -9,6 +9,8 @@
 //! - every `from` argument is inclusive.
 
 mod append;
+mod command;
+mod domain;
 mod error;
 mod event;
 pub mod memory;
@@ -19,10 +21,14 @@ mod version;
 pub mod writer_queue;
 
 pub use append::{resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits};
+pub use command::{
+    resolve_command, retention_cutoff, Appended, CommandKey, CommandRecord, Snapshot,
+};
+pub use domain::{tagged, DecodeError, DomainEvent, UpcastError, UpcastStep, Upcasters};
 pub use error::{IdempotencyMismatch, StorageError, StoreError};
 pub use event::{new_event_id, EventData, JsonText, Metadata, RecordedEvent};
 pub use memory::InMemoryStore;
 pub use store::{Direction, EventStore, ReadStream, StreamFilter};
 pub use stream_id::{InvalidStreamId, StreamId};
-pub use subscription::Subscription;
+pub use subscription::{Subscription, TypedError};
 pub use version::{AppendResult, ExpectedVersion, ParseExpectedVersionError};

@@ -6,14 +6,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use async_trait::async_trait;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use uuid::Uuid;
 
 use crate::append::{resolve_duplicates, validate_append, ExistingEvent, Limits};
 use crate::{
-    AppendResult, Direction, EventData, EventStore, ExpectedVersion, ReadStream, RecordedEvent,
-    StorageError, StoreError, StreamFilter, StreamId, Subscription,
+    resolve_command, retention_cutoff, AppendResult, Appended, CommandKey, CommandRecord,
+    Direction, EventData, EventStore, ExpectedVersion, JsonText, ReadStream, RecordedEvent,
+    Snapshot, StorageError, StoreError, StreamFilter, StreamId, Subscription,
 };
 
 #[derive(Clone)]
@@ -34,6 +35,9 @@ struct State {
     /// Indexes into `events`, in version order.
     streams: HashMap<StreamId, Vec<usize>>,
     by_event_id: HashMap<Uuid, usize>,
+    commands: HashMap<String, CommandRecord>,
+    last_purge: Option<DateTime<Utc>>,
+    snapshots: HashMap<StreamId, Snapshot>,
 }
 
 impl Default for InMemoryStore {
@@ -88,51 +92,88 @@ impl EventStore for InMemoryStore {
     ) -> Result<AppendResult, StoreError> {
         validate_append(&events, &self.shared.limits)?;
         let mut state = self.state()?;
-        let current = state.streams.get(stream_id).map_or(0, |s| s.len() as u64);
-        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-        let existing: Vec<_> = ids.iter().map(|id| state.existing(id)).collect();
-        if let Some(original) = resolve_duplicates(stream_id, expected, current, &ids, &existing)? {
-            return Ok(original);
-        }
-        if !expected.is_satisfied_by(current) {
-            return Err(StoreError::Conflict {
-                stream_id: stream_id.clone(),
-                expected,
-                actual: current,
-            });
-        }
-        let recorded_at = Utc::now();
-        let first_position = state.events.len() as u64 + 1;
-        let count = events.len() as u64;
-        for (i, event) in events.into_iter().enumerate() {
-            let index = state.events.len();
-            state.events.push(RecordedEvent {
-                stream_id: stream_id.clone(),
-                version: current + 1 + i as u64,
-                position: index as u64 + 1,
-                event_id: event.event_id,
-                event_type: event.event_type,
-                data: event.data.to_value(),
-                metadata: event.metadata,
-                recorded_at,
-            });
-            state.by_event_id.insert(event.event_id, index);
-            state
-                .streams
-                .entry(stream_id.clone())
-                .or_default()
-                .push(index);
-        }
-        let last_position = state.events.len() as u64;
+        let result = state.append(stream_id, expected, events)?;
         drop(state);
-        self.shared.head.send_replace(last_position);
-        Ok(AppendResult {
-            stream_id: stream_id.clone(),
-            first_version: current + 1,
-            last_version: current + count,
-            first_position,
-            last_position,
-        })
+        self.shared.head.send_replace(result.last_position);
+        Ok(result)
+    }
+
+    async fn append_command(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        command: &CommandKey,
+    ) -> Result<Appended, StoreError> {
+        command.validate()?;
+        validate_append(&events, &self.shared.limits)?;
+        let limits = &self.shared.limits;
+        let now = Utc::now();
+        let mut state = self.state()?;
+        state.purge_if_due(now, limits);
+        let stored = state.commands.get(&command.key);
+        if let Some(record) = resolve_command(command, stored, now, limits.command_retention)? {
+            return Ok(Appended::Replayed(record));
+        }
+        let event_ids = events.iter().map(|e| e.event_id).collect();
+        let result = state.append(stream_id, expected, events)?;
+        state.commands.insert(
+            command.key.clone(),
+            CommandRecord {
+                key: command.key.clone(),
+                fingerprint: command.fingerprint.clone(),
+                result: result.clone(),
+                event_ids,
+                recorded_at: now,
+            },
+        );
+        drop(state);
+        self.shared.head.send_replace(result.last_position);
+        Ok(Appended::Written(result))
+    }
+
+    async fn find_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
+        let state = self.state()?;
+        let retention = self.shared.limits.command_retention;
+        Ok(state
+            .commands
+            .get(key)
+            .filter(|r| r.is_live(Utc::now(), retention))
+            .cloned())
+    }
+
+    async fn purge_commands(&self) -> Result<u64, StoreError> {
+        let mut state = self.state()?;
+        Ok(state.purge(Utc::now(), &self.shared.limits))
+    }
+
+    async fn save_snapshot(
+        &self,
+        stream_id: &StreamId,
+        version: u64,
+        snapshot_version: u32,
+        data: &JsonText,
+    ) -> Result<(), StoreError> {
+        let mut state = self.state()?;
+        let kept = state.snapshots.get(stream_id);
+        if kept.is_some_and(|k| k.snapshot_version == snapshot_version && k.version > version) {
+            return Ok(());
+        }
+        state.snapshots.insert(
+            stream_id.clone(),
+            Snapshot {
+                stream_id: stream_id.clone(),
+                version,
+                snapshot_version,
+                data: data.to_value(),
+                recorded_at: Utc::now(),
+            },
+        );
+        Ok(())
+    }
+
+    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        Ok(self.state()?.snapshots.get(stream_id).cloned())
     }
 
     async fn read_stream(
@@ -198,5 +239,77 @@ impl EventStore for InMemoryStore {
 
     fn subscribe(&self, filter: StreamFilter, from: u64) -> Subscription {
         Subscription::new(Arc::new(self.clone()), filter, from, None)
+    }
+}
+
+impl State {
+    fn purge(&mut self, now: DateTime<Utc>, limits: &Limits) -> u64 {
+        let cutoff = retention_cutoff(now, limits.command_retention);
+        let before = self.commands.len();
+        self.commands.retain(|_, r| r.recorded_at >= cutoff);
+        self.last_purge = Some(now);
+        (before - self.commands.len()) as u64
+    }
+
+    fn purge_if_due(&mut self, now: DateTime<Utc>, limits: &Limits) {
+        let due = self.last_purge.is_none_or(|last| {
+            now.signed_duration_since(last)
+                .to_std()
+                .is_ok_and(|since| since >= limits.command_purge_interval)
+        });
+        if due {
+            self.purge(now, limits);
+        }
+    }
+
+    fn append(
+        &mut self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+    ) -> Result<AppendResult, StoreError> {
+        let state = self;
+        let current = state.streams.get(stream_id).map_or(0, |s| s.len() as u64);
+        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+        let existing: Vec<_> = ids.iter().map(|id| state.existing(id)).collect();
+        if let Some(original) = resolve_duplicates(stream_id, expected, current, &ids, &existing)? {
+            return Ok(original);
+        }
+        if !expected.is_satisfied_by(current) {
+            return Err(StoreError::Conflict {
+                stream_id: stream_id.clone(),
+                expected,
+                actual: current,
+            });
+        }
+        let recorded_at = Utc::now();
+        let first_position = state.events.len() as u64 + 1;
+        let count = events.len() as u64;
+        for (i, event) in events.into_iter().enumerate() {
+            let index = state.events.len();
+            state.events.push(RecordedEvent {
+                stream_id: stream_id.clone(),
+                version: current + 1 + i as u64,
+                position: index as u64 + 1,
+                event_id: event.event_id,
+                event_type: event.event_type,
+                data: event.data.to_value(),
+                metadata: event.metadata,
+                recorded_at,
+            });
+            state.by_event_id.insert(event.event_id, index);
+            state
+                .streams
+                .entry(stream_id.clone())
+                .or_default()
+                .push(index);
+        }
+        Ok(AppendResult {
+            stream_id: stream_id.clone(),
+            first_version: current + 1,
+            last_version: current + count,
+            first_position,
+            last_position: state.events.len() as u64,
+        })
     }
 }

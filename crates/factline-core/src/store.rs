@@ -2,7 +2,8 @@ use async_trait::async_trait;
 use tokio::sync::watch;
 
 use crate::{
-    AppendResult, EventData, ExpectedVersion, RecordedEvent, StoreError, StreamId, Subscription,
+    AppendResult, Appended, CommandKey, CommandRecord, EventData, ExpectedVersion, JsonText,
+    RecordedEvent, Snapshot, StoreError, StreamId, Subscription,
 };
 
 /// Which way to read a stream.
@@ -83,6 +84,45 @@ pub trait EventStore: Send + Sync + 'static {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError>;
+
+    /// Appends like [`EventStore::append`] and stores the command's key and
+    /// result in the same transaction (C3). When the key is already stored
+    /// for the same command (same fingerprint, not expired), nothing is
+    /// written and the stored record is returned, whatever the expected
+    /// version; of several concurrent appends with one key exactly one
+    /// writes. The key stored for another command is
+    /// [`StoreError::CommandKeyReused`]. A rejected append stores no key.
+    async fn append_command(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        command: &CommandKey,
+    ) -> Result<Appended, StoreError>;
+
+    /// The record stored under an idempotency key, unless it has expired.
+    async fn find_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError>;
+
+    /// Deletes the command records older than the retention
+    /// ([`crate::Limits::command_retention`]) and says how many went. Stores
+    /// also do this by themselves, at most every
+    /// [`crate::Limits::command_purge_interval`], while commands come in.
+    async fn purge_commands(&self) -> Result<u64, StoreError>;
+
+    /// Keeps `data` as the stream's snapshot at `version`, replacing an
+    /// older one, or one of another snapshot version (C4). A snapshot at a
+    /// lower version than the kept one of the same snapshot version is
+    /// dropped: concurrent savers cannot move a snapshot backwards.
+    async fn save_snapshot(
+        &self,
+        stream_id: &StreamId,
+        version: u64,
+        snapshot_version: u32,
+        data: &JsonText,
+    ) -> Result<(), StoreError>;
+
+    /// The stream's snapshot, if one is kept.
+    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError>;
 
     /// Reads one stream. A stream that does not exist reads as empty.
     async fn read_stream(

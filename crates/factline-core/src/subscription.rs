@@ -4,7 +4,23 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::{EventStore, RecordedEvent, StoreError, StreamFilter};
+use crate::{DecodeError, DomainEvent, EventStore, RecordedEvent, StoreError, StreamFilter};
+
+/// Why [`Subscription::next_typed`] gave no typed event.
+#[derive(Debug, thiserror::Error)]
+pub enum TypedError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The event at `position` did not decode (or upcast); the
+    /// subscription has moved past it, so the caller decides whether to
+    /// stop or go on.
+    #[error("the event at position {position} cannot be read: {source}")]
+    Decode {
+        position: u64,
+        #[source]
+        source: DecodeError,
+    },
+}
 
 /// A catch-up-then-live subscription.
 ///
@@ -98,6 +114,19 @@ impl Subscription {
         }
     }
 
+    /// The next event, decoded as `E` through `E`'s upcasters (C5), with the
+    /// event as recorded.
+    pub async fn next_typed<E: DomainEvent>(&mut self) -> Result<(RecordedEvent, E), TypedError> {
+        let event = self.next().await?;
+        match E::from_recorded(&event) {
+            Ok(typed) => Ok((event, typed)),
+            Err(source) => Err(TypedError::Decode {
+                position: event.position,
+                source,
+            }),
+        }
+    }
+
     async fn wait_for_commit(&mut self) {
         match self.fallback_poll {
             Some(interval) => {
@@ -143,6 +172,45 @@ mod tests {
             events: Vec<EventData>,
         ) -> Result<AppendResult, StoreError> {
             self.store.append(stream_id, expected, events).await
+        }
+        async fn append_command(
+            &self,
+            stream_id: &StreamId,
+            expected: ExpectedVersion,
+            events: Vec<EventData>,
+            command: &crate::CommandKey,
+        ) -> Result<crate::Appended, StoreError> {
+            let store = &self.store;
+            store
+                .append_command(stream_id, expected, events, command)
+                .await
+        }
+        async fn find_command(
+            &self,
+            key: &str,
+        ) -> Result<Option<crate::CommandRecord>, StoreError> {
+            self.store.find_command(key).await
+        }
+        async fn purge_commands(&self) -> Result<u64, StoreError> {
+            self.store.purge_commands().await
+        }
+        async fn save_snapshot(
+            &self,
+            stream_id: &StreamId,
+            version: u64,
+            snapshot_version: u32,
+            data: &crate::JsonText,
+        ) -> Result<(), StoreError> {
+            let store = &self.store;
+            store
+                .save_snapshot(stream_id, version, snapshot_version, data)
+                .await
+        }
+        async fn load_snapshot(
+            &self,
+            stream_id: &StreamId,
+        ) -> Result<Option<crate::Snapshot>, StoreError> {
+            self.store.load_snapshot(stream_id).await
         }
         async fn read_stream(
             &self,

@@ -4,8 +4,8 @@
 use tokio::sync::{mpsc, oneshot};
 
 use crate::{
-    validate_append, AppendResult, EncodedEvent, EventData, ExpectedVersion, Limits, StorageError,
-    StoreError, StreamId,
+    validate_append, AppendResult, Appended, CommandKey, EncodedEvent, EventData, ExpectedVersion,
+    Limits, StorageError, StoreError, StreamId,
 };
 
 /// One validated append waiting for a backend's writer.
@@ -13,7 +13,9 @@ pub struct AppendJob {
     pub stream_id: StreamId,
     pub expected: ExpectedVersion,
     pub events: Vec<EncodedEvent>,
-    pub reply: oneshot::Sender<Result<AppendResult, StoreError>>,
+    /// Set for a command's append: its key is stored with the events.
+    pub command: Option<CommandKey>,
+    pub reply: oneshot::Sender<Result<Appended, StoreError>>,
 }
 
 /// Validates and serialises an append on the caller's task (keeping the
@@ -27,18 +29,67 @@ pub async fn submit_append(
     events: Vec<EventData>,
     writer: &str,
 ) -> Result<AppendResult, StoreError> {
+    match submit(queue, limits, stream_id, expected, events, None, writer).await? {
+        Appended::Written(result) => Ok(result),
+        // Only keyed appends replay a record.
+        Appended::Replayed(record) => Ok(record.result),
+    }
+}
+
+/// [`submit_append`] for a command's append: `command` is stored with the
+/// events, or the record already stored under it comes back.
+pub async fn submit_command(
+    queue: &mpsc::Sender<AppendJob>,
+    limits: &Limits,
+    stream_id: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<EventData>,
+    command: &CommandKey,
+    writer: &str,
+) -> Result<Appended, StoreError> {
+    command.validate()?;
+    let command = Some(command.clone());
+    submit(queue, limits, stream_id, expected, events, command, writer).await
+}
+
+async fn submit(
+    queue: &mpsc::Sender<AppendJob>,
+    limits: &Limits,
+    stream_id: &StreamId,
+    expected: ExpectedVersion,
+    events: Vec<EventData>,
+    command: Option<CommandKey>,
+    writer: &str,
+) -> Result<Appended, StoreError> {
     let encoded = validate_append(&events, limits)?;
     let (reply, answer) = oneshot::channel();
     let job = AppendJob {
         stream_id: stream_id.clone(),
         expected,
         events: encoded,
+        command,
         reply,
     };
     let gone = || StoreError::from(StorageError::new(format!("the {writer} has stopped")));
     queue.send(job).await.map_err(|_| gone())?;
     drop(events);
     answer.await.map_err(|_| gone())?
+}
+
+/// The record a keyed job's append leaves, from what the writer knows.
+pub fn new_command_record(
+    job: &AppendJob,
+    command: &CommandKey,
+    result: &AppendResult,
+    recorded_at: chrono::DateTime<chrono::Utc>,
+) -> crate::CommandRecord {
+    crate::CommandRecord {
+        key: command.key.clone(),
+        fingerprint: command.fingerprint.clone(),
+        result: result.clone(),
+        event_ids: job.events.iter().map(|e| e.event_id).collect(),
+        recorded_at,
+    }
 }
 
 /// Takes `first` and whatever else is queued, up to `max_events` events:
@@ -80,6 +131,7 @@ mod tests {
             stream_id: StreamId::new("Order-1").unwrap(),
             expected: ExpectedVersion::Any,
             events: encoded,
+            command: None,
             reply: oneshot::channel().0,
         }
     }

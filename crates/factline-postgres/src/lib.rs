@@ -24,10 +24,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use factline_core::writer_queue::{submit_append, AppendJob};
+use factline_core::writer_queue::{submit_append, submit_command, AppendJob};
 use factline_core::{
-    AppendResult, Direction, EventData, EventStore, ExpectedVersion, Limits, Metadata, ReadStream,
-    RecordedEvent, StorageError, StoreError, StreamFilter, StreamId, Subscription,
+    retention_cutoff, AppendResult, Appended, CommandKey, CommandRecord, Direction, EventData,
+    EventStore, ExpectedVersion, JsonText, Limits, Metadata, ReadStream, RecordedEvent, Snapshot,
+    StorageError, StoreError, StreamFilter, StreamId, Subscription,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Row;
@@ -193,6 +194,8 @@ impl PostgresStore {
             commit_gate: config.commit_gate.clone(),
             connection: None,
             known_streams: Default::default(),
+            limits: config.limits,
+            last_purge: None,
         };
         tokio::spawn(writer.run(jobs));
         let (stop_listener, stopped) = oneshot::channel();
@@ -307,6 +310,29 @@ fn decode_event(row: &Row) -> Result<RecordedEvent, StoreError> {
     })
 }
 
+/// A row of `find_commands`.
+pub(crate) fn decode_command(row: &Row) -> Result<CommandRecord, StoreError> {
+    let key: String = row.get(0);
+    let stream_id = StreamId::new(row.get::<_, String>(2)).map_err(|e| {
+        StorageError::new(format!(
+            "the record of command key {key:?} has a corrupt stream id: {e}"
+        ))
+    })?;
+    Ok(CommandRecord {
+        fingerprint: row.get(1),
+        result: AppendResult {
+            stream_id,
+            first_version: row.get::<_, i64>(3) as u64,
+            last_version: row.get::<_, i64>(4) as u64,
+            first_position: row.get::<_, i64>(5) as u64,
+            last_position: row.get::<_, i64>(6) as u64,
+        },
+        event_ids: row.get(7),
+        recorded_at: row.get(8),
+        key,
+    })
+}
+
 #[async_trait]
 impl EventStore for PostgresStore {
     async fn append(
@@ -324,6 +350,109 @@ impl EventStore for PostgresStore {
             "PostgreSQL writer task",
         )
         .await
+    }
+
+    async fn append_command(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        command: &CommandKey,
+    ) -> Result<Appended, StoreError> {
+        submit_command(
+            &self.inner.queue,
+            &self.inner.limits,
+            stream_id,
+            expected,
+            events,
+            command,
+            "PostgreSQL writer task",
+        )
+        .await
+    }
+
+    async fn find_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
+        let keys = [key];
+        let rows = self
+            .query(
+                "looking up a command key",
+                &self.inner.sql.find_commands,
+                &[&keys.as_slice()],
+            )
+            .await?;
+        let retention = self.inner.limits.command_retention;
+        match rows.first() {
+            Some(row) => {
+                let record = decode_command(row)?;
+                Ok(Some(record).filter(|r| r.is_live(Utc::now(), retention)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    async fn purge_commands(&self) -> Result<u64, StoreError> {
+        let cutoff = retention_cutoff(Utc::now(), self.inner.limits.command_retention);
+        let client = self
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error("purging command keys", e))?;
+        client
+            .execute(&self.inner.sql.purge_commands, &[&cutoff])
+            .await
+            .map_err(|e| pg_error("purging command keys", e))
+    }
+
+    async fn save_snapshot(
+        &self,
+        stream_id: &StreamId,
+        version: u64,
+        snapshot_version: u32,
+        data: &JsonText,
+    ) -> Result<(), StoreError> {
+        let version = sql_u64(version);
+        let snapshot_version = i32::try_from(snapshot_version).map_err(|_| {
+            StoreError::invalid_input(format!(
+                "snapshot version {snapshot_version} is above {}",
+                i32::MAX
+            ))
+        })?;
+        self.query(
+            "saving a snapshot",
+            &self.inner.sql.save_snapshot,
+            &[
+                &stream_id.as_str(),
+                &version,
+                &snapshot_version,
+                &data.as_str(),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let rows = self
+            .query(
+                "loading a snapshot",
+                &self.inner.sql.load_snapshot,
+                &[&stream_id.as_str()],
+            )
+            .await?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let data: &str = row.get(2);
+        Ok(Some(Snapshot {
+            stream_id: stream_id.clone(),
+            version: row.get::<_, i64>(0) as u64,
+            snapshot_version: row.get::<_, i32>(1) as u32,
+            data: serde_json::from_str(data).map_err(|e| {
+                StorageError::new(format!("the snapshot of {stream_id} is corrupt: {e}"))
+            })?,
+            recorded_at: row.get(3),
+        }))
     }
 
     async fn read_stream(

@@ -7,7 +7,7 @@ use tokio_postgres::Client;
 use crate::error::pg_error;
 
 /// The schema version this build writes.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
 
 /// Each entry upgrades the schema from version `index` to `index + 1`; `{s}`
 /// stands for the quoted schema name. Entries are never edited once
@@ -52,6 +52,30 @@ const MIGRATIONS: &[&str] = &[
         UNIQUE (stream_no, version)
     );
     CREATE INDEX events_category_position ON {s}.events (category, position);",
+    // 2: command idempotency keys (C3) and snapshots (C4).
+    //
+    // A command's key and result are written by the writer in the append's
+    // transaction, under the head lock, so two processes cannot both store
+    // one key. `recorded_at` is indexed for the retention purge.
+    "CREATE TABLE {s}.commands (
+        key            text        PRIMARY KEY,
+        fingerprint    text        NOT NULL,
+        stream_id      text        NOT NULL,
+        first_version  bigint      NOT NULL,
+        last_version   bigint      NOT NULL,
+        first_position bigint      NOT NULL,
+        last_position  bigint      NOT NULL,
+        event_ids      uuid[]      NOT NULL,
+        recorded_at    timestamptz NOT NULL
+    );
+    CREATE INDEX commands_recorded_at ON {s}.commands (recorded_at);
+    CREATE TABLE {s}.snapshots (
+        stream_id        text        PRIMARY KEY,
+        version          bigint      NOT NULL,
+        snapshot_version integer     NOT NULL,
+        data             json        NOT NULL,
+        recorded_at      timestamptz NOT NULL
+    );",
 ];
 
 /// Quotes an identifier for SQL.
@@ -144,6 +168,11 @@ pub(crate) struct Sql {
     pub read_all: String,
     pub read_category: String,
     pub read_one_stream: String,
+    pub find_commands: String,
+    pub insert_commands: String,
+    pub purge_commands: String,
+    pub save_snapshot: String,
+    pub load_snapshot: String,
     /// The LISTEN/NOTIFY channel commits are announced on.
     pub channel: String,
 }
@@ -262,6 +291,44 @@ impl Sql {
             // (stream_no, version) index serves position order too.
             read_one_stream: format!(
                 "{select} WHERE s.stream_id = $1 AND e.position >= $2 ORDER BY e.version LIMIT $3"
+            ),
+            find_commands: format!(
+                "SELECT key, fingerprint, stream_id, first_version, last_version, first_position,
+                        last_position, event_ids, recorded_at
+                 FROM {s}.commands WHERE key = ANY($1)"
+            ),
+            // Only expired records are ever replaced: the writer decided the
+            // live ones under the head lock before planning.
+            insert_commands: format!(
+                "INSERT INTO {s}.commands (key, fingerprint, stream_id, first_version, last_version,
+                                           first_position, last_position, event_ids, recorded_at)
+                 SELECT u.key, u.fingerprint, u.stream_id, u.first_version, u.last_version,
+                        u.first_position, u.last_position,
+                        string_to_array(u.event_ids, ',')::uuid[], $8
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[],
+                             $6::bigint[], $7::bigint[], $9::text[])
+                      AS u(key, fingerprint, stream_id, first_version, last_version,
+                           first_position, last_position, event_ids)
+                 ON CONFLICT (key) DO UPDATE SET
+                     fingerprint = excluded.fingerprint, stream_id = excluded.stream_id,
+                     first_version = excluded.first_version, last_version = excluded.last_version,
+                     first_position = excluded.first_position,
+                     last_position = excluded.last_position,
+                     event_ids = excluded.event_ids, recorded_at = excluded.recorded_at"
+            ),
+            purge_commands: format!("DELETE FROM {s}.commands WHERE recorded_at < $1"),
+            save_snapshot: format!(
+                "INSERT INTO {s}.snapshots AS k (stream_id, version, snapshot_version, data, recorded_at)
+                 VALUES ($1, $2, $3, $4::text::json, now())
+                 ON CONFLICT (stream_id) DO UPDATE SET
+                     version = excluded.version, snapshot_version = excluded.snapshot_version,
+                     data = excluded.data, recorded_at = excluded.recorded_at
+                 WHERE excluded.version >= k.version
+                    OR excluded.snapshot_version <> k.snapshot_version"
+            ),
+            load_snapshot: format!(
+                "SELECT version, snapshot_version, data::text, recorded_at
+                 FROM {s}.snapshots WHERE stream_id = $1"
             ),
             // Channel names are identifiers, at most 63 bytes: hence the
             // 50-byte cap on schema names.

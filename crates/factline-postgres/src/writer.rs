@@ -16,12 +16,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use factline_core::writer_queue::{drain_batch, AppendJob};
+use factline_core::writer_queue::{drain_batch, new_command_record, AppendJob};
 use factline_core::{
-    resolve_duplicates, AppendResult, ExistingEvent, StorageError, StoreError, StreamId,
+    resolve_command, resolve_duplicates, retention_cutoff, AppendResult, Appended, CommandRecord,
+    ExistingEvent, Limits, StorageError, StoreError, StreamId,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;
@@ -57,6 +58,9 @@ pub(crate) struct Writer {
     /// last commit to each. Another process may have moved on since; see
     /// [`Writer::commit_batch`] for why a stale entry is harmless.
     pub known_streams: HashMap<String, (i64, u64)>,
+    /// Command key retention and purge interval.
+    pub limits: Limits,
+    pub last_purge: Option<Instant>,
 }
 
 /// Most streams the writer remembers; past this it starts afresh.
@@ -83,6 +87,9 @@ pub(crate) struct Connection {
     insert_events_relative: Statement,
     advance_head: Statement,
     append_in_one: Statement,
+    find_commands: Statement,
+    insert_commands: Statement,
+    purge_commands: Statement,
 }
 
 impl Writer {
@@ -97,7 +104,7 @@ impl Writer {
                 .fetch_add(batch.len() as u64, Ordering::Relaxed);
             let newest = outcomes
                 .iter()
-                .filter_map(|o| o.as_ref().ok().map(|r| r.last_position))
+                .filter_map(|o| o.as_ref().ok().and_then(Appended::written_up_to))
                 .max();
             if let Some(newest) = newest {
                 // Wake subscribers before answering, so an appender that then
@@ -128,14 +135,30 @@ impl Writer {
     /// the transaction back, and the batch goes the slow way. Appends the
     /// known streams cannot decide (an expected version that does not match,
     /// a retry) go the slow way at once.
-    async fn commit_batch(&mut self, batch: &[AppendJob]) -> Vec<Result<AppendResult, StoreError>> {
+    ///
+    /// Appends with command keys always take the slow path, which looks
+    /// their keys up under the head lock.
+    async fn commit_batch(&mut self, batch: &[AppendJob]) -> Vec<Result<Appended, StoreError>> {
         let recorded_at = Utc::now();
+        let keyed = batch.iter().any(|job| job.command.is_some());
+        let purge = keyed
+            && self
+                .last_purge
+                .is_none_or(|at| at.elapsed() >= self.limits.command_purge_interval);
+        if purge {
+            self.last_purge = Some(Instant::now());
+        }
+        let commands = CommandRules {
+            now: recorded_at,
+            retention: self.limits.command_retention,
+            purge,
+        };
         let gate = self.commit_gate.clone();
         let relative = Head {
             last_position: 0,
             last_stream_no: RELATIVE_STREAM_BASE,
         };
-        if let Ok(plan) = plan_batch(batch, &self.known_streams, None, relative) {
+        if let Ok(plan) = plan_batch(batch, &self.known_streams, None, None, relative) {
             let result = match self.take_connection().await {
                 Ok(conn) => {
                     let result = attempt_fast(&conn, plan, recorded_at, gate.as_ref()).await;
@@ -165,9 +188,15 @@ impl Writer {
         loop {
             let result = match self.take_connection().await {
                 Ok(conn) => {
-                    let result =
-                        attempt_batch(&conn, batch, check_all_ids, recorded_at, gate.as_ref())
-                            .await;
+                    let result = attempt_batch(
+                        &conn,
+                        batch,
+                        check_all_ids,
+                        &commands,
+                        recorded_at,
+                        gate.as_ref(),
+                    )
+                    .await;
                     self.put_back(conn);
                     result
                 }
@@ -247,6 +276,9 @@ impl Writer {
             insert_events_relative,
             advance_head,
             append_in_one,
+            find_commands,
+            insert_commands,
+            purge_commands,
         ) = tokio::try_join!(
             client.prepare("BEGIN"),
             client.prepare("COMMIT"),
@@ -261,6 +293,9 @@ impl Writer {
             client.prepare(&sql.insert_events_relative),
             client.prepare(&sql.advance_head),
             client.prepare(&sql.append_in_one),
+            client.prepare(&sql.find_commands),
+            client.prepare(&sql.insert_commands),
+            client.prepare(&sql.purge_commands),
         )
         .map_err(err)?;
         Ok(Connection {
@@ -279,11 +314,14 @@ impl Writer {
             insert_events_relative,
             advance_head,
             append_in_one,
+            find_commands,
+            insert_commands,
+            purge_commands,
         })
     }
 }
 
-fn fail_all(batch: &[AppendJob], failure: &StorageError) -> Vec<Result<AppendResult, StoreError>> {
+fn fail_all(batch: &[AppendJob], failure: &StorageError) -> Vec<Result<Appended, StoreError>> {
     tracing::warn!(error = %failure, appends = batch.len(), "group commit failed");
     batch
         .iter()
@@ -308,10 +346,7 @@ fn storage(e: StoreError) -> StorageError {
 
 /// What the slow path did with a batch.
 enum Attempt {
-    Committed(
-        Vec<Result<AppendResult, StoreError>>,
-        Vec<(String, i64, u64)>,
-    ),
+    Committed(Vec<Result<Appended, StoreError>>, Vec<(String, i64, u64)>),
     /// The insert hit an event id stored before this transaction; it was
     /// rolled back.
     StoredEventId,
@@ -332,13 +367,7 @@ async fn attempt_fast(
     plan: Plan<'_>,
     recorded_at: DateTime<Utc>,
     gate: Option<&CommitGate>,
-) -> Result<
-    Option<(
-        Vec<Result<AppendResult, StoreError>>,
-        Vec<(String, i64, u64)>,
-    )>,
-    StorageError,
-> {
+) -> Result<Option<(Vec<Result<Appended, StoreError>>, Vec<(String, i64, u64)>)>, StorageError> {
     let head = if gate.is_none() && plan.events.position.len() <= INSERT_CHUNK_EVENTS {
         match append_in_one(conn, &plan, recorded_at).await? {
             Some(head) => head,
@@ -351,9 +380,11 @@ async fn attempt_fast(
         }
     };
     let mut outcomes = plan.outcomes;
-    for result in outcomes.iter_mut().flatten() {
-        result.first_position += head.last_position;
-        result.last_position += head.last_position;
+    for outcome in outcomes.iter_mut() {
+        if let Ok(Appended::Written(result)) = outcome {
+            result.first_position += head.last_position;
+            result.last_position += head.last_position;
+        }
     }
     let streams = plan
         .streams
@@ -449,10 +480,19 @@ fn outcome_unknown(e: StorageError) -> StorageError {
     .retryable()
 }
 
+/// How the slow path treats command keys in a batch.
+struct CommandRules {
+    now: DateTime<Utc>,
+    retention: Duration,
+    /// Delete expired keys in this transaction.
+    purge: bool,
+}
+
 async fn attempt_batch(
     conn: &Connection,
     batch: &[AppendJob],
     check_all_ids: bool,
+    rules: &CommandRules,
     recorded_at: DateTime<Utc>,
     gate: Option<&CommitGate>,
 ) -> Result<Attempt, StorageError> {
@@ -461,15 +501,41 @@ async fn attempt_batch(
     stream_ids.sort_unstable();
     stream_ids.dedup();
     let find_params: [&(dyn ToSql + Sync); 1] = [&stream_ids];
-    let (begun, locked, found) = tokio::join!(
+    let keys: Vec<&str> = batch
+        .iter()
+        .filter_map(|j| j.command.as_ref().map(|c| c.key.as_str()))
+        .collect();
+    let cutoff = retention_cutoff(rules.now, rules.retention);
+    // Pipelined behind the head lock, so they run under it: no other
+    // writer can store one of these keys until this transaction ends.
+    let (begun, locked, found, purged, commands) = tokio::join!(
         client.execute(&conn.begin, &[]),
         client.query_one(&conn.lock_head, &[]),
         client.query(&conn.find_streams, &find_params),
+        async {
+            if !rules.purge {
+                return Ok(0);
+            }
+            client.execute(&conn.purge_commands, &[&cutoff]).await
+        },
+        async {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            client.query(&conn.find_commands, &[&keys]).await
+        },
     );
     let opened = async {
         begun.map_err(|e| pg_error("starting the append transaction", e))?;
         let locked = locked.map_err(|e| pg_error("locking the head position", e))?;
         let found = found.map_err(|e| pg_error("looking up streams", e))?;
+        purged.map_err(|e| pg_error("purging expired command keys", e))?;
+        let commands = commands.map_err(|e| pg_error("looking up command keys", e))?;
+        let mut stored_commands = HashMap::with_capacity(commands.len());
+        for row in &commands {
+            let record = crate::decode_command(row)?;
+            stored_commands.insert(record.key.clone(), record);
+        }
         let head = Head {
             last_position: locked.get::<_, i64>(0) as u64,
             last_stream_no: locked.get(1),
@@ -480,10 +546,10 @@ async fn attempt_batch(
             let version: Option<i64> = row.get(2);
             streams.insert(id, (stream_no, version.unwrap_or(0) as u64));
         }
-        Ok::<_, StoreError>((head, streams))
+        Ok::<_, StoreError>((head, streams, stored_commands))
     }
     .await;
-    let (head, streams) = match opened {
+    let (head, streams, stored_commands) = match opened {
         Ok(opened) => opened,
         Err(e) => {
             rollback(conn).await;
@@ -494,14 +560,26 @@ async fn attempt_batch(
     if check_all_ids {
         stored = Some(find_events(conn, batch).await?);
     }
+    let commands = Commands {
+        stored: stored_commands,
+        now: rules.now,
+        retention: rules.retention,
+    };
     let plan = loop {
-        match plan_batch(batch, &streams, stored.as_ref(), head) {
+        match plan_batch(batch, &streams, stored.as_ref(), Some(&commands), head) {
             Ok(plan) => break plan,
             Err(NeedStoredIds) => stored = Some(find_events(conn, batch).await?),
         }
     };
     if plan.events.position.is_empty() {
-        rollback(conn).await;
+        if rules.purge {
+            // Nothing to append, but the purge stands.
+            if let Err(e) = client.execute(&conn.commit, &[]).await {
+                tracing::debug!(error = %e, "committing a purge of command keys failed");
+            }
+        } else {
+            rollback(conn).await;
+        }
         return Ok(Attempt::Committed(plan.outcomes, Vec::new()));
     }
     let writes = write_plan(conn, &plan, recorded_at, Placement::Absolute);
@@ -664,7 +742,19 @@ async fn write_plan(
         }
         Placement::Absolute => (&conn.insert_streams, &conn.insert_events),
     };
-    let (inserted_streams, inserted_events, updated_head) = tokio::join!(
+    let commands = CommandColumns::new(&plan.commands);
+    let command_params: [&(dyn ToSql + Sync); 9] = [
+        &commands.key,
+        &commands.fingerprint,
+        &commands.stream_id,
+        &commands.first_version,
+        &commands.last_version,
+        &commands.first_position,
+        &commands.last_position,
+        &recorded_at,
+        &commands.event_ids,
+    ];
+    let (inserted_streams, inserted_events, updated_head, inserted_commands) = tokio::join!(
         async {
             if new.stream_no.is_empty() {
                 return Ok(0);
@@ -683,6 +773,12 @@ async fn write_plan(
             }
             client.query(&conn.update_head, &head_params).await
         },
+        async {
+            if commands.key.is_empty() {
+                return Ok(0);
+            }
+            client.execute(&conn.insert_commands, &command_params).await
+        },
     );
     inserted_streams.map_err(|e| write_failure("inserting streams", e))?;
     // The first failure is the cause; the chunks after it only report the
@@ -691,7 +787,49 @@ async fn write_plan(
         inserted.map_err(|e| write_failure("inserting events", e))?;
     }
     updated_head.map_err(|e| write_failure("updating the head position", e))?;
+    inserted_commands.map_err(|e| write_failure("storing command keys", e))?;
     Ok(())
+}
+
+/// Command records, column by column, ready for `unnest`.
+struct CommandColumns<'a> {
+    key: Vec<&'a str>,
+    fingerprint: Vec<&'a str>,
+    stream_id: Vec<&'a str>,
+    first_version: Vec<i64>,
+    last_version: Vec<i64>,
+    first_position: Vec<i64>,
+    last_position: Vec<i64>,
+    /// Comma-separated, one string per record (arrays of arrays do not
+    /// `unnest` per row).
+    event_ids: Vec<String>,
+}
+
+impl<'a> CommandColumns<'a> {
+    fn new(records: &'a [CommandRecord]) -> Self {
+        let column = |f: fn(&AppendResult) -> u64| -> Vec<i64> {
+            records.iter().map(|r| f(&r.result) as i64).collect()
+        };
+        CommandColumns {
+            key: records.iter().map(|r| r.key.as_str()).collect(),
+            fingerprint: records.iter().map(|r| r.fingerprint.as_str()).collect(),
+            stream_id: records
+                .iter()
+                .map(|r| r.result.stream_id.as_str())
+                .collect(),
+            first_version: column(|r| r.first_version),
+            last_version: column(|r| r.last_version),
+            first_position: column(|r| r.first_position),
+            last_position: column(|r| r.last_position),
+            event_ids: records
+                .iter()
+                .map(|r| {
+                    let ids: Vec<String> = r.event_ids.iter().map(Uuid::to_string).collect();
+                    ids.join(",")
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Events per INSERT statement of a batch (the first one: fewer).
@@ -806,7 +944,9 @@ pub(crate) struct NewStreams<'a> {
 }
 
 pub(crate) struct Plan<'a> {
-    pub outcomes: Vec<Result<AppendResult, StoreError>>,
+    pub outcomes: Vec<Result<Appended, StoreError>>,
+    /// Command records to store (only in plans made with [`Commands`]).
+    pub commands: Vec<CommandRecord>,
     pub events: EventColumns<'a>,
     pub new_streams: NewStreams<'a>,
     /// Every stream the plan writes to: (id, number, version after).
@@ -837,17 +977,28 @@ struct StreamState<'a> {
     created: bool,
 }
 
+/// The command records stored under a batch's keys, as looked up under the
+/// head lock, and the time that decides which are live.
+pub(crate) struct Commands {
+    pub stored: HashMap<String, CommandRecord>,
+    pub now: DateTime<Utc>,
+    pub retention: Duration,
+}
+
 /// Decides every append of the batch in memory, in queue order, as if they
-/// ran one after another: each sees the versions the earlier ones produced.
+/// ran one after another: each sees the versions the earlier ones produced,
+/// and the command keys the earlier ones stored.
 ///
 /// `streams` holds the stored state of the batch's streams; `stored` is
-/// where the batch's event ids are stored, when that has been looked up.
-/// Asks for it (`Err(NeedStoredIds)`) when an append cannot be decided
-/// without it.
+/// where the batch's event ids are stored, when that has been looked up;
+/// `commands` the batch's stored command keys, when they have been looked
+/// up. Asks for them (`Err(NeedStoredIds)`) when an append cannot be
+/// decided without them.
 pub(crate) fn plan_batch<'a>(
     batch: &'a [AppendJob],
     streams: &HashMap<String, (i64, u64)>,
     stored: Option<&HashMap<Uuid, ExistingEvent>>,
+    commands: Option<&Commands>,
     head: Head,
 ) -> Result<Plan<'a>, NeedStoredIds> {
     let mut states: HashMap<&'a str, StreamState<'a>> = HashMap::new();
@@ -857,8 +1008,25 @@ pub(crate) fn plan_batch<'a>(
     let mut written: HashMap<Uuid, (&StreamId, u64, u64)> = HashMap::with_capacity(total_events);
     let mut events = EventColumns::with_capacity(total_events);
     let mut outcomes = Vec::with_capacity(batch.len());
+    let mut new_commands: Vec<CommandRecord> = Vec::new();
     let mut next = head;
     for job in batch {
+        if let Some(command) = &job.command {
+            let commands = commands.ok_or(NeedStoredIds)?;
+            let earlier = new_commands.iter().rev().find(|r| r.key == command.key);
+            let stored = earlier.or_else(|| commands.stored.get(&command.key));
+            match resolve_command(command, stored, commands.now, commands.retention) {
+                Ok(Some(record)) => {
+                    outcomes.push(Ok(Appended::Replayed(record)));
+                    continue;
+                }
+                Ok(None) => {}
+                Err(rejection) => {
+                    outcomes.push(Err(rejection));
+                    continue;
+                }
+            }
+        }
         let stream = job.stream_id.as_str();
         let current = states
             .get(stream)
@@ -884,7 +1052,7 @@ pub(crate) fn plan_batch<'a>(
                 .collect();
             match resolve_duplicates(&job.stream_id, job.expected, current, &ids, &existing) {
                 Ok(Some(original)) => {
-                    outcomes.push(Ok(original));
+                    outcomes.push(Ok(Appended::Written(original)));
                     continue;
                 }
                 Err(rejection) => {
@@ -940,13 +1108,17 @@ pub(crate) fn plan_batch<'a>(
                 (&job.stream_id, state.version, next.last_position),
             );
         }
-        outcomes.push(Ok(AppendResult {
+        let result = AppendResult {
             stream_id: job.stream_id.clone(),
             first_version,
             last_version: state.version,
             first_position,
             last_position: next.last_position,
-        }));
+        };
+        if let (Some(command), Some(commands)) = (&job.command, commands) {
+            new_commands.push(new_command_record(job, command, &result, commands.now));
+        }
+        outcomes.push(Ok(Appended::Written(result)));
     }
     let mut new_streams = NewStreams::default();
     let mut touched = Vec::with_capacity(states.len());
@@ -960,6 +1132,7 @@ pub(crate) fn plan_batch<'a>(
     }
     Ok(Plan {
         outcomes,
+        commands: new_commands,
         events,
         new_streams,
         streams: touched,

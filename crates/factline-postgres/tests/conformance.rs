@@ -1,9 +1,11 @@
 //! The PostgreSQL store against the shared conformance suite, each test on
 //! its own database.
 
-factline_conformance::conformance_suite!(|| async {
+factline_conformance::conformance_suite!(|limits| async move {
     let db = factline_testpg::database().await;
-    let store = factline_postgres::PostgresStore::connect(&db.url)
+    let mut config = factline_postgres::PostgresConfig::new(&db.url);
+    config.limits = limits;
+    let store = factline_postgres::PostgresStore::connect_with(config)
         .await
         .expect("connect to the test database");
     (store, db)

@@ -34,6 +34,9 @@ pub fn insert_rows(
     let mut conn = open_connection(&config, false)?;
     schema::migrate(&mut conn)?;
     let err = db_error("baseline insert");
+    // A plain application keeps SQLite's own checkpointing.
+    conn.pragma_update(None, "wal_autocheckpoint", 1000)
+        .map_err(&err)?;
     // Default metadata, which the store keeps as NULL.
     let metadata: Option<&str> = None;
     let batch = batch.max(1);

@@ -9,6 +9,7 @@
 
 pub mod baseline;
 mod checkpoint;
+mod commands;
 mod reader;
 mod schema;
 mod writer;
@@ -19,10 +20,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use factline_core::writer_queue::{submit_append, AppendJob};
+use chrono::Utc;
+use factline_core::writer_queue::{submit_append, submit_command, AppendJob};
 use factline_core::{
-    AppendResult, EventData, EventStore, ExpectedVersion, Limits, ReadStream, RecordedEvent,
-    StorageError, StoreError, StreamFilter, StreamId, Subscription,
+    retention_cutoff, AppendResult, Appended, CommandKey, CommandRecord, EventData, EventStore,
+    ExpectedVersion, JsonText, Limits, ReadStream, RecordedEvent, Snapshot, StorageError,
+    StoreError, StreamFilter, StreamId, Subscription,
 };
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, watch};
@@ -118,6 +121,9 @@ struct Shared {
     head: Arc<watch::Sender<u64>>,
     stats: Arc<writer::Counters>,
     readers: reader::Pool,
+    /// Writes besides appends (snapshots, purges): their own connections,
+    /// which wait for the writer thread's lock like another process would.
+    side_writers: reader::Pool,
 }
 
 /// Wraps a SQLite error as a storage failure. Busy/locked databases are
@@ -167,6 +173,10 @@ pub(crate) fn open_connection(
             ))
             .into());
         }
+        // The checkpoint thread copies the WAL into the file, so no commit
+        // pays for it.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)
+            .map_err(&open_err)?;
     }
     conn.pragma_update(None, "synchronous", config.synchronous.pragma_value())
         .map_err(&open_err)?;
@@ -204,8 +214,6 @@ impl SqliteStore {
         let head = Arc::new(watch::channel(head_now).0);
         let stats = Arc::new(writer::Counters::default());
         let (jobs, queue) = mpsc::channel(config.queue_capacity.max(1));
-        conn.pragma_update(None, "wal_autocheckpoint", 0)
-            .map_err(db_error("configuring checkpoints"))?;
         let checkpoints = checkpoint::spawn(&config)?;
         writer::spawn(
             conn,
@@ -214,8 +222,10 @@ impl SqliteStore {
             head.clone(),
             stats.clone(),
             config.max_batch_events.max(1),
+            config.limits,
         )?;
-        let readers = reader::Pool::new(config.clone());
+        let readers = reader::Pool::new(config.clone(), true);
+        let side_writers = reader::Pool::new(config.clone(), false);
         Ok(SqliteStore {
             shared: Arc::new(Shared {
                 config,
@@ -223,6 +233,7 @@ impl SqliteStore {
                 head,
                 stats,
                 readers,
+                side_writers,
             }),
         })
     }
@@ -256,6 +267,72 @@ impl EventStore for SqliteStore {
             "SQLite writer thread",
         )
         .await
+    }
+
+    async fn append_command(
+        &self,
+        stream_id: &StreamId,
+        expected: ExpectedVersion,
+        events: Vec<EventData>,
+        command: &CommandKey,
+    ) -> Result<Appended, StoreError> {
+        submit_command(
+            &self.shared.jobs,
+            &self.shared.config.limits,
+            stream_id,
+            expected,
+            events,
+            command,
+            "SQLite writer thread",
+        )
+        .await
+    }
+
+    async fn find_command(&self, key: &str) -> Result<Option<CommandRecord>, StoreError> {
+        let key = key.to_owned();
+        let retention = self.shared.config.limits.command_retention;
+        let found = self
+            .shared
+            .readers
+            .run(move |conn| {
+                commands::find(conn, &key).map_err(db_error("looking up a command key"))?
+            })
+            .await?;
+        Ok(found.filter(|record| record.is_live(Utc::now(), retention)))
+    }
+
+    async fn purge_commands(&self) -> Result<u64, StoreError> {
+        let cutoff = retention_cutoff(Utc::now(), self.shared.config.limits.command_retention);
+        self.shared
+            .side_writers
+            .run(move |conn| {
+                commands::purge(conn, cutoff).map_err(db_error("purging command keys"))
+            })
+            .await
+    }
+
+    async fn save_snapshot(
+        &self,
+        stream_id: &StreamId,
+        version: u64,
+        snapshot_version: u32,
+        data: &JsonText,
+    ) -> Result<(), StoreError> {
+        let (stream_id, data) = (stream_id.clone(), data.clone());
+        self.shared
+            .side_writers
+            .run(move |conn| {
+                commands::save_snapshot(conn, &stream_id, version, snapshot_version, &data)
+            })
+            .await
+    }
+
+    async fn load_snapshot(&self, stream_id: &StreamId) -> Result<Option<Snapshot>, StoreError> {
+        let stream_id = stream_id.clone();
+        self.shared
+            .readers
+            .run(move |conn| commands::load_snapshot(conn, &stream_id))
+            .await
     }
 
     async fn read_stream(

@@ -19,20 +19,24 @@ pub(crate) struct Pool {
 
 struct PoolInner {
     config: SqliteConfig,
+    read_only: bool,
     idle: Mutex<Vec<Connection>>,
 }
 
 impl Pool {
-    pub fn new(config: SqliteConfig) -> Self {
+    /// A pool of read connections, or (`read_only` false) of connections
+    /// that may write.
+    pub fn new(config: SqliteConfig, read_only: bool) -> Self {
         Pool {
             inner: Arc::new(PoolInner {
                 config,
+                read_only,
                 idle: Mutex::new(Vec::new()),
             }),
         }
     }
 
-    /// Runs `query` on a pooled read connection off the async runtime.
+    /// Runs `query` on a pooled connection off the async runtime.
     pub async fn run<T, F>(&self, query: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -55,7 +59,7 @@ impl PoolInner {
         let pooled = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         match pooled {
             Some(conn) => Ok(conn),
-            None => open_connection(&self.config, true),
+            None => open_connection(&self.config, self.read_only),
         }
     }
 

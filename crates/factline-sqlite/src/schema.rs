@@ -40,6 +40,30 @@ const MIGRATIONS: &[&str] = &[
     CREATE UNIQUE INDEX events_stream_version ON events (stream_no, version);
     CREATE UNIQUE INDEX events_event_id ON events (event_id);
     CREATE INDEX events_category_position ON events (category, position);",
+    // 2: command idempotency keys (C3) and snapshots (C4).
+    //
+    // A command's key and result are written by the writer in the append's
+    // own transaction; event ids are 16 bytes each, concatenated.
+    // `recorded_at` (microseconds) is indexed for the retention purge.
+    "CREATE TABLE commands (
+        key            TEXT    PRIMARY KEY,
+        fingerprint    TEXT    NOT NULL,
+        stream_id      TEXT    NOT NULL,
+        first_version  INTEGER NOT NULL,
+        last_version   INTEGER NOT NULL,
+        first_position INTEGER NOT NULL,
+        last_position  INTEGER NOT NULL,
+        event_ids      BLOB    NOT NULL,
+        recorded_at    INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX commands_recorded_at ON commands (recorded_at);
+    CREATE TABLE snapshots (
+        stream_id        TEXT    PRIMARY KEY,
+        version          INTEGER NOT NULL,
+        snapshot_version INTEGER NOT NULL,
+        data             TEXT    NOT NULL,
+        recorded_at      INTEGER NOT NULL
+    );",
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

@@ -3,10 +3,13 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use chrono::Utc;
-use factline_core::writer_queue::{drain_batch, AppendJob};
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use factline_core::writer_queue::{drain_batch, new_command_record, AppendJob};
 use factline_core::{
-    resolve_duplicates, AppendResult, ExistingEvent, StorageError, StoreError, StreamId,
+    resolve_command, resolve_duplicates, retention_cutoff, AppendResult, Appended, ExistingEvent,
+    Limits, StorageError, StoreError, StreamId,
 };
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, watch};
@@ -27,6 +30,7 @@ pub(crate) fn spawn(
     head: Arc<watch::Sender<u64>>,
     counters: Arc<Counters>,
     max_batch_events: usize,
+    limits: Limits,
 ) -> Result<(), StoreError> {
     std::thread::Builder::new()
         .name("factline-sqlite-writer".into())
@@ -38,6 +42,7 @@ pub(crate) fn spawn(
                 &head,
                 &counters,
                 max_batch_events,
+                &limits,
             )
         })
         .map(|_| ())
@@ -52,17 +57,26 @@ fn run(
     head: &watch::Sender<u64>,
     counters: &Counters,
     max_batch_events: usize,
+    limits: &Limits,
 ) {
+    let mut last_purge: Option<Instant> = None;
     while let Some(first) = queue.blocking_recv() {
         let batch = drain_batch(first, &mut queue, max_batch_events);
-        let outcomes = commit_batch(&mut conn, &batch);
+        // Expired command keys go while commands come in, in the same
+        // transaction as a batch that stores keys.
+        let purge_due = batch.iter().any(|job| job.command.is_some())
+            && last_purge.is_none_or(|at| at.elapsed() >= limits.command_purge_interval);
+        if purge_due {
+            last_purge = Some(Instant::now());
+        }
+        let outcomes = commit_batch(&mut conn, &batch, limits, purge_due);
         counters.transactions.fetch_add(1, Ordering::Relaxed);
         counters
             .appends
             .fetch_add(batch.len() as u64, Ordering::Relaxed);
         let newest = outcomes
             .iter()
-            .filter_map(|o| o.as_ref().ok().map(|r| r.last_position))
+            .filter_map(|o| o.as_ref().ok().and_then(Appended::written_up_to))
             .max();
         if let Some(newest) = newest {
             checkpoints.after_commit();
@@ -93,11 +107,13 @@ fn run(
 fn commit_batch(
     conn: &mut Connection,
     batch: &[AppendJob],
-) -> Vec<Result<AppendResult, StoreError>> {
-    let recorded_at = Utc::now().timestamp_micros();
+    limits: &Limits,
+    purge: bool,
+) -> Vec<Result<Appended, StoreError>> {
+    let now = Utc::now();
     let mut check_ids_first = vec![false; batch.len()];
     loop {
-        match attempt_batch(conn, batch, &check_ids_first, recorded_at) {
+        match attempt_batch(conn, batch, &check_ids_first, now, limits, purge) {
             Ok(Attempt::Committed(outcomes)) => return outcomes,
             Ok(Attempt::DuplicateIn(index)) => check_ids_first[index] = true,
             Err(e) => {
@@ -117,7 +133,7 @@ fn commit_batch(
 }
 
 enum Attempt {
-    Committed(Vec<Result<AppendResult, StoreError>>),
+    Committed(Vec<Result<Appended, StoreError>>),
     /// The append at this index hit an already-stored event id; the
     /// transaction was rolled back.
     DuplicateIn(usize),
@@ -127,12 +143,17 @@ fn attempt_batch(
     conn: &mut Connection,
     batch: &[AppendJob],
     check_ids_first: &[bool],
-    recorded_at: i64,
+    now: DateTime<Utc>,
+    limits: &Limits,
+    purge: bool,
 ) -> rusqlite::Result<Attempt> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if purge {
+        crate::commands::purge(&tx, retention_cutoff(now, limits.command_retention))?;
+    }
     let mut outcomes = Vec::with_capacity(batch.len());
     for (index, job) in batch.iter().enumerate() {
-        match append_one(&tx, job, check_ids_first[index], recorded_at) {
+        match append_job(&tx, job, check_ids_first[index], now, limits) {
             Ok(outcome) => outcomes.push(outcome),
             Err(e)
                 if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)
@@ -148,9 +169,40 @@ fn attempt_batch(
     Ok(Attempt::Committed(outcomes))
 }
 
-/// Appends one job inside the batch transaction. The outer `Result` is a
-/// database failure; the inner one is this append's own outcome, decided
-/// before anything of it is written.
+/// Appends one job inside the batch transaction, with its command record
+/// when it has a key. A key stored by an earlier job of the batch is seen
+/// here too (same transaction), so repeats within a batch replay.
+fn append_job(
+    conn: &Connection,
+    job: &AppendJob,
+    check_ids_first: bool,
+    now: DateTime<Utc>,
+    limits: &Limits,
+) -> rusqlite::Result<Result<Appended, StoreError>> {
+    let Some(command) = &job.command else {
+        let appended = append_one(conn, job, check_ids_first, now.timestamp_micros())?;
+        return Ok(appended.map(Appended::Written));
+    };
+    let stored = match crate::commands::find(conn, &command.key)? {
+        Ok(stored) => stored,
+        Err(corrupt) => return Ok(Err(corrupt)),
+    };
+    match resolve_command(command, stored.as_ref(), now, limits.command_retention) {
+        Ok(Some(record)) => return Ok(Ok(Appended::Replayed(record))),
+        Ok(None) => {}
+        Err(rejection) => return Ok(Err(rejection)),
+    }
+    let result = match append_one(conn, job, check_ids_first, now.timestamp_micros())? {
+        Ok(result) => result,
+        Err(rejection) => return Ok(Err(rejection)),
+    };
+    crate::commands::insert(conn, &new_command_record(job, command, &result, now))?;
+    Ok(Ok(Appended::Written(result)))
+}
+
+/// Appends one job's events inside the batch transaction. The outer
+/// `Result` is a database failure; the inner one is this append's own
+/// outcome, decided before anything of it is written.
 fn append_one(
     conn: &Connection,
     job: &AppendJob,

@@ -107,7 +107,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(store) = cause.downcast_ref::<StoreError>() {
             return match store {
                 StoreError::Conflict { .. } => 3,
-                StoreError::IdempotencyMismatch { .. } => 4,
+                StoreError::IdempotencyMismatch { .. } | StoreError::CommandKeyReused { .. } => 4,
                 StoreError::TooLarge { .. }
                 | StoreError::InvalidStreamId(_)
                 | StoreError::InvalidInput(_) => 2,
