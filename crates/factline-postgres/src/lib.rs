@@ -465,9 +465,10 @@ impl EventStore for PostgresStore {
         match options.direction {
             Direction::Forwards => {
                 let from = sql_u64(options.from_version.unwrap_or(1));
+                let until = from.saturating_add(limit);
                 self.read_events(
                     &sql.read_stream_forwards,
-                    &[&stream_id.as_str(), &from, &limit],
+                    &[&stream_id.as_str(), &from, &limit, &until],
                 )
                 .await
             }

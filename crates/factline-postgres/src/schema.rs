@@ -277,8 +277,12 @@ impl Sql {
                                AS u(position, stream_no, version, category, event_id, event_type, data, metadata))
                  SELECT position_base, stream_base, pg_notify($16, (position_base + $11)::text) FROM h"
             ),
+            // Versions are dense, so a page of n events from version v is
+            // the range [v, v + n): bounding it keeps the scan to the page
+            // even under a plan that sorts (fresh tables have no stats).
             read_stream_forwards: format!(
-                "{select} WHERE s.stream_id = $1 AND e.version >= $2 ORDER BY e.version LIMIT $3"
+                "{select} WHERE s.stream_id = $1 AND e.version >= $2 AND e.version < $4
+                 ORDER BY e.version LIMIT $3"
             ),
             read_stream_backwards: format!(
                 "{select} WHERE s.stream_id = $1 AND e.version <= $2 ORDER BY e.version DESC LIMIT $3"

@@ -20,6 +20,8 @@ pub enum Bench {
     Append(AppendBench),
     /// Latency from append to a live subscriber under a steady load.
     Latency(LatencyBench),
+    /// Loading a long-lived aggregate with and without snapshots.
+    Load(crate::load_bench::LoadBench),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -31,7 +33,7 @@ pub enum Backend {
 }
 
 impl Backend {
-    fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Backend::Sqlite => "sqlite",
             Backend::Memory => "memory",
@@ -41,11 +43,11 @@ impl Backend {
 }
 
 /// The schemas the PostgreSQL benches create and drop again.
-const BENCH_SCHEMA: &str = "factline_bench";
+pub(crate) const BENCH_SCHEMA: &str = "factline_bench";
 const BASELINE_SCHEMA: &str = "factline_bench_baseline";
 
 /// The PostgreSQL URL a bench runs against.
-fn postgres_url(location: &Location) -> anyhow::Result<&str> {
+pub(crate) fn postgres_url(location: &Location) -> anyhow::Result<&str> {
     match location {
         Location::Postgres(url) => Ok(url),
         _ => Err(usage(
@@ -83,6 +85,7 @@ pub async fn run(bench: Bench, location: &Location) -> anyhow::Result<()> {
     match bench {
         Bench::Append(args) => append(args, location).await,
         Bench::Latency(args) => latency(args, location).await,
+        Bench::Load(args) => crate::load_bench::run(args, location).await,
     }
 }
 
@@ -310,7 +313,7 @@ async fn run_factline_postgres(
     Ok(run)
 }
 
-async fn fresh_postgres_store(url: &str) -> anyhow::Result<PostgresStore> {
+pub(crate) async fn fresh_postgres_store(url: &str) -> anyhow::Result<PostgresStore> {
     pg_baseline::drop_schema(url, BENCH_SCHEMA).await?;
     let mut config = PostgresConfig::new(url);
     config.schema = BENCH_SCHEMA.to_string();
@@ -384,12 +387,12 @@ async fn drive_appends(
     })
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
     values[values.len() / 2]
 }
 
-fn round(x: f64) -> f64 {
+pub(crate) fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 

@@ -1,13 +1,13 @@
-//! `factline demo`: appends a small sample of the orders domain and shows
-//! what was stored. It grows into the full demo (projections, dashboard) as
-//! those parts land.
+//! `factline demo`: runs the orders domain's load generator through the
+//! command handler (customers register, orders are placed, paid, shipped,
+//! cancelled, with the mistakes clients make) and shows what happened. It
+//! grows into the full demo (projections, dashboard) as those parts land.
 
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use clap::Args;
-use factline::{EventData, ExpectedVersion, Location, Metadata, StreamId};
-use serde_json::json;
-use uuid::Uuid;
+use factline::{EventStore, Location};
+use factline_orders::load::{self, LoadConfig};
 
 use crate::usage;
 
@@ -16,117 +16,83 @@ pub struct DemoArgs {
     /// Orders to place.
     #[arg(long, default_value_t = 12)]
     orders: u32,
+    /// Customers to register first.
+    #[arg(long, default_value_t = 6)]
+    customers: u32,
+    /// Orders started per second (default: as fast as they go).
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Orders in flight at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: u32,
+    /// Seeds the mix of commands; the same seed makes the same mix.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
 }
 
-const CUSTOMERS: [(&str, &str); 6] = [
-    ("ada", "eu-west"),
-    ("grace", "us-east"),
-    ("alan", "eu-west"),
-    ("edsger", "eu-central"),
-    ("barbara", "us-west"),
-    ("linus", "eu-central"),
-];
-
-const PRODUCTS: [(&str, u64); 4] = [
-    ("SKU-KEYBOARD", 8_900),
-    ("SKU-MONITOR", 24_900),
-    ("SKU-CABLE", 1_200),
-    ("SKU-DOCK", 15_500),
-];
-
 pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
-    if args.orders == 0 || args.orders > 10_000 {
-        return Err(usage("--orders must be between 1 and 10000"));
+    if args.orders == 0 || args.orders > 100_000 {
+        return Err(usage("--orders must be between 1 and 100000"));
     }
-    let store = location.open().await?;
+    if args.customers == 0 || args.customers > 100_000 {
+        return Err(usage("--customers must be between 1 and 100000"));
+    }
+    if args.concurrency == 0 || args.concurrency > 1024 {
+        return Err(usage("--concurrency must be between 1 and 1024"));
+    }
+    if args.rate.is_some_and(|r| !(r > 0.0 && r.is_finite())) {
+        return Err(usage(
+            "--rate must be a positive number of orders per second",
+        ));
+    }
+    let store: Arc<dyn EventStore> = location.open().await?;
     let start = store.head_position().await? + 1;
-    let mut revenue: BTreeMap<&str, u64> = BTreeMap::new();
-    let mut statuses: BTreeMap<&str, u32> = BTreeMap::new();
+    let config = LoadConfig {
+        customers: args.customers as usize,
+        orders: args.orders as usize,
+        orders_per_second: args.rate,
+        concurrency: args.concurrency as usize,
+        seed: args.seed,
+        snapshot_every: Some(100),
+    };
+    let report = load::run(store.clone(), &config).await?;
 
-    for n in 0..args.orders {
-        let (customer, region) = CUSTOMERS[n as usize % CUSTOMERS.len()];
-        let order = StreamId::new(format!("Order-{}", Uuid::new_v4()))?;
-        // One correlation id ties an order's whole life together.
-        let metadata = Metadata {
-            correlation_id: Some(Uuid::new_v4().to_string()),
-            ..Metadata::default()
-        };
-        let lines: Vec<_> = (0..=(n % 3))
-            .map(|i| {
-                let (sku, price) = PRODUCTS[((n + i) as usize) % PRODUCTS.len()];
-                json!({ "sku": sku, "quantity": 1 + (n + i) % 2, "unit_price_cents": price })
-            })
-            .collect();
-        let total: u64 = lines
-            .iter()
-            .map(|l| {
-                l["quantity"].as_u64().unwrap_or(0) * l["unit_price_cents"].as_u64().unwrap_or(0)
-            })
-            .sum();
-        let placed = EventData::new(
-            "OrderPlaced",
-            json!({ "customer_id": customer, "region": region, "lines": lines, "total_cents": total, "currency": "EUR" }),
-        )
-        .with_metadata(metadata.clone());
-        store
-            .append(&order, ExpectedVersion::NoStream, vec![placed])
-            .await?;
-
-        // Most orders are paid and many shipped; every fifth is cancelled.
-        let (follow_ups, status) = match n % 5 {
-            4 => (
-                vec![("OrderCancelled", json!({ "reason": "customer request" }))],
-                "cancelled",
-            ),
-            3 => (
-                vec![("OrderPaid", json!({ "amount_cents": total }))],
-                "paid",
-            ),
-            _ => (
-                vec![
-                    ("OrderPaid", json!({ "amount_cents": total })),
-                    ("OrderShipped", json!({ "carrier": "factline-post" })),
-                ],
-                "shipped",
-            ),
-        };
-        let events = follow_ups
-            .into_iter()
-            .map(|(t, d)| EventData::new(t, d).with_metadata(metadata.clone()))
-            .collect();
-        store
-            .append(&order, ExpectedVersion::Exact(1), events)
-            .await?;
-        if status != "cancelled" {
-            *revenue.entry(region).or_default() += total;
-        }
-        *statuses.entry(status).or_default() += 1;
-    }
-
-    let stored = store.read_all(start, usize::MAX).await?;
     println!(
-        "Appended {} events for {} orders to {}:",
-        stored.len(),
-        args.orders,
+        "Ran {} commands for {} customers and {} orders in {:.2} s ({:.0} commands/s) on {}:",
+        report.commands,
+        report.customers,
+        report.orders,
+        report.elapsed.as_secs_f64(),
+        report.commands_per_second(),
         location.describe()
     );
     println!(
-        "  {:>8}  {:<14}  {:<45} {:>3}",
+        "  {} accepted, {} events appended; {} refused by the rules (on purpose); {} repeats answered from their idempotency key",
+        report.accepted, report.events, report.rejected, report.replayed
+    );
+    let stored = store.read_all(start, usize::MAX).await?;
+    let shown = stored.len().min(12);
+    println!("\nThe last {shown} events:");
+    println!(
+        "  {:>8}  {:<18}  {:<28} {:>3}",
         "position", "type", "stream", "ver"
     );
-    for e in &stored {
+    for e in &stored[stored.len() - shown..] {
         println!(
-            "  {:>8}  {:<14}  {:<45} {:>3}",
-            e.position, e.event_type, e.stream_id, e.version
+            "  {:>8}  {:<18}  {:<28} {:>3}",
+            e.position,
+            e.event_type,
+            e.stream_id.as_str(),
+            e.version
         );
     }
     println!("\nOrders by status:");
-    for (status, count) in &statuses {
-        println!("  {status:<10} {count:>4}");
+    for (status, count) in &report.statuses {
+        println!("  {status:<10} {count:>6}");
     }
-    println!("\nRevenue by region (paid orders):");
-    for (region, cents) in &revenue {
-        println!("  {region:<12} {:>10.2} EUR", *cents as f64 / 100.0);
+    println!("\nRevenue by region (paid, not refunded):");
+    for (region, cents) in &report.revenue_cents {
+        println!("  {region:<12} {:>12.2} EUR", *cents as f64 / 100.0);
     }
     println!("\nTry: factline read-category Order --limit 5   |   factline tail --all");
     Ok(())

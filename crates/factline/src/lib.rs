@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+pub use factline_aggregate as aggregate;
 pub use factline_core::*;
 pub use factline_postgres as postgres;
 pub use factline_sqlite as sqlite;
