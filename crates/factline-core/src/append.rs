@@ -216,6 +216,14 @@ mod tests {
             .collect()
     }
 
+    /// C3 keeps command keys for 7 days unless configured otherwise.
+    #[test]
+    fn command_keys_are_kept_a_week_by_default() {
+        let limits = Limits::default();
+        assert_eq!(limits.command_retention, Duration::from_secs(7 * 24 * 3600));
+        assert!(limits.command_purge_interval < limits.command_retention);
+    }
+
     /// Encoding keeps the order and the JSON text, and the first error
     /// anywhere in a large append surfaces.
     #[test]

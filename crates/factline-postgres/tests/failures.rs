@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use common::sid;
 use factline_core::{
-    AppendResult, EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError, StreamFilter,
+    AppendResult, Appended, CommandKey, EventData, EventStore, ExpectedVersion, RecordedEvent,
+    StoreError, StreamFilter,
 };
 use factline_postgres::PostgresStore;
 use factline_testpg::{Durability, PgCluster, StopMode};
@@ -390,4 +391,39 @@ async fn append_whose_acknowledgement_was_lost_is_safe_to_retry() {
         );
         stored_before = last;
     }
+
+    // A command whose acknowledgement was lost, sent again under its key
+    // with new event ids (as a client rebuilding it would): the first
+    // execution's record comes back and nothing more is written.
+    let key = CommandKey::new("pay-order-1", "same command");
+    let paid = || vec![EventData::new("Paid", json!({}))];
+    let first_try = paid();
+    let expected = ExpectedVersion::Exact(stored_before);
+    cutter.arm();
+    match store
+        .append_command(&sid("Order-1"), expected, first_try.clone(), &key)
+        .await
+    {
+        Err(StoreError::Storage(e)) => assert!(e.message().contains("may or may not"), "{e}"),
+        other => panic!("expected a lost acknowledgement, got {other:?}"),
+    }
+    assert!(
+        cutter.cut.load(Ordering::SeqCst),
+        "the proxy did not cut the command's commit"
+    );
+    match store
+        .append_command(&sid("Order-1"), expected, paid(), &key)
+        .await
+        .unwrap()
+    {
+        Appended::Replayed(record) => {
+            assert_eq!(record.event_ids, vec![first_try[0].event_id]);
+            assert_eq!(record.result.first_version, stored_before + 1);
+        }
+        Appended::Written(r) => panic!("the command ran twice: {r:?}"),
+    }
+    assert_eq!(
+        direct.read_all(1, usize::MAX).await.unwrap().len() as u64,
+        stored_before + 1
+    );
 }

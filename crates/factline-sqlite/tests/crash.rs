@@ -1,5 +1,6 @@
 //! A writer process killed with SIGKILL in the middle of group commits loses
-//! no acknowledged append and leaves no partial one behind.
+//! no acknowledged append and leaves no partial one behind; a command's key
+//! is stored exactly when its events are.
 //!
 //! The test re-runs its own test binary as the writer process: with
 //! `CHILD_DB` set, the same test function becomes the child.
@@ -10,7 +11,9 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use factline_core::{EventData, EventStore, ExpectedVersion, ReadStream, StreamId};
+use factline_core::{
+    Appended, CommandKey, EventData, EventStore, ExpectedVersion, ReadStream, StreamId,
+};
 use factline_sqlite::SqliteStore;
 use serde_json::{json, Value};
 
@@ -27,7 +30,8 @@ fn runtime() -> tokio::runtime::Runtime {
 }
 
 /// The child: 8 concurrent writers append forever, printing each
-/// acknowledged append as a JSON line.
+/// acknowledged append as a JSON line. Even writers append as commands
+/// whose idempotency key is the append's tag.
 fn run_child(path: &str) -> ! {
     runtime().block_on(async {
         let store = SqliteStore::open(path).unwrap();
@@ -43,10 +47,22 @@ fn run_child(path: &str) -> ! {
                     let events = (0..EVENTS_PER_APPEND)
                         .map(|i| EventData::new("Tick", json!({ "append": tag, "i": i })))
                         .collect();
-                    let r = store
-                        .append(&stream, ExpectedVersion::Any, events)
-                        .await
-                        .unwrap();
+                    let r = if writer % 2 == 0 {
+                        let key = CommandKey::new(tag.clone(), "crash test");
+                        match store
+                            .append_command(&stream, ExpectedVersion::Any, events, &key)
+                            .await
+                            .unwrap()
+                        {
+                            Appended::Written(r) => r,
+                            Appended::Replayed(r) => panic!("a fresh key replayed {r:?}"),
+                        }
+                    } else {
+                        store
+                            .append(&stream, ExpectedVersion::Any, events)
+                            .await
+                            .unwrap()
+                    };
                     let line = json!({
                         "stream": r.stream_id, "tag": tag,
                         "first_version": r.first_version, "first_position": r.first_position,
@@ -161,6 +177,44 @@ fn sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one() {
                 "append {key:?} is not contiguous"
             );
         }
+        // A command's key is stored exactly when its events are: for every
+        // tag the keyed writers can have used, record and events agree.
+        let mut keyed_tags = Vec::new();
+        for ack in &acked {
+            let tag = ack["tag"].as_str().unwrap();
+            let parts: Vec<&str> = tag.split('-').collect();
+            let (pid, writer, n): (&str, u64, u64) = (
+                parts[0],
+                parts[1].parse().unwrap(),
+                parts[2].parse().unwrap(),
+            );
+            if writer % 2 == 0 {
+                // Tags a writer may have used past its last acknowledgement.
+                for m in 0..=n + 20 {
+                    keyed_tags.push(format!("{pid}-{writer}-{m}"));
+                }
+            }
+        }
+        keyed_tags.sort();
+        keyed_tags.dedup();
+        let mut records = 0;
+        for tag in &keyed_tags {
+            let record = store.find_command(tag).await.unwrap();
+            let stored: Vec<_> = all
+                .iter()
+                .filter(|e| e.data["append"].as_str() == Some(tag.as_str()))
+                .collect();
+            match record {
+                Some(record) => {
+                    records += 1;
+                    let ids: Vec<_> = stored.iter().map(|e| e.event_id).collect();
+                    assert_eq!(record.event_ids, ids, "the record of {tag} disagrees");
+                    assert_eq!(record.result.first_position, stored[0].position);
+                }
+                None => assert!(stored.is_empty(), "{tag} has events but no key"),
+            }
+        }
+        assert!(records > 0, "no keyed append was checked");
         // And the store keeps working after the crashes.
         store
             .append(
