@@ -135,24 +135,7 @@ impl Run {
         command: &A::Command,
         context: &CommandContext,
     ) -> Result<(), LoadError> {
-        self.counters.commands.fetch_add(1, Ordering::Relaxed);
-        match handler.handle(id, command, context).await {
-            Ok(outcome) if outcome.replayed => {
-                self.counters.replayed.fetch_add(1, Ordering::Relaxed);
-                Ok(())
-            }
-            Ok(outcome) => {
-                self.counters.accepted.fetch_add(1, Ordering::Relaxed);
-                let events = outcome.event_ids.len() as u64;
-                self.counters.events.fetch_add(events, Ordering::Relaxed);
-                Ok(())
-            }
-            Err(CommandError::Failed(failure)) => Err(failure.into()),
-            Err(other) => Err(LoadError::Unexpected {
-                what: format!("{}-{id}", A::CATEGORY),
-                reason: other.to_string(),
-            }),
-        }
+        self.run_command(handler, id, command, context, false).await
     }
 
     /// Runs a command the rules must refuse (a client's mistake).
@@ -163,21 +146,43 @@ impl Run {
         command: &A::Command,
         context: &CommandContext,
     ) -> Result<(), LoadError> {
-        self.counters.commands.fetch_add(1, Ordering::Relaxed);
+        self.run_command(handler, id, command, context, true).await
+    }
+
+    async fn run_command<A: Aggregate>(
+        &self,
+        handler: &CommandHandler<A>,
+        id: &str,
+        command: &A::Command,
+        context: &CommandContext,
+        refusal_expected: bool,
+    ) -> Result<(), LoadError> {
+        let counters = &self.counters;
+        counters.commands.fetch_add(1, Ordering::Relaxed);
+        let unexpected = |reason: String| LoadError::Unexpected {
+            what: format!("{}-{id}", A::CATEGORY),
+            reason,
+        };
         match handler.handle(id, command, context).await {
-            Err(CommandError::Rejected(_)) => {
-                self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+            Err(CommandError::Failed(failure)) => Err(failure.into()),
+            Err(CommandError::Rejected(_)) if refusal_expected => {
+                counters.rejected.fetch_add(1, Ordering::Relaxed);
                 Ok(())
             }
-            Err(CommandError::Failed(failure)) => Err(failure.into()),
-            Err(other) => Err(LoadError::Unexpected {
-                what: format!("{}-{id}", A::CATEGORY),
-                reason: other.to_string(),
-            }),
-            Ok(_) => Err(LoadError::Unexpected {
-                what: format!("{}-{id}", A::CATEGORY),
-                reason: "a command the rules forbid was accepted".into(),
-            }),
+            Err(other) => Err(unexpected(other.to_string())),
+            Ok(_) if refusal_expected => {
+                Err(unexpected("a command the rules forbid was accepted".into()))
+            }
+            Ok(outcome) if outcome.replayed => {
+                counters.replayed.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(outcome) => {
+                counters.accepted.fetch_add(1, Ordering::Relaxed);
+                let events = outcome.event_ids.len() as u64;
+                counters.events.fetch_add(events, Ordering::Relaxed);
+                Ok(())
+            }
         }
     }
 
