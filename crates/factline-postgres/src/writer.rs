@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use factline_core::writer_queue::{drain_batch, new_command_record, AppendJob};
 use factline_core::{
     resolve_command, resolve_duplicates, retention_cutoff, AppendResult, Appended, CommandRecord,
@@ -139,7 +139,9 @@ impl Writer {
     /// Appends with command keys always take the slow path, which looks
     /// their keys up under the head lock.
     async fn commit_batch(&mut self, batch: &[AppendJob]) -> Vec<Result<Appended, StoreError>> {
-        let recorded_at = Utc::now();
+        // PostgreSQL keeps microseconds: what a batch hands back (a command
+        // record replayed within the batch) must equal what is read later.
+        let recorded_at = Utc::now().trunc_subsecs(6);
         let keyed = batch.iter().any(|job| job.command.is_some());
         let purge = keyed
             && self

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{connect, events, eventually, gated_store, sid};
-use factline_core::{EventStore, ExpectedVersion, StoreError, StreamFilter};
+use factline_core::{Appended, CommandKey, EventStore, ExpectedVersion, StoreError, StreamFilter};
 use factline_postgres::{PostgresConfig, PostgresStore, SCHEMA_VERSION};
 
 const ANY: ExpectedVersion = ExpectedVersion::Any;
@@ -178,6 +178,66 @@ async fn concurrent_single_appends_share_transactions() {
     assert_eq!(after.appends - before.appends, 64);
     assert_eq!(after.transactions - before.transactions, 2);
     assert_eq!(store.head_position().await.unwrap(), 64 + 52);
+}
+
+/// Senders of one command that queue behind a held transaction land in one
+/// batch: the first writes, the rest are answered from the record planned
+/// in that batch, which equals the record read back afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_command_key_repeated_within_a_batch_writes_once() {
+    let db = factline_testpg::database().await;
+    let (store, gate) = gated_store(&db.url).await;
+    let key = CommandKey::new("place-7", "same");
+    let held = {
+        let store = store.clone();
+        tokio::spawn(async move { store.append(&sid("Other-1"), ANY, events(1, "h")).await })
+    };
+    gate.reached().await;
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (store, key) = (store.clone(), key.clone());
+        tasks.push(tokio::spawn(async move {
+            store
+                .append_command(
+                    &sid("Order-7"),
+                    ExpectedVersion::NoStream,
+                    events(2, "k"),
+                    &key,
+                )
+                .await
+        }));
+    }
+    eventually("the commands queue", || async {
+        store.queued_appends() == 8
+    })
+    .await;
+    let before = store.stats();
+    gate.release(true);
+    held.await.unwrap().unwrap();
+    gate.reached().await;
+    gate.release(true);
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap().unwrap());
+    }
+    assert_eq!(
+        store.stats().transactions - before.transactions,
+        2,
+        "one batch for all 8"
+    );
+    let record = store.find_command("place-7").await.unwrap().unwrap();
+    let written: Vec<_> = outcomes
+        .iter()
+        .filter_map(|o| match o {
+            Appended::Written(result) => Some(result),
+            Appended::Replayed(replayed) => {
+                assert_eq!(replayed, &record, "a replay differs from the stored record");
+                None
+            }
+        })
+        .collect();
+    assert_eq!(written, vec![&record.result]);
+    assert_eq!(store.head_position().await.unwrap(), 3);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use std::time::Instant;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use factline_core::writer_queue::{drain_batch, new_command_record, AppendJob};
 use factline_core::{
     resolve_command, resolve_duplicates, retention_cutoff, AppendResult, Appended, ExistingEvent,
@@ -110,7 +110,8 @@ fn commit_batch(
     limits: &Limits,
     purge: bool,
 ) -> Vec<Result<Appended, StoreError>> {
-    let now = Utc::now();
+    // Stored as microseconds; records handed back must equal those read.
+    let now = Utc::now().trunc_subsecs(6);
     let mut check_ids_first = vec![false; batch.len()];
     loop {
         match attempt_batch(conn, batch, &check_ids_first, now, limits, purge) {
