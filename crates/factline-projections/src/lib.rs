@@ -1,0 +1,79 @@
+//! factline's projection engine (P1, P3): read models computed from the
+//! event log, each with a checkpoint (the last global position applied)
+//! written in the same transaction as the read model's rows. After a crash
+//! a projection resumes from its checkpoint: no event is lost and none is
+//! applied twice.
+//!
+//! A projection is written for its read model's database: a
+//! [`SqliteProjection`] writes through a `rusqlite::Transaction`, a
+//! [`PostgresProjection`] through a `tokio_postgres::Transaction`. The read
+//! model may live in the same database as the events or in another one of
+//! the same kind; events come from any [`EventStore`](factline_core::EventStore).
+//! A [`Runner`] follows `$all` from the checkpoint and hands the projection
+//! batches (500 events or 100 ms, whichever comes first, by default).
+
+mod postgres;
+mod runner;
+mod sqlite;
+
+pub use postgres::{PostgresProjection, PostgresSink};
+pub use runner::{BatchPolicy, Runner, RunnerStats, Sink};
+pub use sqlite::{SqliteProjection, SqliteSink};
+
+/// Why a projection stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    /// The projection's own code refused an event; the batch was rolled
+    /// back with its checkpoint.
+    #[error("projection {projection} failed on the event at position {position}: {message}")]
+    Apply {
+        projection: String,
+        position: u64,
+        message: String,
+    },
+    /// The read model's database failed; the batch was rolled back.
+    #[error("projection {projection}: {message}")]
+    ReadModel { projection: String, message: String },
+    #[error(transparent)]
+    Store(#[from] factline_core::StoreError),
+}
+
+/// What a projection's `apply` returns when it cannot apply an event.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ApplyError(pub String);
+
+impl ApplyError {
+    pub fn new(message: impl Into<String>) -> Self {
+        ApplyError(message.into())
+    }
+}
+
+impl From<rusqlite::Error> for ApplyError {
+    fn from(e: rusqlite::Error) -> Self {
+        ApplyError(e.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for ApplyError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        ApplyError(e.to_string())
+    }
+}
+
+/// Projection names go into checkpoint rows and log lines: short and plain.
+pub(crate) fn validate_name(name: &str) -> Result<(), ProjectionError> {
+    let ok = !name.is_empty()
+        && name.len() <= 100
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
+    if ok {
+        Ok(())
+    } else {
+        Err(ProjectionError::ReadModel {
+            projection: name.chars().take(100).collect(),
+            message: "a projection name is 1 to 100 letters, digits, '_', '-' or '.'".into(),
+        })
+    }
+}

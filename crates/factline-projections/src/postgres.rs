@@ -1,0 +1,184 @@
+//! Read models in PostgreSQL: the events' database or another.
+
+use async_trait::async_trait;
+use factline_core::RecordedEvent;
+use tokio_postgres::{Client, NoTls, Transaction};
+
+use crate::{ApplyError, ProjectionError, Sink};
+
+/// A projection whose read model is in PostgreSQL.
+#[async_trait]
+pub trait PostgresProjection: Send + Sync + 'static {
+    /// Unique among the projections of one read-model schema.
+    fn name(&self) -> &str;
+
+    /// Creates the read model's tables if they are missing. Runs in the
+    /// first batch's transaction of every run.
+    async fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error>;
+
+    /// Applies one event inside the batch's transaction.
+    async fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        event: &RecordedEvent,
+    ) -> Result<(), ApplyError>;
+}
+
+/// Commits a [`PostgresProjection`]'s batches to its read-model database,
+/// one transaction per batch with the checkpoint, which lives in
+/// `<schema>.projection_checkpoints`.
+pub struct PostgresSink<P> {
+    name: String,
+    client: Client,
+    projection: P,
+    checkpoints: String,
+    set_up: bool,
+}
+
+impl<P: PostgresProjection> PostgresSink<P> {
+    /// Connects to the read-model database at `url` and keeps checkpoints
+    /// in `schema` (created if missing). It may be the event store's own
+    /// database.
+    pub async fn connect(url: &str, schema: &str, projection: P) -> Result<Self, ProjectionError> {
+        let name = projection.name().to_owned();
+        crate::validate_name(&name)?;
+        let failed = |message: String| ProjectionError::ReadModel {
+            projection: name.clone(),
+            message,
+        };
+        let schema_ok = !schema.is_empty()
+            && schema.len() <= 50
+            && schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && !schema.starts_with(|c: char| c.is_ascii_digit());
+        if !schema_ok {
+            return Err(failed(format!(
+                "schema name {schema:?} must be 1 to 50 lower-case letters, digits or _"
+            )));
+        }
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| failed(format!("invalid PostgreSQL connection string: {e}")))?;
+        config.application_name(format!("factline projection {name}"));
+        let (client, connection) = config
+            .connect(NoTls)
+            .await
+            .map_err(|e| failed(format!("connecting the read model: {e}")))?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "projection connection ended");
+            }
+        });
+        let checkpoints = format!("\"{schema}\".projection_checkpoints");
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+                 CREATE TABLE IF NOT EXISTS {checkpoints} (
+                     name       text        PRIMARY KEY,
+                     position   bigint      NOT NULL,
+                     updated_at timestamptz NOT NULL
+                 );"
+            ))
+            .await
+            .or_else(|e| {
+                // Two runners creating the table at once: one wins.
+                if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                    Ok(())
+                } else {
+                    Err(failed(format!("creating the checkpoint table: {e}")))
+                }
+            })?;
+        Ok(PostgresSink {
+            name,
+            client,
+            projection,
+            checkpoints,
+            set_up: false,
+        })
+    }
+
+    /// The read-model connection, for queries between batches.
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+
+    fn failed(&self, context: &str, e: tokio_postgres::Error) -> ProjectionError {
+        ProjectionError::ReadModel {
+            projection: self.name.clone(),
+            message: format!("{context}: {e}"),
+        }
+    }
+}
+
+#[async_trait]
+impl<P: PostgresProjection> Sink for PostgresSink<P> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn checkpoint(&mut self) -> Result<u64, ProjectionError> {
+        let row = self
+            .client
+            .query_opt(
+                &format!("SELECT position FROM {} WHERE name = $1", self.checkpoints),
+                &[&self.name],
+            )
+            .await
+            .map_err(|e| self.failed("reading the checkpoint", e))?;
+        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
+        let Some(last) = events.last().map(|e| e.position as i64) else {
+            return Ok(());
+        };
+        let upsert = format!(
+            "INSERT INTO {} (name, position, updated_at) VALUES ($1, $2, now())
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position,
+                                              updated_at = excluded.updated_at",
+            self.checkpoints
+        );
+        let (name, set_up) = (self.name.clone(), self.set_up);
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| ProjectionError::ReadModel {
+                projection: name.clone(),
+                message: format!("starting a batch: {e}"),
+            })?;
+        let fail = |context: &str, e: tokio_postgres::Error| ProjectionError::ReadModel {
+            projection: name.clone(),
+            message: format!("{context}: {e}"),
+        };
+        if !set_up {
+            self.projection
+                .setup(&tx)
+                .await
+                .map_err(|e| fail("setting up the read model", e))?;
+        }
+        for event in &events {
+            if let Err(refusal) = self.projection.apply(&tx, event).await {
+                // Dropping the transaction rolls the batch back.
+                return Err(ProjectionError::Apply {
+                    projection: name.clone(),
+                    position: event.position,
+                    message: refusal.0,
+                });
+            }
+        }
+        tx.execute(&upsert, &[&name, &last])
+            .await
+            .map_err(|e| fail("moving the checkpoint", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| fail("committing a batch", e))?;
+        self.set_up = true;
+        Ok(())
+    }
+}

@@ -1,0 +1,186 @@
+//! The loop every projection runs: follow `$all` from the checkpoint, cut
+//! the stream into batches, hand each batch to the sink, which commits it
+//! with its checkpoint.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use factline_core::{EventStore, RecordedEvent, StreamFilter, Subscription};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::ProjectionError;
+
+/// When a batch is committed: at `max_events`, or `max_wait` after its
+/// first event, whichever comes first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchPolicy {
+    pub max_events: usize,
+    pub max_wait: Duration,
+}
+
+impl Default for BatchPolicy {
+    fn default() -> Self {
+        BatchPolicy {
+            max_events: 500,
+            max_wait: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Where a projection's batches go: one transaction per batch holding the
+/// read model's changes and the new checkpoint.
+#[async_trait]
+pub trait Sink: Send {
+    /// The projection's name.
+    fn name(&self) -> &str;
+    /// The last position applied (0 before the first batch).
+    async fn checkpoint(&mut self) -> Result<u64, ProjectionError>;
+    /// Applies `events` (in global order, all after the checkpoint) and
+    /// moves the checkpoint to the last one, atomically: all or nothing.
+    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<(), ProjectionError>;
+}
+
+/// Counts of a runner's work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RunnerStats {
+    pub batches: u64,
+    pub events: u64,
+    /// The checkpoint after the last committed batch.
+    pub checkpoint: u64,
+    /// The most events one batch held.
+    pub largest_batch: usize,
+}
+
+/// Runs one projection: catch up from its checkpoint, then follow live.
+pub struct Runner<S> {
+    store: Arc<dyn EventStore>,
+    sink: S,
+    policy: BatchPolicy,
+    stats: RunnerStats,
+    progress: watch::Sender<u64>,
+}
+
+impl<S: Sink> Runner<S> {
+    pub fn new(store: Arc<dyn EventStore>, sink: S) -> Self {
+        Runner {
+            store,
+            sink,
+            policy: BatchPolicy::default(),
+            stats: RunnerStats::default(),
+            progress: watch::channel(0).0,
+        }
+    }
+
+    pub fn with_policy(mut self, policy: BatchPolicy) -> Self {
+        self.policy = BatchPolicy {
+            max_events: policy.max_events.max(1),
+            ..policy
+        };
+        self
+    }
+
+    pub fn stats(&self) -> RunnerStats {
+        self.stats
+    }
+
+    /// A receiver of the checkpoint after every committed batch.
+    pub fn watch_checkpoint(&self) -> watch::Receiver<u64> {
+        self.progress.subscribe()
+    }
+
+    pub fn sink(&self) -> &S {
+        &self.sink
+    }
+
+    pub fn into_sink(self) -> S {
+        self.sink
+    }
+
+    /// Follows the log until `stop` turns true (or its sender is dropped),
+    /// committing the batch in hand before returning. A failing batch stops
+    /// the runner with nothing of that batch committed.
+    pub async fn run(
+        &mut self,
+        mut stop: watch::Receiver<bool>,
+    ) -> Result<RunnerStats, ProjectionError> {
+        let mut subscription = self.subscribe().await?;
+        loop {
+            if *stop.borrow_and_update() {
+                return Ok(self.stats);
+            }
+            let first = tokio::select! {
+                event = subscription.next() => event?,
+                _ = stop.changed() => continue,
+            };
+            let batch = Self::fill_batch(self.policy, &mut subscription, first, u64::MAX).await?;
+            self.commit(batch).await?;
+        }
+    }
+
+    /// Applies every event up to global position `to` (or the head when it
+    /// is lower) and returns; for rebuilds, tests and tools.
+    pub async fn catch_up(&mut self, to: u64) -> Result<RunnerStats, ProjectionError> {
+        let to = to.min(self.store.head_position().await?);
+        let mut subscription = self.subscribe().await?;
+        while self.stats.checkpoint < to {
+            let first = subscription.next().await?;
+            if first.position > to {
+                break;
+            }
+            let batch = Self::fill_batch(self.policy, &mut subscription, first, to).await?;
+            self.commit(batch).await?;
+        }
+        Ok(self.stats)
+    }
+
+    async fn subscribe(&mut self) -> Result<Subscription, ProjectionError> {
+        crate::validate_name(self.sink.name())?;
+        let checkpoint = self.sink.checkpoint().await?;
+        self.stats.checkpoint = checkpoint;
+        self.progress.send_replace(checkpoint);
+        Ok(self.store.subscribe(StreamFilter::All, checkpoint + 1))
+    }
+
+    /// `first` and what follows it, up to the policy's size, its time limit
+    /// and position `to`.
+    /// (Takes the policy, not `&self`: the runner stays `Send` without its
+    /// sink having to be `Sync`.)
+    async fn fill_batch(
+        policy: BatchPolicy,
+        subscription: &mut Subscription,
+        first: RecordedEvent,
+        to: u64,
+    ) -> Result<Vec<RecordedEvent>, ProjectionError> {
+        let deadline = Instant::now() + policy.max_wait;
+        let mut batch = vec![first];
+        while batch.len() < policy.max_events && batch[batch.len() - 1].position < to {
+            // `Subscription::next` loses nothing when cancelled: it moves
+            // its position only together with the events it keeps.
+            match tokio::time::timeout_at(deadline, subscription.next()).await {
+                Ok(event) => batch.push(event?),
+                Err(_) => break,
+            }
+        }
+        // Catching up to `to`, an event past it waits for the next call.
+        if batch[batch.len() - 1].position > to {
+            batch.pop();
+        }
+        Ok(batch)
+    }
+
+    async fn commit(&mut self, batch: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
+        let Some(last) = batch.last().map(|e| e.position) else {
+            return Ok(());
+        };
+        let size = batch.len();
+        self.sink.apply_batch(batch).await?;
+        self.stats.batches += 1;
+        self.stats.events += size as u64;
+        self.stats.largest_batch = self.stats.largest_batch.max(size);
+        self.stats.checkpoint = last;
+        self.progress.send_replace(last);
+        Ok(())
+    }
+}

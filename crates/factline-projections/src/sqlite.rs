@@ -1,0 +1,185 @@
+//! Read models in a SQLite file: the same file as the events or another.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use factline_core::RecordedEvent;
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+
+use crate::{ApplyError, ProjectionError, Sink};
+
+/// A projection whose read model is in SQLite.
+pub trait SqliteProjection: Send + 'static {
+    /// Unique among the projections of one read-model database.
+    fn name(&self) -> &str;
+
+    /// Creates the read model's tables if they are missing. Runs in the
+    /// first batch's transaction of every run.
+    fn setup(&mut self, tx: &Transaction<'_>) -> rusqlite::Result<()>;
+
+    /// Applies one event inside the batch's transaction.
+    fn apply(&mut self, tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError>;
+}
+
+/// The checkpoints of every projection in a read-model file.
+const CHECKPOINTS: &str = "CREATE TABLE IF NOT EXISTS factline_projection_checkpoints (
+    name       TEXT    PRIMARY KEY,
+    position   INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
+)";
+
+/// Commits a [`SqliteProjection`]'s batches to its read-model file, one
+/// transaction per batch with the checkpoint.
+pub struct SqliteSink<P> {
+    name: String,
+    path: PathBuf,
+    /// Taken while a batch runs on a blocking thread.
+    parts: Option<(Connection, P)>,
+    set_up: bool,
+}
+
+impl<P: SqliteProjection> SqliteSink<P> {
+    /// Opens (creating if needed) the read-model file at `path`. It may be
+    /// the event store's own file.
+    pub fn open(path: impl AsRef<Path>, projection: P) -> Result<Self, ProjectionError> {
+        let name = projection.name().to_owned();
+        crate::validate_name(&name)?;
+        let path = path.as_ref().to_path_buf();
+        let failed = |e: rusqlite::Error| ProjectionError::ReadModel {
+            projection: name.clone(),
+            message: format!("opening {}: {e}", path.display()),
+        };
+        let conn = Connection::open(&path).map_err(&failed)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(&failed)?;
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .map_err(&failed)?;
+        // A commit lost to a power cut is replayed from the older
+        // checkpoint: read model and checkpoint move together.
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(&failed)?;
+        conn.execute(CHECKPOINTS, []).map_err(&failed)?;
+        Ok(SqliteSink {
+            name,
+            path,
+            parts: Some((conn, projection)),
+            set_up: false,
+        })
+    }
+
+    /// The projection, between batches.
+    pub fn projection(&self) -> Option<&P> {
+        self.parts.as_ref().map(|(_, p)| p)
+    }
+
+    /// Runs `query` on the read-model connection (between batches).
+    pub async fn query<T: Send + 'static>(
+        &mut self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, ProjectionError> {
+        self.with_parts(move |conn, _| query(conn).map_err(|e| e.to_string()))
+            .await
+    }
+
+    /// Runs `work` on the connection and projection on a blocking thread,
+    /// and takes them back.
+    async fn with_parts<T: Send + 'static>(
+        &mut self,
+        work: impl FnOnce(&mut Connection, &mut P) -> Result<T, String> + Send + 'static,
+    ) -> Result<T, ProjectionError> {
+        let lost = || ProjectionError::ReadModel {
+            projection: self.name.clone(),
+            message: format!(
+                "the connection to {} was lost when a batch panicked",
+                self.path.display()
+            ),
+        };
+        let (mut conn, mut projection) = self.parts.take().ok_or_else(lost)?;
+        let (parts, result) = tokio::task::spawn_blocking(move || {
+            let result = work(&mut conn, &mut projection);
+            ((conn, projection), result)
+        })
+        .await
+        .map_err(|e| ProjectionError::ReadModel {
+            projection: self.name.clone(),
+            message: format!("a batch panicked: {e}"),
+        })?;
+        self.parts = Some(parts);
+        result.map_err(|message| ProjectionError::ReadModel {
+            projection: self.name.clone(),
+            message,
+        })
+    }
+}
+
+/// How a batch on the blocking thread ended.
+enum BatchEnd {
+    Committed,
+    /// The projection refused the event at this position.
+    Refused(u64, ApplyError),
+}
+
+#[async_trait]
+impl<P: SqliteProjection> Sink for SqliteSink<P> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn checkpoint(&mut self) -> Result<u64, ProjectionError> {
+        let name = self.name.clone();
+        self.query(move |conn| {
+            conn.query_row(
+                "SELECT position FROM factline_projection_checkpoints WHERE name = ?1",
+                [&name],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+            .map(|p| p.unwrap_or(0) as u64)
+        })
+        .await
+    }
+
+    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
+        let (name, set_up) = (self.name.clone(), self.set_up);
+        let end = self
+            .with_parts(move |conn, projection| {
+                let sql = |e: rusqlite::Error| e.to_string();
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(sql)?;
+                if !set_up {
+                    projection.setup(&tx).map_err(sql)?;
+                }
+                for event in &events {
+                    if let Err(refusal) = projection.apply(&tx, event) {
+                        // Dropping the transaction rolls the batch back.
+                        return Ok(BatchEnd::Refused(event.position, refusal));
+                    }
+                }
+                let last = events.last().map_or(0, |e| e.position);
+                tx.execute(
+                    "INSERT INTO factline_projection_checkpoints (name, position, updated_at)
+                     VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET position = excluded.position,
+                                                      updated_at = excluded.updated_at",
+                    params![name, last as i64, chrono::Utc::now().timestamp_micros()],
+                )
+                .map_err(sql)?;
+                tx.commit().map_err(sql)?;
+                Ok(BatchEnd::Committed)
+            })
+            .await?;
+        match end {
+            BatchEnd::Committed => {
+                self.set_up = true;
+                Ok(())
+            }
+            BatchEnd::Refused(position, refusal) => Err(ProjectionError::Apply {
+                projection: self.name.clone(),
+                position,
+                message: refusal.0,
+            }),
+        }
+    }
+}

@@ -1,0 +1,306 @@
+//! Projections with their checkpoint in the read model's transaction, on
+//! SQLite and PostgreSQL, with the read model in the events' own database
+//! and in another one: batches, a refused event rolling its batch back,
+//! resuming without applying anything twice, and following live appends.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use factline_core::{EventData, EventStore, ExpectedVersion, RecordedEvent, StreamId};
+use factline_projections::{
+    ApplyError, BatchPolicy, PostgresProjection, PostgresSink, ProjectionError, Runner, Sink,
+    SqliteProjection, SqliteSink,
+};
+use serde_json::json;
+
+/// Counts events per type; refuses the event at `refuse_at`.
+struct Counts {
+    refuse_at: Option<u64>,
+}
+
+impl SqliteProjection for Counts {
+    fn name(&self) -> &str {
+        "counts"
+    }
+    fn setup(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+        tx.execute(
+            "CREATE TABLE IF NOT EXISTS counts (event_type TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+            [],
+        )
+        .map(|_| ())
+    }
+    fn apply(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        event: &RecordedEvent,
+    ) -> Result<(), ApplyError> {
+        if self.refuse_at == Some(event.position) {
+            return Err(ApplyError::new("refused on purpose"));
+        }
+        tx.execute(
+            "INSERT INTO counts (event_type, n) VALUES (?1, 1)
+             ON CONFLICT (event_type) DO UPDATE SET n = n + 1",
+            [&event.event_type],
+        )?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl PostgresProjection for Counts {
+    fn name(&self) -> &str {
+        "counts"
+    }
+    async fn setup(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), tokio_postgres::Error> {
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS read.counts (event_type text PRIMARY KEY, n bigint NOT NULL)",
+        )
+        .await
+    }
+    async fn apply(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        event: &RecordedEvent,
+    ) -> Result<(), ApplyError> {
+        if self.refuse_at == Some(event.position) {
+            return Err(ApplyError::new("refused on purpose"));
+        }
+        tx.execute(
+            "INSERT INTO read.counts (event_type, n) VALUES ($1, 1)
+             ON CONFLICT (event_type) DO UPDATE SET n = read.counts.n + 1",
+            &[&event.event_type],
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+/// A store and a read-model database beside it.
+#[async_trait]
+trait Target: Sized {
+    type Sink: Sink + 'static;
+    async fn start() -> Self;
+    fn store(&self) -> Arc<dyn EventStore>;
+    async fn sink(&self, refuse_at: Option<u64>) -> Self::Sink;
+    /// The read model and the checkpoint, read in one go.
+    async fn read_model(sink: &mut Self::Sink) -> (BTreeMap<String, i64>, u64);
+}
+
+/// `SAME`: the read model is in the events' file; else in a file of its own.
+struct Sqlite<const SAME: bool> {
+    dir: tempfile::TempDir,
+    store: Arc<dyn EventStore>,
+}
+
+#[async_trait]
+impl<const SAME: bool> Target for Sqlite<SAME> {
+    type Sink = SqliteSink<Counts>;
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = factline_sqlite::SqliteStore::open(dir.path().join("events.db")).unwrap();
+        Sqlite {
+            dir,
+            store: Arc::new(store),
+        }
+    }
+    fn store(&self) -> Arc<dyn EventStore> {
+        self.store.clone()
+    }
+    async fn sink(&self, refuse_at: Option<u64>) -> Self::Sink {
+        let file = if SAME { "events.db" } else { "read.db" };
+        SqliteSink::open(self.dir.path().join(file), Counts { refuse_at }).unwrap()
+    }
+    async fn read_model(sink: &mut Self::Sink) -> (BTreeMap<String, i64>, u64) {
+        let counts = sink
+            .query(|conn| {
+                let exists: bool = conn.query_row(
+                    "SELECT count(*) > 0 FROM sqlite_master WHERE name = 'counts'",
+                    [],
+                    |r| r.get(0),
+                )?;
+                if !exists {
+                    return Ok(BTreeMap::new());
+                }
+                let mut stmt = conn.prepare("SELECT event_type, n FROM counts")?;
+                let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+                rows.collect()
+            })
+            .await
+            .unwrap();
+        (counts, sink.checkpoint().await.unwrap())
+    }
+}
+
+/// `SAME`: the read model is in the events' database; else in another.
+struct Postgres<const SAME: bool> {
+    events: factline_testpg::TestDatabase,
+    read: factline_testpg::TestDatabase,
+    store: Arc<dyn EventStore>,
+}
+
+#[async_trait]
+impl<const SAME: bool> Target for Postgres<SAME> {
+    type Sink = PostgresSink<Counts>;
+    async fn start() -> Self {
+        let events = factline_testpg::database().await;
+        let read = factline_testpg::database().await;
+        let store = factline_postgres::PostgresStore::connect(&events.url)
+            .await
+            .unwrap();
+        Postgres {
+            events,
+            read,
+            store: Arc::new(store),
+        }
+    }
+    fn store(&self) -> Arc<dyn EventStore> {
+        self.store.clone()
+    }
+    async fn sink(&self, refuse_at: Option<u64>) -> Self::Sink {
+        let url = if SAME {
+            &self.events.url
+        } else {
+            &self.read.url
+        };
+        PostgresSink::connect(url, "read", Counts { refuse_at })
+            .await
+            .unwrap()
+    }
+    async fn read_model(sink: &mut Self::Sink) -> (BTreeMap<String, i64>, u64) {
+        let rows = sink
+            .client()
+            .query(
+                "SELECT event_type, n FROM read.counts
+                 WHERE to_regclass('read.counts') IS NOT NULL",
+                &[],
+            )
+            .await
+            .unwrap_or_default();
+        let counts = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+        (counts, sink.checkpoint().await.unwrap())
+    }
+}
+
+const TYPES: [&str; 3] = ["Placed", "Paid", "Shipped"];
+
+/// `n` events over a few streams; event k has type `TYPES[k % 3]`.
+async fn append(store: &Arc<dyn EventStore>, n: u64) {
+    for chunk in 0..n.div_ceil(100) {
+        let events = (chunk * 100..(chunk * 100 + 100).min(n))
+            .map(|k| EventData::new(TYPES[(k % 3) as usize], json!({ "k": k })))
+            .collect();
+        let stream = StreamId::new(format!("Order-{}", chunk % 7)).unwrap();
+        store
+            .append(&stream, ExpectedVersion::Any, events)
+            .await
+            .unwrap();
+    }
+}
+
+fn expected_counts(n: u64) -> BTreeMap<String, i64> {
+    let mut counts = BTreeMap::new();
+    for k in 0..n {
+        *counts
+            .entry(TYPES[(k % 3) as usize].to_string())
+            .or_default() += 1;
+    }
+    counts
+}
+
+async fn catches_up_in_batches_with_the_checkpoint<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 1234).await;
+    let mut runner = Runner::new(target.store(), target.sink(None).await);
+    let stats = runner.catch_up(u64::MAX).await.unwrap();
+    assert_eq!((stats.events, stats.checkpoint), (1234, 1234));
+    assert_eq!(stats.largest_batch, 500, "batches hold at most 500 events");
+    assert!(stats.batches >= 3, "{stats:?}");
+    let (counts, checkpoint) = T::read_model(&mut runner.into_sink()).await;
+    assert_eq!((counts, checkpoint), (expected_counts(1234), 1234));
+}
+
+async fn a_refused_event_rolls_back_its_batch_and_resuming_applies_each_event_once<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 1234).await;
+    let mut runner = Runner::new(target.store(), target.sink(Some(700)).await);
+    match runner.catch_up(u64::MAX).await {
+        Err(ProjectionError::Apply { position, .. }) => assert_eq!(position, 700),
+        other => panic!("expected the refusal at 700, got {other:?}"),
+    }
+    let mut sink = runner.into_sink();
+    let (counts, checkpoint) = T::read_model(&mut sink).await;
+    assert_eq!(checkpoint, 500, "the batch with 700 is not committed");
+    assert_eq!(
+        counts,
+        expected_counts(500),
+        "read model and checkpoint move together"
+    );
+
+    // A new run (as after a restart) resumes from the checkpoint.
+    let mut runner = Runner::new(target.store(), target.sink(None).await);
+    let stats = runner.catch_up(u64::MAX).await.unwrap();
+    assert_eq!(stats.events, 734);
+    let (counts, checkpoint) = T::read_model(&mut runner.into_sink()).await;
+    assert_eq!((counts, checkpoint), (expected_counts(1234), 1234));
+}
+
+async fn follows_live_appends_until_stopped<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 10).await;
+    let mut runner =
+        Runner::new(target.store(), target.sink(None).await).with_policy(BatchPolicy {
+            max_events: 500,
+            max_wait: Duration::from_millis(20),
+        });
+    let mut progress = runner.watch_checkpoint();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(async move {
+        let stats = runner.run(stopped).await;
+        (stats, runner)
+    });
+    append(&target.store(), 300).await;
+    let head = target.store().head_position().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), progress.wait_for(|p| *p == head))
+        .await
+        .expect("the projection reaches the head")
+        .unwrap();
+    stop.send_replace(true);
+    let (stats, runner) = running.await.unwrap();
+    assert_eq!(stats.unwrap().checkpoint, head);
+    let (counts, checkpoint) = T::read_model(&mut runner.into_sink()).await;
+    let mut expected = expected_counts(10);
+    for (t, n) in expected_counts(300) {
+        *expected.entry(t).or_default() += n;
+    }
+    assert_eq!((counts, checkpoint), (expected, 310));
+}
+
+macro_rules! on_every_target {
+    ($($case:ident),* $(,)?) => {
+        on_every_target!(@in sqlite_same_file, super::Sqlite<true>; $($case),*);
+        on_every_target!(@in sqlite_other_file, super::Sqlite<false>; $($case),*);
+        on_every_target!(@in postgres_same_database, super::Postgres<true>; $($case),*);
+        on_every_target!(@in postgres_other_database, super::Postgres<false>; $($case),*);
+    };
+    (@in $module:ident, $target:ty; $($case:ident),*) => {
+        mod $module {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $case() {
+                    super::$case::<$target>().await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_target!(
+    catches_up_in_batches_with_the_checkpoint,
+    a_refused_event_rolls_back_its_batch_and_resuming_applies_each_event_once,
+    follows_live_appends_until_stopped,
+);
