@@ -12,13 +12,15 @@
 //! A [`Runner`] follows `$all` from the checkpoint and hands the projection
 //! batches (500 events or 100 ms, whichever comes first, by default).
 
-mod postgres;
+pub mod postgres;
 mod runner;
-mod sqlite;
+pub mod sqlite;
+mod status;
 
 pub use postgres::{PostgresProjection, PostgresSink};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink};
 pub use sqlite::{SqliteProjection, SqliteSink};
+pub use status::{Answer, Freshness, Lag, NotYet, OnTimeout, ProjectionStatus};
 
 /// Why a projection stopped.
 #[derive(Debug, thiserror::Error)]
@@ -76,4 +78,57 @@ pub(crate) fn validate_name(name: &str) -> Result<(), ProjectionError> {
             message: "a projection name is 1 to 100 letters, digits, '_', '-' or '.'".into(),
         })
     }
+}
+
+/// The SQL of an upsert that wins only with a newer position; `placeholder`
+/// spells parameter n (1-based) in the database's dialect. Parameters are
+/// the key values, then the other values, then the position.
+pub(crate) fn upsert_sql<V>(
+    table: &str,
+    key: &[(&str, V)],
+    values: &[(&str, V)],
+    placeholder: impl Fn(usize) -> String,
+) -> Result<String, ApplyError> {
+    let plain = |name: &str| {
+        !name.is_empty()
+            && name.len() <= 63
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+            && !name.starts_with(|c: char| c.is_ascii_digit())
+    };
+    let table_ok = table.split('.').count() <= 2 && table.split('.').all(plain);
+    let bad = key
+        .iter()
+        .chain(values)
+        .map(|(c, _)| *c)
+        .find(|c| !plain(c) || *c == "last_position");
+    if !table_ok || key.is_empty() {
+        return Err(ApplyError::new(format!(
+            "upsert into {table:?}: a plain table name and at least one key column are needed"
+        )));
+    }
+    if let Some(column) = bad {
+        return Err(ApplyError::new(format!(
+            "upsert into {table}: {column:?} is not a plain column name (or is last_position)"
+        )));
+    }
+    let columns: Vec<&str> = key.iter().chain(values).map(|(c, _)| *c).collect();
+    let marks: Vec<String> = (1..=columns.len() + 1).map(&placeholder).collect();
+    let updates: Vec<String> = values
+        .iter()
+        .map(|(c, _)| format!("{c} = excluded.{c}"))
+        .chain(["last_position = excluded.last_position".to_owned()])
+        .collect();
+    let key_columns: Vec<&str> = key.iter().map(|(c, _)| *c).collect();
+    // The target row is named by the table's last part (PostgreSQL does
+    // not accept a schema-qualified name there).
+    let row = table.rsplit('.').next().unwrap_or(table);
+    Ok(format!(
+        "INSERT INTO {table} ({}, last_position) VALUES ({})
+         ON CONFLICT ({}) DO UPDATE SET {}
+         WHERE excluded.last_position > {row}.last_position",
+        columns.join(", "),
+        marks.join(", "),
+        key_columns.join(", "),
+        updates.join(", "),
+    ))
 }

@@ -182,3 +182,26 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
         Ok(())
     }
 }
+
+/// Upserts a row of a read model kept outside the projection's
+/// transaction (P2): the row carries `last_position`, and the write wins
+/// only when `position` is newer than the row's, so replays and reordered
+/// deliveries never overwrite newer state. Returns whether it won.
+///
+/// `key` and `values` are (column, value) pairs; the table needs a unique
+/// key over the `key` columns and a `last_position bigint` column. `table`
+/// may be schema-qualified (`read.orders`).
+pub async fn upsert_if_newer<C: tokio_postgres::GenericClient + Sync>(
+    client: &C,
+    table: &str,
+    key: &[(&str, &(dyn tokio_postgres::types::ToSql + Sync))],
+    values: &[(&str, &(dyn tokio_postgres::types::ToSql + Sync))],
+    position: u64,
+) -> Result<bool, ApplyError> {
+    let sql = crate::upsert_sql(table, key, values, |n| format!("${n}"))?;
+    let position = position as i64;
+    let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> =
+        key.iter().chain(values).map(|(_, v)| *v).collect();
+    params.push(&position);
+    Ok(client.execute(&sql, &params).await? > 0)
+}

@@ -10,7 +10,7 @@ use factline_core::{EventStore, RecordedEvent, StreamFilter, Subscription};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::ProjectionError;
+use crate::{ProjectionError, ProjectionStatus};
 
 /// When a batch is committed: at `max_events`, or `max_wait` after its
 /// first event, whichever comes first.
@@ -59,17 +59,18 @@ pub struct Runner<S> {
     sink: S,
     policy: BatchPolicy,
     stats: RunnerStats,
-    progress: watch::Sender<u64>,
+    status: ProjectionStatus,
 }
 
 impl<S: Sink> Runner<S> {
     pub fn new(store: Arc<dyn EventStore>, sink: S) -> Self {
+        let status = ProjectionStatus::new(sink.name());
         Runner {
             store,
             sink,
             policy: BatchPolicy::default(),
             stats: RunnerStats::default(),
-            progress: watch::channel(0).0,
+            status,
         }
     }
 
@@ -87,7 +88,12 @@ impl<S: Sink> Runner<S> {
 
     /// A receiver of the checkpoint after every committed batch.
     pub fn watch_checkpoint(&self) -> watch::Receiver<u64> {
-        self.progress.subscribe()
+        self.status.watch()
+    }
+
+    /// The projection's checkpoint and lag, shared with readers (P9, P11).
+    pub fn status(&self) -> ProjectionStatus {
+        self.status.clone()
     }
 
     pub fn sink(&self) -> &S {
@@ -139,7 +145,17 @@ impl<S: Sink> Runner<S> {
         crate::validate_name(self.sink.name())?;
         let checkpoint = self.sink.checkpoint().await?;
         self.stats.checkpoint = checkpoint;
-        self.progress.send_replace(checkpoint);
+        // The lag in seconds is measured from the last applied event's time.
+        let last_applied = match checkpoint {
+            0 => None,
+            at => self
+                .store
+                .read_all(at, 1)
+                .await?
+                .first()
+                .map(|e| e.recorded_at),
+        };
+        self.status.committed(checkpoint, last_applied);
         Ok(self.store.subscribe(StreamFilter::All, checkpoint + 1))
     }
 
@@ -171,7 +187,7 @@ impl<S: Sink> Runner<S> {
     }
 
     async fn commit(&mut self, batch: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
-        let Some(last) = batch.last().map(|e| e.position) else {
+        let Some((last, recorded_at)) = batch.last().map(|e| (e.position, e.recorded_at)) else {
             return Ok(());
         };
         let size = batch.len();
@@ -180,7 +196,7 @@ impl<S: Sink> Runner<S> {
         self.stats.events += size as u64;
         self.stats.largest_batch = self.stats.largest_batch.max(size);
         self.stats.checkpoint = last;
-        self.progress.send_replace(last);
+        self.status.committed(last, Some(recorded_at));
         Ok(())
     }
 }

@@ -183,3 +183,27 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
         }
     }
 }
+
+/// Upserts a row of a read model kept outside the projection's
+/// transaction (P2): the row carries `last_position`, and the write wins
+/// only when `position` is newer than the row's, so replays and reordered
+/// deliveries never overwrite newer state. Returns whether it won.
+///
+/// `key` and `values` are (column, value) pairs; the table needs a unique
+/// key over the `key` columns and a `last_position INTEGER` column.
+pub fn upsert_if_newer(
+    conn: &Connection,
+    table: &str,
+    key: &[(&str, &dyn rusqlite::ToSql)],
+    values: &[(&str, &dyn rusqlite::ToSql)],
+    position: u64,
+) -> rusqlite::Result<bool> {
+    let sql = crate::upsert_sql(table, key, values, |n| format!("?{n}"))
+        .map_err(|e| rusqlite::Error::InvalidParameterName(e.to_string()))?;
+    let position = position as i64;
+    let mut params: Vec<&dyn rusqlite::ToSql> = key.iter().chain(values).map(|(_, v)| *v).collect();
+    params.push(&position);
+    conn.prepare_cached(&sql)?
+        .execute(params.as_slice())
+        .map(|changed| changed > 0)
+}

@@ -10,8 +10,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use factline_core::{EventData, EventStore, ExpectedVersion, RecordedEvent, StreamId};
 use factline_projections::{
-    ApplyError, BatchPolicy, PostgresProjection, PostgresSink, ProjectionError, Runner, Sink,
-    SqliteProjection, SqliteSink,
+    ApplyError, BatchPolicy, Freshness, OnTimeout, PostgresProjection, PostgresSink,
+    ProjectionError, Runner, Sink, SqliteProjection, SqliteSink,
 };
 use serde_json::json;
 
@@ -280,6 +280,90 @@ async fn follows_live_appends_until_stopped<T: Target>() {
     assert_eq!((counts, checkpoint), (expected, 310));
 }
 
+/// Lag in events and seconds (P9): behind before a run, part-way after a
+/// partial catch-up, nothing once caught up.
+async fn lag_counts_events_and_seconds_behind<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 1000).await;
+    let mut runner = Runner::new(target.store(), target.sink(None).await);
+    let status = runner.status();
+    assert_eq!(status.lag(1000).events_behind, 1000);
+    // Let the events age a little, so the lag in seconds is above zero.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    runner.catch_up(500).await.unwrap();
+    let lag = status.lag(1000);
+    assert_eq!((lag.checkpoint, lag.events_behind), (500, 500));
+    assert!(lag.seconds_behind > 0.0, "{lag:?}");
+    assert_eq!((lag.skipped, lag.parked), (0, 0));
+
+    // A new runner (a restart) knows the last applied event's time too.
+    let mut restarted = Runner::new(target.store(), target.sink(None).await);
+    let status = restarted.status();
+    restarted.catch_up(600).await.unwrap();
+    assert!(status.lag(1000).seconds_behind > 0.0);
+    restarted.catch_up(u64::MAX).await.unwrap();
+    let lag = status.lag(1000);
+    assert_eq!((lag.events_behind, lag.seconds_behind), (0, 0.0));
+}
+
+/// Read-your-writes (P11): a read waits for the position its write
+/// returned; past the timeout it fails, or answers flagged as stale.
+async fn reads_wait_for_the_position_of_a_write<T: Target>() {
+    let target = T::start().await;
+    let store = target.store();
+    let mut runner = Runner::new(store.clone(), target.sink(None).await).with_policy(BatchPolicy {
+        max_events: 500,
+        max_wait: Duration::from_millis(10),
+    });
+    let status = runner.status();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(async move { runner.run(stopped).await });
+    let order = StreamId::new("Order-ryw").unwrap();
+    let one = || vec![EventData::new("Placed", json!({}))];
+    let written = store
+        .append(&order, ExpectedVersion::Any, one())
+        .await
+        .unwrap();
+    let answer = status
+        .read_at(written.last_position, Freshness::default(), || async {
+            "read"
+        })
+        .await
+        .unwrap();
+    assert!(!answer.stale);
+    assert!(status.checkpoint() >= written.last_position);
+    stop.send_replace(true);
+    running.await.unwrap().unwrap();
+
+    // Nobody projects any more: the next write is never reached.
+    let unseen = store
+        .append(&order, ExpectedVersion::Any, one())
+        .await
+        .unwrap();
+    let short = Freshness {
+        timeout: Duration::from_millis(100),
+        on_timeout: OnTimeout::Fail,
+    };
+    let not_yet = status
+        .read_at(unseen.last_position, short, || async { "read" })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (not_yet.wanted, not_yet.reached),
+        (unseen.last_position, written.last_position)
+    );
+    let stale = Freshness {
+        on_timeout: OnTimeout::AnswerStale,
+        ..short
+    };
+    let answer = status
+        .read_at(unseen.last_position, stale, || async { "read" })
+        .await
+        .unwrap();
+    assert_eq!((answer.value, answer.stale), ("read", true));
+    assert_eq!(Freshness::default().timeout, Duration::from_secs(5));
+}
+
 macro_rules! on_every_target {
     ($($case:ident),* $(,)?) => {
         on_every_target!(@in sqlite_same_file, super::Sqlite<true>; $($case),*);
@@ -303,4 +387,6 @@ on_every_target!(
     catches_up_in_batches_with_the_checkpoint,
     a_refused_event_rolls_back_its_batch_and_resuming_applies_each_event_once,
     follows_live_appends_until_stopped,
+    lag_counts_events_and_seconds_behind,
+    reads_wait_for_the_position_of_a_write,
 );
