@@ -13,13 +13,15 @@
 //! batches (500 events or 100 ms, whichever comes first, by default).
 
 pub mod postgres;
+mod reactor;
 mod runner;
 pub mod sqlite;
 mod status;
 
-pub use postgres::{PostgresProjection, PostgresSink};
+pub use postgres::{PostgresCheckpoints, PostgresProjection, PostgresSink};
+pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink};
-pub use sqlite::{SqliteProjection, SqliteSink};
+pub use sqlite::{SqliteCheckpoints, SqliteProjection, SqliteSink};
 pub use status::{Answer, Freshness, Lag, NotYet, OnTimeout, ProjectionStatus};
 
 /// Why a projection stopped.

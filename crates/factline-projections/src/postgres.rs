@@ -42,53 +42,7 @@ impl<P: PostgresProjection> PostgresSink<P> {
     pub async fn connect(url: &str, schema: &str, projection: P) -> Result<Self, ProjectionError> {
         let name = projection.name().to_owned();
         crate::validate_name(&name)?;
-        let failed = |message: String| ProjectionError::ReadModel {
-            projection: name.clone(),
-            message,
-        };
-        let schema_ok = !schema.is_empty()
-            && schema.len() <= 50
-            && schema
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-            && !schema.starts_with(|c: char| c.is_ascii_digit());
-        if !schema_ok {
-            return Err(failed(format!(
-                "schema name {schema:?} must be 1 to 50 lower-case letters, digits or _"
-            )));
-        }
-        let mut config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| failed(format!("invalid PostgreSQL connection string: {e}")))?;
-        config.application_name(format!("factline projection {name}"));
-        let (client, connection) = config
-            .connect(NoTls)
-            .await
-            .map_err(|e| failed(format!("connecting the read model: {e}")))?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "projection connection ended");
-            }
-        });
-        let checkpoints = format!("\"{schema}\".projection_checkpoints");
-        client
-            .batch_execute(&format!(
-                "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
-                 CREATE TABLE IF NOT EXISTS {checkpoints} (
-                     name       text        PRIMARY KEY,
-                     position   bigint      NOT NULL,
-                     updated_at timestamptz NOT NULL
-                 );"
-            ))
-            .await
-            .or_else(|e| {
-                // Two runners creating the table at once: one wins.
-                if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                    Ok(())
-                } else {
-                    Err(failed(format!("creating the checkpoint table: {e}")))
-                }
-            })?;
+        let (client, checkpoints) = connect_with_checkpoints(url, schema, &name).await?;
         Ok(PostgresSink {
             name,
             client,
@@ -108,11 +62,80 @@ impl<P: PostgresProjection> PostgresSink<P> {
     }
 
     fn failed(&self, context: &str, e: tokio_postgres::Error) -> ProjectionError {
-        ProjectionError::ReadModel {
-            projection: self.name.clone(),
-            message: format!("{context}: {e}"),
-        }
+        failure(&self.name, context, e)
     }
+}
+
+fn failure(name: &str, context: &str, e: tokio_postgres::Error) -> ProjectionError {
+    ProjectionError::ReadModel {
+        projection: name.to_owned(),
+        message: format!("{context}: {e}"),
+    }
+}
+
+fn save_checkpoint_sql(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} (name, position, updated_at) VALUES ($1, $2, now())
+         ON CONFLICT (name) DO UPDATE SET position = excluded.position,
+                                          updated_at = excluded.updated_at"
+    )
+}
+
+/// A connection named after `name`, with `<schema>.projection_checkpoints`
+/// created if missing; returns the client and the table's quoted name.
+async fn connect_with_checkpoints(
+    url: &str,
+    schema: &str,
+    name: &str,
+) -> Result<(Client, String), ProjectionError> {
+    let failed = |message: String| ProjectionError::ReadModel {
+        projection: name.to_owned(),
+        message,
+    };
+    let schema_ok = !schema.is_empty()
+        && schema.len() <= 50
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit());
+    if !schema_ok {
+        return Err(failed(format!(
+            "schema name {schema:?} must be 1 to 50 lower-case letters, digits or _"
+        )));
+    }
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| failed(format!("invalid PostgreSQL connection string: {e}")))?;
+    config.application_name(format!("factline projection {name}"));
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| failed(format!("connecting the read model: {e}")))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "projection connection ended");
+        }
+    });
+    let checkpoints = format!("\"{schema}\".projection_checkpoints");
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+             CREATE TABLE IF NOT EXISTS {checkpoints} (
+                 name       text        PRIMARY KEY,
+                 position   bigint      NOT NULL,
+                 updated_at timestamptz NOT NULL
+             );"
+        ))
+        .await
+        .or_else(|e| {
+            // Two runners creating the table at once: one wins.
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                Ok(())
+            } else {
+                Err(failed(format!("creating the checkpoint table: {e}")))
+            }
+        })?;
+    Ok((client, checkpoints))
 }
 
 #[async_trait]
@@ -137,12 +160,7 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
         let Some(last) = events.last().map(|e| e.position as i64) else {
             return Ok(());
         };
-        let upsert = format!(
-            "INSERT INTO {} (name, position, updated_at) VALUES ($1, $2, now())
-             ON CONFLICT (name) DO UPDATE SET position = excluded.position,
-                                              updated_at = excluded.updated_at",
-            self.checkpoints
-        );
+        let upsert = save_checkpoint_sql(&self.checkpoints);
         let (name, set_up) = (self.name.clone(), self.set_up);
         let tx = self
             .client
@@ -204,4 +222,44 @@ pub async fn upsert_if_newer<C: tokio_postgres::GenericClient + Sync>(
         key.iter().chain(values).map(|(_, v)| *v).collect();
     params.push(&position);
     Ok(client.execute(&sql, &params).await? > 0)
+}
+
+/// Reactor checkpoints in PostgreSQL (`<schema>.projection_checkpoints`,
+/// the table projections use).
+pub struct PostgresCheckpoints {
+    client: Client,
+    table: String,
+}
+
+impl PostgresCheckpoints {
+    pub async fn connect(url: &str, schema: &str) -> Result<Self, ProjectionError> {
+        let (client, table) = connect_with_checkpoints(url, schema, "reactor checkpoints").await?;
+        Ok(PostgresCheckpoints { client, table })
+    }
+}
+
+#[async_trait]
+impl crate::Checkpoints for PostgresCheckpoints {
+    async fn load(&self, name: &str) -> Result<Option<u64>, ProjectionError> {
+        let row = self
+            .client
+            .query_opt(
+                &format!("SELECT position FROM {} WHERE name = $1", self.table),
+                &[&name],
+            )
+            .await
+            .map_err(|e| failure(name, "reading the checkpoint", e))?;
+        Ok(row.map(|r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn save(&self, name: &str, position: u64) -> Result<(), ProjectionError> {
+        self.client
+            .execute(
+                &save_checkpoint_sql(&self.table),
+                &[&name, &(position as i64)],
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| failure(name, "saving the checkpoint", e))
+    }
 }

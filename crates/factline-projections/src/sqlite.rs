@@ -29,6 +29,12 @@ const CHECKPOINTS: &str = "CREATE TABLE IF NOT EXISTS factline_projection_checkp
     updated_at INTEGER NOT NULL
 )";
 
+const SAVE_CHECKPOINT: &str =
+    "INSERT INTO factline_projection_checkpoints (name, position, updated_at)
+     VALUES (?1, ?2, ?3)
+     ON CONFLICT (name) DO UPDATE SET position = excluded.position,
+                                      updated_at = excluded.updated_at";
+
 /// Commits a [`SqliteProjection`]'s batches to its read-model file, one
 /// transaction per batch with the checkpoint.
 pub struct SqliteSink<P> {
@@ -159,10 +165,7 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
                 }
                 let last = events.last().map_or(0, |e| e.position);
                 tx.execute(
-                    "INSERT INTO factline_projection_checkpoints (name, position, updated_at)
-                     VALUES (?1, ?2, ?3)
-                     ON CONFLICT (name) DO UPDATE SET position = excluded.position,
-                                                      updated_at = excluded.updated_at",
+                    SAVE_CHECKPOINT,
                     params![name, last as i64, chrono::Utc::now().timestamp_micros()],
                 )
                 .map_err(sql)?;
@@ -206,4 +209,77 @@ pub fn upsert_if_newer(
     conn.prepare_cached(&sql)?
         .execute(params.as_slice())
         .map(|changed| changed > 0)
+}
+
+/// Reactor checkpoints in a SQLite file (the table projections use).
+pub struct SqliteCheckpoints {
+    conn: std::sync::Arc<std::sync::Mutex<Connection>>,
+}
+
+impl SqliteCheckpoints {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ProjectionError> {
+        let path = path.as_ref();
+        let failed = |e: rusqlite::Error| ProjectionError::ReadModel {
+            projection: "reactor checkpoints".into(),
+            message: format!("opening {}: {e}", path.display()),
+        };
+        let conn = Connection::open(path).map_err(&failed)?;
+        conn.busy_timeout(Duration::from_secs(10))
+            .map_err(&failed)?;
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .map_err(&failed)?;
+        conn.execute(CHECKPOINTS, []).map_err(&failed)?;
+        Ok(SqliteCheckpoints {
+            conn: std::sync::Arc::new(std::sync::Mutex::new(conn)),
+        })
+    }
+
+    async fn with_conn<T: Send + 'static>(
+        &self,
+        name: &str,
+        work: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
+    ) -> Result<T, ProjectionError> {
+        let conn = self.conn.clone();
+        let failed = |message: String| ProjectionError::ReadModel {
+            projection: name.to_owned(),
+            message,
+        };
+        tokio::task::spawn_blocking(move || {
+            let conn = conn
+                .lock()
+                .map_err(|_| "the checkpoint connection was poisoned".to_owned())?;
+            work(&conn).map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .map_err(failed)
+    }
+}
+
+#[async_trait]
+impl crate::Checkpoints for SqliteCheckpoints {
+    async fn load(&self, name: &str) -> Result<Option<u64>, ProjectionError> {
+        let key = name.to_owned();
+        self.with_conn(name, move |conn| {
+            conn.query_row(
+                "SELECT position FROM factline_projection_checkpoints WHERE name = ?1",
+                [&key],
+                |r| r.get::<_, i64>(0).map(|p| p as u64),
+            )
+            .optional()
+        })
+        .await
+    }
+
+    async fn save(&self, name: &str, position: u64) -> Result<(), ProjectionError> {
+        let key = name.to_owned();
+        self.with_conn(name, move |conn| {
+            conn.execute(
+                SAVE_CHECKPOINT,
+                params![key, position as i64, chrono::Utc::now().timestamp_micros()],
+            )
+            .map(|_| ())
+        })
+        .await
+    }
 }
