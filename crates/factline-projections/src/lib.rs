@@ -17,12 +17,14 @@ mod reactor;
 mod runner;
 pub mod sqlite;
 mod status;
+mod tables;
 
 pub use postgres::{PostgresCheckpoints, PostgresProjection, PostgresSink};
 pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
-pub use runner::{BatchPolicy, Runner, RunnerStats, Sink};
+pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};
 pub use sqlite::{SqliteCheckpoints, SqliteProjection, SqliteSink};
 pub use status::{Answer, Freshness, Lag, NotYet, OnTimeout, ProjectionStatus};
+pub use tables::{Mode, Tables};
 
 /// Why a projection stopped.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +40,16 @@ pub enum ProjectionError {
     /// The read model's database failed; the batch was rolled back.
     #[error("projection {projection}: {message}")]
     ReadModel { projection: String, message: String },
+    /// This version is not the active one: another was swapped in, so it
+    /// stops instead of writing.
+    #[error(
+        "version {version} of projection {projection} is not the active one (version {active} is)"
+    )]
+    NotActive {
+        projection: String,
+        version: u32,
+        active: u32,
+    },
     #[error(transparent)]
     Store(#[from] factline_core::StoreError),
 }

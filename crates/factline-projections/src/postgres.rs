@@ -4,7 +4,8 @@ use async_trait::async_trait;
 use factline_core::RecordedEvent;
 use tokio_postgres::{Client, NoTls, Transaction};
 
-use crate::{ApplyError, ProjectionError, Sink};
+use crate::tables::{checkpoint_key, may_write, Active, Mode, Tables};
+use crate::{ApplyError, ProjectionError, Sink, VersionedSink};
 
 /// A projection whose read model is in PostgreSQL.
 #[async_trait]
@@ -12,14 +13,29 @@ pub trait PostgresProjection: Send + Sync + 'static {
     /// Unique among the projections of one read-model schema.
     fn name(&self) -> &str;
 
-    /// Creates the read model's tables if they are missing. Runs in the
+    /// The read model's version: a new one is built beside the active one
+    /// by a rebuild, then swapped in.
+    fn version(&self) -> u32 {
+        1
+    }
+
+    /// The logical names of the tables it writes; readers query views of
+    /// these names in the schema, writes go to [`Tables::get`].
+    fn tables(&self) -> &[&str];
+
+    /// Creates this version's tables if they are missing. Runs in the
     /// first batch's transaction of every run.
-    async fn setup(&mut self, tx: &Transaction<'_>) -> Result<(), tokio_postgres::Error>;
+    async fn setup(
+        &mut self,
+        tx: &Transaction<'_>,
+        tables: &Tables,
+    ) -> Result<(), tokio_postgres::Error>;
 
     /// Applies one event inside the batch's transaction.
     async fn apply(
         &mut self,
         tx: &Transaction<'_>,
+        tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ApplyError>;
 }
@@ -32,6 +48,9 @@ pub struct PostgresSink<P> {
     client: Client,
     projection: P,
     checkpoints: String,
+    versions: String,
+    tables: Tables,
+    mode: Mode,
     set_up: bool,
 }
 
@@ -40,16 +59,48 @@ impl<P: PostgresProjection> PostgresSink<P> {
     /// in `schema` (created if missing). It may be the event store's own
     /// database.
     pub async fn connect(url: &str, schema: &str, projection: P) -> Result<Self, ProjectionError> {
+        Self::connect_in(url, schema, projection, Mode::Live).await
+    }
+
+    /// Connects to build the projection's version beside the active one;
+    /// [`VersionedSink::swap`] makes it active.
+    pub async fn connect_rebuild(
+        url: &str,
+        schema: &str,
+        projection: P,
+    ) -> Result<Self, ProjectionError> {
+        Self::connect_in(url, schema, projection, Mode::Rebuild).await
+    }
+
+    async fn connect_in(
+        url: &str,
+        schema: &str,
+        projection: P,
+        mode: Mode,
+    ) -> Result<Self, ProjectionError> {
         let name = projection.name().to_owned();
         crate::validate_name(&name)?;
         let (client, checkpoints) = connect_with_checkpoints(url, schema, &name).await?;
+        let tables = Tables::new(
+            &name,
+            Some(schema),
+            projection.version(),
+            projection.tables(),
+        )?;
         Ok(PostgresSink {
             name,
             client,
             projection,
             checkpoints,
+            versions: format!("\"{schema}\".projection_versions"),
+            tables,
+            mode,
             set_up: false,
         })
+    }
+
+    pub fn tables(&self) -> &Tables {
+        &self.tables
     }
 
     /// The read-model connection, for queries between batches.
@@ -64,6 +115,134 @@ impl<P: PostgresProjection> PostgresSink<P> {
     fn failed(&self, context: &str, e: tokio_postgres::Error) -> ProjectionError {
         failure(&self.name, context, e)
     }
+}
+
+#[async_trait]
+impl<P: PostgresProjection> VersionedSink for PostgresSink<P> {
+    async fn swap(&mut self, keep_old: bool) -> Result<Option<u32>, ProjectionError> {
+        let name = self.name.clone();
+        let fail = |context: &str, e| failure(&name, context, e);
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| fail("starting the swap", e))?;
+        let old = lock_active(&tx, &self.versions, &name, true)
+            .await
+            .map_err(|e| fail("reading the active version", e))?;
+        let old_logical = old.as_ref().map_or(&[][..], |a| &a.tables[..]);
+        for statement in self.tables.repoint_views(old_logical) {
+            tx.execute(&statement, &[])
+                .await
+                .map_err(|e| fail("re-pointing the views", e))?;
+        }
+        register(&tx, &self.versions, &name, &self.tables)
+            .await
+            .map_err(|e| fail("registering the version", e))?;
+        if let Some(old) = old.as_ref().filter(|o| o.version != self.tables.version()) {
+            if !keep_old {
+                for statement in self
+                    .tables
+                    .at_version(old.version, &old.tables)
+                    .drop_tables()
+                {
+                    tx.execute(&statement, &[])
+                        .await
+                        .map_err(|e| fail("dropping the old version", e))?;
+                }
+                tx.execute(
+                    &format!("DELETE FROM {} WHERE name = $1", self.checkpoints),
+                    &[&checkpoint_key(&name, old.version)],
+                )
+                .await
+                .map_err(|e| fail("dropping the old checkpoint", e))?;
+            }
+        }
+        tx.commit()
+            .await
+            .map_err(|e| fail("committing the swap", e))?;
+        self.mode = Mode::Live;
+        Ok(old.map(|o| o.version))
+    }
+
+    async fn discard(&mut self) -> Result<(), ProjectionError> {
+        let name = self.name.clone();
+        let fail = |context: &str, e| failure(&name, context, e);
+        let tx = self
+            .client
+            .transaction()
+            .await
+            .map_err(|e| fail("starting the discard", e))?;
+        let active = lock_active(&tx, &self.versions, &name, true)
+            .await
+            .map_err(|e| fail("reading the active version", e))?;
+        if active.is_some_and(|a| a.version == self.tables.version()) {
+            return Err(ProjectionError::ReadModel {
+                projection: name.clone(),
+                message: format!(
+                    "version {} is the active one and cannot be discarded",
+                    self.tables.version()
+                ),
+            });
+        }
+        for statement in self.tables.drop_tables() {
+            tx.execute(&statement, &[])
+                .await
+                .map_err(|e| fail("dropping the version", e))?;
+        }
+        tx.execute(
+            &format!("DELETE FROM {} WHERE name = $1", self.checkpoints),
+            &[&checkpoint_key(&name, self.tables.version())],
+        )
+        .await
+        .map_err(|e| fail("dropping the checkpoint", e))?;
+        tx.commit()
+            .await
+            .map_err(|e| fail("committing the discard", e))
+    }
+}
+
+/// The active version, with its registry row locked until the transaction
+/// ends, so a swap and a batch of the old version cannot interleave.
+///
+/// Batches take it shared (partitions of one projection may commit side by
+/// side); swaps and discards exclusively.
+async fn lock_active(
+    tx: &Transaction<'_>,
+    versions: &str,
+    name: &str,
+    exclusive: bool,
+) -> Result<Option<Active>, tokio_postgres::Error> {
+    let lock = if exclusive { "UPDATE" } else { "SHARE" };
+    let row = tx
+        .query_opt(
+            &format!("SELECT active_version, tables FROM {versions} WHERE name = $1 FOR {lock}"),
+            &[&name],
+        )
+        .await?;
+    Ok(row.map(|r| Active::parse(i64::from(r.get::<_, i32>(0)), r.get(1))))
+}
+
+async fn register(
+    tx: &Transaction<'_>,
+    versions: &str,
+    name: &str,
+    tables: &Tables,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        &format!(
+            "INSERT INTO {versions} (name, active_version, tables, swapped_at) VALUES ($1, $2, $3, now())
+             ON CONFLICT (name) DO UPDATE SET active_version = excluded.active_version,
+                 tables = excluded.tables, swapped_at = excluded.swapped_at"
+        ),
+        &[
+            &name,
+            &(tables.version() as i32),
+            &Active::tables_text(tables.logical()),
+        ],
+    )
+    .await
+    .map(|_| ())
 }
 
 fn failure(name: &str, context: &str, e: tokio_postgres::Error) -> ProjectionError {
@@ -124,6 +303,12 @@ async fn connect_with_checkpoints(
                  name       text        PRIMARY KEY,
                  position   bigint      NOT NULL,
                  updated_at timestamptz NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_versions (
+                 name           text        PRIMARY KEY,
+                 active_version integer     NOT NULL,
+                 tables         text        NOT NULL,
+                 swapped_at     timestamptz NOT NULL
              );"
         ))
         .await
@@ -149,7 +334,7 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
             .client
             .query_opt(
                 &format!("SELECT position FROM {} WHERE name = $1", self.checkpoints),
-                &[&self.name],
+                &[&checkpoint_key(&self.name, self.tables.version())],
             )
             .await
             .map_err(|e| self.failed("reading the checkpoint", e))?;
@@ -162,6 +347,7 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
         };
         let upsert = save_checkpoint_sql(&self.checkpoints);
         let (name, set_up) = (self.name.clone(), self.set_up);
+        let key = checkpoint_key(&name, self.tables.version());
         let tx = self
             .client
             .transaction()
@@ -174,14 +360,30 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
             projection: name.clone(),
             message: format!("{context}: {e}"),
         };
-        if !set_up {
+        // Checked in every batch, under a lock on the registry row: a swap
+        // by another runner or process stops this version from writing.
+        let active = lock_active(&tx, &self.versions, &name, false)
+            .await
+            .map_err(|e| fail("reading the active version", e))?;
+        let first_build = may_write(&name, self.mode, self.tables.version(), active.as_ref())?;
+        if !set_up || first_build {
             self.projection
-                .setup(&tx)
+                .setup(&tx, &self.tables)
                 .await
                 .map_err(|e| fail("setting up the read model", e))?;
         }
+        if first_build {
+            for statement in self.tables.repoint_views(&[]) {
+                tx.execute(&statement, &[])
+                    .await
+                    .map_err(|e| fail("creating the views", e))?;
+            }
+            register(&tx, &self.versions, &name, &self.tables)
+                .await
+                .map_err(|e| fail("registering the version", e))?;
+        }
         for event in &events {
-            if let Err(refusal) = self.projection.apply(&tx, event).await {
+            if let Err(refusal) = self.projection.apply(&tx, &self.tables, event).await {
                 // Dropping the transaction rolls the batch back.
                 return Err(ProjectionError::Apply {
                     projection: name.clone(),
@@ -190,7 +392,7 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
                 });
             }
         }
-        tx.execute(&upsert, &[&name, &last])
+        tx.execute(&upsert, &[&key, &last])
             .await
             .map_err(|e| fail("moving the checkpoint", e))?;
         tx.commit()

@@ -42,6 +42,20 @@ pub trait Sink: Send {
     async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<(), ProjectionError>;
 }
 
+/// A sink whose projection has versions (blue/green, P4): it builds a
+/// version beside the active one and swaps it in.
+#[async_trait]
+pub trait VersionedSink: Sink {
+    /// Makes this sink's version the active one in one transaction: the
+    /// views point at its tables and the registry names it. Unless
+    /// `keep_old`, the previous version's tables and checkpoint are then
+    /// dropped in the same transaction. Returns the previous version.
+    async fn swap(&mut self, keep_old: bool) -> Result<Option<u32>, ProjectionError>;
+
+    /// Drops this (not active) version's tables and checkpoint.
+    async fn discard(&mut self) -> Result<(), ProjectionError>;
+}
+
 /// Counts of a runner's work.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunnerStats {
@@ -98,6 +112,10 @@ impl<S: Sink> Runner<S> {
 
     pub fn sink(&self) -> &S {
         &self.sink
+    }
+
+    pub fn sink_mut(&mut self) -> &mut S {
+        &mut self.sink
     }
 
     pub fn into_sink(self) -> S {

@@ -7,19 +7,35 @@ use async_trait::async_trait;
 use factline_core::RecordedEvent;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
-use crate::{ApplyError, ProjectionError, Sink};
+use crate::tables::{checkpoint_key, may_write, Active, Mode, Tables};
+use crate::{ApplyError, ProjectionError, Sink, VersionedSink};
 
 /// A projection whose read model is in SQLite.
 pub trait SqliteProjection: Send + 'static {
     /// Unique among the projections of one read-model database.
     fn name(&self) -> &str;
 
-    /// Creates the read model's tables if they are missing. Runs in the
+    /// The read model's version: a new one is built beside the active one
+    /// by a rebuild, then swapped in.
+    fn version(&self) -> u32 {
+        1
+    }
+
+    /// The logical names of the tables it writes; readers query views of
+    /// these names, writes go to [`Tables::get`].
+    fn tables(&self) -> &[&str];
+
+    /// Creates this version's tables if they are missing. Runs in the
     /// first batch's transaction of every run.
-    fn setup(&mut self, tx: &Transaction<'_>) -> rusqlite::Result<()>;
+    fn setup(&mut self, tx: &Transaction<'_>, tables: &Tables) -> rusqlite::Result<()>;
 
     /// Applies one event inside the batch's transaction.
-    fn apply(&mut self, tx: &Transaction<'_>, event: &RecordedEvent) -> Result<(), ApplyError>;
+    fn apply(
+        &mut self,
+        tx: &Transaction<'_>,
+        tables: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<(), ApplyError>;
 }
 
 /// The checkpoints of every projection in a read-model file.
@@ -27,6 +43,12 @@ const CHECKPOINTS: &str = "CREATE TABLE IF NOT EXISTS factline_projection_checkp
     name       TEXT    PRIMARY KEY,
     position   INTEGER NOT NULL,
     updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS factline_projection_versions (
+    name           TEXT    PRIMARY KEY,
+    active_version INTEGER NOT NULL,
+    tables         TEXT    NOT NULL,
+    swapped_at     INTEGER NOT NULL
 )";
 
 const SAVE_CHECKPOINT: &str =
@@ -40,18 +62,32 @@ const SAVE_CHECKPOINT: &str =
 pub struct SqliteSink<P> {
     name: String,
     path: PathBuf,
+    tables: Tables,
+    mode: Mode,
     /// Taken while a batch runs on a blocking thread.
     parts: Option<(Connection, P)>,
     set_up: bool,
 }
 
 impl<P: SqliteProjection> SqliteSink<P> {
-    /// Opens (creating if needed) the read-model file at `path`. It may be
-    /// the event store's own file.
+    /// Opens (creating if needed) the read-model file at `path` to keep the
+    /// projection's active version up to date. It may be the event store's
+    /// own file. The first build of a projection makes its version active.
     pub fn open(path: impl AsRef<Path>, projection: P) -> Result<Self, ProjectionError> {
+        Self::open_in(path.as_ref(), projection, Mode::Live)
+    }
+
+    /// Opens the read-model file to build the projection's version beside
+    /// the active one; [`VersionedSink::swap`] makes it active.
+    pub fn open_rebuild(path: impl AsRef<Path>, projection: P) -> Result<Self, ProjectionError> {
+        Self::open_in(path.as_ref(), projection, Mode::Rebuild)
+    }
+
+    fn open_in(path: &Path, projection: P, mode: Mode) -> Result<Self, ProjectionError> {
         let name = projection.name().to_owned();
         crate::validate_name(&name)?;
-        let path = path.as_ref().to_path_buf();
+        let tables = Tables::new(&name, None, projection.version(), projection.tables())?;
+        let path = path.to_path_buf();
         let failed = |e: rusqlite::Error| ProjectionError::ReadModel {
             projection: name.clone(),
             message: format!("opening {}: {e}", path.display()),
@@ -65,13 +101,19 @@ impl<P: SqliteProjection> SqliteSink<P> {
         // checkpoint: read model and checkpoint move together.
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(&failed)?;
-        conn.execute(CHECKPOINTS, []).map_err(&failed)?;
+        conn.execute_batch(CHECKPOINTS).map_err(&failed)?;
         Ok(SqliteSink {
             name,
             path,
+            tables,
+            mode,
             parts: Some((conn, projection)),
             set_up: false,
         })
+    }
+
+    pub fn tables(&self) -> &Tables {
+        &self.tables
     }
 
     /// The projection, between batches.
@@ -124,6 +166,33 @@ enum BatchEnd {
     Committed,
     /// The projection refused the event at this position.
     Refused(u64, ApplyError),
+    /// The registry forbids this version to write.
+    Forbidden(ProjectionError),
+}
+
+fn active_version(conn: &Connection, name: &str) -> rusqlite::Result<Option<Active>> {
+    conn.query_row(
+        "SELECT active_version, tables FROM factline_projection_versions WHERE name = ?1",
+        [name],
+        |r| Ok(Active::parse(r.get(0)?, &r.get::<_, String>(1)?)),
+    )
+    .optional()
+}
+
+fn register(conn: &Connection, name: &str, tables: &Tables) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO factline_projection_versions (name, active_version, tables, swapped_at)
+         VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (name) DO UPDATE SET active_version = excluded.active_version,
+             tables = excluded.tables, swapped_at = excluded.swapped_at",
+        params![
+            name,
+            tables.version(),
+            Active::tables_text(tables.logical()),
+            chrono::Utc::now().timestamp_micros()
+        ],
+    )
+    .map(|_| ())
 }
 
 #[async_trait]
@@ -133,11 +202,11 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
     }
 
     async fn checkpoint(&mut self) -> Result<u64, ProjectionError> {
-        let name = self.name.clone();
+        let key = checkpoint_key(&self.name, self.tables.version());
         self.query(move |conn| {
             conn.query_row(
                 "SELECT position FROM factline_projection_checkpoints WHERE name = ?1",
-                [&name],
+                [&key],
                 |r| r.get::<_, i64>(0),
             )
             .optional()
@@ -147,18 +216,32 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
     }
 
     async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
-        let (name, set_up) = (self.name.clone(), self.set_up);
+        let (name, set_up, mode) = (self.name.clone(), self.set_up, self.mode);
+        let tables = self.tables.clone();
         let end = self
             .with_parts(move |conn, projection| {
                 let sql = |e: rusqlite::Error| e.to_string();
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(sql)?;
-                if !set_up {
-                    projection.setup(&tx).map_err(sql)?;
+                // Checked in every batch: a swap by another runner or
+                // process stops this version from writing at once.
+                let active = active_version(&tx, &name).map_err(sql)?;
+                let first_build = match may_write(&name, mode, tables.version(), active.as_ref()) {
+                    Ok(first) => first,
+                    Err(forbidden) => return Ok(BatchEnd::Forbidden(forbidden)),
+                };
+                if !set_up || first_build {
+                    projection.setup(&tx, &tables).map_err(sql)?;
+                }
+                if first_build {
+                    for statement in tables.repoint_views(&[]) {
+                        tx.execute(&statement, []).map_err(sql)?;
+                    }
+                    register(&tx, &name, &tables).map_err(sql)?;
                 }
                 for event in &events {
-                    if let Err(refusal) = projection.apply(&tx, event) {
+                    if let Err(refusal) = projection.apply(&tx, &tables, event) {
                         // Dropping the transaction rolls the batch back.
                         return Ok(BatchEnd::Refused(event.position, refusal));
                     }
@@ -166,7 +249,11 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
                 let last = events.last().map_or(0, |e| e.position);
                 tx.execute(
                     SAVE_CHECKPOINT,
-                    params![name, last as i64, chrono::Utc::now().timestamp_micros()],
+                    params![
+                        checkpoint_key(&name, tables.version()),
+                        last as i64,
+                        chrono::Utc::now().timestamp_micros()
+                    ],
                 )
                 .map_err(sql)?;
                 tx.commit().map_err(sql)?;
@@ -183,7 +270,73 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
                 position,
                 message: refusal.0,
             }),
+            BatchEnd::Forbidden(forbidden) => Err(forbidden),
         }
+    }
+}
+
+#[async_trait]
+impl<P: SqliteProjection> VersionedSink for SqliteSink<P> {
+    async fn swap(&mut self, keep_old: bool) -> Result<Option<u32>, ProjectionError> {
+        let (name, tables) = (self.name.clone(), self.tables.clone());
+        let old = self
+            .with_parts(move |conn, _| {
+                let sql = |e: rusqlite::Error| e.to_string();
+                let tx = conn
+                    .transaction_with_behavior(TransactionBehavior::Immediate)
+                    .map_err(sql)?;
+                let old = active_version(&tx, &name).map_err(sql)?;
+                let old_logical = old.as_ref().map_or(&[][..], |a| &a.tables[..]);
+                for statement in tables.repoint_views(old_logical) {
+                    tx.execute(&statement, []).map_err(sql)?;
+                }
+                register(&tx, &name, &tables).map_err(sql)?;
+                if let Some(old) = old.as_ref().filter(|o| o.version != tables.version()) {
+                    if !keep_old {
+                        let old_tables = tables.at_version(old.version, &old.tables);
+                        for statement in old_tables.drop_tables() {
+                            tx.execute(&statement, []).map_err(sql)?;
+                        }
+                        tx.execute(
+                            "DELETE FROM factline_projection_checkpoints WHERE name = ?1",
+                            [checkpoint_key(&name, old.version)],
+                        )
+                        .map_err(sql)?;
+                    }
+                }
+                tx.commit().map_err(sql)?;
+                Ok(old.map(|o| o.version))
+            })
+            .await?;
+        self.mode = Mode::Live;
+        Ok(old)
+    }
+
+    async fn discard(&mut self) -> Result<(), ProjectionError> {
+        let (name, tables) = (self.name.clone(), self.tables.clone());
+        self.with_parts(move |conn, _| {
+            let sql = |e: rusqlite::Error| e.to_string();
+            let tx = conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(sql)?;
+            let active = active_version(&tx, &name).map_err(sql)?;
+            if active.is_some_and(|a| a.version == tables.version()) {
+                return Err(format!(
+                    "version {} is the active one and cannot be discarded",
+                    tables.version()
+                ));
+            }
+            for statement in tables.drop_tables() {
+                tx.execute(&statement, []).map_err(sql)?;
+            }
+            tx.execute(
+                "DELETE FROM factline_projection_checkpoints WHERE name = ?1",
+                [checkpoint_key(&name, tables.version())],
+            )
+            .map_err(sql)?;
+            tx.commit().map_err(sql)
+        })
+        .await
     }
 }
 
@@ -228,7 +381,7 @@ impl SqliteCheckpoints {
             .map_err(&failed)?;
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
             .map_err(&failed)?;
-        conn.execute(CHECKPOINTS, []).map_err(&failed)?;
+        conn.execute_batch(CHECKPOINTS).map_err(&failed)?;
         Ok(SqliteCheckpoints {
             conn: std::sync::Arc::new(std::sync::Mutex::new(conn)),
         })

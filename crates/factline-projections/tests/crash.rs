@@ -11,7 +11,7 @@ use std::time::Duration;
 use factline_core::{EventData, EventStore, ExpectedVersion, RecordedEvent, StreamId};
 use factline_projections::{
     ApplyError, BatchPolicy, PostgresProjection, PostgresSink, Runner, Sink, SqliteProjection,
-    SqliteSink,
+    SqliteSink, Tables,
 };
 use serde_json::json;
 
@@ -26,9 +26,15 @@ impl SqliteProjection for Sums {
     fn name(&self) -> &str {
         "sums"
     }
-    fn setup(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    fn tables(&self) -> &[&str] {
+        &["sums"]
+    }
+    fn setup(&mut self, tx: &rusqlite::Transaction<'_>, tables: &Tables) -> rusqlite::Result<()> {
         tx.execute(
-            "CREATE TABLE IF NOT EXISTS sums (event_type TEXT PRIMARY KEY, total INTEGER NOT NULL, n INTEGER NOT NULL)",
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {} (event_type TEXT PRIMARY KEY, total INTEGER NOT NULL, n INTEGER NOT NULL)",
+                tables.get("sums")
+            ),
             [],
         )
         .map(|_| ())
@@ -36,11 +42,15 @@ impl SqliteProjection for Sums {
     fn apply(
         &mut self,
         tx: &rusqlite::Transaction<'_>,
+        tables: &Tables,
         e: &RecordedEvent,
     ) -> Result<(), ApplyError> {
         tx.execute(
-            "INSERT INTO sums VALUES (?1, ?2, 1)
-             ON CONFLICT (event_type) DO UPDATE SET total = total + excluded.total, n = n + 1",
+            &format!(
+                "INSERT INTO {} VALUES (?1, ?2, 1)
+                 ON CONFLICT (event_type) DO UPDATE SET total = total + excluded.total, n = n + 1",
+                tables.get("sums")
+            ),
             rusqlite::params![e.event_type, e.data["k"].as_i64().unwrap_or(0)],
         )?;
         Ok(())
@@ -52,24 +62,32 @@ impl PostgresProjection for Sums {
     fn name(&self) -> &str {
         "sums"
     }
+    fn tables(&self) -> &[&str] {
+        &["sums"]
+    }
     async fn setup(
         &mut self,
         tx: &tokio_postgres::Transaction<'_>,
+        tables: &Tables,
     ) -> Result<(), tokio_postgres::Error> {
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS read.sums (event_type text PRIMARY KEY, total bigint NOT NULL, n bigint NOT NULL)",
-        )
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (event_type text PRIMARY KEY, total bigint NOT NULL, n bigint NOT NULL)",
+            tables.get("sums")
+        ))
         .await
     }
     async fn apply(
         &mut self,
         tx: &tokio_postgres::Transaction<'_>,
+        tables: &Tables,
         e: &RecordedEvent,
     ) -> Result<(), ApplyError> {
         tx.execute(
-            "INSERT INTO read.sums VALUES ($1, $2, 1)
-             ON CONFLICT (event_type) DO UPDATE
-             SET total = read.sums.total + excluded.total, n = read.sums.n + 1",
+            &format!(
+                "INSERT INTO {} AS s VALUES ($1, $2, 1)
+                 ON CONFLICT (event_type) DO UPDATE SET total = s.total + excluded.total, n = s.n + 1",
+                tables.get("sums")
+            ),
             &[&e.event_type, &e.data["k"].as_i64().unwrap_or(0)],
         )
         .await?;

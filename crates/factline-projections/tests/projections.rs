@@ -11,22 +11,33 @@ use async_trait::async_trait;
 use factline_core::{EventData, EventStore, ExpectedVersion, RecordedEvent, StreamId};
 use factline_projections::{
     ApplyError, BatchPolicy, Freshness, OnTimeout, PostgresProjection, PostgresSink,
-    ProjectionError, Runner, Sink, SqliteProjection, SqliteSink,
+    ProjectionError, Runner, Sink, SqliteProjection, SqliteSink, Tables, VersionedSink,
 };
 use serde_json::json;
 
-/// Counts events per type; refuses the event at `refuse_at`.
+/// Counts events per type (version 2 counts each event twice, so the
+/// versions' read models differ); refuses the event at `refuse_at`.
 struct Counts {
     refuse_at: Option<u64>,
+    version: u32,
 }
 
 impl SqliteProjection for Counts {
     fn name(&self) -> &str {
         "counts"
     }
-    fn setup(&mut self, tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn tables(&self) -> &[&str] {
+        &["counts"]
+    }
+    fn setup(&mut self, tx: &rusqlite::Transaction<'_>, tables: &Tables) -> rusqlite::Result<()> {
         tx.execute(
-            "CREATE TABLE IF NOT EXISTS counts (event_type TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+            &format!(
+                "CREATE TABLE IF NOT EXISTS {} (event_type TEXT PRIMARY KEY, n INTEGER NOT NULL)",
+                tables.get("counts")
+            ),
             [],
         )
         .map(|_| ())
@@ -34,15 +45,19 @@ impl SqliteProjection for Counts {
     fn apply(
         &mut self,
         tx: &rusqlite::Transaction<'_>,
+        tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ApplyError> {
         if self.refuse_at == Some(event.position) {
             return Err(ApplyError::new("refused on purpose"));
         }
         tx.execute(
-            "INSERT INTO counts (event_type, n) VALUES (?1, 1)
-             ON CONFLICT (event_type) DO UPDATE SET n = n + 1",
-            [&event.event_type],
+            &format!(
+                "INSERT INTO {} (event_type, n) VALUES (?1, ?2)
+                 ON CONFLICT (event_type) DO UPDATE SET n = n + excluded.n",
+                tables.get("counts")
+            ),
+            rusqlite::params![event.event_type, self.version],
         )?;
         Ok(())
     }
@@ -53,27 +68,39 @@ impl PostgresProjection for Counts {
     fn name(&self) -> &str {
         "counts"
     }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    fn tables(&self) -> &[&str] {
+        &["counts"]
+    }
     async fn setup(
         &mut self,
         tx: &tokio_postgres::Transaction<'_>,
+        tables: &Tables,
     ) -> Result<(), tokio_postgres::Error> {
-        tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS read.counts (event_type text PRIMARY KEY, n bigint NOT NULL)",
-        )
+        tx.batch_execute(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (event_type text PRIMARY KEY, n bigint NOT NULL)",
+            tables.get("counts")
+        ))
         .await
     }
     async fn apply(
         &mut self,
         tx: &tokio_postgres::Transaction<'_>,
+        tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ApplyError> {
         if self.refuse_at == Some(event.position) {
             return Err(ApplyError::new("refused on purpose"));
         }
+        let table = tables.get("counts");
         tx.execute(
-            "INSERT INTO read.counts (event_type, n) VALUES ($1, 1)
-             ON CONFLICT (event_type) DO UPDATE SET n = read.counts.n + 1",
-            &[&event.event_type],
+            &format!(
+                "INSERT INTO {table} AS c (event_type, n) VALUES ($1, $2)
+                 ON CONFLICT (event_type) DO UPDATE SET n = c.n + excluded.n"
+            ),
+            &[&event.event_type, &i64::from(self.version)],
         )
         .await?;
         Ok(())
@@ -82,11 +109,21 @@ impl PostgresProjection for Counts {
 
 /// A store and a read-model database beside it.
 #[async_trait]
-trait Target: Sized {
-    type Sink: Sink + 'static;
+trait Target: Sized + Sync {
+    type Sink: VersionedSink + 'static;
     async fn start() -> Self;
     fn store(&self) -> Arc<dyn EventStore>;
-    async fn sink(&self, refuse_at: Option<u64>) -> Self::Sink;
+    /// A sink for `counts`: a live one, or (`rebuild`) one building its
+    /// version beside the active one.
+    async fn open(&self, counts: Counts, rebuild: bool) -> Self::Sink;
+    async fn sink(&self, refuse_at: Option<u64>) -> Self::Sink {
+        let counts = Counts {
+            refuse_at,
+            version: 1,
+        };
+        self.open(counts, false).await
+    }
+    async fn has_table(sink: &mut Self::Sink, table: &str) -> bool;
     /// The read model and the checkpoint, read in one go.
     async fn read_model(sink: &mut Self::Sink) -> (BTreeMap<String, i64>, u64);
 }
@@ -111,9 +148,27 @@ impl<const SAME: bool> Target for Sqlite<SAME> {
     fn store(&self) -> Arc<dyn EventStore> {
         self.store.clone()
     }
-    async fn sink(&self, refuse_at: Option<u64>) -> Self::Sink {
-        let file = if SAME { "events.db" } else { "read.db" };
-        SqliteSink::open(self.dir.path().join(file), Counts { refuse_at }).unwrap()
+    async fn open(&self, counts: Counts, rebuild: bool) -> Self::Sink {
+        let path = self
+            .dir
+            .path()
+            .join(if SAME { "events.db" } else { "read.db" });
+        match rebuild {
+            false => SqliteSink::open(path, counts).unwrap(),
+            true => SqliteSink::open_rebuild(path, counts).unwrap(),
+        }
+    }
+    async fn has_table(sink: &mut Self::Sink, table: &str) -> bool {
+        let table = table.to_owned();
+        sink.query(move |conn| {
+            conn.query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE name = ?1",
+                [table],
+                |r| r.get(0),
+            )
+        })
+        .await
+        .unwrap()
     }
     async fn read_model(sink: &mut Self::Sink) -> (BTreeMap<String, i64>, u64) {
         let counts = sink
@@ -161,15 +216,26 @@ impl<const SAME: bool> Target for Postgres<SAME> {
     fn store(&self) -> Arc<dyn EventStore> {
         self.store.clone()
     }
-    async fn sink(&self, refuse_at: Option<u64>) -> Self::Sink {
+    async fn open(&self, counts: Counts, rebuild: bool) -> Self::Sink {
         let url = if SAME {
             &self.events.url
         } else {
             &self.read.url
         };
-        PostgresSink::connect(url, "read", Counts { refuse_at })
+        match rebuild {
+            false => PostgresSink::connect(url, "read", counts).await.unwrap(),
+            true => PostgresSink::connect_rebuild(url, "read", counts)
+                .await
+                .unwrap(),
+        }
+    }
+    async fn has_table(sink: &mut Self::Sink, table: &str) -> bool {
+        let name = format!("read.{table}");
+        sink.client()
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&name])
             .await
             .unwrap()
+            .get(0)
     }
     async fn read_model(sink: &mut Self::Sink) -> (BTreeMap<String, i64>, u64) {
         let rows = sink
@@ -364,6 +430,110 @@ async fn reads_wait_for_the_position_of_a_write<T: Target>() {
     assert_eq!(Freshness::default().timeout, Duration::from_secs(5));
 }
 
+fn doubled(counts: BTreeMap<String, i64>) -> BTreeMap<String, i64> {
+    counts.into_iter().map(|(t, n)| (t, n * 2)).collect()
+}
+
+fn version(version: u32) -> Counts {
+    Counts {
+        refuse_at: None,
+        version,
+    }
+}
+
+/// Blue/green (P4, P5): version 2 is built beside version 1, which keeps
+/// serving reads (and following appends) until the swap; the swap re-points
+/// the views at once and drops version 1, whose runner then stops.
+async fn rebuild_builds_beside_the_active_version_and_swaps<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 900).await;
+    let mut v1 = Runner::new(target.store(), target.sink(None).await);
+    v1.catch_up(u64::MAX).await.unwrap();
+
+    let mut v2 = Runner::new(target.store(), target.open(version(2), true).await);
+    v2.catch_up(600).await.unwrap();
+    // Version 1 still serves, and keeps following the log.
+    append(&target.store(), 300).await;
+    v1.catch_up(u64::MAX).await.unwrap();
+    let mut v1_sink = v1.into_sink();
+    assert_eq!(
+        T::read_model(&mut v1_sink).await,
+        (expected_counts(1200), 1200)
+    );
+
+    v2.catch_up(u64::MAX).await.unwrap();
+    let previous = v2.sink_mut().swap(false).await.unwrap();
+    assert_eq!(previous, Some(1));
+    let mut v2_sink = v2.into_sink();
+    let (counts, checkpoint) = T::read_model(&mut v2_sink).await;
+    assert_eq!((counts, checkpoint), (doubled(expected_counts(1200)), 1200));
+    assert!(T::has_table(&mut v2_sink, "counts_v2").await);
+    assert!(
+        !T::has_table(&mut v2_sink, "counts_v1").await,
+        "version 1 is dropped"
+    );
+
+    // The old version's runner stops instead of writing.
+    append(&target.store(), 30).await;
+    let mut v1 = Runner::new(target.store(), v1_sink);
+    match v1.catch_up(u64::MAX).await {
+        Err(ProjectionError::NotActive {
+            version: 1,
+            active: 2,
+            ..
+        }) => {}
+        other => panic!("expected version 1 to stop, got {other:?}"),
+    }
+    // Version 2 goes on live from its checkpoint.
+    let mut v2 = Runner::new(target.store(), target.open(version(2), false).await);
+    assert_eq!(v2.catch_up(u64::MAX).await.unwrap().events, 30);
+    let (counts, _) = T::read_model(&mut v2.into_sink()).await;
+    assert_eq!(counts, doubled(expected_counts(1230)));
+}
+
+/// P6: a rebuild stopped part-way leaves version 1 as it was; it resumes
+/// from its own checkpoint, or is discarded. A swap can keep version 1.
+async fn stopped_rebuild_resumes_or_is_discarded_and_swaps_may_keep_the_old_version<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 999).await;
+    let mut v1 = Runner::new(target.store(), target.sink(None).await);
+    v1.catch_up(u64::MAX).await.unwrap();
+    // Stopped at 400 (a cancel or a crash).
+    let mut rebuild = Runner::new(target.store(), target.open(version(2), true).await);
+    rebuild.catch_up(400).await.unwrap();
+    drop(rebuild);
+    let mut v1_sink = v1.into_sink();
+    assert_eq!(
+        T::read_model(&mut v1_sink).await,
+        (expected_counts(999), 999)
+    );
+
+    let mut resumed = Runner::new(target.store(), target.open(version(2), true).await);
+    let stats = resumed.catch_up(u64::MAX).await.unwrap();
+    assert_eq!(stats.events, 599, "it resumed at its own checkpoint");
+    resumed.sink_mut().discard().await.unwrap();
+    let mut discarded = resumed.into_sink();
+    assert!(!T::has_table(&mut discarded, "counts_v2").await);
+    assert_eq!(
+        T::read_model(&mut v1_sink).await,
+        (expected_counts(999), 999)
+    );
+
+    // Built again from scratch, swapped in keeping version 1.
+    let mut again = Runner::new(target.store(), target.open(version(2), true).await);
+    assert_eq!(again.catch_up(u64::MAX).await.unwrap().events, 999);
+    assert_eq!(again.sink_mut().swap(true).await.unwrap(), Some(1));
+    let mut v2_sink = again.into_sink();
+    assert!(
+        T::has_table(&mut v2_sink, "counts_v1").await,
+        "kept on request"
+    );
+    let (counts, _) = T::read_model(&mut v2_sink).await;
+    assert_eq!(counts, doubled(expected_counts(999)));
+    // The active version cannot be discarded.
+    assert!(v2_sink.discard().await.is_err());
+}
+
 macro_rules! on_every_target {
     ($($case:ident),* $(,)?) => {
         on_every_target!(@in sqlite_same_file, super::Sqlite<true>; $($case),*);
@@ -389,4 +559,6 @@ on_every_target!(
     follows_live_appends_until_stopped,
     lag_counts_events_and_seconds_behind,
     reads_wait_for_the_position_of_a_write,
+    rebuild_builds_beside_the_active_version_and_swaps,
+    stopped_rebuild_resumes_or_is_discarded_and_swaps_may_keep_the_old_version,
 );

@@ -1,0 +1,163 @@
+//! Versioned read-model tables (P4): each version of a projection writes
+//! its own tables (`orders_v2`), and readers query a view with the plain
+//! name (`orders`) that points at the active version. A rebuild fills the
+//! next version's tables beside the active ones; the swap re-points the
+//! views and the registry in one transaction.
+
+use crate::ProjectionError;
+
+/// The physical tables of one version of a projection's read model.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tables {
+    /// `schema.` on PostgreSQL, empty on SQLite.
+    prefix: String,
+    version: u32,
+    logical: Vec<String>,
+}
+
+impl Tables {
+    pub(crate) fn new(
+        projection: &str,
+        schema: Option<&str>,
+        version: u32,
+        logical: &[&str],
+    ) -> Result<Self, ProjectionError> {
+        let plain = |t: &&str| {
+            !t.is_empty()
+                && t.len() <= 50
+                && t.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+                && !t.starts_with(|c: char| c.is_ascii_digit())
+        };
+        if let Some(bad) = logical.iter().find(|t| !plain(t)) {
+            return Err(ProjectionError::ReadModel {
+                projection: projection.to_owned(),
+                message: format!(
+                    "table name {bad:?} must be 1 to 50 lower-case letters, digits or _"
+                ),
+            });
+        }
+        Ok(Tables {
+            prefix: schema.map_or(String::new(), |s| format!("{s}.")),
+            version,
+            logical: logical.iter().map(|t| t.to_string()).collect(),
+        })
+    }
+
+    /// The table this version writes for `logical`: `<logical>_v<version>`,
+    /// schema-qualified on PostgreSQL.
+    pub fn get(&self, logical: &str) -> String {
+        format!("{}{logical}_v{}", self.prefix, self.version)
+    }
+
+    /// The view readers query for `logical`.
+    pub fn view(&self, logical: &str) -> String {
+        format!("{}{logical}", self.prefix)
+    }
+
+    pub fn version(&self) -> u32 {
+        self.version
+    }
+
+    /// The logical table names.
+    pub fn logical(&self) -> &[String] {
+        &self.logical
+    }
+
+    /// The same tables at another version (to drop an old one).
+    pub(crate) fn at_version(&self, version: u32, logical: &[String]) -> Tables {
+        Tables {
+            prefix: self.prefix.clone(),
+            version,
+            logical: logical.to_vec(),
+        }
+    }
+
+    /// Statements that point every view at this version's tables, after
+    /// dropping the views of `old_logical`.
+    pub(crate) fn repoint_views(&self, old_logical: &[String]) -> Vec<String> {
+        let mut sql: Vec<String> = old_logical
+            .iter()
+            .map(|t| format!("DROP VIEW IF EXISTS {}", self.view(t)))
+            .collect();
+        sql.extend(self.logical.iter().map(|t| {
+            format!(
+                "CREATE VIEW {} AS SELECT * FROM {}",
+                self.view(t),
+                self.get(t)
+            )
+        }));
+        sql
+    }
+
+    pub(crate) fn drop_tables(&self) -> Vec<String> {
+        self.logical
+            .iter()
+            .map(|t| format!("DROP TABLE IF EXISTS {}", self.get(t)))
+            .collect()
+    }
+}
+
+/// Whether a sink serves reads (the active version) or builds a version
+/// beside it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Live,
+    Rebuild,
+}
+
+/// The checkpoint row of one version of a projection.
+pub(crate) fn checkpoint_key(name: &str, version: u32) -> String {
+    format!("{name}@v{version}")
+}
+
+/// What the registry says of a projection: its active version and that
+/// version's logical tables.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Active {
+    pub version: u32,
+    pub tables: Vec<String>,
+}
+
+impl Active {
+    pub fn tables_text(tables: &[String]) -> String {
+        tables.join(",")
+    }
+
+    pub fn parse(version: i64, tables: &str) -> Active {
+        Active {
+            version: version as u32,
+            tables: tables
+                .split(',')
+                .filter(|t| !t.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+}
+
+/// What a batch in `mode` may do, given the registry: `Ok(true)` when it
+/// must register this version (the first build of a projection).
+pub(crate) fn may_write(
+    name: &str,
+    mode: Mode,
+    version: u32,
+    active: Option<&Active>,
+) -> Result<bool, ProjectionError> {
+    match (mode, active) {
+        (Mode::Live, None) => Ok(true),
+        (Mode::Live, Some(a)) if a.version == version => Ok(false),
+        (Mode::Live, Some(a)) => Err(ProjectionError::NotActive {
+            projection: name.to_owned(),
+            version,
+            active: a.version,
+        }),
+        (Mode::Rebuild, Some(a)) if a.version == version => Err(ProjectionError::ReadModel {
+            projection: name.to_owned(),
+            message: format!(
+                "version {version} is already the active one; a rebuild needs a new version"
+            ),
+        }),
+        (Mode::Rebuild, _) => Ok(false),
+    }
+}
