@@ -12,6 +12,7 @@
 //! A [`Runner`] follows `$all` from the checkpoint and hands the projection
 //! batches (500 events or 100 ms, whichever comes first, by default).
 
+mod diff;
 pub mod postgres;
 mod reactor;
 mod runner;
@@ -19,11 +20,12 @@ pub mod sqlite;
 mod status;
 mod tables;
 
+pub use diff::{DiffReport, TableDiff};
 pub use postgres::{PostgresCheckpoints, PostgresProjection, PostgresSink};
 pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};
 pub use sqlite::{SqliteCheckpoints, SqliteProjection, SqliteSink};
-pub use status::{Answer, Freshness, Lag, NotYet, OnTimeout, ProjectionStatus};
+pub use status::{Answer, Freshness, Lag, NotYet, OnTimeout, Progress, ProjectionStatus};
 pub use tables::{Mode, Tables};
 
 /// Why a projection stopped.

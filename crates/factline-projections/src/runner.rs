@@ -54,6 +54,10 @@ pub trait VersionedSink: Sink {
 
     /// Drops this (not active) version's tables and checkpoint.
     async fn discard(&mut self) -> Result<(), ProjectionError>;
+
+    /// How this version's tables differ from the active version's, with up
+    /// to `samples` rows of each kind per table: the review before a swap.
+    async fn diff(&mut self, samples: usize) -> Result<crate::DiffReport, ProjectionError>;
 }
 
 /// Counts of a runner's work.
@@ -74,6 +78,8 @@ pub struct Runner<S> {
     policy: BatchPolicy,
     stats: RunnerStats,
     status: ProjectionStatus,
+    /// Most events applied per second (rebuilds share the database).
+    rate_limit: Option<u64>,
 }
 
 impl<S: Sink> Runner<S> {
@@ -85,6 +91,7 @@ impl<S: Sink> Runner<S> {
             policy: BatchPolicy::default(),
             stats: RunnerStats::default(),
             status,
+            rate_limit: None,
         }
     }
 
@@ -93,6 +100,13 @@ impl<S: Sink> Runner<S> {
             max_events: policy.max_events.max(1),
             ..policy
         };
+        self
+    }
+
+    /// Applies at most `events_per_second` on average (P5): batches shrink
+    /// to a tenth of a second's worth and the runner waits between them.
+    pub fn with_rate_limit(mut self, events_per_second: u64) -> Self {
+        self.rate_limit = Some(events_per_second.max(1));
         self
     }
 
@@ -138,8 +152,19 @@ impl<S: Sink> Runner<S> {
                 event = subscription.next() => event?,
                 _ = stop.changed() => continue,
             };
-            let batch = Self::fill_batch(self.policy, &mut subscription, first, u64::MAX).await?;
+            let batch = Self::fill_batch(self.policy(), &mut subscription, first, u64::MAX).await?;
             self.commit(batch).await?;
+        }
+    }
+
+    /// The batch policy, with batches cut to the rate limit.
+    fn policy(&self) -> BatchPolicy {
+        match self.rate_limit {
+            Some(rate) => BatchPolicy {
+                max_events: self.policy.max_events.min((rate / 10).max(1) as usize),
+                ..self.policy
+            },
+            None => self.policy,
         }
     }
 
@@ -148,13 +173,21 @@ impl<S: Sink> Runner<S> {
     pub async fn catch_up(&mut self, to: u64) -> Result<RunnerStats, ProjectionError> {
         let to = to.min(self.store.head_position().await?);
         let mut subscription = self.subscribe().await?;
+        let (from, started) = (self.stats.checkpoint, Instant::now());
+        self.status.catching_up(from, to);
         while self.stats.checkpoint < to {
             let first = subscription.next().await?;
             if first.position > to {
                 break;
             }
-            let batch = Self::fill_batch(self.policy, &mut subscription, first, to).await?;
+            let batch = Self::fill_batch(self.policy(), &mut subscription, first, to).await?;
             self.commit(batch).await?;
+            if let Some(rate) = self.rate_limit {
+                // Where the applied events say the clock may be by now.
+                let done = self.stats.checkpoint - from;
+                let due = started + Duration::from_secs_f64(done as f64 / rate as f64);
+                tokio::time::sleep_until(due).await;
+            }
         }
         Ok(self.stats)
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 /// Where a projection stands, shared between its runner and readers.
 #[derive(Clone)]
@@ -22,6 +23,27 @@ struct Details {
     last_recorded_at: Option<DateTime<Utc>>,
     skipped: u64,
     parked: u64,
+    catching_up: Option<CatchUp>,
+}
+
+/// A catch-up (or rebuild) in progress.
+#[derive(Clone, Copy, Debug)]
+struct CatchUp {
+    started: Instant,
+    from: u64,
+    to: u64,
+}
+
+/// How far a catch-up (a rebuild) has come.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Progress {
+    /// Events applied since the catch-up started.
+    pub done: u64,
+    /// Events it has to apply in all.
+    pub total: u64,
+    pub events_per_second: f64,
+    /// Time left at the rate so far; `None` before the rate is known.
+    pub eta: Option<Duration>,
 }
 
 /// How far a projection is behind the head of the log.
@@ -110,6 +132,38 @@ impl ProjectionStatus {
             }
         }
         self.checkpoint.send_replace(checkpoint);
+    }
+
+    pub(crate) fn catching_up(&self, from: u64, to: u64) {
+        if let Ok(mut details) = self.details.lock() {
+            details.catching_up = Some(CatchUp {
+                started: Instant::now(),
+                from,
+                to,
+            });
+        }
+    }
+
+    /// The progress of the catch-up (or rebuild) under way, if any.
+    pub fn progress(&self) -> Option<Progress> {
+        let catch_up = self.details.lock().ok()?.catching_up?;
+        let done = self.checkpoint().saturating_sub(catch_up.from);
+        let total = catch_up.to.saturating_sub(catch_up.from);
+        let seconds = catch_up.started.elapsed().as_secs_f64();
+        let events_per_second = if seconds > 0.0 {
+            done as f64 / seconds
+        } else {
+            0.0
+        };
+        let eta = (events_per_second > 0.0).then(|| {
+            Duration::from_secs_f64(total.saturating_sub(done) as f64 / events_per_second)
+        });
+        Some(Progress {
+            done,
+            total,
+            events_per_second,
+            eta,
+        })
     }
 
     /// The lag against `head`, the log's last position.

@@ -15,11 +15,14 @@ use factline_projections::{
 };
 use serde_json::json;
 
-/// Counts events per type (version 2 counts each event twice, so the
-/// versions' read models differ); refuses the event at `refuse_at`.
+/// Counts events per type; refuses the event at `refuse_at`.
 struct Counts {
     refuse_at: Option<u64>,
     version: u32,
+    /// Events of this type are left out.
+    skip: Option<&'static str>,
+    /// What each event adds to its type's count.
+    weight: i64,
 }
 
 impl SqliteProjection for Counts {
@@ -51,13 +54,16 @@ impl SqliteProjection for Counts {
         if self.refuse_at == Some(event.position) {
             return Err(ApplyError::new("refused on purpose"));
         }
+        if self.skip == Some(event.event_type.as_str()) {
+            return Ok(());
+        }
         tx.execute(
             &format!(
                 "INSERT INTO {} (event_type, n) VALUES (?1, ?2)
                  ON CONFLICT (event_type) DO UPDATE SET n = n + excluded.n",
                 tables.get("counts")
             ),
-            rusqlite::params![event.event_type, self.version],
+            rusqlite::params![event.event_type, self.weight],
         )?;
         Ok(())
     }
@@ -94,13 +100,16 @@ impl PostgresProjection for Counts {
         if self.refuse_at == Some(event.position) {
             return Err(ApplyError::new("refused on purpose"));
         }
+        if self.skip == Some(event.event_type.as_str()) {
+            return Ok(());
+        }
         let table = tables.get("counts");
         tx.execute(
             &format!(
                 "INSERT INTO {table} AS c (event_type, n) VALUES ($1, $2)
                  ON CONFLICT (event_type) DO UPDATE SET n = c.n + excluded.n"
             ),
-            &[&event.event_type, &i64::from(self.version)],
+            &[&event.event_type, &self.weight],
         )
         .await?;
         Ok(())
@@ -119,7 +128,7 @@ trait Target: Sized + Sync {
     async fn sink(&self, refuse_at: Option<u64>) -> Self::Sink {
         let counts = Counts {
             refuse_at,
-            version: 1,
+            ..version(1)
         };
         self.open(counts, false).await
     }
@@ -434,11 +443,68 @@ fn doubled(counts: BTreeMap<String, i64>) -> BTreeMap<String, i64> {
     counts.into_iter().map(|(t, n)| (t, n * 2)).collect()
 }
 
+/// Version `n` counts each event `n` times, so versions differ.
 fn version(version: u32) -> Counts {
     Counts {
         refuse_at: None,
         version,
+        skip: None,
+        weight: i64::from(version),
     }
+}
+
+/// P4: before a swap, the rebuilt version can be compared with the active
+/// one: rows added, removed and changed, with samples.
+async fn diff_reports_what_a_swap_would_change<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 999).await;
+    let v1 = Counts {
+        skip: Some("Paid"),
+        ..version(1)
+    };
+    let mut active = Runner::new(target.store(), target.open(v1, false).await);
+    active.catch_up(u64::MAX).await.unwrap();
+    let v2 = Counts {
+        skip: Some("Shipped"),
+        ..version(2)
+    };
+    let mut rebuild = Runner::new(target.store(), target.open(v2, true).await);
+    rebuild.catch_up(u64::MAX).await.unwrap();
+    let report = rebuild.sink_mut().diff(5).await.unwrap();
+    assert_eq!((report.active, report.candidate), (Some(1), 2));
+    assert!(!report.is_empty());
+    let [table] = &report.tables[..] else {
+        panic!("one table: {report:?}")
+    };
+    assert_eq!(table.table, "counts");
+    assert_eq!((table.added, table.removed, table.changed), (1, 1, 1));
+    assert_eq!(
+        table.added_samples,
+        vec![json!({"event_type": "Paid", "n": 666})]
+    );
+    assert_eq!(
+        table.removed_samples,
+        vec![json!({"event_type": "Shipped", "n": 333})]
+    );
+    assert_eq!(
+        table.changed_samples,
+        vec![(
+            json!({"event_type": "Placed", "n": 333}),
+            json!({"event_type": "Placed", "n": 666})
+        )]
+    );
+    // Reviewing changes nothing: version 1 still serves.
+    let (counts, _) = T::read_model(active.sink_mut()).await;
+    assert_eq!(counts.get("Shipped"), Some(&333));
+    // The same projection again differs in nothing.
+    let same = Counts {
+        skip: Some("Paid"),
+        weight: 1,
+        ..version(3)
+    };
+    let mut again = Runner::new(target.store(), target.open(same, true).await);
+    again.catch_up(u64::MAX).await.unwrap();
+    assert!(again.sink_mut().diff(5).await.unwrap().is_empty());
 }
 
 /// Blue/green (P4, P5): version 2 is built beside version 1, which keeps
@@ -534,6 +600,50 @@ async fn stopped_rebuild_resumes_or_is_discarded_and_swaps_may_keep_the_old_vers
     assert!(v2_sink.discard().await.is_err());
 }
 
+/// P5: a rate-limited rebuild applies at most the rate on average, in
+/// batches of a tenth of a second's worth, and reports its progress.
+async fn rebuilds_can_be_rate_limited_and_report_progress<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 900).await;
+    let mut rebuild =
+        Runner::new(target.store(), target.open(version(1), false).await).with_rate_limit(3000);
+    let status = rebuild.status();
+    assert_eq!(status.progress(), None, "no catch-up yet");
+    let started = std::time::Instant::now();
+    let watcher = {
+        let status = status.clone();
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while seen
+                .last()
+                .is_none_or(|p: &factline_projections::Progress| p.done < p.total)
+            {
+                if let Some(progress) = status.progress() {
+                    seen.push(progress);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            seen
+        })
+    };
+    let stats = rebuild.catch_up(u64::MAX).await.unwrap();
+    // A lower bound only: a slow machine makes it longer, never shorter.
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "900 events at 3000/s took {:?}",
+        started.elapsed()
+    );
+    assert!(stats.largest_batch <= 300, "{stats:?}");
+    let seen = watcher.await.unwrap();
+    assert!(seen.iter().all(|p| p.total == 900));
+    assert!(seen.windows(2).all(|w| w[0].done <= w[1].done));
+    let last = seen.last().unwrap();
+    assert_eq!(last.done, 900);
+    assert!(seen
+        .iter()
+        .any(|p| p.done > 0 && p.done < 900 && p.eta.is_some()));
+}
+
 macro_rules! on_every_target {
     ($($case:ident),* $(,)?) => {
         on_every_target!(@in sqlite_same_file, super::Sqlite<true>; $($case),*);
@@ -561,4 +671,6 @@ on_every_target!(
     reads_wait_for_the_position_of_a_write,
     rebuild_builds_beside_the_active_version_and_swaps,
     stopped_rebuild_resumes_or_is_discarded_and_swaps_may_keep_the_old_version,
+    rebuilds_can_be_rate_limited_and_report_progress,
+    diff_reports_what_a_swap_would_change,
 );
