@@ -13,6 +13,7 @@
 //! batches (500 events or 100 ms, whichever comes first, by default).
 
 mod diff;
+mod parking;
 pub mod postgres;
 mod reactor;
 mod runner;
@@ -21,6 +22,7 @@ mod status;
 mod tables;
 
 pub use diff::{DiffReport, TableDiff};
+pub use parking::{ParkedEvent, Parking, PoisonPolicy, RetryPolicy, RetryReport};
 pub use postgres::{PostgresCheckpoints, PostgresProjection, PostgresSink};
 pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};

@@ -1,13 +1,16 @@
 //! Read models in PostgreSQL: the events' database or another.
 
+use std::collections::HashSet;
+
 use async_trait::async_trait;
 use factline_core::RecordedEvent;
 use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::diff::{diff_sql, row_value, whole_table_sql, Dialect, Pair};
+use crate::parking::Handling;
 use crate::tables::{checkpoint_key, may_write, Active, Mode, Tables};
 use crate::{ApplyError, ProjectionError, Sink, VersionedSink};
-use crate::{DiffReport, TableDiff};
+use crate::{DiffReport, ParkedEvent, Parking, RetryReport, TableDiff};
 
 /// A projection whose read model is in PostgreSQL.
 #[async_trait]
@@ -51,9 +54,12 @@ pub struct PostgresSink<P> {
     projection: P,
     checkpoints: String,
     versions: String,
+    parked_table: String,
     tables: Tables,
     mode: Mode,
     set_up: bool,
+    /// Streams with parked events: their later events are held back.
+    held: Option<HashSet<String>>,
 }
 
 impl<P: PostgresProjection> PostgresSink<P> {
@@ -95,9 +101,11 @@ impl<P: PostgresProjection> PostgresSink<P> {
             projection,
             checkpoints,
             versions: format!("\"{schema}\".projection_versions"),
+            parked_table: format!("\"{schema}\".projection_parked_events"),
             tables,
             mode,
             set_up: false,
+            held: None,
         })
     }
 
@@ -318,6 +326,19 @@ async fn connect_with_checkpoints(
                  position   bigint      NOT NULL,
                  updated_at timestamptz NOT NULL
              );
+             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_parked_events (
+                 projection text        NOT NULL,
+                 version    integer     NOT NULL,
+                 position   bigint      NOT NULL,
+                 stream_id  text        NOT NULL,
+                 event_id   text        NOT NULL,
+                 event_type text        NOT NULL,
+                 error      text        NOT NULL,
+                 attempts   integer     NOT NULL,
+                 state      text        NOT NULL,
+                 parked_at  timestamptz NOT NULL,
+                 PRIMARY KEY (projection, version, position)
+             );
              CREATE TABLE IF NOT EXISTS \"{schema}\".projection_versions (
                  name           text        PRIMARY KEY,
                  active_version integer     NOT NULL,
@@ -355,10 +376,74 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
         Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
     }
 
-    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
-        let Some(last) = events.last().map(|e| e.position as i64) else {
-            return Ok(());
+    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<u64, ProjectionError> {
+        self.write_batch(events, Handling::Apply).await
+    }
+
+    async fn park(
+        &mut self,
+        event: RecordedEvent,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), ProjectionError> {
+        let stream = event.stream_id.to_string();
+        let handling = Handling::Park {
+            error: error.to_owned(),
+            attempts,
         };
+        self.write_batch(vec![event], handling).await?;
+        self.held.get_or_insert_with(HashSet::new).insert(stream);
+        Ok(())
+    }
+
+    async fn parked_counts(&mut self) -> Result<(u64, u64), ProjectionError> {
+        let row = self
+            .client
+            .query_one(
+                &format!(
+                    "SELECT count(*) FILTER (WHERE state = 'parked'), count(*) FILTER (WHERE state = 'skipped')
+                     FROM {} WHERE projection = $1 AND version = $2",
+                    self.parked_table
+                ),
+                &[&self.name, &(self.tables.version() as i32)],
+            )
+            .await
+            .map_err(|e| self.failed("counting parked events", e))?;
+        Ok((row.get::<_, i64>(0) as u64, row.get::<_, i64>(1) as u64))
+    }
+}
+
+impl<P: PostgresProjection> PostgresSink<P> {
+    async fn held_streams(&self) -> Result<HashSet<String>, ProjectionError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT DISTINCT stream_id FROM {}
+                     WHERE projection = $1 AND version = $2 AND state = 'parked'",
+                    self.parked_table
+                ),
+                &[&self.name, &(self.tables.version() as i32)],
+            )
+            .await
+            .map_err(|e| self.failed("reading parked streams", e))?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// One transaction: the registry check, setup, the events (applied,
+    /// held back, or parked), and the checkpoint.
+    /// Returns how many events were parked.
+    async fn write_batch(
+        &mut self,
+        events: Vec<RecordedEvent>,
+        handling: Handling,
+    ) -> Result<u64, ProjectionError> {
+        let Some(last) = events.last().map(|e| e.position as i64) else {
+            return Ok(0);
+        };
+        if self.held.is_none() {
+            self.held = Some(self.held_streams().await?);
+        }
         let upsert = save_checkpoint_sql(&self.checkpoints);
         let (name, set_up) = (self.name.clone(), self.set_up);
         let key = checkpoint_key(&name, self.tables.version());
@@ -396,14 +481,45 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
                 .await
                 .map_err(|e| fail("registering the version", e))?;
         }
+        let held = self.held.as_ref();
+        let mut parked = 0;
         for event in &events {
-            if let Err(refusal) = self.projection.apply(&tx, &self.tables, event).await {
-                // Dropping the transaction rolls the batch back.
-                return Err(ProjectionError::Apply {
-                    projection: name.clone(),
-                    position: event.position,
-                    message: refusal.0,
-                });
+            let stream = event.stream_id.as_str();
+            let park = match &handling {
+                Handling::Park { error, attempts } => Some((error.clone(), *attempts)),
+                // Per-stream order: nothing of a stream passes its parked
+                // event.
+                Handling::Apply if held.is_some_and(|h| h.contains(stream)) => Some((
+                    format!("held back behind a parked event of stream {stream}"),
+                    0,
+                )),
+                Handling::Apply => None,
+            };
+            match park {
+                Some((error, attempts)) => {
+                    insert_parked(
+                        &tx,
+                        &self.parked_table,
+                        &name,
+                        self.tables.version(),
+                        event,
+                        &error,
+                        attempts,
+                    )
+                    .await
+                    .map_err(|e| fail("parking an event", e))?;
+                    parked += 1;
+                }
+                None => {
+                    if let Err(refusal) = self.projection.apply(&tx, &self.tables, event).await {
+                        // Dropping the transaction rolls the batch back.
+                        return Err(ProjectionError::Apply {
+                            projection: name.clone(),
+                            position: event.position,
+                            message: refusal.0,
+                        });
+                    }
+                }
             }
         }
         tx.execute(&upsert, &[&key, &last])
@@ -413,7 +529,7 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
             .await
             .map_err(|e| fail("committing a batch", e))?;
         self.set_up = true;
-        Ok(())
+        Ok(parked)
     }
 }
 
@@ -618,4 +734,148 @@ async fn diff_tables(
         report.tables.push(diff);
     }
     Ok(report)
+}
+
+async fn insert_parked(
+    tx: &Transaction<'_>,
+    table: &str,
+    name: &str,
+    version: u32,
+    event: &RecordedEvent,
+    error: &str,
+    attempts: u32,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        &format!(
+            "INSERT INTO {table}
+                 (projection, version, position, stream_id, event_id, event_type, error, attempts, state, parked_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'parked', now())
+             ON CONFLICT (projection, version, position) DO UPDATE SET
+                 error = excluded.error, attempts = excluded.attempts, state = 'parked'"
+        ),
+        &[
+            &name,
+            &(version as i32),
+            &(event.position as i64),
+            &event.stream_id.as_str(),
+            &event.event_id.to_string(),
+            &event.event_type,
+            &error,
+            &(attempts as i32),
+        ],
+    )
+    .await
+    .map(|_| ())
+}
+
+#[async_trait]
+impl<P: PostgresProjection> Parking for PostgresSink<P> {
+    async fn parked(&mut self) -> Result<Vec<ParkedEvent>, ProjectionError> {
+        let rows = self
+            .client
+            .query(
+                &format!(
+                    "SELECT position, stream_id, event_id, event_type, error, attempts, parked_at
+                     FROM {} WHERE projection = $1 AND version = $2 AND state = 'parked'
+                     ORDER BY position",
+                    self.parked_table
+                ),
+                &[&self.name, &(self.tables.version() as i32)],
+            )
+            .await
+            .map_err(|e| self.failed("listing parked events", e))?;
+        Ok(rows
+            .iter()
+            .map(|r| ParkedEvent {
+                position: r.get::<_, i64>(0) as u64,
+                stream_id: r.get(1),
+                event_id: r.get(2),
+                event_type: r.get(3),
+                error: r.get(4),
+                attempts: r.get::<_, i32>(5) as u32,
+                parked_at: r.get(6),
+            })
+            .collect())
+    }
+
+    async fn skip(&mut self, position: u64) -> Result<bool, ProjectionError> {
+        let skipped = self
+            .client
+            .execute(
+                &format!(
+                    "UPDATE {} SET state = 'skipped'
+                     WHERE projection = $1 AND version = $2 AND position = $3 AND state = 'parked'",
+                    self.parked_table
+                ),
+                &[
+                    &self.name,
+                    &(self.tables.version() as i32),
+                    &(position as i64),
+                ],
+            )
+            .await
+            .map_err(|e| self.failed("skipping a parked event", e))?;
+        self.held = None;
+        Ok(skipped > 0)
+    }
+
+    async fn retry(
+        &mut self,
+        store: &dyn factline_core::EventStore,
+    ) -> Result<RetryReport, ProjectionError> {
+        let parked = self.parked().await?;
+        let events = crate::parking::fetch(store, &parked).await?;
+        let version = self.tables.version() as i32;
+        let mut report = RetryReport::default();
+        let mut stuck: HashSet<String> = HashSet::new();
+        for event in &events {
+            let stream = event.stream_id.to_string();
+            if stuck.contains(&stream) {
+                report.still_parked += 1;
+                continue;
+            }
+            let name = self.name.clone();
+            let fail = |context: &str, e| failure(&name, context, e);
+            let tx = self
+                .client
+                .transaction()
+                .await
+                .map_err(|e| fail("starting a retry", e))?;
+            match self.projection.apply(&tx, &self.tables, event).await {
+                Ok(()) => {
+                    tx.execute(
+                        &format!(
+                            "DELETE FROM {} WHERE projection = $1 AND version = $2 AND position = $3",
+                            self.parked_table
+                        ),
+                        &[&name, &version, &(event.position as i64)],
+                    )
+                    .await
+                    .map_err(|e| fail("releasing a parked event", e))?;
+                    tx.commit()
+                        .await
+                        .map_err(|e| fail("committing a retry", e))?;
+                    report.applied += 1;
+                }
+                Err(refusal) => {
+                    drop(tx);
+                    self.client
+                        .execute(
+                            &format!(
+                                "UPDATE {} SET error = $4, attempts = attempts + 1
+                                 WHERE projection = $1 AND version = $2 AND position = $3",
+                                self.parked_table
+                            ),
+                            &[&name, &version, &(event.position as i64), &refusal.0],
+                        )
+                        .await
+                        .map_err(|e| fail("recording a failed retry", e))?;
+                    stuck.insert(stream);
+                    report.still_parked += 1;
+                }
+            }
+        }
+        self.held = None;
+        Ok(report)
+    }
 }

@@ -10,7 +10,7 @@ use factline_core::{EventStore, RecordedEvent, StreamFilter, Subscription};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::{ProjectionError, ProjectionStatus};
+use crate::{PoisonPolicy, ProjectionError, ProjectionStatus, RetryPolicy};
 
 /// When a batch is committed: at `max_events`, or `max_wait` after its
 /// first event, whichever comes first.
@@ -39,7 +39,21 @@ pub trait Sink: Send {
     async fn checkpoint(&mut self) -> Result<u64, ProjectionError>;
     /// Applies `events` (in global order, all after the checkpoint) and
     /// moves the checkpoint to the last one, atomically: all or nothing.
-    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<(), ProjectionError>;
+    /// Events of a stream with a parked event are parked behind it; returns
+    /// how many were.
+    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<u64, ProjectionError>;
+
+    /// Parks `event` with its error and moves the checkpoint to it, in one
+    /// transaction (P8).
+    async fn park(
+        &mut self,
+        event: RecordedEvent,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), ProjectionError>;
+
+    /// How many events are parked and how many were skipped.
+    async fn parked_counts(&mut self) -> Result<(u64, u64), ProjectionError>;
 }
 
 /// A sink whose projection has versions (blue/green, P4): it builds a
@@ -80,6 +94,8 @@ pub struct Runner<S> {
     status: ProjectionStatus,
     /// Most events applied per second (rebuilds share the database).
     rate_limit: Option<u64>,
+    retries: RetryPolicy,
+    poison: PoisonPolicy,
 }
 
 impl<S: Sink> Runner<S> {
@@ -92,6 +108,8 @@ impl<S: Sink> Runner<S> {
             stats: RunnerStats::default(),
             status,
             rate_limit: None,
+            retries: RetryPolicy::default(),
+            poison: PoisonPolicy::default(),
         }
     }
 
@@ -107,6 +125,22 @@ impl<S: Sink> Runner<S> {
     /// to a tenth of a second's worth and the runner waits between them.
     pub fn with_rate_limit(mut self, events_per_second: u64) -> Self {
         self.rate_limit = Some(events_per_second.max(1));
+        self
+    }
+
+    /// How a failing event is retried before the poison policy decides.
+    pub fn with_retries(mut self, retries: RetryPolicy) -> Self {
+        self.retries = RetryPolicy {
+            attempts: retries.attempts.max(1),
+            ..retries
+        };
+        self
+    }
+
+    /// What happens to an event that still fails after its retries (P8):
+    /// stop (the default) or park it and go on.
+    pub fn with_poison_policy(mut self, poison: PoisonPolicy) -> Self {
+        self.poison = poison;
         self
     }
 
@@ -196,6 +230,8 @@ impl<S: Sink> Runner<S> {
         crate::validate_name(self.sink.name())?;
         let checkpoint = self.sink.checkpoint().await?;
         self.stats.checkpoint = checkpoint;
+        let (parked, skipped) = self.sink.parked_counts().await?;
+        self.status.parked_counts(parked, skipped);
         // The lag in seconds is measured from the last applied event's time.
         let last_applied = match checkpoint {
             0 => None,
@@ -237,12 +273,86 @@ impl<S: Sink> Runner<S> {
         Ok(batch)
     }
 
-    async fn commit(&mut self, batch: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
+    /// Commits a batch. When an event of it fails, the events before it are
+    /// committed, the event is tried alone with backoff, and if it still
+    /// fails the poison policy stops the run or parks it; the rest of the
+    /// batch follows.
+    async fn commit(&mut self, mut batch: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
+        while !batch.is_empty() {
+            let failed_at = match self.sink.apply_batch(batch.clone()).await {
+                Ok(held_back) => {
+                    self.status.add_parked(held_back);
+                    return self.committed(&batch);
+                }
+                Err(ProjectionError::Apply { position, .. }) => position,
+                Err(other) => return Err(other),
+            };
+            let index = batch
+                .iter()
+                .position(|e| e.position == failed_at)
+                .unwrap_or(0);
+            let rest = batch.split_off(index + 1);
+            let Some(poison) = batch.pop() else {
+                return Ok(());
+            };
+            if !batch.is_empty() {
+                let held_back = self.sink.apply_batch(batch.clone()).await?;
+                self.status.add_parked(held_back);
+                self.committed(&batch)?;
+            }
+            self.retry_or_give_up(poison).await?;
+            batch = rest;
+        }
+        Ok(())
+    }
+
+    /// Tries an event that failed once more up to the retry policy's
+    /// attempts, then applies the poison policy.
+    async fn retry_or_give_up(&mut self, event: RecordedEvent) -> Result<(), ProjectionError> {
+        let mut backoff = self.retries.first_backoff;
+        let mut attempts = 1;
+        let message = loop {
+            let message = match self.sink.apply_batch(vec![event.clone()]).await {
+                Ok(held_back) => {
+                    self.status.add_parked(held_back);
+                    return self.committed(std::slice::from_ref(&event));
+                }
+                Err(ProjectionError::Apply { message, .. }) => message,
+                Err(other) => return Err(other),
+            };
+            attempts += 1;
+            if attempts > self.retries.attempts {
+                break message;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(self.retries.max_backoff);
+        };
+        let attempts = self.retries.attempts;
+        match self.poison {
+            PoisonPolicy::Stop => {
+                tracing::error!(projection = self.sink.name(), position = event.position, error = %message, "projection stopped on a poison event");
+                Err(ProjectionError::Apply {
+                    projection: self.sink.name().to_owned(),
+                    position: event.position,
+                    message: format!("{message} (after {attempts} attempts)"),
+                })
+            }
+            PoisonPolicy::Park => {
+                tracing::warn!(projection = self.sink.name(), position = event.position, error = %message, "parked a poison event");
+                self.sink.park(event.clone(), &message, attempts).await?;
+                let (parked, skipped) = self.sink.parked_counts().await?;
+                self.status.parked_counts(parked, skipped);
+                self.committed(std::slice::from_ref(&event))
+            }
+        }
+    }
+
+    /// Records a committed batch in the stats and the status.
+    fn committed(&mut self, batch: &[RecordedEvent]) -> Result<(), ProjectionError> {
         let Some((last, recorded_at)) = batch.last().map(|e| (e.position, e.recorded_at)) else {
             return Ok(());
         };
         let size = batch.len();
-        self.sink.apply_batch(batch).await?;
         self.stats.batches += 1;
         self.stats.events += size as u64;
         self.stats.largest_batch = self.stats.largest_batch.max(size);

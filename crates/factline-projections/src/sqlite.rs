@@ -1,6 +1,8 @@
 //! Read models in a SQLite file: the same file as the events or another.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -8,9 +10,10 @@ use factline_core::RecordedEvent;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use crate::diff::{diff_sql, row_value, whole_table_sql, Dialect, Pair};
+use crate::parking::Handling;
 use crate::tables::{checkpoint_key, may_write, Active, Mode, Tables};
 use crate::{ApplyError, ProjectionError, Sink, VersionedSink};
-use crate::{DiffReport, TableDiff};
+use crate::{DiffReport, ParkedEvent, Parking, RetryReport, TableDiff};
 
 /// A projection whose read model is in SQLite.
 pub trait SqliteProjection: Send + 'static {
@@ -51,6 +54,19 @@ CREATE TABLE IF NOT EXISTS factline_projection_versions (
     active_version INTEGER NOT NULL,
     tables         TEXT    NOT NULL,
     swapped_at     INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS factline_parked_events (
+    projection TEXT    NOT NULL,
+    version    INTEGER NOT NULL,
+    position   INTEGER NOT NULL,
+    stream_id  TEXT    NOT NULL,
+    event_id   TEXT    NOT NULL,
+    event_type TEXT    NOT NULL,
+    error      TEXT    NOT NULL,
+    attempts   INTEGER NOT NULL,
+    state      TEXT    NOT NULL,
+    parked_at  INTEGER NOT NULL,
+    PRIMARY KEY (projection, version, position)
 )";
 
 const SAVE_CHECKPOINT: &str =
@@ -69,6 +85,8 @@ pub struct SqliteSink<P> {
     /// Taken while a batch runs on a blocking thread.
     parts: Option<(Connection, P)>,
     set_up: bool,
+    /// Streams with parked events: their later events are held back.
+    held: Option<Arc<HashSet<String>>>,
 }
 
 impl<P: SqliteProjection> SqliteSink<P> {
@@ -111,6 +129,7 @@ impl<P: SqliteProjection> SqliteSink<P> {
             mode,
             parts: Some((conn, projection)),
             set_up: false,
+            held: None,
         })
     }
 
@@ -165,7 +184,8 @@ impl<P: SqliteProjection> SqliteSink<P> {
 
 /// How a batch on the blocking thread ended.
 enum BatchEnd {
-    Committed,
+    /// With how many events parked.
+    Committed(u64),
     /// The projection refused the event at this position.
     Refused(u64, ApplyError),
     /// The registry forbids this version to write.
@@ -217,7 +237,56 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
         .await
     }
 
-    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
+    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<u64, ProjectionError> {
+        self.write_batch(events, Handling::Apply).await
+    }
+
+    async fn park(
+        &mut self,
+        event: RecordedEvent,
+        error: &str,
+        attempts: u32,
+    ) -> Result<(), ProjectionError> {
+        let stream = event.stream_id.to_string();
+        let handling = Handling::Park {
+            error: error.to_owned(),
+            attempts,
+        };
+        self.write_batch(vec![event], handling).await?;
+        let mut held = self.held.as_deref().cloned().unwrap_or_default();
+        held.insert(stream);
+        self.held = Some(Arc::new(held));
+        Ok(())
+    }
+
+    async fn parked_counts(&mut self) -> Result<(u64, u64), ProjectionError> {
+        let (name, version) = (self.name.clone(), self.tables.version());
+        self.query(move |conn| parked_counts(conn, &name, version))
+            .await
+    }
+}
+
+impl<P: SqliteProjection> SqliteSink<P> {
+    /// One transaction: the registry check, setup, the events (applied,
+    /// held back, or parked), and the checkpoint.
+    /// Returns how many events were parked.
+    async fn write_batch(
+        &mut self,
+        events: Vec<RecordedEvent>,
+        handling: Handling,
+    ) -> Result<u64, ProjectionError> {
+        let held = match &self.held {
+            Some(held) => held.clone(),
+            None => {
+                let (name, version) = (self.name.clone(), self.tables.version());
+                let held = Arc::new(
+                    self.query(move |conn| held_streams(conn, &name, version))
+                        .await?,
+                );
+                self.held = Some(held.clone());
+                held
+            }
+        };
         let (name, set_up, mode) = (self.name.clone(), self.set_up, self.mode);
         let tables = self.tables.clone();
         let end = self
@@ -242,10 +311,31 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
                     }
                     register(&tx, &name, &tables).map_err(sql)?;
                 }
+                let mut parked = 0;
                 for event in &events {
-                    if let Err(refusal) = projection.apply(&tx, &tables, event) {
-                        // Dropping the transaction rolls the batch back.
-                        return Ok(BatchEnd::Refused(event.position, refusal));
+                    let stream = event.stream_id.as_str();
+                    let park = match &handling {
+                        Handling::Park { error, attempts } => Some((error.clone(), *attempts)),
+                        // Per-stream order: nothing of a stream passes its
+                        // parked event.
+                        Handling::Apply if held.contains(stream) => Some((
+                            format!("held back behind a parked event of stream {stream}"),
+                            0,
+                        )),
+                        Handling::Apply => None,
+                    };
+                    match park {
+                        Some((error, attempts)) => {
+                            insert_parked(&tx, &name, tables.version(), event, &error, attempts)
+                                .map_err(sql)?;
+                            parked += 1;
+                        }
+                        None => {
+                            if let Err(refusal) = projection.apply(&tx, &tables, event) {
+                                // Dropping the transaction rolls the batch back.
+                                return Ok(BatchEnd::Refused(event.position, refusal));
+                            }
+                        }
                     }
                 }
                 let last = events.last().map_or(0, |e| e.position);
@@ -259,13 +349,13 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
                 )
                 .map_err(sql)?;
                 tx.commit().map_err(sql)?;
-                Ok(BatchEnd::Committed)
+                Ok(BatchEnd::Committed(parked))
             })
             .await?;
         match end {
-            BatchEnd::Committed => {
+            BatchEnd::Committed(parked) => {
                 self.set_up = true;
-                Ok(())
+                Ok(parked)
             }
             BatchEnd::Refused(position, refusal) => Err(ProjectionError::Apply {
                 projection: self.name.clone(),
@@ -562,4 +652,151 @@ fn diff_tables(
         report.tables.push(diff);
     }
     Ok(report)
+}
+
+fn held_streams(conn: &Connection, name: &str, version: u32) -> rusqlite::Result<HashSet<String>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT DISTINCT stream_id FROM factline_parked_events
+         WHERE projection = ?1 AND version = ?2 AND state = 'parked'",
+    )?;
+    let streams = stmt.query_map(params![name, version], |r| r.get(0))?;
+    streams.collect()
+}
+
+fn insert_parked(
+    conn: &Connection,
+    name: &str,
+    version: u32,
+    event: &RecordedEvent,
+    error: &str,
+    attempts: u32,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO factline_parked_events
+             (projection, version, position, stream_id, event_id, event_type, error, attempts, state, parked_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, 'parked', ?9)
+         ON CONFLICT (projection, version, position) DO UPDATE SET
+             error = excluded.error, attempts = excluded.attempts, state = 'parked'",
+    )?
+    .execute(params![
+        name,
+        version,
+        event.position as i64,
+        event.stream_id.as_str(),
+        event.event_id.to_string(),
+        event.event_type,
+        error,
+        attempts,
+        chrono::Utc::now().timestamp_micros(),
+    ])
+    .map(|_| ())
+}
+
+fn parked_counts(conn: &Connection, name: &str, version: u32) -> rusqlite::Result<(u64, u64)> {
+    conn.query_row(
+        "SELECT coalesce(sum(state = 'parked'), 0), coalesce(sum(state = 'skipped'), 0)
+         FROM factline_parked_events WHERE projection = ?1 AND version = ?2",
+        params![name, version],
+        |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+    )
+}
+
+fn parked_events(
+    conn: &Connection,
+    name: &str,
+    version: u32,
+) -> rusqlite::Result<Vec<ParkedEvent>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT position, stream_id, event_id, event_type, error, attempts, parked_at
+         FROM factline_parked_events
+         WHERE projection = ?1 AND version = ?2 AND state = 'parked' ORDER BY position",
+    )?;
+    let rows = stmt.query_map(params![name, version], |r| {
+        Ok(ParkedEvent {
+            position: r.get::<_, i64>(0)? as u64,
+            stream_id: r.get(1)?,
+            event_id: r.get(2)?,
+            event_type: r.get(3)?,
+            error: r.get(4)?,
+            attempts: r.get(5)?,
+            parked_at: chrono::DateTime::from_timestamp_micros(r.get(6)?).unwrap_or_default(),
+        })
+    })?;
+    rows.collect()
+}
+
+#[async_trait]
+impl<P: SqliteProjection> Parking for SqliteSink<P> {
+    async fn parked(&mut self) -> Result<Vec<ParkedEvent>, ProjectionError> {
+        let (name, version) = (self.name.clone(), self.tables.version());
+        self.query(move |conn| parked_events(conn, &name, version))
+            .await
+    }
+
+    async fn skip(&mut self, position: u64) -> Result<bool, ProjectionError> {
+        let (name, version) = (self.name.clone(), self.tables.version());
+        let skipped = self
+            .query(move |conn| {
+                conn.execute(
+                    "UPDATE factline_parked_events SET state = 'skipped'
+                     WHERE projection = ?1 AND version = ?2 AND position = ?3 AND state = 'parked'",
+                    params![name, version, position as i64],
+                )
+            })
+            .await?;
+        self.held = None;
+        Ok(skipped > 0)
+    }
+
+    async fn retry(
+        &mut self,
+        store: &dyn factline_core::EventStore,
+    ) -> Result<RetryReport, ProjectionError> {
+        let parked = self.parked().await?;
+        let events = crate::parking::fetch(store, &parked).await?;
+        let (name, tables) = (self.name.clone(), self.tables.clone());
+        let report = self
+            .with_parts(move |conn, projection| {
+                let sql = |e: rusqlite::Error| e.to_string();
+                let mut report = RetryReport::default();
+                let mut stuck: HashSet<String> = HashSet::new();
+                for event in &events {
+                    let stream = event.stream_id.to_string();
+                    if stuck.contains(&stream) {
+                        report.still_parked += 1;
+                        continue;
+                    }
+                    let tx = conn
+                        .transaction_with_behavior(TransactionBehavior::Immediate)
+                        .map_err(sql)?;
+                    match projection.apply(&tx, &tables, event) {
+                        Ok(()) => {
+                            tx.execute(
+                                "DELETE FROM factline_parked_events
+                                 WHERE projection = ?1 AND version = ?2 AND position = ?3",
+                                params![name, tables.version(), event.position as i64],
+                            )
+                            .map_err(sql)?;
+                            tx.commit().map_err(sql)?;
+                            report.applied += 1;
+                        }
+                        Err(refusal) => {
+                            drop(tx);
+                            conn.execute(
+                                "UPDATE factline_parked_events SET error = ?4, attempts = attempts + 1
+                                 WHERE projection = ?1 AND version = ?2 AND position = ?3",
+                                params![name, tables.version(), event.position as i64, refusal.0],
+                            )
+                            .map_err(sql)?;
+                            stuck.insert(stream);
+                            report.still_parked += 1;
+                        }
+                    }
+                }
+                Ok(report)
+            })
+            .await?;
+        self.held = None;
+        Ok(report)
+    }
 }

@@ -134,6 +134,19 @@ impl ProjectionStatus {
         self.checkpoint.send_replace(checkpoint);
     }
 
+    pub(crate) fn parked_counts(&self, parked: u64, skipped: u64) {
+        if let Ok(mut details) = self.details.lock() {
+            details.parked = parked;
+            details.skipped = skipped;
+        }
+    }
+
+    pub(crate) fn add_parked(&self, parked: u64) {
+        if let Ok(mut details) = self.details.lock() {
+            details.parked += parked;
+        }
+    }
+
     pub(crate) fn catching_up(&self, from: u64, to: u64) {
         if let Ok(mut details) = self.details.lock() {
             details.catching_up = Some(CatchUp {

@@ -10,8 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use factline_core::{EventData, EventStore, ExpectedVersion, RecordedEvent, StreamId};
 use factline_projections::{
-    ApplyError, BatchPolicy, Freshness, OnTimeout, PostgresProjection, PostgresSink,
-    ProjectionError, Runner, Sink, SqliteProjection, SqliteSink, Tables, VersionedSink,
+    ApplyError, BatchPolicy, Freshness, OnTimeout, Parking, PoisonPolicy, PostgresProjection,
+    PostgresSink, ProjectionError, RetryPolicy, Runner, Sink, SqliteProjection, SqliteSink, Tables,
+    VersionedSink,
 };
 use serde_json::json;
 
@@ -119,7 +120,7 @@ impl PostgresProjection for Counts {
 /// A store and a read-model database beside it.
 #[async_trait]
 trait Target: Sized + Sync {
-    type Sink: VersionedSink + 'static;
+    type Sink: VersionedSink + Parking + 'static;
     async fn start() -> Self;
     fn store(&self) -> Arc<dyn EventStore>;
     /// A sink for `counts`: a live one, or (`rebuild`) one building its
@@ -299,29 +300,129 @@ async fn catches_up_in_batches_with_the_checkpoint<T: Target>() {
     assert_eq!((counts, checkpoint), (expected_counts(1234), 1234));
 }
 
-async fn a_refused_event_rolls_back_its_batch_and_resuming_applies_each_event_once<T: Target>() {
+/// Quick retries for tests.
+fn quick_retries() -> RetryPolicy {
+    RetryPolicy {
+        attempts: 3,
+        first_backoff: Duration::from_millis(1),
+        max_backoff: Duration::from_millis(4),
+    }
+}
+
+/// P8 with the stop policy: the failing event is retried, then the run
+/// stops and says why; what came before it is committed with the
+/// checkpoint, and a restart applies every event once.
+async fn a_poison_event_stops_the_projection_and_resuming_applies_each_event_once<T: Target>() {
     let target = T::start().await;
     append(&target.store(), 1234).await;
-    let mut runner = Runner::new(target.store(), target.sink(Some(700)).await);
+    let mut runner =
+        Runner::new(target.store(), target.sink(Some(700)).await).with_retries(quick_retries());
     match runner.catch_up(u64::MAX).await {
-        Err(ProjectionError::Apply { position, .. }) => assert_eq!(position, 700),
+        Err(ProjectionError::Apply {
+            position, message, ..
+        }) => {
+            assert_eq!(position, 700);
+            assert!(message.contains("after 3 attempts"), "{message}");
+        }
         other => panic!("expected the refusal at 700, got {other:?}"),
     }
     let mut sink = runner.into_sink();
     let (counts, checkpoint) = T::read_model(&mut sink).await;
-    assert_eq!(checkpoint, 500, "the batch with 700 is not committed");
+    assert_eq!(checkpoint, 699, "everything before the poison event is in");
     assert_eq!(
         counts,
-        expected_counts(500),
+        expected_counts(699),
         "read model and checkpoint move together"
     );
 
     // A new run (as after a restart) resumes from the checkpoint.
     let mut runner = Runner::new(target.store(), target.sink(None).await);
     let stats = runner.catch_up(u64::MAX).await.unwrap();
-    assert_eq!(stats.events, 734);
+    assert_eq!(stats.events, 535);
     let (counts, checkpoint) = T::read_model(&mut runner.into_sink()).await;
     assert_eq!((counts, checkpoint), (expected_counts(1234), 1234));
+}
+
+/// P8 with the park policy: the poison event is parked with its error, and
+/// every later event of its stream is parked behind it; the rest goes on.
+/// Parked events are listed, retried (in stream order) and skipped.
+async fn poison_events_are_parked_with_their_stream_held_back<T: Target>() {
+    let target = T::start().await;
+    // Position 150 is in stream Order-1, which also holds 101..200 and
+    // 801..900 (see `append`).
+    append(&target.store(), 1000).await;
+    let parking = |runner: Runner<T::Sink>| {
+        runner
+            .with_retries(quick_retries())
+            .with_poison_policy(PoisonPolicy::Park)
+    };
+    let mut runner = parking(Runner::new(target.store(), target.sink(Some(150)).await));
+    let status = runner.status();
+    runner.catch_up(u64::MAX).await.unwrap();
+    let lag = status.lag(1000);
+    assert_eq!((lag.checkpoint, lag.parked, lag.skipped), (1000, 151, 0));
+    let mut sink = runner.into_sink();
+    let parked = sink.parked().await.unwrap();
+    let positions: Vec<u64> = parked.iter().map(|p| p.position).collect();
+    let held: Vec<u64> = (150..=200).chain(801..=900).collect();
+    assert_eq!(positions, held);
+    assert_eq!(
+        (parked[0].attempts, parked[0].error.as_str()),
+        (3, "refused on purpose")
+    );
+    assert!(parked[1..]
+        .iter()
+        .all(|p| p.attempts == 0 && p.error.contains("held back")));
+    assert!(parked.iter().all(|p| p.stream_id == "Order-1"));
+    let (counts, _) = T::read_model(&mut sink).await;
+    let mut expected = expected_counts(1000);
+    for position in &held {
+        let event_type = TYPES[((position - 1) % 3) as usize];
+        *expected.get_mut(event_type).unwrap() -= 1;
+    }
+    assert_eq!(counts, expected, "everything else was applied");
+
+    // Retrying while the event still fails changes nothing.
+    let report = sink.retry(target.store().as_ref()).await.unwrap();
+    assert_eq!((report.applied, report.still_parked), (0, 151));
+    assert_eq!(sink.parked().await.unwrap()[0].attempts, 4);
+
+    // Fixed: a retry applies them all, in order.
+    let mut fixed = target.sink(None).await;
+    let report = fixed.retry(target.store().as_ref()).await.unwrap();
+    assert_eq!((report.applied, report.still_parked), (151, 0));
+    assert!(fixed.parked().await.unwrap().is_empty());
+    assert_eq!(
+        T::read_model(&mut fixed).await,
+        (expected_counts(1000), 1000)
+    );
+}
+
+/// Skipping a parked event lets the events held behind it through on the
+/// next retry; the skip is counted.
+async fn skipped_events_release_their_stream_on_retry<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 300).await;
+    let mut runner = Runner::new(target.store(), target.sink(Some(150)).await)
+        .with_retries(quick_retries())
+        .with_poison_policy(PoisonPolicy::Park);
+    runner.catch_up(u64::MAX).await.unwrap();
+    let mut sink = runner.into_sink();
+    assert_eq!(sink.parked().await.unwrap().len(), 51);
+    assert!(sink.skip(150).await.unwrap());
+    assert!(!sink.skip(150).await.unwrap(), "skipped already");
+    let report = sink.retry(target.store().as_ref()).await.unwrap();
+    assert_eq!((report.applied, report.still_parked), (50, 0));
+    assert_eq!(sink.parked_counts().await.unwrap(), (0, 1));
+    let (counts, _) = T::read_model(&mut sink).await;
+    let mut expected = expected_counts(300);
+    *expected.get_mut(TYPES[(149 % 3) as usize]).unwrap() -= 1;
+    assert_eq!(counts, expected, "all but the skipped event");
+    // A restarted runner reports the skip in its lag.
+    let mut runner = Runner::new(target.store(), sink);
+    let status = runner.status();
+    runner.catch_up(u64::MAX).await.unwrap();
+    assert_eq!((status.lag(300).parked, status.lag(300).skipped), (0, 1));
 }
 
 async fn follows_live_appends_until_stopped<T: Target>() {
@@ -665,7 +766,9 @@ macro_rules! on_every_target {
 
 on_every_target!(
     catches_up_in_batches_with_the_checkpoint,
-    a_refused_event_rolls_back_its_batch_and_resuming_applies_each_event_once,
+    a_poison_event_stops_the_projection_and_resuming_applies_each_event_once,
+    poison_events_are_parked_with_their_stream_held_back,
+    skipped_events_release_their_stream_on_retry,
     follows_live_appends_until_stopped,
     lag_counts_events_and_seconds_behind,
     reads_wait_for_the_position_of_a_write,
