@@ -14,6 +14,7 @@
 
 mod diff;
 mod parking;
+mod portable;
 pub mod postgres;
 mod reactor;
 mod runner;
@@ -23,6 +24,7 @@ mod tables;
 
 pub use diff::{DiffReport, TableDiff};
 pub use parking::{ParkedEvent, Parking, PoisonPolicy, RetryPolicy, RetryReport};
+pub use portable::{Portable, SqlProjection, SqlValue, Statement};
 pub use postgres::{PostgresCheckpoints, PostgresProjection, PostgresSink};
 pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};

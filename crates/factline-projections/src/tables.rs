@@ -50,6 +50,11 @@ impl Tables {
         format!("{}{logical}_v{}", self.prefix, self.version)
     }
 
+    /// [`Tables::get`] without the schema: for naming indexes.
+    pub fn local(&self, logical: &str) -> String {
+        format!("{logical}_v{}", self.version)
+    }
+
     /// The view readers query for `logical`.
     pub fn view(&self, logical: &str) -> String {
         format!("{}{logical}", self.prefix)

@@ -12,6 +12,7 @@
 pub mod customer;
 pub mod load;
 pub mod order;
+pub mod read_models;
 
 pub use customer::{Customer, CustomerCommand, CustomerError, CustomerEvent};
 pub use order::{Order, OrderCommand, OrderError, OrderEvent, OrderLine, OrderStatus};

@@ -1,0 +1,215 @@
+//! Projections written once for both databases: a [`SqlProjection`] turns
+//! each event into SQL statements (with `$1`, `$2`… parameters and types
+//! both databases know: `TEXT`, `BIGINT`), and [`Portable`] runs it as a
+//! [`SqliteProjection`] or a [`PostgresProjection`].
+
+use std::error::Error;
+
+use async_trait::async_trait;
+use bytes::BytesMut;
+use factline_core::RecordedEvent;
+use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
+
+use crate::{ApplyError, PostgresProjection, SqliteProjection, Tables};
+
+/// A statement parameter.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SqlValue {
+    Int(i64),
+    Text(String),
+    Null,
+}
+
+impl From<i64> for SqlValue {
+    fn from(v: i64) -> Self {
+        SqlValue::Int(v)
+    }
+}
+
+impl From<u64> for SqlValue {
+    fn from(v: u64) -> Self {
+        SqlValue::Int(i64::try_from(v).unwrap_or(i64::MAX))
+    }
+}
+
+impl From<&str> for SqlValue {
+    fn from(v: &str) -> Self {
+        SqlValue::Text(v.to_owned())
+    }
+}
+
+impl From<String> for SqlValue {
+    fn from(v: String) -> Self {
+        SqlValue::Text(v)
+    }
+}
+
+/// One statement an event makes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Statement {
+    /// SQL with `$1`, `$2`… for the parameters.
+    pub sql: String,
+    pub params: Vec<SqlValue>,
+}
+
+impl Statement {
+    pub fn new(sql: impl Into<String>, params: Vec<SqlValue>) -> Self {
+        Statement {
+            sql: sql.into(),
+            params,
+        }
+    }
+}
+
+/// A projection expressed as SQL both SQLite and PostgreSQL run.
+pub trait SqlProjection: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn version(&self) -> u32 {
+        1
+    }
+    /// The logical table names; see [`Tables`].
+    fn tables(&self) -> &[&str];
+    /// `CREATE TABLE IF NOT EXISTS …` (and indexes) for this version.
+    fn create_tables(&self, tables: &Tables) -> Vec<String>;
+    /// The statements `event` makes, run in order in the batch's
+    /// transaction.
+    fn statements(
+        &mut self,
+        tables: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Statement>, ApplyError>;
+}
+
+/// Runs a [`SqlProjection`] on either database.
+pub struct Portable<P>(pub P);
+
+/// `$n` parameters as SQLite's numbered `?n` (the same numbers, so a
+/// parameter may appear twice or out of order).
+fn sqlite_sql(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len());
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
+            out.push('?');
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+impl rusqlite::ToSql for SqlValue {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
+        Ok(match self {
+            SqlValue::Int(v) => ToSqlOutput::Owned(Value::Integer(*v)),
+            SqlValue::Text(v) => ToSqlOutput::Borrowed(ValueRef::Text(v.as_bytes())),
+            SqlValue::Null => ToSqlOutput::Owned(Value::Null),
+        })
+    }
+}
+
+impl ToSql for SqlValue {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut BytesMut,
+    ) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
+        match self {
+            SqlValue::Null => Ok(IsNull::Yes),
+            SqlValue::Text(v) => v.to_sql(ty, out),
+            SqlValue::Int(v) if *ty == Type::INT4 => i32::try_from(*v)?.to_sql(ty, out),
+            SqlValue::Int(v) if *ty == Type::INT2 => i16::try_from(*v)?.to_sql(ty, out),
+            SqlValue::Int(v) => v.to_sql(ty, out),
+        }
+    }
+
+    fn accepts(_: &Type) -> bool {
+        // Checked value by value in `to_sql`.
+        true
+    }
+
+    to_sql_checked!();
+}
+
+impl<P: SqlProjection> SqliteProjection for Portable<P> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn version(&self) -> u32 {
+        self.0.version()
+    }
+    fn tables(&self) -> &[&str] {
+        self.0.tables()
+    }
+    fn setup(&mut self, tx: &rusqlite::Transaction<'_>, tables: &Tables) -> rusqlite::Result<()> {
+        for ddl in self.0.create_tables(tables) {
+            tx.execute(&sqlite_sql(&ddl), [])?;
+        }
+        Ok(())
+    }
+    fn apply(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        tables: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<(), ApplyError> {
+        for statement in self.0.statements(tables, event)? {
+            tx.prepare_cached(&sqlite_sql(&statement.sql))?
+                .execute(rusqlite::params_from_iter(&statement.params))?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<P: SqlProjection> PostgresProjection for Portable<P> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn version(&self) -> u32 {
+        self.0.version()
+    }
+    fn tables(&self) -> &[&str] {
+        self.0.tables()
+    }
+    async fn setup(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        tables: &Tables,
+    ) -> Result<(), tokio_postgres::Error> {
+        for ddl in self.0.create_tables(tables) {
+            tx.batch_execute(&ddl).await?;
+        }
+        Ok(())
+    }
+    async fn apply(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        tables: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<(), ApplyError> {
+        for statement in self.0.statements(tables, event)? {
+            let params: Vec<&(dyn ToSql + Sync)> = statement
+                .params
+                .iter()
+                .map(|p| p as &(dyn ToSql + Sync))
+                .collect();
+            tx.execute(&statement.sql, &params).await?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dollar_parameters_become_numbered_sqlite_ones() {
+        assert_eq!(
+            sqlite_sql("UPDATE t SET a = $2 WHERE k = $1 AND b = $2 AND c = '$'"),
+            "UPDATE t SET a = ?2 WHERE k = ?1 AND b = ?2 AND c = '$'"
+        );
+    }
+}

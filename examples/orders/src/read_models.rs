@@ -1,0 +1,292 @@
+//! The orders read models (issue 5, item 11), written once as
+//! [`SqlProjection`]s and run on SQLite or PostgreSQL through
+//! [`Portable`](factline_projections::Portable):
+//!
+//! - [`OrderList`]: one row per order (customer, region, status, total),
+//!   indexed for filtering by status and by customer;
+//! - [`RevenueByRegionDay`]: paid and refunded cents per region and day;
+//! - [`CustomerTotals`]: per customer, orders placed, paid and refunded.
+//!
+//! Each keeps the lookups it needs (which region an order is in, whose it
+//! is) in tables of its own: a projection never reads another's tables,
+//! since either may be rebuilt on its own.
+
+use factline_aggregate::DomainEvent;
+use factline_core::RecordedEvent;
+use factline_projections::{ApplyError, SqlProjection, SqlValue, Statement, Tables};
+
+use crate::{CustomerEvent, OrderEvent};
+
+/// The order id of an `Order-<id>` stream.
+fn order_id(event: &RecordedEvent) -> String {
+    event
+        .stream_id
+        .as_str()
+        .split_once('-')
+        .map_or("", |(_, id)| id)
+        .to_owned()
+}
+
+fn order_event(event: &RecordedEvent) -> Result<Option<OrderEvent>, ApplyError> {
+    if event.stream_id.category() != "Order" {
+        return Ok(None);
+    }
+    OrderEvent::from_recorded(event)
+        .map(Some)
+        .map_err(|e| ApplyError::new(e.to_string()))
+}
+
+fn customer_event(event: &RecordedEvent) -> Result<Option<CustomerEvent>, ApplyError> {
+    if event.stream_id.category() != "Customer" {
+        return Ok(None);
+    }
+    CustomerEvent::from_recorded(event)
+        .map(Some)
+        .map_err(|e| ApplyError::new(e.to_string()))
+}
+
+/// The UTC day an event was recorded on, `YYYY-MM-DD`.
+pub fn day_of(event: &RecordedEvent) -> String {
+    event.recorded_at.format("%Y-%m-%d").to_string()
+}
+
+/// Orders, filterable by status and customer.
+pub struct OrderList;
+
+impl SqlProjection for OrderList {
+    fn name(&self) -> &str {
+        "order_list"
+    }
+    fn tables(&self) -> &[&str] {
+        &["orders"]
+    }
+    fn create_tables(&self, t: &Tables) -> Vec<String> {
+        let (orders, local) = (t.get("orders"), t.local("orders"));
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {orders} (
+                     order_id      TEXT   PRIMARY KEY,
+                     customer_id   TEXT   NOT NULL,
+                     region        TEXT   NOT NULL,
+                     status        TEXT   NOT NULL,
+                     total_cents   BIGINT NOT NULL,
+                     line_count    BIGINT NOT NULL,
+                     placed_on     TEXT   NOT NULL,
+                     last_position BIGINT NOT NULL
+                 )"
+            ),
+            format!("CREATE INDEX IF NOT EXISTS {local}_status ON {orders} (status, order_id)"),
+            format!(
+                "CREATE INDEX IF NOT EXISTS {local}_customer ON {orders} (customer_id, order_id)"
+            ),
+        ]
+    }
+    fn statements(
+        &mut self,
+        t: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Statement>, ApplyError> {
+        let orders = t.get("orders");
+        let id = order_id(event);
+        let position = SqlValue::from(event.position);
+        let status = |status: &str| {
+            Statement::new(
+                format!("UPDATE {orders} SET status = $2, last_position = $3 WHERE order_id = $1"),
+                vec![id.clone().into(), status.into(), position.clone()],
+            )
+        };
+        Ok(match order_event(event)? {
+            Some(OrderEvent::OrderPlaced {
+                customer_id,
+                region,
+                lines,
+                total_cents,
+                ..
+            }) => vec![Statement::new(
+                format!(
+                    "INSERT INTO {orders} (order_id, customer_id, region, status, total_cents,
+                                           line_count, placed_on, last_position)
+                     VALUES ($1, $2, $3, 'placed', $4, $5, $6, $7)
+                     ON CONFLICT (order_id) DO NOTHING"
+                ),
+                vec![
+                    id.clone().into(),
+                    customer_id.into(),
+                    region.into(),
+                    total_cents.into(),
+                    (lines.len() as u64).into(),
+                    day_of(event).into(),
+                    position.clone(),
+                ],
+            )],
+            Some(OrderEvent::OrderPaid { .. }) => vec![status("paid")],
+            Some(OrderEvent::OrderShipped { .. }) => vec![status("shipped")],
+            Some(OrderEvent::OrderCancelled { .. }) => vec![status("cancelled")],
+            None => Vec::new(),
+        })
+    }
+}
+
+/// Paid and refunded cents per region and day.
+pub struct RevenueByRegionDay;
+
+impl SqlProjection for RevenueByRegionDay {
+    fn name(&self) -> &str {
+        "revenue"
+    }
+    fn tables(&self) -> &[&str] {
+        &["revenue", "revenue_order_regions"]
+    }
+    fn create_tables(&self, t: &Tables) -> Vec<String> {
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                     region         TEXT   NOT NULL,
+                     day            TEXT   NOT NULL,
+                     paid_cents     BIGINT NOT NULL,
+                     refunded_cents BIGINT NOT NULL,
+                     paid_orders    BIGINT NOT NULL,
+                     PRIMARY KEY (region, day)
+                 )",
+                t.get("revenue")
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (order_id TEXT PRIMARY KEY, region TEXT NOT NULL)",
+                t.get("revenue_order_regions")
+            ),
+        ]
+    }
+    fn statements(
+        &mut self,
+        t: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Statement>, ApplyError> {
+        let (revenue, regions) = (t.get("revenue"), t.get("revenue_order_regions"));
+        let id = order_id(event);
+        // Money lands on the day it moved, in the order's region.
+        let add = |paid: u64, refunded: u64, orders: u64| {
+            Statement::new(
+                format!(
+                    "INSERT INTO {revenue} AS r (region, day, paid_cents, refunded_cents, paid_orders)
+                     SELECT region, $2, $3, $4, $5 FROM {regions} WHERE order_id = $1
+                     ON CONFLICT (region, day) DO UPDATE SET
+                         paid_cents = r.paid_cents + excluded.paid_cents,
+                         refunded_cents = r.refunded_cents + excluded.refunded_cents,
+                         paid_orders = r.paid_orders + excluded.paid_orders"
+                ),
+                vec![
+                    id.clone().into(),
+                    day_of(event).into(),
+                    paid.into(),
+                    refunded.into(),
+                    orders.into(),
+                ],
+            )
+        };
+        Ok(match order_event(event)? {
+            Some(OrderEvent::OrderPlaced { region, .. }) => vec![Statement::new(
+                format!(
+                    "INSERT INTO {regions} (order_id, region) VALUES ($1, $2)
+                     ON CONFLICT (order_id) DO NOTHING"
+                ),
+                vec![id.clone().into(), region.into()],
+            )],
+            Some(OrderEvent::OrderPaid { amount_cents, .. }) => vec![add(amount_cents, 0, 1)],
+            Some(OrderEvent::OrderCancelled { refund_cents, .. }) if refund_cents > 0 => {
+                vec![add(0, refund_cents, 0)]
+            }
+            _ => Vec::new(),
+        })
+    }
+}
+
+/// Per customer: name, region, orders placed, cents paid and refunded.
+pub struct CustomerTotals;
+
+impl SqlProjection for CustomerTotals {
+    fn name(&self) -> &str {
+        "customer_totals"
+    }
+    fn tables(&self) -> &[&str] {
+        &["customer_totals", "customer_orders"]
+    }
+    fn create_tables(&self, t: &Tables) -> Vec<String> {
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (
+                     customer_id    TEXT   PRIMARY KEY,
+                     name           TEXT   NOT NULL,
+                     region         TEXT   NOT NULL,
+                     orders         BIGINT NOT NULL,
+                     paid_cents     BIGINT NOT NULL,
+                     refunded_cents BIGINT NOT NULL
+                 )",
+                t.get("customer_totals")
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {} (order_id TEXT PRIMARY KEY, customer_id TEXT NOT NULL)",
+                t.get("customer_orders")
+            ),
+        ]
+    }
+    fn statements(
+        &mut self,
+        t: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Statement>, ApplyError> {
+        let (totals, owners) = (t.get("customer_totals"), t.get("customer_orders"));
+        // A customer row may start from an order placed before (or without)
+        // the registration: name and region fill in when it comes.
+        let upsert = |customer: &str, name: &str, region: &str| {
+            Statement::new(
+                format!(
+                    "INSERT INTO {totals} AS c (customer_id, name, region, orders, paid_cents, refunded_cents)
+                     VALUES ($1, $2, $3, 0, 0, 0)
+                     ON CONFLICT (customer_id) DO UPDATE SET
+                         name = CASE WHEN excluded.name = '' THEN c.name ELSE excluded.name END,
+                         region = CASE WHEN excluded.region = '' THEN c.region ELSE excluded.region END"
+                ),
+                vec![customer.into(), name.into(), region.into()],
+            )
+        };
+        let owner_gets = |column: &str, cents: u64| {
+            Statement::new(
+                format!(
+                    "UPDATE {totals} SET {column} = {column} + $2
+                     WHERE customer_id = (SELECT customer_id FROM {owners} WHERE order_id = $1)"
+                ),
+                vec![order_id(event).into(), cents.into()],
+            )
+        };
+        if let Some(customer) = customer_event(event)? {
+            let id = order_id(event);
+            return Ok(vec![match customer {
+                CustomerEvent::CustomerRegistered { name, region } => upsert(&id, &name, &region),
+                CustomerEvent::CustomerRelocated { to, .. } => upsert(&id, "", &to),
+            }]);
+        }
+        Ok(match order_event(event)? {
+            Some(OrderEvent::OrderPlaced { customer_id, .. }) => vec![
+                Statement::new(
+                    format!(
+                        "INSERT INTO {owners} (order_id, customer_id) VALUES ($1, $2)
+                         ON CONFLICT (order_id) DO NOTHING"
+                    ),
+                    vec![order_id(event).into(), customer_id.clone().into()],
+                ),
+                upsert(&customer_id, "", ""),
+                Statement::new(
+                    format!("UPDATE {totals} SET orders = orders + 1 WHERE customer_id = $1"),
+                    vec![customer_id.into()],
+                ),
+            ],
+            Some(OrderEvent::OrderPaid { amount_cents, .. }) => {
+                vec![owner_gets("paid_cents", amount_cents)]
+            }
+            Some(OrderEvent::OrderCancelled { refund_cents, .. }) if refund_cents > 0 => {
+                vec![owner_gets("refunded_cents", refund_cents)]
+            }
+            _ => Vec::new(),
+        })
+    }
+}
