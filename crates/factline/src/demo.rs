@@ -1,15 +1,120 @@
 //! `factline demo`: runs the orders domain's load generator through the
 //! command handler (customers register, orders are placed, paid, shipped,
-//! cancelled, with the mistakes clients make) and shows what happened. It
-//! grows into the full demo (projections, dashboard) as those parts land.
+//! cancelled, with the mistakes clients make) while the orders read models
+//! follow live, and shows what happened from both.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Args;
 use factline::{EventStore, Location};
 use factline_orders::load::{self, LoadConfig};
+use factline_orders::read_models::{self, CustomerTotals, OrderList, RevenueByRegionDay, Summary};
+use factline_projections::{
+    Portable, PostgresSink, ProjectionError, ProjectionStatus, Runner, RunnerStats, Sink,
+    SqliteSink,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use crate::usage;
+
+/// The PostgreSQL schema of the orders read models.
+pub const READ_SCHEMA: &str = "orders_read";
+
+/// Where the read models live: beside the events (the SQLite file or the
+/// PostgreSQL database), or in a temporary file for `memory:`.
+enum ReadModels {
+    Sqlite {
+        path: PathBuf,
+        /// Keeps the temporary directory of `memory:` alive.
+        _temp: Option<tempfile::TempDir>,
+    },
+    Postgres(String),
+}
+
+type Running = (
+    ProjectionStatus,
+    JoinHandle<Result<RunnerStats, ProjectionError>>,
+);
+
+fn spawn<S: Sink + 'static>(
+    store: &Arc<dyn EventStore>,
+    sink: S,
+    stop: &watch::Receiver<bool>,
+) -> Running {
+    let mut runner = Runner::new(store.clone(), sink);
+    let status = runner.status();
+    let stop = stop.clone();
+    (status, tokio::spawn(async move { runner.run(stop).await }))
+}
+
+impl ReadModels {
+    fn for_location(location: &Location) -> anyhow::Result<Self> {
+        Ok(match location {
+            Location::Sqlite(path) => ReadModels::Sqlite {
+                path: path.clone(),
+                _temp: None,
+            },
+            Location::Postgres(url) => ReadModels::Postgres(url.clone()),
+            Location::Memory => {
+                let dir = tempfile::tempdir()?;
+                ReadModels::Sqlite {
+                    path: dir.path().join("read-models.db"),
+                    _temp: Some(dir),
+                }
+            }
+        })
+    }
+
+    /// Starts the three orders projections, following the log live.
+    async fn start(
+        &self,
+        store: &Arc<dyn EventStore>,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Vec<Running>> {
+        Ok(match self {
+            ReadModels::Sqlite { path, .. } => vec![
+                spawn(store, SqliteSink::open(path, Portable(OrderList))?, stop),
+                spawn(
+                    store,
+                    SqliteSink::open(path, Portable(RevenueByRegionDay))?,
+                    stop,
+                ),
+                spawn(
+                    store,
+                    SqliteSink::open(path, Portable(CustomerTotals))?,
+                    stop,
+                ),
+            ],
+            ReadModels::Postgres(url) => vec![
+                spawn(
+                    store,
+                    PostgresSink::connect(url, READ_SCHEMA, Portable(OrderList)).await?,
+                    stop,
+                ),
+                spawn(
+                    store,
+                    PostgresSink::connect(url, READ_SCHEMA, Portable(RevenueByRegionDay)).await?,
+                    stop,
+                ),
+                spawn(
+                    store,
+                    PostgresSink::connect(url, READ_SCHEMA, Portable(CustomerTotals)).await?,
+                    stop,
+                ),
+            ],
+        })
+    }
+
+    async fn summary(&self) -> anyhow::Result<Summary> {
+        Ok(match self {
+            ReadModels::Sqlite { path, .. } => read_models::summary_sqlite(path)?,
+            ReadModels::Postgres(url) => read_models::summary_postgres(url, READ_SCHEMA).await?,
+        })
+    }
+}
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
@@ -47,6 +152,9 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
     }
     let store: Arc<dyn EventStore> = location.open().await?;
     let start = store.head_position().await? + 1;
+    let read_models = ReadModels::for_location(location)?;
+    let (stop, stopped) = watch::channel(false);
+    let running = read_models.start(&store, &stopped).await?;
     let config = LoadConfig {
         customers: args.customers as usize,
         orders: args.orders as usize,
@@ -56,6 +164,24 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
         snapshot_every: Some(100),
     };
     let report = load::run(store.clone(), &config).await?;
+    // The read models follow live; wait for them to have every event.
+    let head = store.head_position().await?;
+    for (status, _) in &running {
+        if status
+            .wait_for(head, Duration::from_secs(60))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    stop.send_replace(true);
+    let mut lags = Vec::new();
+    for (status, task) in running {
+        task.await??;
+        lags.push((status.name().to_owned(), status.lag(head)));
+    }
+    let summary = read_models.summary().await?;
 
     println!(
         "Ran {} commands for {} customers and {} orders in {:.2} s ({:.0} commands/s) on {}:",
@@ -86,13 +212,27 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
             e.version
         );
     }
-    println!("\nOrders by status:");
-    for (status, count) in &report.statuses {
+    println!("\nRead models, kept up to date while the commands ran:");
+    for (name, lag) in &lags {
+        println!(
+            "  {name:<16} at position {:>8}, {} behind, {} parked",
+            lag.checkpoint, lag.events_behind, lag.parked
+        );
+    }
+    println!("\nOrders by status (all runs):");
+    for (status, count) in &summary.statuses {
         println!("  {status:<10} {count:>6}");
     }
-    println!("\nRevenue by region (paid, not refunded):");
-    for (region, cents) in &report.revenue_cents {
+    println!("\nRevenue by region (paid minus refunded, all runs):");
+    for (region, cents) in &summary.net_revenue {
         println!("  {region:<12} {:>12.2} EUR", *cents as f64 / 100.0);
+    }
+    println!("\nTop customers:");
+    for (customer, name, cents) in &summary.top_customers {
+        println!(
+            "  {customer:<16} {name:<10} {:>12.2} EUR",
+            *cents as f64 / 100.0
+        );
     }
     println!("\nTry: factline read-category Order --limit 5   |   factline tail --all");
     Ok(())

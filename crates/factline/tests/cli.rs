@@ -501,6 +501,20 @@ fn demo_appends_orders_and_reports_them(db: Db) {
         .filter(|e| e["event_type"] == "OrderPlaced")
         .count();
     assert_eq!(placed, 10);
+    // The order-list read model followed along: its statuses cover them all.
+    let by_status: u64 = text
+        .split("Orders by status")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .map(|block| {
+            block
+                .lines()
+                .skip(1)
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert_eq!(by_status, 10, "{text}");
     let customers = json_lines(&run(&db.spec, &["read-category", "Customer"]));
     assert_eq!(customers.len(), 6, "the demo registers 6 customers");
     // Every order's life starts with its placement.

@@ -290,3 +290,77 @@ impl SqlProjection for CustomerTotals {
         })
     }
 }
+
+/// What the demo shows from the read models.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Summary {
+    /// Orders per status.
+    pub statuses: Vec<(String, i64)>,
+    /// Paid minus refunded cents per region.
+    pub net_revenue: Vec<(String, i64)>,
+    /// The customers who paid most: (customer, name, net cents).
+    pub top_customers: Vec<(String, String, i64)>,
+}
+
+/// The summary's queries, against the views in `prefix` (`""` or
+/// `"schema."`).
+fn summary_queries(prefix: &str) -> [String; 3] {
+    [
+        format!("SELECT status, count(*) FROM {prefix}orders GROUP BY status ORDER BY status"),
+        format!(
+            "SELECT region, sum(paid_cents - refunded_cents) FROM {prefix}revenue
+             GROUP BY region ORDER BY region"
+        ),
+        format!(
+            "SELECT customer_id, name, paid_cents - refunded_cents FROM {prefix}customer_totals
+             ORDER BY paid_cents - refunded_cents DESC, customer_id LIMIT 3"
+        ),
+    ]
+}
+
+/// The summary from read models in a SQLite file.
+pub fn summary_sqlite(path: &std::path::Path) -> rusqlite::Result<Summary> {
+    let conn = rusqlite::Connection::open(path)?;
+    let [statuses, revenue, top] = summary_queries("");
+    let pairs = |sql: &str| -> rusqlite::Result<Vec<(String, i64)>> {
+        let mut stmt = conn.prepare(sql)?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect()
+    };
+    let mut stmt = conn.prepare(&top)?;
+    let top_customers = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
+    Ok(Summary {
+        statuses: pairs(&statuses)?,
+        net_revenue: pairs(&revenue)?,
+        top_customers,
+    })
+}
+
+/// The summary from read models in a PostgreSQL schema.
+pub async fn summary_postgres(url: &str, schema: &str) -> Result<Summary, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let [statuses, revenue, top] = summary_queries(&format!("{schema}."));
+    let pairs = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, i64)> {
+        rows.iter()
+            .map(|r| (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0)))
+            .collect()
+    };
+    // sum() of bigint is numeric in PostgreSQL: cast back for the client.
+    let revenue = revenue.replace(
+        "sum(paid_cents - refunded_cents)",
+        "sum(paid_cents - refunded_cents)::bigint",
+    );
+    Ok(Summary {
+        statuses: pairs(client.query(&statuses, &[]).await?),
+        net_revenue: pairs(client.query(&revenue, &[]).await?),
+        top_customers: client
+            .query(&top, &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+    })
+}
