@@ -71,6 +71,14 @@ impl Subscription {
         &self.filter
     }
 
+    /// Whether everything committed so far (as far as this process has
+    /// heard) has been delivered: nothing is buffered and the head is
+    /// behind the next position. Batching consumers commit then instead of
+    /// waiting for more.
+    pub fn caught_up(&self) -> bool {
+        self.buffer.is_empty() && *self.head.borrow() < self.next_position
+    }
+
     /// The position the next read starts from.
     pub fn next_position(&self) -> u64 {
         self.next_position

@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use crate::{PoisonPolicy, ProjectionError, ProjectionStatus, RetryPolicy};
 
 /// When a batch is committed: at `max_events`, or `max_wait` after its
-/// first event, whichever comes first.
+/// first event, whichever comes first — or at once when the log has no
+/// further event yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchPolicy {
     pub max_events: usize,
@@ -258,7 +259,13 @@ impl<S: Sink> Runner<S> {
     ) -> Result<Vec<RecordedEvent>, ProjectionError> {
         let deadline = Instant::now() + policy.max_wait;
         let mut batch = vec![first];
-        while batch.len() < policy.max_events && batch[batch.len() - 1].position < to {
+        // Stop early once the log has nothing more: a batch waits for more
+        // events only while they keep coming, so a quiet log sees each
+        // event at once and a busy one gets full batches.
+        while batch.len() < policy.max_events
+            && batch[batch.len() - 1].position < to
+            && !subscription.caught_up()
+        {
             // `Subscription::next` loses nothing when cancelled: it moves
             // its position only together with the events it keeps.
             match tokio::time::timeout_at(deadline, subscription.next()).await {

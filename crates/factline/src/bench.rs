@@ -22,6 +22,8 @@ pub enum Bench {
     Latency(LatencyBench),
     /// Loading a long-lived aggregate with and without snapshots.
     Load(crate::load_bench::LoadBench),
+    /// Rebuilding a read model against a plain read; append-to-visible latency.
+    Projections(crate::projection_bench::ProjectionsBench),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -86,6 +88,7 @@ pub async fn run(bench: Bench, location: &Location) -> anyhow::Result<()> {
         Bench::Append(args) => append(args, location).await,
         Bench::Latency(args) => latency(args, location).await,
         Bench::Load(args) => crate::load_bench::run(args, location).await,
+        Bench::Projections(args) => crate::projection_bench::run(args, location).await,
     }
 }
 

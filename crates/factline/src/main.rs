@@ -7,6 +7,7 @@ mod bench;
 mod commands;
 mod demo;
 mod load_bench;
+mod projection_bench;
 
 // An event store allocates and frees many small buffers per append; glibc's
 // allocator spends a large share of the CPU on that, mimalloc a small one.

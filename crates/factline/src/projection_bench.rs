@@ -1,0 +1,331 @@
+//! `factline bench projections`: rebuilding the revenue read model over a
+//! long history, against a plain sequential read of the same events from
+//! the same store in the same run; and the latency from an append to the
+//! order-list read model under a steady load.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use factline::aggregate::DomainEvent;
+use factline::sqlite::{SqliteConfig, SqliteStore};
+use factline::{EventStore, ExpectedVersion, Location, Metadata, StreamId};
+use factline_orders::read_models::{OrderList, RevenueByRegionDay};
+use factline_orders::{OrderEvent, OrderLine};
+use factline_projections::{
+    Portable, PostgresSink, Runner, Sink, SqlProjection, SqliteSink, Tables,
+};
+
+use crate::bench::{fresh_postgres_store, median, postgres_url, round, Backend, BENCH_SCHEMA};
+use crate::usage;
+
+#[derive(Args, Debug)]
+pub struct ProjectionsBench {
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: Backend,
+    /// Events in the history the rebuild replays.
+    #[arg(long, default_value_t = 1_000_000)]
+    events: u64,
+    /// Rebuilds (and baseline reads), alternating; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Orders per second appended while the latency is measured.
+    #[arg(long, default_value_t = 500)]
+    rate: u64,
+    /// How long the latency load runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+}
+
+/// The revenue projection under another version number, so each round
+/// rebuilds into tables of its own.
+struct Versioned(RevenueByRegionDay, u32);
+
+impl SqlProjection for Versioned {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn version(&self) -> u32 {
+        self.1
+    }
+    fn tables(&self) -> &[&str] {
+        self.0.tables()
+    }
+    fn create_tables(&self, tables: &Tables) -> Vec<String> {
+        self.0.create_tables(tables)
+    }
+    fn statements(
+        &mut self,
+        tables: &Tables,
+        event: &factline::RecordedEvent,
+    ) -> Result<Vec<factline_projections::Statement>, factline_projections::ApplyError> {
+        self.0.statements(tables, event)
+    }
+}
+
+/// The last line of `bench projections`, a contract for scripts.
+#[derive(serde::Serialize)]
+struct ProjectionsReport {
+    bench: &'static str,
+    backend: &'static str,
+    events: u64,
+    /// Rebuild rate of the revenue read model.
+    events_per_s: f64,
+    /// A plain sequential read of the same events from the same store.
+    baseline_events_per_s: f64,
+    ratio: f64,
+    /// Append → visible in the order-list read model, under load.
+    p50_ms: f64,
+    p99_ms: f64,
+    rounds: usize,
+}
+
+/// The store, and how to open a sink on its read-model database.
+enum Target {
+    Sqlite(tempfile::TempDir),
+    Postgres(String),
+}
+
+impl Target {
+    fn path(dir: &tempfile::TempDir) -> std::path::PathBuf {
+        dir.path().join("factline.db")
+    }
+}
+
+pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<()> {
+    if args.events == 0 || args.rounds == 0 || args.rate == 0 || args.seconds == 0 {
+        return Err(usage(
+            "--events, --rounds, --rate and --seconds must be at least 1",
+        ));
+    }
+    let (store, target): (Arc<dyn EventStore>, Target) = match args.backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir()?;
+            let store = SqliteStore::open_with(SqliteConfig::new(Target::path(&dir)))?;
+            (Arc::new(store), Target::Sqlite(dir))
+        }
+        Backend::Postgres => {
+            let url = postgres_url(location)?.to_owned();
+            let store = fresh_postgres_store(&url).await?;
+            (Arc::new(store), Target::Postgres(url))
+        }
+        Backend::Memory => return Err(usage(
+            "bench projections needs a database for its read models: --backend sqlite or postgres",
+        )),
+    };
+    let built = Instant::now();
+    fill(&store, args.events).await?;
+    let head = store.head_position().await?;
+    println!(
+        "factline bench projections: {}, history of {head} events built in {:.1} s",
+        args.backend.name(),
+        built.elapsed().as_secs_f64()
+    );
+
+    let mut rebuild_rates = Vec::new();
+    let mut read_rates = Vec::new();
+    for round in 0..args.rounds {
+        let read = sequential_read(&store).await?;
+        let version = round as u32 + 1;
+        let rebuilt = match &target {
+            Target::Sqlite(dir) => {
+                let sink = SqliteSink::open_rebuild(
+                    Target::path(dir),
+                    Portable(Versioned(RevenueByRegionDay, version)),
+                )?;
+                time_rebuild(&store, sink).await?
+            }
+            Target::Postgres(url) => {
+                let sink = PostgresSink::connect_rebuild(
+                    url,
+                    BENCH_SCHEMA,
+                    Portable(Versioned(RevenueByRegionDay, version)),
+                )
+                .await?;
+                time_rebuild(&store, sink).await?
+            }
+        };
+        let (rebuild_rate, read_rate) = (head as f64 / rebuilt, head as f64 / read);
+        println!(
+            "  round {}: rebuild {rebuild_rate:>9.0} events/s   sequential read {read_rate:>9.0} events/s",
+            round + 1
+        );
+        rebuild_rates.push(rebuild_rate);
+        read_rates.push(read_rate);
+    }
+    let (rate, base) = (median(&mut rebuild_rates), median(&mut read_rates));
+
+    let mut latencies = match &target {
+        Target::Sqlite(dir) => {
+            let sink = SqliteSink::open(Target::path(dir), Portable(OrderList))?;
+            visible_latency(&store, sink, &args).await?
+        }
+        Target::Postgres(url) => {
+            let sink = PostgresSink::connect(url, BENCH_SCHEMA, Portable(OrderList)).await?;
+            visible_latency(&store, sink, &args).await?
+        }
+    };
+    latencies.sort_unstable();
+    let p = |q: f64| {
+        let i = ((latencies.len().max(1) - 1) as f64 * q).round() as usize;
+        latencies
+            .get(i)
+            .map_or(0.0, |d| (d.as_secs_f64() * 1e6).round() / 1e3)
+    };
+    let (p50, p99) = (p(0.5), p(0.99));
+    println!(
+        "  median: rebuild {rate:.0} events/s, sequential read {base:.0} events/s, ratio {:.3}",
+        rate / base
+    );
+    println!(
+        "  append -> visible in the order list at {} orders/s: p50 {p50:.3} ms   p99 {p99:.3} ms ({} samples)",
+        args.rate,
+        latencies.len()
+    );
+    if let Target::Postgres(url) = &target {
+        drop(store);
+        factline::postgres::baseline::drop_schema(url, BENCH_SCHEMA).await?;
+    }
+    let report = ProjectionsReport {
+        bench: "projections",
+        backend: args.backend.name(),
+        events: head,
+        events_per_s: round(rate),
+        baseline_events_per_s: round(base),
+        ratio: (rate / base * 1000.0).round() / 1000.0,
+        p50_ms: p50,
+        p99_ms: p99,
+        rounds: args.rounds,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+/// An order's life as events: placed, mostly paid, then shipped or
+/// cancelled with a refund.
+fn order_events(n: u64) -> Vec<OrderEvent> {
+    let total = 1_000 + (n % 97) * 100;
+    let mut events = vec![OrderEvent::OrderPlaced {
+        customer_id: format!("c{}", n % 5_000),
+        region: ["eu-west", "eu-central", "us-east", "us-west", "apac"][(n % 5) as usize].into(),
+        lines: vec![OrderLine::new("SKU-BENCH", 1, total)],
+        total_cents: total,
+        currency: "EUR".into(),
+    }];
+    if n % 10 != 0 {
+        events.push(OrderEvent::OrderPaid {
+            amount_cents: total,
+            method: "card".into(),
+        });
+        events.push(if n % 17 == 0 {
+            OrderEvent::OrderCancelled {
+                reason: "bench".into(),
+                refund_cents: total,
+            }
+        } else {
+            OrderEvent::OrderShipped {
+                carrier: "bench".into(),
+            }
+        });
+    }
+    events
+}
+
+/// Appends order lives until the log holds at least `events` events, from
+/// 32 writers (the store groups their commits).
+async fn fill(store: &Arc<dyn EventStore>, events: u64) -> anyhow::Result<()> {
+    // Each order is about 2.8 events.
+    let orders = events * 10 / 28 + 1;
+    let writers = 32;
+    let mut tasks = Vec::new();
+    for writer in 0..writers {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            for n in (writer..orders).step_by(writers as usize) {
+                let stream = StreamId::new(format!("Order-{n}"))?;
+                let batch = order_events(n)
+                    .iter()
+                    .map(|e| e.to_event_data(Metadata::default()))
+                    .collect::<Result<Vec<_>, _>>()?;
+                store
+                    .append(&stream, ExpectedVersion::NoStream, batch)
+                    .await?;
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(())
+}
+
+/// Seconds to read every event in pages, as a projection's runner does.
+async fn sequential_read(store: &Arc<dyn EventStore>) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut from = 1;
+    let mut count = 0u64;
+    loop {
+        let page = store.read_all(from, 512).await?;
+        let Some(last) = page.last() else { break };
+        from = last.position + 1;
+        count += page.len() as u64;
+    }
+    anyhow::ensure!(count > 0, "the history is empty");
+    Ok(started.elapsed().as_secs_f64())
+}
+
+async fn time_rebuild<S: Sink + 'static>(
+    store: &Arc<dyn EventStore>,
+    sink: S,
+) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let stats = Runner::new(store.clone(), sink).catch_up(u64::MAX).await?;
+    anyhow::ensure!(stats.events > 0, "the rebuild applied nothing");
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Appends single placed orders at `rate` per second while the order list
+/// follows live, and times each from its append to its visibility.
+async fn visible_latency<S: Sink + 'static>(
+    store: &Arc<dyn EventStore>,
+    sink: S,
+    args: &ProjectionsBench,
+) -> anyhow::Result<Vec<Duration>> {
+    let mut runner = Runner::new(store.clone(), sink);
+    let status = runner.status();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    // Catch up on the history first, so only live events are timed.
+    runner.catch_up(u64::MAX).await?;
+    let running = tokio::spawn(async move { runner.run(stopped).await });
+    let total = args.rate * args.seconds;
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let started = tokio::time::Instant::now();
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut waiting = tokio::task::JoinSet::new();
+    for n in 0..total {
+        tokio::time::sleep_until(started + interval * n as u32).await;
+        let (store, status) = (store.clone(), status.clone());
+        waiting.spawn(async move {
+            let stream = StreamId::new(format!("Order-live-{n}"))?;
+            let placed = order_events(n)[0].to_event_data(Metadata::default())?;
+            let sent = Instant::now();
+            let appended = store
+                .append(&stream, ExpectedVersion::NoStream, vec![placed])
+                .await?;
+            status
+                .wait_for(appended.last_position, Duration::from_secs(30))
+                .await?;
+            anyhow::Ok(sent.elapsed())
+        });
+        while let Some(done) = waiting.try_join_next() {
+            latencies.push(done??);
+        }
+    }
+    while let Some(done) = waiting.join_next().await {
+        latencies.push(done??);
+    }
+    stop.send_replace(true);
+    running.await??;
+    Ok(latencies)
+}
