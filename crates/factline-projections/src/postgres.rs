@@ -1,6 +1,7 @@
 //! Read models in PostgreSQL: the events' database or another.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use factline_core::RecordedEvent;
@@ -376,7 +377,7 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
         Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
     }
 
-    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<u64, ProjectionError> {
+    async fn apply_batch(&mut self, events: Arc<[RecordedEvent]>) -> Result<u64, ProjectionError> {
         self.write_batch(events, Handling::Apply).await
     }
 
@@ -391,7 +392,7 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
             error: error.to_owned(),
             attempts,
         };
-        self.write_batch(vec![event], handling).await?;
+        self.write_batch(Arc::from([event]), handling).await?;
         self.held.get_or_insert_with(HashSet::new).insert(stream);
         Ok(())
     }
@@ -435,7 +436,7 @@ impl<P: PostgresProjection> PostgresSink<P> {
     /// Returns how many events were parked.
     async fn write_batch(
         &mut self,
-        events: Vec<RecordedEvent>,
+        events: Arc<[RecordedEvent]>,
         handling: Handling,
     ) -> Result<u64, ProjectionError> {
         let Some(last) = events.last().map(|e| e.position as i64) else {
@@ -483,7 +484,7 @@ impl<P: PostgresProjection> PostgresSink<P> {
         }
         let held = self.held.as_ref();
         let mut parked = 0;
-        for event in &events {
+        for event in events.iter() {
             let stream = event.stream_id.as_str();
             let park = match &handling {
                 Handling::Park { error, attempts } => Some((error.clone(), *attempts)),
@@ -828,7 +829,7 @@ impl<P: PostgresProjection> Parking for PostgresSink<P> {
         let version = self.tables.version() as i32;
         let mut report = RetryReport::default();
         let mut stuck: HashSet<String> = HashSet::new();
-        for event in &events {
+        for event in events.iter() {
             let stream = event.stream_id.to_string();
             if stuck.contains(&stream) {
                 report.still_parked += 1;

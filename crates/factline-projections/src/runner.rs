@@ -42,7 +42,9 @@ pub trait Sink: Send {
     /// moves the checkpoint to the last one, atomically: all or nothing.
     /// Events of a stream with a parked event are parked behind it; returns
     /// how many were.
-    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<u64, ProjectionError>;
+    /// (Shared, not owned: the runner keeps the batch to split it if an
+    /// event fails.)
+    async fn apply_batch(&mut self, events: Arc<[RecordedEvent]>) -> Result<u64, ProjectionError>;
 
     /// Parks `event` with its error and moves the checkpoint to it, in one
     /// transaction (P8).
@@ -284,7 +286,8 @@ impl<S: Sink> Runner<S> {
     /// committed, the event is tried alone with backoff, and if it still
     /// fails the poison policy stops the run or parks it; the rest of the
     /// batch follows.
-    async fn commit(&mut self, mut batch: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
+    async fn commit(&mut self, batch: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
+        let mut batch: Arc<[RecordedEvent]> = batch.into();
         while !batch.is_empty() {
             let failed_at = match self.sink.apply_batch(batch.clone()).await {
                 Ok(held_back) => {
@@ -298,14 +301,13 @@ impl<S: Sink> Runner<S> {
                 .iter()
                 .position(|e| e.position == failed_at)
                 .unwrap_or(0);
-            let rest = batch.split_off(index + 1);
-            let Some(poison) = batch.pop() else {
-                return Ok(());
-            };
-            if !batch.is_empty() {
-                let held_back = self.sink.apply_batch(batch.clone()).await?;
+            let (before, rest) = batch.split_at(index);
+            let (poison, rest) = (rest[0].clone(), Arc::<[RecordedEvent]>::from(&rest[1..]));
+            if !before.is_empty() {
+                let before: Arc<[RecordedEvent]> = before.into();
+                let held_back = self.sink.apply_batch(before.clone()).await?;
                 self.status.add_parked(held_back);
-                self.committed(&batch)?;
+                self.committed(&before)?;
             }
             self.retry_or_give_up(poison).await?;
             batch = rest;
@@ -319,7 +321,7 @@ impl<S: Sink> Runner<S> {
         let mut backoff = self.retries.first_backoff;
         let mut attempts = 1;
         let message = loop {
-            let message = match self.sink.apply_batch(vec![event.clone()]).await {
+            let message = match self.sink.apply_batch(Arc::from([event.clone()])).await {
                 Ok(held_back) => {
                     self.status.add_parked(held_back);
                     return self.committed(std::slice::from_ref(&event));

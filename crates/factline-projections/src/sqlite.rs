@@ -237,7 +237,7 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
         .await
     }
 
-    async fn apply_batch(&mut self, events: Vec<RecordedEvent>) -> Result<u64, ProjectionError> {
+    async fn apply_batch(&mut self, events: Arc<[RecordedEvent]>) -> Result<u64, ProjectionError> {
         self.write_batch(events, Handling::Apply).await
     }
 
@@ -252,7 +252,7 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
             error: error.to_owned(),
             attempts,
         };
-        self.write_batch(vec![event], handling).await?;
+        self.write_batch(Arc::from([event]), handling).await?;
         let mut held = self.held.as_deref().cloned().unwrap_or_default();
         held.insert(stream);
         self.held = Some(Arc::new(held));
@@ -272,7 +272,7 @@ impl<P: SqliteProjection> SqliteSink<P> {
     /// Returns how many events were parked.
     async fn write_batch(
         &mut self,
-        events: Vec<RecordedEvent>,
+        events: Arc<[RecordedEvent]>,
         handling: Handling,
     ) -> Result<u64, ProjectionError> {
         let held = match &self.held {
@@ -312,7 +312,7 @@ impl<P: SqliteProjection> SqliteSink<P> {
                     register(&tx, &name, &tables).map_err(sql)?;
                 }
                 let mut parked = 0;
-                for event in &events {
+                for event in events.iter() {
                     let stream = event.stream_id.as_str();
                     let park = match &handling {
                         Handling::Park { error, attempts } => Some((error.clone(), *attempts)),
@@ -760,7 +760,7 @@ impl<P: SqliteProjection> Parking for SqliteSink<P> {
                 let sql = |e: rusqlite::Error| e.to_string();
                 let mut report = RetryReport::default();
                 let mut stuck: HashSet<String> = HashSet::new();
-                for event in &events {
+                for event in events.iter() {
                     let stream = event.stream_id.to_string();
                     if stuck.contains(&stream) {
                         report.still_parked += 1;
