@@ -3,11 +3,13 @@
 //! both databases know: `TEXT`, `BIGINT`), and [`Portable`] runs it as a
 //! [`SqliteProjection`] or a [`PostgresProjection`].
 
+use std::collections::HashMap;
 use std::error::Error;
 
 use async_trait::async_trait;
 use bytes::BytesMut;
 use factline_core::RecordedEvent;
+use futures_util::future::try_join_all;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
 use crate::{ApplyError, PostgresProjection, SqliteProjection, Tables};
@@ -81,7 +83,24 @@ pub trait SqlProjection: Send + Sync + 'static {
 }
 
 /// Runs a [`SqlProjection`] on either database.
-pub struct Portable<P>(pub P);
+pub struct Portable<P> {
+    projection: P,
+    /// PostgreSQL statements prepared on the sink's connection, by SQL.
+    prepared: HashMap<String, tokio_postgres::Statement>,
+}
+
+impl<P: SqlProjection> Portable<P> {
+    pub fn new(projection: P) -> Self {
+        Portable {
+            projection,
+            prepared: HashMap::new(),
+        }
+    }
+
+    pub fn projection(&self) -> &P {
+        &self.projection
+    }
+}
 
 /// `$n` parameters as SQLite's numbered `?n` (the same numbers, so a
 /// parameter may appear twice or out of order).
@@ -134,16 +153,16 @@ impl ToSql for SqlValue {
 
 impl<P: SqlProjection> SqliteProjection for Portable<P> {
     fn name(&self) -> &str {
-        self.0.name()
+        self.projection.name()
     }
     fn version(&self) -> u32 {
-        self.0.version()
+        self.projection.version()
     }
     fn tables(&self) -> &[&str] {
-        self.0.tables()
+        self.projection.tables()
     }
     fn setup(&mut self, tx: &rusqlite::Transaction<'_>, tables: &Tables) -> rusqlite::Result<()> {
-        for ddl in self.0.create_tables(tables) {
+        for ddl in self.projection.create_tables(tables) {
             tx.execute(&sqlite_sql(&ddl), [])?;
         }
         Ok(())
@@ -154,7 +173,7 @@ impl<P: SqlProjection> SqliteProjection for Portable<P> {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ApplyError> {
-        for statement in self.0.statements(tables, event)? {
+        for statement in self.projection.statements(tables, event)? {
             tx.prepare_cached(&sqlite_sql(&statement.sql))?
                 .execute(rusqlite::params_from_iter(&statement.params))?;
         }
@@ -165,20 +184,20 @@ impl<P: SqlProjection> SqliteProjection for Portable<P> {
 #[async_trait]
 impl<P: SqlProjection> PostgresProjection for Portable<P> {
     fn name(&self) -> &str {
-        self.0.name()
+        self.projection.name()
     }
     fn version(&self) -> u32 {
-        self.0.version()
+        self.projection.version()
     }
     fn tables(&self) -> &[&str] {
-        self.0.tables()
+        self.projection.tables()
     }
     async fn setup(
         &mut self,
         tx: &tokio_postgres::Transaction<'_>,
         tables: &Tables,
     ) -> Result<(), tokio_postgres::Error> {
-        for ddl in self.0.create_tables(tables) {
+        for ddl in self.projection.create_tables(tables) {
             tx.batch_execute(&ddl).await?;
         }
         Ok(())
@@ -189,15 +208,59 @@ impl<P: SqlProjection> PostgresProjection for Portable<P> {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ApplyError> {
-        for statement in self.0.statements(tables, event)? {
+        self.apply_all(tx, tables, std::slice::from_ref(event))
+            .await
+            .map_err(|(_, e)| e)
+    }
+
+    /// Every statement of the run goes out at once, prepared once per
+    /// connection: one round trip for the whole batch instead of one per
+    /// statement.
+    async fn apply_all(
+        &mut self,
+        tx: &tokio_postgres::Transaction<'_>,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), (u64, ApplyError)> {
+        let mut statements = Vec::new();
+        for event in events {
+            let made = self
+                .projection
+                .statements(tables, event)
+                .map_err(|e| (event.position, e))?;
+            statements.extend(made.into_iter().map(|s| (event.position, s)));
+        }
+        let first = events.first().map_or(0, |e| e.position);
+        let mut missing: Vec<&str> = statements
+            .iter()
+            .map(|(_, s)| s.sql.as_str())
+            .filter(|sql| !self.prepared.contains_key(*sql))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        let prepared = try_join_all(missing.iter().map(|sql| tx.prepare(sql)))
+            .await
+            .map_err(|e| (first, ApplyError::from(e)))?;
+        for (sql, statement) in missing.into_iter().zip(prepared) {
+            self.prepared.insert(sql.to_owned(), statement);
+        }
+        let runs = statements.iter().map(|(position, statement)| {
+            let prepared = &self.prepared[&statement.sql];
             let params: Vec<&(dyn ToSql + Sync)> = statement
                 .params
                 .iter()
                 .map(|p| p as &(dyn ToSql + Sync))
                 .collect();
-            tx.execute(&statement.sql, &params).await?;
-        }
-        Ok(())
+            async move {
+                tx.execute(prepared, &params)
+                    .await
+                    .map_err(|e| (*position, ApplyError::from(e)))
+            }
+        });
+        // Answers come back in order, so the first error is the statement
+        // that failed; the ones after it only report the aborted
+        // transaction.
+        try_join_all(runs).await.map(|_| ())
     }
 }
 

@@ -44,6 +44,23 @@ pub trait PostgresProjection: Send + Sync + 'static {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ApplyError>;
+
+    /// Applies a run of events in order (by default one by one). An
+    /// implementation may pipeline their statements; on failure it names
+    /// the event that failed.
+    async fn apply_all(
+        &mut self,
+        tx: &Transaction<'_>,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), (u64, ApplyError)> {
+        for event in events {
+            self.apply(tx, tables, event)
+                .await
+                .map_err(|e| (event.position, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// Commits a [`PostgresProjection`]'s batches to its read-model database,
@@ -484,7 +501,24 @@ impl<P: PostgresProjection> PostgresSink<P> {
         }
         let held = self.held.as_ref();
         let mut parked = 0;
-        for event in events.iter() {
+        let holds_any =
+            held.is_some_and(|h| events.iter().any(|e| h.contains(e.stream_id.as_str())));
+        let one_by_one = holds_any || !matches!(handling, Handling::Apply);
+        if !one_by_one {
+            // Nothing to park: the whole batch in one go (pipelined by
+            // projections that can).
+            if let Err((position, refusal)) =
+                self.projection.apply_all(&tx, &self.tables, &events).await
+            {
+                return Err(ProjectionError::Apply {
+                    projection: name.clone(),
+                    position,
+                    message: refusal.0,
+                });
+            }
+        }
+        let singly: &[RecordedEvent] = if one_by_one { &events } else { &[] };
+        for event in singly {
             let stream = event.stream_id.as_str();
             let park = match &handling {
                 Handling::Park { error, attempts } => Some((error.clone(), *attempts)),

@@ -76,32 +76,37 @@ impl ReadModels {
     ) -> anyhow::Result<Vec<Running>> {
         Ok(match self {
             ReadModels::Sqlite { path, .. } => vec![
-                spawn(store, SqliteSink::open(path, Portable(OrderList))?, stop),
                 spawn(
                     store,
-                    SqliteSink::open(path, Portable(RevenueByRegionDay))?,
+                    SqliteSink::open(path, Portable::new(OrderList))?,
                     stop,
                 ),
                 spawn(
                     store,
-                    SqliteSink::open(path, Portable(CustomerTotals))?,
+                    SqliteSink::open(path, Portable::new(RevenueByRegionDay))?,
+                    stop,
+                ),
+                spawn(
+                    store,
+                    SqliteSink::open(path, Portable::new(CustomerTotals))?,
                     stop,
                 ),
             ],
             ReadModels::Postgres(url) => vec![
                 spawn(
                     store,
-                    PostgresSink::connect(url, READ_SCHEMA, Portable(OrderList)).await?,
+                    PostgresSink::connect(url, READ_SCHEMA, Portable::new(OrderList)).await?,
                     stop,
                 ),
                 spawn(
                     store,
-                    PostgresSink::connect(url, READ_SCHEMA, Portable(RevenueByRegionDay)).await?,
+                    PostgresSink::connect(url, READ_SCHEMA, Portable::new(RevenueByRegionDay))
+                        .await?,
                     stop,
                 ),
                 spawn(
                     store,
-                    PostgresSink::connect(url, READ_SCHEMA, Portable(CustomerTotals)).await?,
+                    PostgresSink::connect(url, READ_SCHEMA, Portable::new(CustomerTotals)).await?,
                     stop,
                 ),
             ],

@@ -131,7 +131,7 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
             Target::Sqlite(dir) => {
                 let sink = SqliteSink::open_rebuild(
                     Target::path(dir),
-                    Portable(Versioned(RevenueByRegionDay, version)),
+                    Portable::new(Versioned(RevenueByRegionDay, version)),
                 )?;
                 time_rebuild(&store, sink).await?
             }
@@ -139,7 +139,7 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
                 let sink = PostgresSink::connect_rebuild(
                     url,
                     BENCH_SCHEMA,
-                    Portable(Versioned(RevenueByRegionDay, version)),
+                    Portable::new(Versioned(RevenueByRegionDay, version)),
                 )
                 .await?;
                 time_rebuild(&store, sink).await?
@@ -157,11 +157,11 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
 
     let mut latencies = match &target {
         Target::Sqlite(dir) => {
-            let sink = SqliteSink::open(Target::path(dir), Portable(OrderList))?;
+            let sink = SqliteSink::open(Target::path(dir), Portable::new(OrderList))?;
             visible_latency(&store, sink, &args).await?
         }
         Target::Postgres(url) => {
-            let sink = PostgresSink::connect(url, BENCH_SCHEMA, Portable(OrderList)).await?;
+            let sink = PostgresSink::connect(url, BENCH_SCHEMA, Portable::new(OrderList)).await?;
             visible_latency(&store, sink, &args).await?
         }
     };

@@ -156,21 +156,21 @@ async fn sqlite_read_models_equal_a_fold_of_the_history() {
     let history = produce_history(&store).await;
     Runner::new(
         store.clone(),
-        SqliteSink::open(&path, Portable(OrderList)).unwrap(),
+        SqliteSink::open(&path, Portable::new(OrderList)).unwrap(),
     )
     .catch_up(u64::MAX)
     .await
     .unwrap();
     Runner::new(
         store.clone(),
-        SqliteSink::open(&path, Portable(RevenueByRegionDay)).unwrap(),
+        SqliteSink::open(&path, Portable::new(RevenueByRegionDay)).unwrap(),
     )
     .catch_up(u64::MAX)
     .await
     .unwrap();
     Runner::new(
         store.clone(),
-        SqliteSink::open(&path, Portable(CustomerTotals)).unwrap(),
+        SqliteSink::open(&path, Portable::new(CustomerTotals)).unwrap(),
     )
     .catch_up(u64::MAX)
     .await
@@ -212,21 +212,21 @@ async fn postgres_read_models_equal_a_fold_of_the_history() {
     );
     let history = produce_history(&store).await;
     let schema = "orders_read";
-    let sink = PostgresSink::connect(&db.url, schema, Portable(OrderList))
+    let sink = PostgresSink::connect(&db.url, schema, Portable::new(OrderList))
         .await
         .unwrap();
     Runner::new(store.clone(), sink)
         .catch_up(u64::MAX)
         .await
         .unwrap();
-    let sink = PostgresSink::connect(&db.url, schema, Portable(RevenueByRegionDay))
+    let sink = PostgresSink::connect(&db.url, schema, Portable::new(RevenueByRegionDay))
         .await
         .unwrap();
     Runner::new(store.clone(), sink)
         .catch_up(u64::MAX)
         .await
         .unwrap();
-    let sink = PostgresSink::connect(&db.url, schema, Portable(CustomerTotals))
+    let sink = PostgresSink::connect(&db.url, schema, Portable::new(CustomerTotals))
         .await
         .unwrap();
     Runner::new(store.clone(), sink)
