@@ -12,7 +12,7 @@ use factline_orders::load::{self, LoadConfig};
 use factline_orders::order::legacy_order_placed;
 use factline_orders::read_models::{day_of, CustomerTotals, OrderList, RevenueByRegionDay};
 use factline_orders::{CustomerEvent, OrderEvent};
-use factline_projections::{Portable, PostgresSink, Runner, SqliteSink};
+use factline_projections::{Portable, PostgresSink, Runner, Sink, SqliteSink};
 
 type Rows = BTreeMap<String, Vec<String>>;
 
@@ -148,33 +148,34 @@ async fn produce_history(store: &Arc<dyn EventStore>) -> Vec<RecordedEvent> {
     store.read_all(1, usize::MAX).await.unwrap()
 }
 
+async fn catch_up<S: Sink + 'static>(store: &Arc<dyn EventStore>, sink: S) {
+    Runner::new(store.clone(), sink)
+        .catch_up(u64::MAX)
+        .await
+        .unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn sqlite_read_models_equal_a_fold_of_the_history() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");
     let store: Arc<dyn EventStore> = Arc::new(factline_sqlite::SqliteStore::open(&path).unwrap());
     let history = produce_history(&store).await;
-    Runner::new(
-        store.clone(),
+    catch_up(
+        &store,
         SqliteSink::open(&path, Portable::new(OrderList)).unwrap(),
     )
-    .catch_up(u64::MAX)
-    .await
-    .unwrap();
-    Runner::new(
-        store.clone(),
+    .await;
+    catch_up(
+        &store,
         SqliteSink::open(&path, Portable::new(RevenueByRegionDay)).unwrap(),
     )
-    .catch_up(u64::MAX)
-    .await
-    .unwrap();
-    Runner::new(
-        store.clone(),
+    .await;
+    catch_up(
+        &store,
         SqliteSink::open(&path, Portable::new(CustomerTotals)).unwrap(),
     )
-    .catch_up(u64::MAX)
-    .await
-    .unwrap();
+    .await;
     let conn = rusqlite::Connection::open(&path).unwrap();
     let read = |sql: &str| -> Rows {
         let mut stmt = conn.prepare(sql).unwrap();
@@ -212,27 +213,28 @@ async fn postgres_read_models_equal_a_fold_of_the_history() {
     );
     let history = produce_history(&store).await;
     let schema = "orders_read";
-    let sink = PostgresSink::connect(&db.url, schema, Portable::new(OrderList))
-        .await
-        .unwrap();
-    Runner::new(store.clone(), sink)
-        .catch_up(u64::MAX)
-        .await
-        .unwrap();
-    let sink = PostgresSink::connect(&db.url, schema, Portable::new(RevenueByRegionDay))
-        .await
-        .unwrap();
-    Runner::new(store.clone(), sink)
-        .catch_up(u64::MAX)
-        .await
-        .unwrap();
-    let sink = PostgresSink::connect(&db.url, schema, Portable::new(CustomerTotals))
-        .await
-        .unwrap();
-    Runner::new(store.clone(), sink)
-        .catch_up(u64::MAX)
-        .await
-        .unwrap();
+    let url = &db.url;
+    catch_up(
+        &store,
+        PostgresSink::connect(url, schema, Portable::new(OrderList))
+            .await
+            .unwrap(),
+    )
+    .await;
+    catch_up(
+        &store,
+        PostgresSink::connect(url, schema, Portable::new(RevenueByRegionDay))
+            .await
+            .unwrap(),
+    )
+    .await;
+    catch_up(
+        &store,
+        PostgresSink::connect(url, schema, Portable::new(CustomerTotals))
+            .await
+            .unwrap(),
+    )
+    .await;
     let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
         .await
         .unwrap();
