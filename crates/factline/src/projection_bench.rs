@@ -7,11 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use factline::aggregate::DomainEvent;
 use factline::sqlite::{SqliteConfig, SqliteStore};
-use factline::{EventStore, ExpectedVersion, Location, Metadata, StreamId};
+use factline::{EventStore, ExpectedVersion, Location, StreamId};
+use factline_orders::history::{self, HistoryConfig};
 use factline_orders::read_models::{OrderList, RevenueByRegionDay};
-use factline_orders::{OrderEvent, OrderLine};
 use factline_projections::{
     Portable, PostgresSink, Runner, Sink, SqlProjection, SqliteSink, Tables,
 };
@@ -114,7 +113,14 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
         )),
     };
     let built = Instant::now();
-    fill(&store, args.events).await?;
+    history::fill(
+        store.clone(),
+        HistoryConfig {
+            events: args.events,
+            writers: 32,
+        },
+    )
+    .await?;
     let head = store.head_position().await?;
     println!(
         "factline bench projections: {}, history of {head} events built in {:.1} s",
@@ -201,65 +207,6 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
     Ok(())
 }
 
-/// An order's life as events: placed, mostly paid, then shipped or
-/// cancelled with a refund.
-fn order_events(n: u64) -> Vec<OrderEvent> {
-    let total = 1_000 + (n % 97) * 100;
-    let mut events = vec![OrderEvent::OrderPlaced {
-        customer_id: format!("c{}", n % 5_000),
-        region: ["eu-west", "eu-central", "us-east", "us-west", "apac"][(n % 5) as usize].into(),
-        lines: vec![OrderLine::new("SKU-BENCH", 1, total)],
-        total_cents: total,
-        currency: "EUR".into(),
-    }];
-    if n % 10 != 0 {
-        events.push(OrderEvent::OrderPaid {
-            amount_cents: total,
-            method: "card".into(),
-        });
-        events.push(if n % 17 == 0 {
-            OrderEvent::OrderCancelled {
-                reason: "bench".into(),
-                refund_cents: total,
-            }
-        } else {
-            OrderEvent::OrderShipped {
-                carrier: "bench".into(),
-            }
-        });
-    }
-    events
-}
-
-/// Appends order lives until the log holds at least `events` events, from
-/// 32 writers (the store groups their commits).
-async fn fill(store: &Arc<dyn EventStore>, events: u64) -> anyhow::Result<()> {
-    // Each order is about 2.8 events.
-    let orders = events * 10 / 28 + 1;
-    let writers = 32;
-    let mut tasks = Vec::new();
-    for writer in 0..writers {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            for n in (writer..orders).step_by(writers as usize) {
-                let stream = StreamId::new(format!("Order-{n}"))?;
-                let batch = order_events(n)
-                    .iter()
-                    .map(|e| e.to_event_data(Metadata::default()))
-                    .collect::<Result<Vec<_>, _>>()?;
-                store
-                    .append(&stream, ExpectedVersion::NoStream, batch)
-                    .await?;
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    Ok(())
-}
-
 /// Seconds to read every event in pages, as a projection's runner does.
 async fn sequential_read(store: &Arc<dyn EventStore>) -> anyhow::Result<f64> {
     let started = Instant::now();
@@ -308,7 +255,7 @@ async fn visible_latency<S: Sink + 'static>(
         let (store, status) = (store.clone(), status.clone());
         waiting.spawn(async move {
             let stream = StreamId::new(format!("Order-live-{n}"))?;
-            let placed = order_events(n)[0].to_event_data(Metadata::default())?;
+            let placed = history::placed(n, 5_000)?;
             let sent = Instant::now();
             let appended = store
                 .append(&stream, ExpectedVersion::NoStream, vec![placed])

@@ -10,6 +10,7 @@
 //!   handler.
 
 pub mod customer;
+pub mod history;
 pub mod load;
 pub mod order;
 pub mod read_models;
