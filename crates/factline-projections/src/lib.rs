@@ -12,6 +12,7 @@
 //! A [`Runner`] follows `$all` from the checkpoint and hands the projection
 //! batches (500 events or 100 ms, whichever comes first, by default).
 
+mod admin;
 mod diff;
 mod parking;
 mod portable;
@@ -22,13 +23,14 @@ pub mod sqlite;
 mod status;
 mod tables;
 
+pub use admin::{ProjectionInfo, VersionInfo};
 pub use diff::{DiffReport, TableDiff};
 pub use parking::{ParkedEvent, Parking, PoisonPolicy, RetryPolicy, RetryReport};
 pub use portable::{Portable, SqlProjection, SqlValue, Statement};
-pub use postgres::{PostgresCheckpoints, PostgresProjection, PostgresSink};
+pub use postgres::{PostgresAdmin, PostgresCheckpoints, PostgresProjection, PostgresSink};
 pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};
-pub use sqlite::{SqliteCheckpoints, SqliteProjection, SqliteSink};
+pub use sqlite::{SqliteAdmin, SqliteCheckpoints, SqliteProjection, SqliteSink};
 pub use status::{Answer, Freshness, Lag, NotYet, OnTimeout, Progress, ProjectionStatus};
 pub use tables::{Mode, Tables};
 
@@ -56,6 +58,10 @@ pub enum ProjectionError {
         version: u32,
         active: u32,
     },
+    /// An operator paused the projection: its batches do not commit until
+    /// it is resumed.
+    #[error("projection {projection} is paused")]
+    Paused { projection: String },
     #[error(transparent)]
     Store(#[from] factline_core::StoreError),
 }

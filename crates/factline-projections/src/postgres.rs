@@ -73,6 +73,7 @@ pub struct PostgresSink<P> {
     checkpoints: String,
     versions: String,
     parked_table: String,
+    paused_sql: String,
     tables: Tables,
     mode: Mode,
     set_up: bool,
@@ -120,6 +121,9 @@ impl<P: PostgresProjection> PostgresSink<P> {
             checkpoints,
             versions: format!("\"{schema}\".projection_versions"),
             parked_table: format!("\"{schema}\".projection_parked_events"),
+            paused_sql: format!(
+                "SELECT paused FROM \"{schema}\".projection_controls WHERE name = $1"
+            ),
             tables,
             mode,
             set_up: false,
@@ -362,6 +366,11 @@ async fn connect_with_checkpoints(
                  active_version integer     NOT NULL,
                  tables         text        NOT NULL,
                  swapped_at     timestamptz NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_controls (
+                 name       text        PRIMARY KEY,
+                 paused     boolean     NOT NULL,
+                 updated_at timestamptz NOT NULL
              );"
         ))
         .await
@@ -482,6 +491,16 @@ impl<P: PostgresProjection> PostgresSink<P> {
         let active = lock_active(&tx, &self.versions, &name, false)
             .await
             .map_err(|e| fail("reading the active version", e))?;
+        // Read after the registry row's lock: a pause that holds the lock
+        // exclusively is committed and seen here.
+        let paused = tx
+            .query_opt(&self.paused_sql, &[&name])
+            .await
+            .map_err(|e| fail("reading whether it is paused", e))?
+            .is_some_and(|r| r.get::<_, bool>(0));
+        if paused {
+            return Err(ProjectionError::Paused { projection: name });
+        }
         let first_build = may_write(&name, self.mode, self.tables.version(), active.as_ref())?;
         if !set_up || first_build {
             self.projection
@@ -912,5 +931,98 @@ impl<P: PostgresProjection> Parking for PostgresSink<P> {
         }
         self.held = None;
         Ok(report)
+    }
+}
+
+/// Operators' view of the projections in a PostgreSQL read-model schema,
+/// and pausing and resuming them from any process.
+pub struct PostgresAdmin {
+    client: Client,
+    schema: String,
+}
+
+impl PostgresAdmin {
+    pub async fn connect(url: &str, schema: &str) -> Result<Self, ProjectionError> {
+        let (client, _) = connect_with_checkpoints(url, schema, "admin").await?;
+        Ok(PostgresAdmin {
+            client,
+            schema: schema.to_owned(),
+        })
+    }
+
+    /// Every projection with a checkpoint or a registered version.
+    pub async fn projections(&self) -> Result<Vec<crate::ProjectionInfo>, ProjectionError> {
+        let s = &self.schema;
+        let fail = |e| failure("admin", "listing the projections", e);
+        let query = |sql: String| async move { self.client.query(&sql, &[]).await };
+        let (registry, checkpoints, controls, parked) = tokio::try_join!(
+            query(format!(
+                "SELECT name, active_version FROM \"{s}\".projection_versions"
+            )),
+            query(format!(
+                "SELECT name, position, updated_at FROM \"{s}\".projection_checkpoints"
+            )),
+            query(format!(
+                "SELECT name, paused FROM \"{s}\".projection_controls"
+            )),
+            query(format!(
+                "SELECT projection, version, count(*) FILTER (WHERE state = 'parked'),
+                        count(*) FILTER (WHERE state = 'skipped')
+                 FROM \"{s}\".projection_parked_events GROUP BY projection, version"
+            )),
+        )
+        .map_err(fail)?;
+        let rows = crate::admin::Rows {
+            registry: registry
+                .iter()
+                .map(|r| (r.get(0), r.get::<_, i32>(1) as u32))
+                .collect(),
+            checkpoints: checkpoints
+                .iter()
+                .map(|r| (r.get(0), r.get::<_, i64>(1) as u64, Some(r.get(2))))
+                .collect(),
+            controls: controls.iter().map(|r| (r.get(0), r.get(1))).collect(),
+            parked: parked
+                .iter()
+                .map(|r| {
+                    (
+                        r.get(0),
+                        r.get::<_, i32>(1) as u32,
+                        r.get::<_, i64>(2) as u64,
+                        r.get::<_, i64>(3) as u64,
+                    )
+                })
+                .collect(),
+        };
+        Ok(rows.gather())
+    }
+
+    /// Pauses or resumes `name` in every process that runs it. It takes the
+    /// registry row exclusively first, so it waits for a batch in progress,
+    /// and every later batch sees it: no batch commits after a pause
+    /// returns.
+    pub async fn set_paused(&mut self, name: &str, paused: bool) -> Result<(), ProjectionError> {
+        crate::validate_name(name)?;
+        let s = self.schema.clone();
+        let fail = |e| failure(name, "pausing or resuming", e);
+        let tx = self.client.transaction().await.map_err(fail)?;
+        tx.execute(
+            &format!("SELECT 1 FROM \"{s}\".projection_versions WHERE name = $1 FOR UPDATE"),
+            &[&name],
+        )
+        .await
+        .map_err(fail)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO \"{s}\".projection_controls (name, paused, updated_at)
+                 VALUES ($1, $2, now())
+                 ON CONFLICT (name) DO UPDATE SET paused = excluded.paused,
+                                                  updated_at = excluded.updated_at"
+            ),
+            &[&name, &paused],
+        )
+        .await
+        .map_err(fail)?;
+        tx.commit().await.map_err(fail)
     }
 }

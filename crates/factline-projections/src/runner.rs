@@ -99,7 +99,12 @@ pub struct Runner<S> {
     rate_limit: Option<u64>,
     retries: RetryPolicy,
     poison: PoisonPolicy,
+    /// `run`'s stop signal, so a paused runner still stops when told.
+    stop: Option<watch::Receiver<bool>>,
 }
+
+/// How often a paused runner looks whether it was resumed.
+const PAUSE_POLL: Duration = Duration::from_millis(200);
 
 impl<S: Sink> Runner<S> {
     pub fn new(store: Arc<dyn EventStore>, sink: S) -> Self {
@@ -113,6 +118,7 @@ impl<S: Sink> Runner<S> {
             rate_limit: None,
             retries: RetryPolicy::default(),
             poison: PoisonPolicy::default(),
+            stop: None,
         }
     }
 
@@ -181,17 +187,26 @@ impl<S: Sink> Runner<S> {
         mut stop: watch::Receiver<bool>,
     ) -> Result<RunnerStats, ProjectionError> {
         let mut subscription = self.subscribe().await?;
-        loop {
+        self.stop = Some(stop.clone());
+        let result = loop {
             if *stop.borrow_and_update() {
-                return Ok(self.stats);
+                break Ok(self.stats);
             }
             let first = tokio::select! {
                 event = subscription.next() => event?,
                 _ = stop.changed() => continue,
             };
             let batch = Self::fill_batch(self.policy(), &mut subscription, first, u64::MAX).await?;
-            self.commit(batch).await?;
-        }
+            match self.commit(batch).await {
+                Ok(()) => {}
+                // Stopped while paused: the batch in hand was not committed
+                // and is read again from the checkpoint next time.
+                Err(ProjectionError::Paused { .. }) if *stop.borrow() => break Ok(self.stats),
+                Err(e) => break Err(e),
+            }
+        };
+        self.stop = None;
+        result
     }
 
     /// The batch policy, with batches cut to the rate limit.
@@ -289,7 +304,7 @@ impl<S: Sink> Runner<S> {
     async fn commit(&mut self, batch: Vec<RecordedEvent>) -> Result<(), ProjectionError> {
         let mut batch: Arc<[RecordedEvent]> = batch.into();
         while !batch.is_empty() {
-            let failed_at = match self.sink.apply_batch(batch.clone()).await {
+            let failed_at = match self.apply(batch.clone()).await {
                 Ok(held_back) => {
                     self.status.add_parked(held_back);
                     return self.committed(&batch);
@@ -305,7 +320,7 @@ impl<S: Sink> Runner<S> {
             let (poison, rest) = (rest[0].clone(), Arc::<[RecordedEvent]>::from(&rest[1..]));
             if !before.is_empty() {
                 let before: Arc<[RecordedEvent]> = before.into();
-                let held_back = self.sink.apply_batch(before.clone()).await?;
+                let held_back = self.apply(before.clone()).await?;
                 self.status.add_parked(held_back);
                 self.committed(&before)?;
             }
@@ -321,7 +336,7 @@ impl<S: Sink> Runner<S> {
         let mut backoff = self.retries.first_backoff;
         let mut attempts = 1;
         let message = loop {
-            let message = match self.sink.apply_batch(Arc::from([event.clone()])).await {
+            let message = match self.apply(Arc::from([event.clone()])).await {
                 Ok(held_back) => {
                     self.status.add_parked(held_back);
                     return self.committed(std::slice::from_ref(&event));
@@ -348,10 +363,67 @@ impl<S: Sink> Runner<S> {
             }
             PoisonPolicy::Park => {
                 tracing::warn!(projection = self.sink.name(), position = event.position, error = %message, "parked a poison event");
-                self.sink.park(event.clone(), &message, attempts).await?;
+                self.while_paused(|runner| {
+                    let event = event.clone();
+                    let message = message.clone();
+                    Box::pin(async move { runner.sink.park(event, &message, attempts).await })
+                })
+                .await?;
                 let (parked, skipped) = self.sink.parked_counts().await?;
                 self.status.parked_counts(parked, skipped);
                 self.committed(std::slice::from_ref(&event))
+            }
+        }
+    }
+
+    /// Applies a batch, waiting while the projection is paused (P12's
+    /// operators pause from another process: the batch itself sees it).
+    async fn apply(&mut self, batch: Arc<[RecordedEvent]>) -> Result<u64, ProjectionError> {
+        self.while_paused(|runner| {
+            let batch = batch.clone();
+            Box::pin(async move { runner.sink.apply_batch(batch).await })
+        })
+        .await
+    }
+
+    /// Runs `write` until it is not refused as paused, looking again every
+    /// [`PAUSE_POLL`]; gives up with `Paused` when `run` is told to stop.
+    async fn while_paused<T>(
+        &mut self,
+        mut write: impl for<'a> FnMut(
+            &'a mut Self,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<T, ProjectionError>> + Send + 'a>,
+        >,
+    ) -> Result<T, ProjectionError> {
+        loop {
+            match write(self).await {
+                Err(ProjectionError::Paused { projection }) => {
+                    if !self.status.is_paused() {
+                        tracing::info!(projection = %projection, "projection paused");
+                    }
+                    self.status.set_paused(true);
+                    let stopping = match &mut self.stop {
+                        Some(stop) => tokio::select! {
+                            _ = tokio::time::sleep(PAUSE_POLL) => *stop.borrow(),
+                            _ = stop.changed() => true,
+                        },
+                        None => {
+                            tokio::time::sleep(PAUSE_POLL).await;
+                            false
+                        }
+                    };
+                    if stopping {
+                        return Err(ProjectionError::Paused { projection });
+                    }
+                }
+                other => {
+                    if self.status.is_paused() && other.is_ok() {
+                        tracing::info!(projection = self.sink.name(), "projection resumed");
+                        self.status.set_paused(false);
+                    }
+                    return other;
+                }
             }
         }
     }

@@ -67,6 +67,11 @@ CREATE TABLE IF NOT EXISTS factline_parked_events (
     state      TEXT    NOT NULL,
     parked_at  INTEGER NOT NULL,
     PRIMARY KEY (projection, version, position)
+);
+CREATE TABLE IF NOT EXISTS factline_projection_controls (
+    name       TEXT    PRIMARY KEY,
+    paused     INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
 )";
 
 const SAVE_CHECKPOINT: &str =
@@ -190,6 +195,15 @@ enum BatchEnd {
     Refused(u64, ApplyError),
     /// The registry forbids this version to write.
     Forbidden(ProjectionError),
+    /// An operator paused the projection.
+    Paused,
+}
+
+fn is_paused(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
+    conn.prepare_cached("SELECT paused FROM factline_projection_controls WHERE name = ?1")?
+        .query_row([name], |r| r.get::<_, bool>(0))
+        .optional()
+        .map(|p| p.unwrap_or(false))
 }
 
 fn active_version(conn: &Connection, name: &str) -> rusqlite::Result<Option<Active>> {
@@ -298,6 +312,9 @@ impl<P: SqliteProjection> SqliteSink<P> {
                 // Checked in every batch: a swap by another runner or
                 // process stops this version from writing at once.
                 let active = active_version(&tx, &name).map_err(sql)?;
+                if is_paused(&tx, &name).map_err(sql)? {
+                    return Ok(BatchEnd::Paused);
+                }
                 let first_build = match may_write(&name, mode, tables.version(), active.as_ref()) {
                     Ok(first) => first,
                     Err(forbidden) => return Ok(BatchEnd::Forbidden(forbidden)),
@@ -363,6 +380,9 @@ impl<P: SqliteProjection> SqliteSink<P> {
                 message: refusal.0,
             }),
             BatchEnd::Forbidden(forbidden) => Err(forbidden),
+            BatchEnd::Paused => Err(ProjectionError::Paused {
+                projection: self.name.clone(),
+            }),
         }
     }
 }
@@ -798,5 +818,81 @@ impl<P: SqliteProjection> Parking for SqliteSink<P> {
             .await?;
         self.held = None;
         Ok(report)
+    }
+}
+
+/// Operators' view of the projections in a SQLite read-model file, and
+/// pausing and resuming them from any process.
+pub struct SqliteAdmin(SqliteCheckpoints);
+
+impl SqliteAdmin {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, ProjectionError> {
+        SqliteCheckpoints::open(path).map(SqliteAdmin)
+    }
+
+    /// Every projection with a checkpoint or a registered version.
+    pub async fn projections(&self) -> Result<Vec<crate::ProjectionInfo>, ProjectionError> {
+        self.0
+            .with_conn("admin", |conn| {
+                let mut rows = crate::admin::Rows::default();
+                let mut stmt =
+                    conn.prepare("SELECT name, active_version FROM factline_projection_versions")?;
+                rows.registry = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                let mut stmt = conn.prepare(
+                    "SELECT name, position, updated_at FROM factline_projection_checkpoints",
+                )?;
+                rows.checkpoints = stmt
+                    .query_map([], |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get::<_, i64>(1)? as u64,
+                            chrono::DateTime::from_timestamp_micros(r.get(2)?),
+                        ))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                let mut stmt =
+                    conn.prepare("SELECT name, paused FROM factline_projection_controls")?;
+                rows.controls = stmt
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .collect::<Result<_, _>>()?;
+                let mut stmt = conn.prepare(
+                    "SELECT projection, version, sum(state = 'parked'), sum(state = 'skipped')
+                     FROM factline_parked_events GROUP BY projection, version",
+                )?;
+                rows.parked = stmt
+                    .query_map([], |r| {
+                        Ok((
+                            r.get(0)?,
+                            r.get(1)?,
+                            r.get::<_, i64>(2)? as u64,
+                            r.get::<_, i64>(3)? as u64,
+                        ))
+                    })?
+                    .collect::<Result<_, _>>()?;
+                Ok(rows.gather())
+            })
+            .await
+    }
+
+    /// Pauses or resumes `name` in every process that runs it. One write
+    /// statement: it waits for a batch in progress, and every later batch
+    /// sees it, so no batch commits after a pause returns.
+    pub async fn set_paused(&self, name: &str, paused: bool) -> Result<(), ProjectionError> {
+        crate::validate_name(name)?;
+        let key = name.to_owned();
+        self.0
+            .with_conn(name, move |conn| {
+                conn.execute(
+                    "INSERT INTO factline_projection_controls (name, paused, updated_at)
+                     VALUES (?1, ?2, ?3)
+                     ON CONFLICT (name) DO UPDATE SET paused = excluded.paused,
+                                                      updated_at = excluded.updated_at",
+                    params![key, paused, chrono::Utc::now().timestamp_micros()],
+                )
+                .map(|_| ())
+            })
+            .await
     }
 }

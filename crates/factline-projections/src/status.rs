@@ -23,6 +23,7 @@ struct Details {
     last_recorded_at: Option<DateTime<Utc>>,
     skipped: u64,
     parked: u64,
+    paused: bool,
     catching_up: Option<CatchUp>,
 }
 
@@ -139,6 +140,17 @@ impl ProjectionStatus {
             details.parked = parked;
             details.skipped = skipped;
         }
+    }
+
+    pub(crate) fn set_paused(&self, paused: bool) {
+        if let Ok(mut details) = self.details.lock() {
+            details.paused = paused;
+        }
+    }
+
+    /// Whether the runner is waiting because an operator paused it.
+    pub fn is_paused(&self) -> bool {
+        self.details.lock().is_ok_and(|d| d.paused)
     }
 
     pub(crate) fn add_parked(&self, parked: u64) {

@@ -10,9 +10,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use factline_core::{EventData, EventStore, ExpectedVersion, RecordedEvent, StreamId};
 use factline_projections::{
-    ApplyError, BatchPolicy, Freshness, OnTimeout, Parking, PoisonPolicy, PostgresProjection,
-    PostgresSink, ProjectionError, RetryPolicy, Runner, Sink, SqliteProjection, SqliteSink, Tables,
-    VersionedSink,
+    ApplyError, BatchPolicy, Freshness, OnTimeout, Parking, PoisonPolicy, PostgresAdmin,
+    PostgresProjection, PostgresSink, ProjectionError, ProjectionInfo, RetryPolicy, Runner, Sink,
+    SqliteAdmin, SqliteProjection, SqliteSink, Tables, VersionedSink,
 };
 use serde_json::json;
 
@@ -134,6 +134,10 @@ trait Target: Sized + Sync {
         self.open(counts, false).await
     }
     async fn has_table(sink: &mut Self::Sink, table: &str) -> bool;
+    /// What an operator sees of the read-model database's projections.
+    async fn projections(&self) -> Vec<ProjectionInfo>;
+    /// Pauses or resumes, as an operator in another process would.
+    async fn set_paused(&self, name: &str, paused: bool);
     /// The read model and the checkpoint, read in one go.
     async fn read_model(sink: &mut Self::Sink) -> (BTreeMap<String, i64>, u64);
 }
@@ -159,14 +163,23 @@ impl<const SAME: bool> Target for Sqlite<SAME> {
         self.store.clone()
     }
     async fn open(&self, counts: Counts, rebuild: bool) -> Self::Sink {
-        let path = self
-            .dir
-            .path()
-            .join(if SAME { "events.db" } else { "read.db" });
+        let path = self.read_path();
         match rebuild {
             false => SqliteSink::open(path, counts).unwrap(),
             true => SqliteSink::open_rebuild(path, counts).unwrap(),
         }
+    }
+    async fn projections(&self) -> Vec<ProjectionInfo> {
+        let path = self.read_path();
+        SqliteAdmin::open(path)
+            .unwrap()
+            .projections()
+            .await
+            .unwrap()
+    }
+    async fn set_paused(&self, name: &str, paused: bool) {
+        let admin = SqliteAdmin::open(self.read_path()).unwrap();
+        admin.set_paused(name, paused).await.unwrap()
     }
     async fn has_table(sink: &mut Self::Sink, table: &str) -> bool {
         let table = table.to_owned();
@@ -201,6 +214,14 @@ impl<const SAME: bool> Target for Sqlite<SAME> {
     }
 }
 
+impl<const SAME: bool> Sqlite<SAME> {
+    fn read_path(&self) -> std::path::PathBuf {
+        self.dir
+            .path()
+            .join(if SAME { "events.db" } else { "read.db" })
+    }
+}
+
 /// `SAME`: the read model is in the events' database; else in another.
 struct Postgres<const SAME: bool> {
     events: factline_testpg::TestDatabase,
@@ -226,12 +247,16 @@ impl<const SAME: bool> Target for Postgres<SAME> {
     fn store(&self) -> Arc<dyn EventStore> {
         self.store.clone()
     }
+    async fn projections(&self) -> Vec<ProjectionInfo> {
+        let admin = PostgresAdmin::connect(self.read_url(), "read").await;
+        admin.unwrap().projections().await.unwrap()
+    }
+    async fn set_paused(&self, name: &str, paused: bool) {
+        let admin = PostgresAdmin::connect(self.read_url(), "read").await;
+        admin.unwrap().set_paused(name, paused).await.unwrap()
+    }
     async fn open(&self, counts: Counts, rebuild: bool) -> Self::Sink {
-        let url = if SAME {
-            &self.events.url
-        } else {
-            &self.read.url
-        };
+        let url = self.read_url();
         match rebuild {
             false => PostgresSink::connect(url, "read", counts).await.unwrap(),
             true => PostgresSink::connect_rebuild(url, "read", counts)
@@ -259,6 +284,16 @@ impl<const SAME: bool> Target for Postgres<SAME> {
             .unwrap_or_default();
         let counts = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
         (counts, sink.checkpoint().await.unwrap())
+    }
+}
+
+impl<const SAME: bool> Postgres<SAME> {
+    fn read_url(&self) -> &str {
+        if SAME {
+            &self.events.url
+        } else {
+            &self.read.url
+        }
     }
 }
 
@@ -454,6 +489,60 @@ async fn follows_live_appends_until_stopped<T: Target>() {
         *expected.entry(t).or_default() += n;
     }
     assert_eq!((counts, checkpoint), (expected, 310));
+}
+
+/// An operator's pause holds every batch back (also one already waiting
+/// to commit) until resumed; a paused runner still stops when told, and
+/// the admin view shows the projection's state.
+async fn pause_holds_batches_back_until_resumed<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 10).await;
+    let mut runner =
+        Runner::new(target.store(), target.sink(None).await).with_policy(BatchPolicy {
+            max_events: 500,
+            max_wait: Duration::from_millis(20),
+        });
+    let status = runner.status();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(async move { runner.run(stopped).await });
+    status.wait_for(10, Duration::from_secs(30)).await.unwrap();
+    let listed = target.projections().await;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (listed[0].name.as_str(), listed[0].active_version),
+        ("counts", Some(1))
+    );
+    assert_eq!((listed[0].checkpoint, listed[0].paused), (10, false));
+
+    target.set_paused("counts", true).await;
+    append(&target.store(), 30).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(status.checkpoint(), 10, "nothing commits while paused");
+    assert!(status.is_paused());
+    let listed = target.projections().await;
+    assert_eq!((listed[0].checkpoint, listed[0].paused), (10, true));
+
+    target.set_paused("counts", false).await;
+    status.wait_for(40, Duration::from_secs(30)).await.unwrap();
+    assert!(!status.is_paused());
+
+    // Stopping a paused runner ends it without committing.
+    target.set_paused("counts", true).await;
+    append(&target.store(), 5).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.send_replace(true);
+    let stats = tokio::time::timeout(Duration::from_secs(10), running)
+        .await
+        .expect("a paused runner stops when told")
+        .unwrap()
+        .unwrap();
+    assert_eq!(stats.checkpoint, 40);
+    let (counts, checkpoint) = T::read_model(&mut target.sink(None).await).await;
+    let mut expected = expected_counts(10);
+    for (t, n) in expected_counts(30) {
+        *expected.entry(t).or_default() += n;
+    }
+    assert_eq!((counts, checkpoint), (expected, 40));
 }
 
 /// Lag in events and seconds (P9): behind before a run, part-way after a
@@ -770,6 +859,7 @@ on_every_target!(
     poison_events_are_parked_with_their_stream_held_back,
     skipped_events_release_their_stream_on_retry,
     follows_live_appends_until_stopped,
+    pause_holds_batches_back_until_resumed,
     lag_counts_events_and_seconds_behind,
     reads_wait_for_the_position_of_a_write,
     rebuild_builds_beside_the_active_version_and_swaps,

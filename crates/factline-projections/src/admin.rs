@@ -1,0 +1,155 @@
+//! What operators see of and do to the projections of one read-model
+//! database, without the projections' code: which there are, where each
+//! stands, and pausing and resuming them (`factline projections …`, later
+//! the admin API). Rebuilds and retries need the code and go through the
+//! sinks.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+/// One projection of a read-model database.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ProjectionInfo {
+    pub name: String,
+    /// The version readers see; `None` before the first batch.
+    pub active_version: Option<u32>,
+    /// The active version's checkpoint.
+    pub checkpoint: u64,
+    /// Every version with a checkpoint: the active one and rebuilds beside
+    /// it, in version order.
+    pub versions: Vec<VersionInfo>,
+    pub paused: bool,
+    /// Parked and skipped events of the active version.
+    pub parked: u64,
+    pub skipped: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct VersionInfo {
+    pub version: u32,
+    pub checkpoint: u64,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+/// A checkpoint row's name as `(projection, version)`; reactors' rows
+/// (no version) give `None`.
+pub(crate) fn parse_checkpoint_key(key: &str) -> Option<(&str, u32)> {
+    let (name, version) = key.rsplit_once("@v")?;
+    Some((name, version.parse().ok()?))
+}
+
+/// Raw rows, gathered into [`ProjectionInfo`]s sorted by name.
+#[derive(Default)]
+pub(crate) struct Rows {
+    /// (name, active version)
+    pub registry: Vec<(String, u32)>,
+    /// (checkpoint key, position, updated at)
+    pub checkpoints: Vec<(String, u64, Option<DateTime<Utc>>)>,
+    /// (name, paused)
+    pub controls: Vec<(String, bool)>,
+    /// (name, version, parked, skipped)
+    pub parked: Vec<(String, u32, u64, u64)>,
+}
+
+fn entry<'a>(
+    infos: &'a mut BTreeMap<String, ProjectionInfo>,
+    name: &str,
+) -> &'a mut ProjectionInfo {
+    infos
+        .entry(name.to_owned())
+        .or_insert_with(|| ProjectionInfo {
+            name: name.to_owned(),
+            active_version: None,
+            checkpoint: 0,
+            versions: Vec::new(),
+            paused: false,
+            parked: 0,
+            skipped: 0,
+        })
+}
+
+impl Rows {
+    pub fn gather(self) -> Vec<ProjectionInfo> {
+        let mut infos = BTreeMap::new();
+        for (name, version) in self.registry {
+            entry(&mut infos, &name).active_version = Some(version);
+        }
+        for (key, position, updated_at) in &self.checkpoints {
+            if let Some((name, version)) = parse_checkpoint_key(key) {
+                entry(&mut infos, name).versions.push(VersionInfo {
+                    version,
+                    checkpoint: *position,
+                    updated_at: *updated_at,
+                });
+            }
+        }
+        for (name, paused) in self.controls {
+            if let Some(info) = infos.get_mut(&name) {
+                info.paused = paused;
+            }
+        }
+        for info in infos.values_mut() {
+            info.versions.sort_by_key(|v| v.version);
+            let active = info.active_version;
+            info.checkpoint = info
+                .versions
+                .iter()
+                .find(|v| Some(v.version) == active)
+                .map_or(0, |v| v.checkpoint);
+            if let Some((_, _, parked, skipped)) = self
+                .parked
+                .iter()
+                .find(|(n, v, _, _)| *n == info.name && Some(*v) == active)
+            {
+                (info.parked, info.skipped) = (*parked, *skipped);
+            }
+        }
+        infos.into_values().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checkpoint_keys_name_a_projection_and_a_version() {
+        assert_eq!(parse_checkpoint_key("orders@v2"), Some(("orders", 2)));
+        assert_eq!(parse_checkpoint_key("a@v1@v3"), Some(("a@v1", 3)));
+        assert_eq!(parse_checkpoint_key("mailer"), None);
+        assert_eq!(parse_checkpoint_key("x@vlast"), None);
+    }
+
+    #[test]
+    fn rows_gather_per_projection_with_the_active_version_first_class() {
+        let rows = Rows {
+            registry: vec![("b".into(), 1)],
+            checkpoints: vec![
+                ("b@v2".into(), 7, None),
+                ("b@v1".into(), 40, None),
+                ("a@v1".into(), 3, None),
+                ("reactor".into(), 9, None),
+            ],
+            controls: vec![("b".into(), true)],
+            parked: vec![("b".into(), 1, 2, 1), ("b".into(), 2, 5, 0)],
+        };
+        let infos = rows.gather();
+        assert_eq!(infos.len(), 2);
+        assert_eq!(
+            (infos[0].name.as_str(), infos[0].active_version),
+            ("a", None)
+        );
+        assert_eq!(infos[0].checkpoint, 0, "no active version yet");
+        let b = &infos[1];
+        assert_eq!(
+            (b.active_version, b.checkpoint, b.paused),
+            (Some(1), 40, true)
+        );
+        assert_eq!(
+            b.versions.iter().map(|v| v.version).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!((b.parked, b.skipped), (2, 1));
+    }
+}
