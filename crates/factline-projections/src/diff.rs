@@ -4,7 +4,7 @@
 use serde_json::Value;
 
 /// How version N+1 of a projection differs from the active version N.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct DiffReport {
     /// The active version (`None` when nothing is active yet).
     pub active: Option<u32>,
@@ -24,7 +24,7 @@ impl DiffReport {
 /// One logical table's differences. Rows are matched by the table's
 /// primary key (by the whole row when it has none, so then a change shows
 /// as one row removed and one added).
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TableDiff {
     pub table: String,
     pub added: u64,

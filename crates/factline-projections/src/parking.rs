@@ -43,7 +43,7 @@ impl Default for RetryPolicy {
 }
 
 /// An event in the dead-letter table.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ParkedEvent {
     pub position: u64,
     pub stream_id: String,
@@ -56,7 +56,7 @@ pub struct ParkedEvent {
 }
 
 /// What a retry of the parked events did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RetryReport {
     pub applied: u64,
     pub still_parked: u64,

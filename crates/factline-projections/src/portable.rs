@@ -82,11 +82,38 @@ pub trait SqlProjection: Send + Sync + 'static {
     ) -> Result<Vec<Statement>, ApplyError>;
 }
 
+/// Projections chosen at run time (by name, from a catalogue) share one
+/// sink type.
+impl SqlProjection for Box<dyn SqlProjection> {
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+    fn version(&self) -> u32 {
+        (**self).version()
+    }
+    fn tables(&self) -> &[&str] {
+        (**self).tables()
+    }
+    fn create_tables(&self, tables: &Tables) -> Vec<String> {
+        (**self).create_tables(tables)
+    }
+    fn statements(
+        &mut self,
+        tables: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Statement>, ApplyError> {
+        (**self).statements(tables, event)
+    }
+}
+
 /// Runs a [`SqlProjection`] on either database.
 pub struct Portable<P> {
     projection: P,
     /// PostgreSQL statements prepared on the sink's connection, by SQL.
     prepared: HashMap<String, tokio_postgres::Statement>,
+    /// The version to build instead of the code's own (see
+    /// [`Portable::at_version`]).
+    version: Option<u32>,
 }
 
 impl<P: SqlProjection> Portable<P> {
@@ -94,7 +121,18 @@ impl<P: SqlProjection> Portable<P> {
         Portable {
             projection,
             prepared: HashMap::new(),
+            version: None,
         }
+    }
+
+    /// Runs the same code as another version of the read model: a rebuild
+    /// of unchanged code (to repair data, or to change how it is
+    /// partitioned) builds `active + 1`, and live runners then follow the
+    /// active version. A version below the code's own is raised to it, so
+    /// newer code never writes an older version's tables.
+    pub fn at_version(mut self, version: u32) -> Self {
+        self.version = Some(version.max(self.projection.version()));
+        self
     }
 
     pub fn projection(&self) -> &P {
@@ -156,7 +194,7 @@ impl<P: SqlProjection> SqliteProjection for Portable<P> {
         self.projection.name()
     }
     fn version(&self) -> u32 {
-        self.projection.version()
+        self.version.unwrap_or_else(|| self.projection.version())
     }
     fn tables(&self) -> &[&str] {
         self.projection.tables()
@@ -187,7 +225,7 @@ impl<P: SqlProjection> PostgresProjection for Portable<P> {
         self.projection.name()
     }
     fn version(&self) -> u32 {
-        self.projection.version()
+        self.version.unwrap_or_else(|| self.projection.version())
     }
     fn tables(&self) -> &[&str] {
         self.projection.tables()

@@ -822,55 +822,75 @@ async fn insert_parked(
     .map(|_| ())
 }
 
+async fn parked_events(
+    client: &Client,
+    table: &str,
+    name: &str,
+    version: u32,
+) -> Result<Vec<ParkedEvent>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            &format!(
+                "SELECT position, stream_id, event_id, event_type, error, attempts, parked_at
+                 FROM {table} WHERE projection = $1 AND version = $2 AND state = 'parked'
+                 ORDER BY position"
+            ),
+            &[&name, &(version as i32)],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| ParkedEvent {
+            position: r.get::<_, i64>(0) as u64,
+            stream_id: r.get(1),
+            event_id: r.get(2),
+            event_type: r.get(3),
+            error: r.get(4),
+            attempts: r.get::<_, i32>(5) as u32,
+            parked_at: r.get(6),
+        })
+        .collect())
+}
+
+async fn skip_parked(
+    client: &Client,
+    table: &str,
+    name: &str,
+    version: u32,
+    position: u64,
+) -> Result<bool, tokio_postgres::Error> {
+    let skipped = client
+        .execute(
+            &format!(
+                "UPDATE {table} SET state = 'skipped'
+                 WHERE projection = $1 AND version = $2 AND position = $3 AND state = 'parked'"
+            ),
+            &[&name, &(version as i32), &(position as i64)],
+        )
+        .await?;
+    Ok(skipped > 0)
+}
+
 #[async_trait]
 impl<P: PostgresProjection> Parking for PostgresSink<P> {
     async fn parked(&mut self) -> Result<Vec<ParkedEvent>, ProjectionError> {
-        let rows = self
-            .client
-            .query(
-                &format!(
-                    "SELECT position, stream_id, event_id, event_type, error, attempts, parked_at
-                     FROM {} WHERE projection = $1 AND version = $2 AND state = 'parked'
-                     ORDER BY position",
-                    self.parked_table
-                ),
-                &[&self.name, &(self.tables.version() as i32)],
-            )
-            .await
-            .map_err(|e| self.failed("listing parked events", e))?;
-        Ok(rows
-            .iter()
-            .map(|r| ParkedEvent {
-                position: r.get::<_, i64>(0) as u64,
-                stream_id: r.get(1),
-                event_id: r.get(2),
-                event_type: r.get(3),
-                error: r.get(4),
-                attempts: r.get::<_, i32>(5) as u32,
-                parked_at: r.get(6),
-            })
-            .collect())
+        parked_events(
+            &self.client,
+            &self.parked_table,
+            &self.name,
+            self.tables.version(),
+        )
+        .await
+        .map_err(|e| self.failed("listing parked events", e))
     }
 
     async fn skip(&mut self, position: u64) -> Result<bool, ProjectionError> {
-        let skipped = self
-            .client
-            .execute(
-                &format!(
-                    "UPDATE {} SET state = 'skipped'
-                     WHERE projection = $1 AND version = $2 AND position = $3 AND state = 'parked'",
-                    self.parked_table
-                ),
-                &[
-                    &self.name,
-                    &(self.tables.version() as i32),
-                    &(position as i64),
-                ],
-            )
+        let (table, version) = (&self.parked_table, self.tables.version());
+        let skipped = skip_parked(&self.client, table, &self.name, version, position)
             .await
             .map_err(|e| self.failed("skipping a parked event", e))?;
         self.held = None;
-        Ok(skipped > 0)
+        Ok(skipped)
     }
 
     async fn retry(
@@ -995,6 +1015,43 @@ impl PostgresAdmin {
                 .collect(),
         };
         Ok(rows.gather())
+    }
+
+    async fn active_version(&self, name: &str) -> Result<Option<u32>, ProjectionError> {
+        let s = &self.schema;
+        let row = self
+            .client
+            .query_opt(
+                &format!("SELECT active_version FROM \"{s}\".projection_versions WHERE name = $1"),
+                &[&name],
+            )
+            .await
+            .map_err(|e| failure(name, "reading the active version", e))?;
+        Ok(row.map(|r| r.get::<_, i32>(0) as u32))
+    }
+
+    /// The parked events of `name`'s active version.
+    pub async fn parked(&self, name: &str) -> Result<Vec<ParkedEvent>, ProjectionError> {
+        let Some(version) = self.active_version(name).await? else {
+            return Ok(Vec::new());
+        };
+        let table = format!("\"{}\".projection_parked_events", self.schema);
+        parked_events(&self.client, &table, name, version)
+            .await
+            .map_err(|e| failure(name, "listing parked events", e))
+    }
+
+    /// Skips the parked event at `position` of `name`'s active version;
+    /// false when no such event is parked. A runner of the projection
+    /// releases its stream when it next starts or retries.
+    pub async fn skip(&self, name: &str, position: u64) -> Result<bool, ProjectionError> {
+        let Some(version) = self.active_version(name).await? else {
+            return Ok(false);
+        };
+        let table = format!("\"{}\".projection_parked_events", self.schema);
+        skip_parked(&self.client, &table, name, version, position)
+            .await
+            .map_err(|e| failure(name, "skipping a parked event", e))
     }
 
     /// Pauses or resumes `name` in every process that runs it. It takes the

@@ -130,6 +130,14 @@ impl<S: Sink> Runner<S> {
         self
     }
 
+    /// Reports through `status` instead of a status of its own: a
+    /// supervisor that restarts runners (after a swap, say) keeps one status
+    /// for its readers.
+    pub fn with_status(mut self, status: ProjectionStatus) -> Self {
+        self.status = status;
+        self
+    }
+
     /// Applies at most `events_per_second` on average (P5): batches shrink
     /// to a tenth of a second's worth and the runner waits between them.
     pub fn with_rate_limit(mut self, events_per_second: u64) -> Self {

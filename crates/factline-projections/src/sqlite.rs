@@ -745,6 +745,20 @@ fn parked_events(
     rows.collect()
 }
 
+fn skip_parked(
+    conn: &Connection,
+    name: &str,
+    version: u32,
+    position: u64,
+) -> rusqlite::Result<bool> {
+    conn.execute(
+        "UPDATE factline_parked_events SET state = 'skipped'
+         WHERE projection = ?1 AND version = ?2 AND position = ?3 AND state = 'parked'",
+        params![name, version, position as i64],
+    )
+    .map(|n| n > 0)
+}
+
 #[async_trait]
 impl<P: SqliteProjection> Parking for SqliteSink<P> {
     async fn parked(&mut self) -> Result<Vec<ParkedEvent>, ProjectionError> {
@@ -756,16 +770,10 @@ impl<P: SqliteProjection> Parking for SqliteSink<P> {
     async fn skip(&mut self, position: u64) -> Result<bool, ProjectionError> {
         let (name, version) = (self.name.clone(), self.tables.version());
         let skipped = self
-            .query(move |conn| {
-                conn.execute(
-                    "UPDATE factline_parked_events SET state = 'skipped'
-                     WHERE projection = ?1 AND version = ?2 AND position = ?3 AND state = 'parked'",
-                    params![name, version, position as i64],
-                )
-            })
+            .query(move |conn| skip_parked(conn, &name, version, position))
             .await?;
         self.held = None;
-        Ok(skipped > 0)
+        Ok(skipped)
     }
 
     async fn retry(
@@ -872,6 +880,30 @@ impl SqliteAdmin {
                     })?
                     .collect::<Result<_, _>>()?;
                 Ok(rows.gather())
+            })
+            .await
+    }
+
+    /// The parked events of `name`'s active version.
+    pub async fn parked(&self, name: &str) -> Result<Vec<ParkedEvent>, ProjectionError> {
+        let key = name.to_owned();
+        self.0
+            .with_conn(name, move |conn| match active_version(conn, &key)? {
+                Some(active) => parked_events(conn, &key, active.version),
+                None => Ok(Vec::new()),
+            })
+            .await
+    }
+
+    /// Skips the parked event at `position` of `name`'s active version;
+    /// false when no such event is parked. A runner of the projection
+    /// releases its stream when it next starts or retries.
+    pub async fn skip(&self, name: &str, position: u64) -> Result<bool, ProjectionError> {
+        let key = name.to_owned();
+        self.0
+            .with_conn(name, move |conn| match active_version(conn, &key)? {
+                Some(active) => skip_parked(conn, &key, active.version, position),
+                None => Ok(false),
             })
             .await
     }

@@ -104,7 +104,10 @@ pub struct NotYet {
 }
 
 impl ProjectionStatus {
-    pub(crate) fn new(name: &str) -> Self {
+    /// A status for a projection named `name`; a runner gets one of its
+    /// own, or shares this one ([`Runner::with_status`](crate::Runner::with_status))
+    /// so that readers keep it across restarts of the runner.
+    pub fn new(name: &str) -> Self {
         ProjectionStatus {
             name: name.into(),
             checkpoint: watch::channel(0).0,

@@ -3,120 +3,61 @@
 //! cancelled, with the mistakes clients make) while the orders read models
 //! follow live, and shows what happened from both.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use factline::{EventStore, Location};
 use factline_orders::load::{self, LoadConfig};
-use factline_orders::read_models::{self, CustomerTotals, OrderList, RevenueByRegionDay, Summary};
-use factline_projections::{
-    Portable, PostgresSink, ProjectionError, ProjectionStatus, Runner, RunnerStats, Sink,
-    SqliteSink,
-};
+use factline_orders::read_models::{self, Summary};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
+
+use crate::catalog::{self, ReadModelDb, Running, READ_SCHEMA};
 
 use crate::usage;
 
-/// The PostgreSQL schema of the orders read models.
-pub const READ_SCHEMA: &str = "orders_read";
-
 /// Where the read models live: beside the events (the SQLite file or the
-/// PostgreSQL database), or in a temporary file for `memory:`.
-enum ReadModels {
-    Sqlite {
-        path: PathBuf,
-        /// Keeps the temporary directory of `memory:` alive.
-        _temp: Option<tempfile::TempDir>,
-    },
-    Postgres(String),
-}
-
-type Running = (
-    ProjectionStatus,
-    JoinHandle<Result<RunnerStats, ProjectionError>>,
-);
-
-fn spawn<S: Sink + 'static>(
-    store: &Arc<dyn EventStore>,
-    sink: S,
-    stop: &watch::Receiver<bool>,
-) -> Running {
-    let mut runner = Runner::new(store.clone(), sink);
-    let status = runner.status();
-    let stop = stop.clone();
-    (status, tokio::spawn(async move { runner.run(stop).await }))
+/// PostgreSQL database's `orders_read` schema), or in a temporary file for
+/// `memory:`.
+struct ReadModels {
+    db: ReadModelDb,
+    /// Keeps the temporary directory of `memory:` alive.
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl ReadModels {
     fn for_location(location: &Location) -> anyhow::Result<Self> {
-        Ok(match location {
-            Location::Sqlite(path) => ReadModels::Sqlite {
-                path: path.clone(),
-                _temp: None,
-            },
-            Location::Postgres(url) => ReadModels::Postgres(url.clone()),
-            Location::Memory => {
-                let dir = tempfile::tempdir()?;
-                ReadModels::Sqlite {
-                    path: dir.path().join("read-models.db"),
-                    _temp: Some(dir),
-                }
-            }
+        if *location == Location::Memory {
+            let dir = tempfile::tempdir()?;
+            return Ok(ReadModels {
+                db: ReadModelDb::Sqlite(dir.path().join("read-models.db")),
+                _temp: Some(dir),
+            });
+        }
+        Ok(ReadModels {
+            db: ReadModelDb::for_location(location, READ_SCHEMA)?,
+            _temp: None,
         })
     }
 
-    /// Starts the three orders projections, following the log live.
-    async fn start(
+    /// Starts the orders projections, following the log live.
+    fn start(
         &self,
         store: &Arc<dyn EventStore>,
         stop: &watch::Receiver<bool>,
     ) -> anyhow::Result<Vec<Running>> {
-        Ok(match self {
-            ReadModels::Sqlite { path, .. } => vec![
-                spawn(
-                    store,
-                    SqliteSink::open(path, Portable::new(OrderList))?,
-                    stop,
-                ),
-                spawn(
-                    store,
-                    SqliteSink::open(path, Portable::new(RevenueByRegionDay))?,
-                    stop,
-                ),
-                spawn(
-                    store,
-                    SqliteSink::open(path, Portable::new(CustomerTotals))?,
-                    stop,
-                ),
-            ],
-            ReadModels::Postgres(url) => vec![
-                spawn(
-                    store,
-                    PostgresSink::connect(url, READ_SCHEMA, Portable::new(OrderList)).await?,
-                    stop,
-                ),
-                spawn(
-                    store,
-                    PostgresSink::connect(url, READ_SCHEMA, Portable::new(RevenueByRegionDay))
-                        .await?,
-                    stop,
-                ),
-                spawn(
-                    store,
-                    PostgresSink::connect(url, READ_SCHEMA, Portable::new(CustomerTotals)).await?,
-                    stop,
-                ),
-            ],
-        })
+        catalog::known()
+            .iter()
+            .map(|p| catalog::spawn_live(&self.db, store, p.name(), stop))
+            .collect()
     }
 
     async fn summary(&self) -> anyhow::Result<Summary> {
-        Ok(match self {
-            ReadModels::Sqlite { path, .. } => read_models::summary_sqlite(path)?,
-            ReadModels::Postgres(url) => read_models::summary_postgres(url, READ_SCHEMA).await?,
+        Ok(match &self.db {
+            ReadModelDb::Sqlite(path) => read_models::summary_sqlite(path)?,
+            ReadModelDb::Postgres { url, schema } => {
+                read_models::summary_postgres(url, schema).await?
+            }
         })
     }
 }
@@ -159,7 +100,7 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
     let start = store.head_position().await? + 1;
     let read_models = ReadModels::for_location(location)?;
     let (stop, stopped) = watch::channel(false);
-    let running = read_models.start(&store, &stopped).await?;
+    let running = read_models.start(&store, &stopped)?;
     let config = LoadConfig {
         customers: args.customers as usize,
         orders: args.orders as usize,

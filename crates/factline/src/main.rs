@@ -4,10 +4,12 @@
 //! 3 version conflict, 4 idempotency mismatch, 1 any other failure.
 
 mod bench;
+mod catalog;
 mod commands;
 mod demo;
 mod load_bench;
 mod projection_bench;
+mod projections_cli;
 
 // An event store allocates and frees many small buffers per append; glibc's
 // allocator spends a large share of the CPU on that, mimalloc a small one.
@@ -47,8 +49,12 @@ enum Command {
     ReadCategory(commands::ReadCategoryArgs),
     /// Follow a stream, a category or all events live.
     Tail(commands::TailArgs),
-    /// Append a small sample of order events and show them.
+    /// Run the orders domain: commands through the command handler, with
+    /// the orders read models following live.
     Demo(demo::DemoArgs),
+    /// Operate the read models: list, status, rebuild, pause, resume, parked
+    /// events.
+    Projections(projections_cli::ProjectionsArgs),
     /// Measure the store.
     Bench(BenchCommand),
 }
@@ -100,6 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::ReadCategory(args) => commands::read_category(&location, args).await,
         Command::Tail(args) => commands::tail(&location, args).await,
         Command::Demo(args) => demo::run(&location, args).await,
+        Command::Projections(args) => projections_cli::run(args, &location).await,
         Command::Bench(b) => bench::run(b.which, &location).await,
     }
 }

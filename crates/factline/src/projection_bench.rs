@@ -11,9 +11,7 @@ use factline::sqlite::{SqliteConfig, SqliteStore};
 use factline::{EventStore, ExpectedVersion, Location, StreamId};
 use factline_orders::history::{self, HistoryConfig};
 use factline_orders::read_models::{OrderList, RevenueByRegionDay};
-use factline_projections::{
-    Portable, PostgresSink, Runner, Sink, SqlProjection, SqliteSink, Tables,
-};
+use factline_projections::{Portable, PostgresSink, Runner, Sink, SqliteSink};
 
 use crate::bench::{fresh_postgres_store, median, postgres_url, round, Backend, BENCH_SCHEMA};
 use crate::usage;
@@ -34,32 +32,6 @@ pub struct ProjectionsBench {
     /// How long the latency load runs.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
-}
-
-/// The revenue projection under another version number, so each round
-/// rebuilds into tables of its own.
-struct Versioned(RevenueByRegionDay, u32);
-
-impl SqlProjection for Versioned {
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn version(&self) -> u32 {
-        self.1
-    }
-    fn tables(&self) -> &[&str] {
-        self.0.tables()
-    }
-    fn create_tables(&self, tables: &Tables) -> Vec<String> {
-        self.0.create_tables(tables)
-    }
-    fn statements(
-        &mut self,
-        tables: &Tables,
-        event: &factline::RecordedEvent,
-    ) -> Result<Vec<factline_projections::Statement>, factline_projections::ApplyError> {
-        self.0.statements(tables, event)
-    }
 }
 
 /// The last line of `bench projections`, a contract for scripts.
@@ -137,7 +109,7 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
             Target::Sqlite(dir) => {
                 let sink = SqliteSink::open_rebuild(
                     Target::path(dir),
-                    Portable::new(Versioned(RevenueByRegionDay, version)),
+                    Portable::new(RevenueByRegionDay).at_version(version),
                 )?;
                 time_rebuild(&store, sink).await?
             }
@@ -145,7 +117,7 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
                 let sink = PostgresSink::connect_rebuild(
                     url,
                     BENCH_SCHEMA,
-                    Portable::new(Versioned(RevenueByRegionDay, version)),
+                    Portable::new(RevenueByRegionDay).at_version(version),
                 )
                 .await?;
                 time_rebuild(&store, sink).await?

@@ -1,0 +1,198 @@
+//! The projections this binary has the code of (the orders read models),
+//! where their read models live for a `--db`, and running them live so
+//! that they follow a swap made by a rebuild in another process.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use factline::{EventStore, Location};
+use factline_orders::read_models::{CustomerTotals, OrderList, RevenueByRegionDay};
+use factline_projections::{
+    ParkedEvent, PoisonPolicy, Portable, PostgresAdmin, PostgresSink, ProjectionError,
+    ProjectionInfo, ProjectionStatus, RetryPolicy, Runner, RunnerStats, Sink, SqlProjection,
+    SqliteAdmin, SqliteSink,
+};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::usage;
+
+/// The PostgreSQL schema of the orders read models.
+pub const READ_SCHEMA: &str = "orders_read";
+
+/// Every projection the binary can run, rebuild and retry.
+pub fn known() -> Vec<Box<dyn SqlProjection>> {
+    vec![
+        Box::new(OrderList),
+        Box::new(RevenueByRegionDay),
+        Box::new(CustomerTotals),
+    ]
+}
+
+/// The projection called `name`, or a usage error naming the known ones.
+pub fn find(name: &str) -> anyhow::Result<Box<dyn SqlProjection>> {
+    let all = known();
+    let names: Vec<String> = all.iter().map(|p| p.name().to_owned()).collect();
+    all.into_iter()
+        .find(|p| p.name() == name)
+        .ok_or_else(|| {
+            usage(format!(
+                "factline has no code for a projection {name:?} (it knows {}); projections of your own are rebuilt and retried by the service that defines them",
+                names.join(", ")
+            ))
+        })
+}
+
+/// A read-model database: the SQLite file of the events, or a schema of
+/// the PostgreSQL database.
+#[derive(Clone, Debug)]
+pub enum ReadModelDb {
+    Sqlite(PathBuf),
+    Postgres { url: String, schema: String },
+}
+
+/// Operators' access to a read-model database.
+pub enum Admin {
+    Sqlite(SqliteAdmin),
+    Postgres(PostgresAdmin),
+}
+
+impl ReadModelDb {
+    /// Where the read models of the store at `location` are; `memory:` has
+    /// none that outlive the process.
+    pub fn for_location(location: &Location, schema: &str) -> anyhow::Result<Self> {
+        match location {
+            Location::Sqlite(path) => Ok(ReadModelDb::Sqlite(path.clone())),
+            Location::Postgres(url) => Ok(ReadModelDb::Postgres {
+                url: url.clone(),
+                schema: schema.to_owned(),
+            }),
+            Location::Memory => Err(usage(
+                "an in-memory store keeps no read models between runs: give --db a SQLite file or a postgres:// URL",
+            )),
+        }
+    }
+
+    pub async fn admin(&self) -> Result<Admin, ProjectionError> {
+        Ok(match self {
+            ReadModelDb::Sqlite(path) => Admin::Sqlite(SqliteAdmin::open(path)?),
+            ReadModelDb::Postgres { url, schema } => {
+                Admin::Postgres(PostgresAdmin::connect(url, schema).await?)
+            }
+        })
+    }
+
+    /// The version a live runner of `projection` writes: the active one,
+    /// unless the code is newer (then it waits for a rebuild to build it).
+    async fn live_version(&self, projection: &dyn SqlProjection) -> Result<u32, ProjectionError> {
+        let info = self.admin().await?.info(projection.name()).await?;
+        let active = info.and_then(|i| i.active_version).unwrap_or(0);
+        Ok(active.max(projection.version()))
+    }
+}
+
+impl Admin {
+    pub async fn projections(&self) -> Result<Vec<ProjectionInfo>, ProjectionError> {
+        match self {
+            Admin::Sqlite(a) => a.projections().await,
+            Admin::Postgres(a) => a.projections().await,
+        }
+    }
+
+    pub async fn info(&self, name: &str) -> Result<Option<ProjectionInfo>, ProjectionError> {
+        Ok(self
+            .projections()
+            .await?
+            .into_iter()
+            .find(|p| p.name == name))
+    }
+
+    pub async fn set_paused(&mut self, name: &str, paused: bool) -> Result<(), ProjectionError> {
+        match self {
+            Admin::Sqlite(a) => a.set_paused(name, paused).await,
+            Admin::Postgres(a) => a.set_paused(name, paused).await,
+        }
+    }
+
+    pub async fn parked(&self, name: &str) -> Result<Vec<ParkedEvent>, ProjectionError> {
+        match self {
+            Admin::Sqlite(a) => a.parked(name).await,
+            Admin::Postgres(a) => a.parked(name).await,
+        }
+    }
+
+    pub async fn skip(&self, name: &str, position: u64) -> Result<bool, ProjectionError> {
+        match self {
+            Admin::Sqlite(a) => a.skip(name, position).await,
+            Admin::Postgres(a) => a.skip(name, position).await,
+        }
+    }
+}
+
+pub type Running = (
+    ProjectionStatus,
+    JoinHandle<Result<RunnerStats, ProjectionError>>,
+);
+
+/// Runs the known projection `name` live until `stop`, at the active
+/// version; when a rebuild elsewhere swaps in another version, it starts
+/// again on that one. The status stays the same across such restarts.
+pub fn spawn_live(
+    db: &ReadModelDb,
+    store: &Arc<dyn EventStore>,
+    name: &str,
+    stop: &watch::Receiver<bool>,
+) -> anyhow::Result<Running> {
+    find(name)?;
+    let status = ProjectionStatus::new(name);
+    let (db, store, name, stop) = (db.clone(), store.clone(), name.to_owned(), stop.clone());
+    let shared = status.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let projection = find(&name).map_err(|e| ProjectionError::ReadModel {
+                projection: name.clone(),
+                message: e.to_string(),
+            })?;
+            let version = db.live_version(projection.as_ref()).await?;
+            let projection = Portable::new(projection).at_version(version);
+            let ran = match &db {
+                ReadModelDb::Sqlite(path) => {
+                    let sink = SqliteSink::open(path, projection)?;
+                    run(&store, sink, &shared, &stop).await
+                }
+                ReadModelDb::Postgres { url, schema } => {
+                    let sink = PostgresSink::connect(url, schema, projection).await?;
+                    run(&store, sink, &shared, &stop).await
+                }
+            };
+            match ran {
+                Err(ProjectionError::NotActive { active, .. }) => {
+                    tracing::info!(projection = %name, version = active, "following the version a rebuild swapped in");
+                }
+                other => return other,
+            }
+        }
+    });
+    Ok((status, task))
+}
+
+async fn run<S: Sink + 'static>(
+    store: &Arc<dyn EventStore>,
+    sink: S,
+    status: &ProjectionStatus,
+    stop: &watch::Receiver<bool>,
+) -> Result<RunnerStats, ProjectionError> {
+    // A bad event is parked (and listed by `factline projections parked`)
+    // instead of stopping a read model the dashboards show.
+    Runner::new(store.clone(), sink)
+        .with_status(status.clone())
+        .with_retries(RetryPolicy {
+            attempts: 3,
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_secs(1),
+        })
+        .with_poison_policy(PoisonPolicy::Park)
+        .run(stop.clone())
+        .await
+}

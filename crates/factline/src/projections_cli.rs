@@ -1,0 +1,434 @@
+//! `factline projections …`: what operators do with the read models of a
+//! store — list them and their lag, rebuild one blue/green, pause and
+//! resume, and handle parked events.
+//!
+//! Listing, pausing, resuming, listing parked events and skipping work on
+//! any projection in the read-model database; rebuilding and retrying run
+//! a projection's code, so they work on the projections the binary knows
+//! (the orders read models).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use factline::{EventStore, Location};
+use factline_projections::{
+    Parking, Portable, PostgresSink, ProjectionInfo, ProjectionStatus, Runner, SqliteSink,
+    VersionedSink,
+};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use crate::catalog::{self, ReadModelDb, READ_SCHEMA};
+use crate::usage;
+
+#[derive(Args, Debug)]
+pub struct ProjectionsArgs {
+    /// The PostgreSQL schema of the read models (SQLite keeps them in the
+    /// events' file).
+    #[arg(long, global = true, default_value = READ_SCHEMA)]
+    schema: String,
+
+    #[command(subcommand)]
+    command: ProjectionsCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ProjectionsCommand {
+    /// Every projection of the read-model database: version, checkpoint,
+    /// events behind, state, parked events.
+    List {
+        /// One JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One projection's state and lag, as JSON.
+    Status { name: String },
+    /// Build the next version beside the active one from the whole
+    /// history, catch up to the head, and swap it in atomically; the
+    /// active version serves reads until the swap. A stopped rebuild is
+    /// resumed by running this again.
+    Rebuild(RebuildArgs),
+    /// Stop applying events (in every process running the projection)
+    /// until resumed; reads keep working.
+    Pause { name: String },
+    /// Apply events again after a pause.
+    Resume { name: String },
+    /// The parked (dead-letter) events of a projection, as JSON lines.
+    Parked { name: String },
+    /// Apply the parked events again, in order; a stream stops at its
+    /// first event that still fails.
+    Retry { name: String },
+    /// Give up on one parked event (it is counted as skipped).
+    Skip { name: String, position: u64 },
+    /// Drop a rebuild that was stopped before its swap (`--no-swap`, a
+    /// crash, Ctrl-C); the active version is untouched.
+    Discard { name: String },
+}
+
+#[derive(Args, Debug)]
+pub struct RebuildArgs {
+    name: String,
+    /// Apply at most this many events per second (the rebuild shares the
+    /// database with live traffic).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Print how the new version differs from the active one (rows added,
+    /// removed, changed, with samples) before swapping.
+    #[arg(long)]
+    diff: bool,
+    /// Rows of each kind shown per table by --diff.
+    #[arg(long, default_value_t = 5)]
+    samples: usize,
+    /// Stop before the swap, leaving the new version for review; run the
+    /// rebuild again to swap it in, or discard it.
+    #[arg(long)]
+    no_swap: bool,
+    /// Keep the old version's tables after the swap.
+    #[arg(long)]
+    keep_old: bool,
+    /// No progress bar.
+    #[arg(long)]
+    quiet: bool,
+}
+
+/// A projection's state as `status` and `list --json` print it.
+#[derive(Serialize)]
+struct StatusReport {
+    name: String,
+    active_version: Option<u32>,
+    checkpoint: u64,
+    head: u64,
+    events_behind: u64,
+    seconds_behind: f64,
+    state: &'static str,
+    parked: u64,
+    skipped: u64,
+    versions: Vec<factline_projections::VersionInfo>,
+}
+
+/// The last line of `rebuild`, a contract for scripts.
+#[derive(Serialize)]
+struct RebuildReport {
+    projection: String,
+    version: u32,
+    previous_version: Option<u32>,
+    /// Events this run applied (a resumed rebuild counts only its own).
+    events: u64,
+    checkpoint: u64,
+    swapped: bool,
+    kept_old: bool,
+    seconds: f64,
+}
+
+pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<()> {
+    let db = ReadModelDb::for_location(location, &args.schema)?;
+    let mut admin = db.admin().await?;
+    match args.command {
+        ProjectionsCommand::List { json } => {
+            let store = location.open().await?;
+            let mut reports = Vec::new();
+            for info in admin.projections().await? {
+                reports.push(status_of(&store, info).await?);
+            }
+            if json {
+                println!("{}", serde_json::to_string(&reports)?);
+            } else {
+                print_table(&reports);
+            }
+        }
+        ProjectionsCommand::Status { name } => {
+            let store = location.open().await?;
+            let info = existing(&admin, &name).await?;
+            println!(
+                "{}",
+                serde_json::to_string(&status_of(&store, info).await?)?
+            );
+        }
+        ProjectionsCommand::Pause { name } => {
+            existing(&admin, &name).await?;
+            admin.set_paused(&name, true).await?;
+            println!(
+                "{}",
+                serde_json::json!({ "projection": name, "state": "paused" })
+            );
+        }
+        ProjectionsCommand::Resume { name } => {
+            existing(&admin, &name).await?;
+            admin.set_paused(&name, false).await?;
+            println!(
+                "{}",
+                serde_json::json!({ "projection": name, "state": "running" })
+            );
+        }
+        ProjectionsCommand::Parked { name } => {
+            existing(&admin, &name).await?;
+            for parked in admin.parked(&name).await? {
+                println!("{}", serde_json::to_string(&parked)?);
+            }
+        }
+        ProjectionsCommand::Skip { name, position } => {
+            existing(&admin, &name).await?;
+            if !admin.skip(&name, position).await? {
+                return Err(usage(format!(
+                    "projection {name} has no parked event at position {position}"
+                )));
+            }
+            println!(
+                "{}",
+                serde_json::json!({ "projection": name, "skipped": position })
+            );
+        }
+        ProjectionsCommand::Retry { name } => {
+            let projection = catalog::find(&name)?;
+            let info = existing(&admin, &name).await?;
+            let version = info.active_version.unwrap_or(projection.version());
+            let projection = Portable::new(projection).at_version(version);
+            let store = location.open().await?;
+            let report = match &db {
+                ReadModelDb::Sqlite(path) => {
+                    SqliteSink::open(path, projection)?
+                        .retry(store.as_ref())
+                        .await?
+                }
+                ReadModelDb::Postgres { url, schema } => {
+                    PostgresSink::connect(url, schema, projection)
+                        .await?
+                        .retry(store.as_ref())
+                        .await?
+                }
+            };
+            println!(
+                "{}",
+                serde_json::json!({
+                    "projection": name,
+                    "applied": report.applied,
+                    "still_parked": report.still_parked,
+                })
+            );
+        }
+        ProjectionsCommand::Discard { name } => {
+            let projection = catalog::find(&name)?;
+            let info = existing(&admin, &name).await?;
+            let Some(version) = candidate_in_progress(&info) else {
+                return Err(usage(format!(
+                    "projection {name} has no rebuild in progress to discard"
+                )));
+            };
+            let projection = Portable::new(projection).at_version(version);
+            match &db {
+                ReadModelDb::Sqlite(path) => {
+                    SqliteSink::open_rebuild(path, projection)?
+                        .discard()
+                        .await?
+                }
+                ReadModelDb::Postgres { url, schema } => {
+                    PostgresSink::connect_rebuild(url, schema, projection)
+                        .await?
+                        .discard()
+                        .await?
+                }
+            }
+            println!(
+                "{}",
+                serde_json::json!({ "projection": name, "discarded_version": version })
+            );
+        }
+        ProjectionsCommand::Rebuild(rebuild_args) => {
+            let store = location.open().await?;
+            rebuild(&db, &admin, store, rebuild_args).await?;
+        }
+    }
+    Ok(())
+}
+
+/// The projection's entry, or a usage error when the database has none.
+async fn existing(admin: &catalog::Admin, name: &str) -> anyhow::Result<ProjectionInfo> {
+    admin.info(name).await?.ok_or_else(|| {
+        usage(format!(
+            "the read-model database has no projection {name:?} (`factline projections list` shows which it has)"
+        ))
+    })
+}
+
+/// A version above the active one with a checkpoint: a rebuild that was
+/// stopped before its swap.
+fn candidate_in_progress(info: &ProjectionInfo) -> Option<u32> {
+    let active = info.active_version.unwrap_or(0);
+    info.versions
+        .iter()
+        .map(|v| v.version)
+        .filter(|v| *v > active)
+        .max()
+}
+
+async fn status_of(
+    store: &Arc<dyn EventStore>,
+    info: ProjectionInfo,
+) -> anyhow::Result<StatusReport> {
+    let head = store.head_position().await?;
+    let behind = head.saturating_sub(info.checkpoint);
+    let seconds_behind = match (behind, info.checkpoint) {
+        (0, _) | (_, 0) => 0.0,
+        (_, at) => store.read_all(at, 1).await?.first().map_or(0.0, |e| {
+            ((chrono::Utc::now() - e.recorded_at).num_milliseconds() as f64 / 1e3).max(0.0)
+        }),
+    };
+    let state = if info.paused {
+        "paused"
+    } else if candidate_in_progress(&info).is_some() {
+        "rebuilding"
+    } else {
+        "active"
+    };
+    Ok(StatusReport {
+        name: info.name,
+        active_version: info.active_version,
+        checkpoint: info.checkpoint,
+        head,
+        events_behind: behind,
+        seconds_behind,
+        state,
+        parked: info.parked,
+        skipped: info.skipped,
+        versions: info.versions,
+    })
+}
+
+fn print_table(reports: &[StatusReport]) {
+    if reports.is_empty() {
+        println!("no projections yet (run `factline demo` to start the orders read models)");
+        return;
+    }
+    println!(
+        "{:<20} {:>7} {:>12} {:>10} {:>10}  {:<10} {:>7}",
+        "NAME", "VERSION", "CHECKPOINT", "BEHIND", "SECONDS", "STATE", "PARKED"
+    );
+    for r in reports {
+        let version = r
+            .active_version
+            .map_or_else(|| "-".to_owned(), |v| v.to_string());
+        println!(
+            "{:<20} {:>7} {:>12} {:>10} {:>10.1}  {:<10} {:>7}",
+            r.name, version, r.checkpoint, r.events_behind, r.seconds_behind, r.state, r.parked
+        );
+    }
+}
+
+async fn rebuild(
+    db: &ReadModelDb,
+    admin: &catalog::Admin,
+    store: Arc<dyn EventStore>,
+    args: RebuildArgs,
+) -> anyhow::Result<()> {
+    if args.rate == Some(0) {
+        return Err(usage("--rate must be at least 1 event per second"));
+    }
+    let projection = catalog::find(&args.name)?;
+    let info = admin.info(&args.name).await?;
+    let active = info.as_ref().and_then(|i| i.active_version);
+    // Resume a stopped rebuild; else build the next version (or the code's
+    // own, when it is newer than the active one).
+    let version = info
+        .as_ref()
+        .and_then(candidate_in_progress)
+        .unwrap_or_else(|| (active.unwrap_or(0) + 1).max(projection.version()));
+    let projection = Portable::new(projection).at_version(version);
+    let report = match db {
+        ReadModelDb::Sqlite(path) => {
+            let sink = SqliteSink::open_rebuild(path, projection)?;
+            build_and_swap(&store, sink, &args, version, active).await?
+        }
+        ReadModelDb::Postgres { url, schema } => {
+            let sink = PostgresSink::connect_rebuild(url, schema, projection).await?;
+            build_and_swap(&store, sink, &args, version, active).await?
+        }
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+async fn build_and_swap<S: VersionedSink + 'static>(
+    store: &Arc<dyn EventStore>,
+    sink: S,
+    args: &RebuildArgs,
+    version: u32,
+    active: Option<u32>,
+) -> anyhow::Result<RebuildReport> {
+    let started = std::time::Instant::now();
+    let mut runner = Runner::new(store.clone(), sink);
+    if let Some(rate) = args.rate {
+        runner = runner.with_rate_limit(rate);
+    }
+    let status = runner.status();
+    let bar = (!args.quiet).then(|| progress_bar(&args.name, version));
+    let shown = bar.clone().map(|bar| {
+        let status = status.clone();
+        tokio::spawn(show_progress(bar, status))
+    });
+    // Replay up to the head, then once more for what was appended
+    // meanwhile, until a pass finds nothing new.
+    let mut events = 0;
+    loop {
+        let head = store.head_position().await?;
+        let stats = runner.catch_up(head).await?;
+        events = stats.events.max(events);
+        if stats.checkpoint >= store.head_position().await? {
+            break;
+        }
+    }
+    if let Some(shown) = shown {
+        shown.abort();
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let checkpoint = runner.stats().checkpoint;
+    let mut sink = runner.into_sink();
+    if args.diff {
+        let diff = sink.diff(args.samples).await?;
+        println!("{}", serde_json::json!({ "diff": diff }));
+    }
+    let (swapped, previous) = if args.no_swap {
+        (false, active)
+    } else {
+        (true, sink.swap(args.keep_old).await?)
+    };
+    Ok(RebuildReport {
+        projection: args.name.clone(),
+        version,
+        previous_version: previous,
+        events,
+        checkpoint,
+        swapped,
+        kept_old: swapped && args.keep_old,
+        seconds: (started.elapsed().as_secs_f64() * 1000.0).round() / 1000.0,
+    })
+}
+
+fn progress_bar(name: &str, version: u32) -> ProgressBar {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} events  {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar.set_prefix(format!("rebuilding {name} v{version}"));
+    bar
+}
+
+/// Shows the runner's progress (events done, rate, ETA) until aborted.
+async fn show_progress(bar: ProgressBar, status: ProjectionStatus) {
+    loop {
+        if let Some(p) = status.progress() {
+            bar.set_length(p.total);
+            bar.set_position(p.done);
+            let eta = p.eta.map_or_else(
+                || "?".to_owned(),
+                |eta| format!("{:.0} s", eta.as_secs_f64()),
+            );
+            bar.set_message(format!("{:.0} events/s, ETA {eta}", p.events_per_second));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
