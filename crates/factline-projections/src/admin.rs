@@ -28,15 +28,39 @@ pub struct ProjectionInfo {
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct VersionInfo {
     pub version: u32,
+    /// The lowest checkpoint of its partitions: every event up to it is
+    /// applied.
     pub checkpoint: u64,
+    /// How many partitions it runs as (P10).
+    pub partitions: u32,
     pub updated_at: Option<DateTime<Utc>>,
 }
 
-/// A checkpoint row's name as `(projection, version)`; reactors' rows
-/// (no version) give `None`.
-pub(crate) fn parse_checkpoint_key(key: &str) -> Option<(&str, u32)> {
-    let (name, version) = key.rsplit_once("@v")?;
-    Some((name, version.parse().ok()?))
+/// What a checkpoint row's name says.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct CheckpointKey<'a> {
+    pub name: &'a str,
+    pub version: u32,
+    /// 1 when unpartitioned.
+    pub partitions: u32,
+}
+
+/// Parses `name@vN` or `name@vN#i/n`; reactors' rows (no version) give
+/// `None`.
+pub(crate) fn parse_checkpoint_key(key: &str) -> Option<CheckpointKey<'_>> {
+    let (name, rest) = key.rsplit_once("@v")?;
+    let (version, partitions) = match rest.split_once('#') {
+        Some((version, partition)) => {
+            let (_, count) = partition.split_once('/')?;
+            (version, count.parse().ok()?)
+        }
+        None => (rest, 1),
+    };
+    Some(CheckpointKey {
+        name,
+        version: version.parse().ok()?,
+        partitions,
+    })
 }
 
 /// Raw rows, gathered into [`ProjectionInfo`]s sorted by name.
@@ -76,12 +100,22 @@ impl Rows {
             entry(&mut infos, &name).active_version = Some(version);
         }
         for (key, position, updated_at) in &self.checkpoints {
-            if let Some((name, version)) = parse_checkpoint_key(key) {
-                entry(&mut infos, name).versions.push(VersionInfo {
-                    version,
+            let Some(key) = parse_checkpoint_key(key) else {
+                continue;
+            };
+            let versions = &mut entry(&mut infos, key.name).versions;
+            match versions.iter_mut().find(|v| v.version == key.version) {
+                // Another partition of the same version.
+                Some(v) => {
+                    v.checkpoint = v.checkpoint.min(*position);
+                    v.updated_at = v.updated_at.max(*updated_at);
+                }
+                None => versions.push(VersionInfo {
+                    version: key.version,
                     checkpoint: *position,
+                    partitions: key.partitions,
                     updated_at: *updated_at,
-                });
+                }),
             }
         }
         for (name, paused) in self.controls {
@@ -114,11 +148,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn checkpoint_keys_name_a_projection_and_a_version() {
-        assert_eq!(parse_checkpoint_key("orders@v2"), Some(("orders", 2)));
-        assert_eq!(parse_checkpoint_key("a@v1@v3"), Some(("a@v1", 3)));
+    fn checkpoint_keys_name_a_projection_a_version_and_partitions() {
+        let key = |name, version, partitions| {
+            Some(CheckpointKey {
+                name,
+                version,
+                partitions,
+            })
+        };
+        assert_eq!(parse_checkpoint_key("orders@v2"), key("orders", 2, 1));
+        assert_eq!(parse_checkpoint_key("orders@v2#3/4"), key("orders", 2, 4));
+        assert_eq!(parse_checkpoint_key("a@v1@v3"), key("a@v1", 3, 1));
         assert_eq!(parse_checkpoint_key("mailer"), None);
         assert_eq!(parse_checkpoint_key("x@vlast"), None);
+        assert_eq!(parse_checkpoint_key("x@v1#2"), None);
     }
 
     #[test]
@@ -126,7 +169,8 @@ mod tests {
         let rows = Rows {
             registry: vec![("b".into(), 1)],
             checkpoints: vec![
-                ("b@v2".into(), 7, None),
+                ("b@v2#0/2".into(), 9, None),
+                ("b@v2#1/2".into(), 7, None),
                 ("b@v1".into(), 40, None),
                 ("a@v1".into(), 3, None),
                 ("reactor".into(), 9, None),

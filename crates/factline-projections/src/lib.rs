@@ -32,7 +32,7 @@ pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};
 pub use sqlite::{SqliteAdmin, SqliteCheckpoints, SqliteProjection, SqliteSink};
 pub use status::{Answer, Freshness, Lag, NotYet, OnTimeout, Progress, ProjectionStatus};
-pub use tables::{Mode, Tables};
+pub use tables::{partition_of, Mode, Partition, Tables};
 
 /// Why a projection stopped.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +48,11 @@ pub enum ProjectionError {
     /// The read model's database failed; the batch was rolled back.
     #[error("projection {projection}: {message}")]
     ReadModel { projection: String, message: String },
+    /// The database aborted the batch for reasons of its own (a deadlock
+    /// between partitions, a serialization failure) even after retries;
+    /// running it again may succeed.
+    #[error("projection {projection}: {message} (the database aborted the batch; retried)")]
+    Transient { projection: String, message: String },
     /// This version is not the active one: another was swapped in, so it
     /// stops instead of writing.
     #[error(
@@ -68,24 +73,48 @@ pub enum ProjectionError {
 
 /// What a projection's `apply` returns when it cannot apply an event.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ApplyError(pub String);
+#[error("{message}")]
+pub struct ApplyError {
+    message: String,
+    /// The database gave up on the transaction for reasons of its own (a
+    /// deadlock with another partition, a serialization failure): the same
+    /// batch may succeed when run again.
+    transient: bool,
+}
 
 impl ApplyError {
     pub fn new(message: impl Into<String>) -> Self {
-        ApplyError(message.into())
+        ApplyError {
+            message: message.into(),
+            transient: false,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn into_message(self) -> String {
+        self.message
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.transient
     }
 }
 
 impl From<rusqlite::Error> for ApplyError {
     fn from(e: rusqlite::Error) -> Self {
-        ApplyError(e.to_string())
+        ApplyError::new(e.to_string())
     }
 }
 
 impl From<tokio_postgres::Error> for ApplyError {
     fn from(e: tokio_postgres::Error) -> Self {
-        ApplyError(e.to_string())
+        ApplyError {
+            transient: postgres::is_transient(&e),
+            message: postgres::describe(&e),
+        }
     }
 }
 

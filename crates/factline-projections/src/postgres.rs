@@ -9,7 +9,7 @@ use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::diff::{diff_sql, row_value, whole_table_sql, Dialect, Pair};
 use crate::parking::Handling;
-use crate::tables::{checkpoint_key, may_write, Active, Mode, Tables};
+use crate::tables::{check_partitions, checkpoint_key, may_write, Active, Mode, Partition, Tables};
 use crate::{ApplyError, ProjectionError, Sink, VersionedSink};
 use crate::{DiffReport, ParkedEvent, Parking, RetryReport, TableDiff};
 
@@ -79,6 +79,7 @@ pub struct PostgresSink<P> {
     set_up: bool,
     /// Streams with parked events: their later events are held back.
     held: Option<HashSet<String>>,
+    partition: Option<Partition>,
 }
 
 impl<P: PostgresProjection> PostgresSink<P> {
@@ -128,7 +129,17 @@ impl<P: PostgresProjection> PostgresSink<P> {
             mode,
             set_up: false,
             held: None,
+            partition: None,
         })
+    }
+
+    /// Runs as one partition of the projection (P10): applies only the
+    /// events of its streams, with a checkpoint of its own. Partitions may
+    /// commit side by side; a batch the server aborts because two of them
+    /// deadlocked is run again.
+    pub fn with_partition(mut self, partition: Partition) -> Self {
+        self.partition = Some(partition);
+        self
     }
 
     pub fn tables(&self) -> &Tables {
@@ -183,8 +194,11 @@ impl<P: PostgresProjection> VersionedSink for PostgresSink<P> {
                         .map_err(|e| fail("dropping the old version", e))?;
                 }
                 tx.execute(
-                    &format!("DELETE FROM {} WHERE name = $1", self.checkpoints),
-                    &[&checkpoint_key(&name, old.version)],
+                    &format!(
+                        "DELETE FROM {} WHERE {VERSION_CHECKPOINTS}",
+                        self.checkpoints
+                    ),
+                    &[&checkpoint_key(&name, old.version, None)],
                 )
                 .await
                 .map_err(|e| fail("dropping the old checkpoint", e))?;
@@ -235,8 +249,11 @@ impl<P: PostgresProjection> VersionedSink for PostgresSink<P> {
                 .map_err(|e| fail("dropping the version", e))?;
         }
         tx.execute(
-            &format!("DELETE FROM {} WHERE name = $1", self.checkpoints),
-            &[&checkpoint_key(&name, self.tables.version())],
+            &format!(
+                "DELETE FROM {} WHERE {VERSION_CHECKPOINTS}",
+                self.checkpoints
+            ),
+            &[&checkpoint_key(&name, self.tables.version(), None)],
         )
         .await
         .map_err(|e| fail("dropping the checkpoint", e))?;
@@ -290,11 +307,60 @@ async fn register(
 }
 
 fn failure(name: &str, context: &str, e: tokio_postgres::Error) -> ProjectionError {
-    ProjectionError::ReadModel {
-        projection: name.to_owned(),
-        message: format!("{context}: {e}"),
+    let (projection, message) = (name.to_owned(), format!("{context}: {}", describe(&e)));
+    match is_transient(&e) {
+        true => ProjectionError::Transient {
+            projection,
+            message,
+        },
+        false => ProjectionError::ReadModel {
+            projection,
+            message,
+        },
     }
 }
+
+/// The server's own message ("db error" alone says nothing).
+pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {}", db.code().code(), db.message()),
+        None => e.to_string(),
+    }
+}
+
+/// A deadlock or serialization failure: the server aborted the
+/// transaction, and the same one may succeed when run again.
+pub(crate) fn is_transient(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.code().is_some_and(|c| {
+        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+    })
+}
+
+/// The checkpoint rows of one version (`$1`, its unpartitioned key): one,
+/// or one per partition.
+const VERSION_CHECKPOINTS: &str = "(name = $1 OR starts_with(name, $1 || '#'))";
+
+/// A projection's refusal of an event; a deadlock or serialization
+/// failure behind it is no refusal and is run again.
+fn refused(name: &str, position: u64, refusal: ApplyError) -> ProjectionError {
+    let projection = name.to_owned();
+    match refusal.is_transient() {
+        true => ProjectionError::Transient {
+            projection,
+            message: refusal.into_message(),
+        },
+        false => ProjectionError::Apply {
+            projection,
+            position,
+            message: refusal.into_message(),
+        },
+    }
+}
+
+/// How often a batch the server aborted (deadlock, serialization failure)
+/// is run again before the runner is told.
+const TRANSIENT_ATTEMPTS: u32 = 8;
 
 fn save_checkpoint_sql(table: &str) -> String {
     format!(
@@ -396,7 +462,11 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
             .client
             .query_opt(
                 &format!("SELECT position FROM {} WHERE name = $1", self.checkpoints),
-                &[&checkpoint_key(&self.name, self.tables.version())],
+                &[&checkpoint_key(
+                    &self.name,
+                    self.tables.version(),
+                    self.partition,
+                )],
             )
             .await
             .map_err(|e| self.failed("reading the checkpoint", e))?;
@@ -457,10 +527,36 @@ impl<P: PostgresProjection> PostgresSink<P> {
         Ok(rows.iter().map(|r| r.get(0)).collect())
     }
 
+    /// [`Self::write_batch_once`], run again (with a short, growing pause)
+    /// while the server aborts it as a deadlock or serialization failure.
+    async fn write_batch(
+        &mut self,
+        events: Arc<[RecordedEvent]>,
+        handling: Handling,
+    ) -> Result<u64, ProjectionError> {
+        let mut attempt = 1;
+        loop {
+            match self
+                .write_batch_once(events.clone(), handling.clone())
+                .await
+            {
+                Err(ProjectionError::Transient { message, .. }) if attempt < TRANSIENT_ATTEMPTS => {
+                    tracing::debug!(projection = %self.name, attempt, error = %message, "batch aborted by the server; running it again");
+                    // A little randomness, so partitions that deadlocked do not
+                    // meet again in step.
+                    let pause = 5 * u64::from(attempt) + fastrand::u64(0..10);
+                    tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// One transaction: the registry check, setup, the events (applied,
     /// held back, or parked), and the checkpoint.
     /// Returns how many events were parked.
-    async fn write_batch(
+    async fn write_batch_once(
         &mut self,
         events: Arc<[RecordedEvent]>,
         handling: Handling,
@@ -468,12 +564,22 @@ impl<P: PostgresProjection> PostgresSink<P> {
         let Some(last) = events.last().map(|e| e.position as i64) else {
             return Ok(0);
         };
+        // A partition applies only its own streams' events; the checkpoint
+        // still moves past the others'.
+        let events: Arc<[RecordedEvent]> = match self.partition {
+            Some(p) if p.count() > 1 => events
+                .iter()
+                .filter(|e| p.owns(e.stream_id.as_str()))
+                .cloned()
+                .collect(),
+            _ => events,
+        };
         if self.held.is_none() {
             self.held = Some(self.held_streams().await?);
         }
         let upsert = save_checkpoint_sql(&self.checkpoints);
         let (name, set_up) = (self.name.clone(), self.set_up);
-        let key = checkpoint_key(&name, self.tables.version());
+        let key = checkpoint_key(&name, self.tables.version(), self.partition);
         let tx = self
             .client
             .transaction()
@@ -482,10 +588,14 @@ impl<P: PostgresProjection> PostgresSink<P> {
                 projection: name.clone(),
                 message: format!("starting a batch: {e}"),
             })?;
-        let fail = |context: &str, e: tokio_postgres::Error| ProjectionError::ReadModel {
-            projection: name.clone(),
-            message: format!("{context}: {e}"),
-        };
+        let fail = |context: &str, e: tokio_postgres::Error| failure(&name, context, e);
+        if !set_up {
+            // Partitions set up one at a time, each seeing what the one
+            // before registered (CREATE … IF NOT EXISTS races with itself).
+            tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&name])
+                .await
+                .map_err(|e| fail("waiting for the setup lock", e))?;
+        }
         // Checked in every batch, under a lock on the registry row: a swap
         // by another runner or process stops this version from writing.
         let active = lock_active(&tx, &self.versions, &name, false)
@@ -502,6 +612,23 @@ impl<P: PostgresProjection> PostgresSink<P> {
             return Err(ProjectionError::Paused { projection: name });
         }
         let first_build = may_write(&name, self.mode, self.tables.version(), active.as_ref())?;
+        if !set_up {
+            // Partitions all run as the same number.
+            let keys: Vec<String> = tx
+                .query(
+                    &format!(
+                        "SELECT name FROM {} WHERE {VERSION_CHECKPOINTS}",
+                        self.checkpoints
+                    ),
+                    &[&checkpoint_key(&name, self.tables.version(), None)],
+                )
+                .await
+                .map_err(|e| fail("reading the checkpoints", e))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            check_partitions(&name, self.tables.version(), self.partition, &keys)?;
+        }
         if !set_up || first_build {
             self.projection
                 .setup(&tx, &self.tables)
@@ -529,11 +656,7 @@ impl<P: PostgresProjection> PostgresSink<P> {
             if let Err((position, refusal)) =
                 self.projection.apply_all(&tx, &self.tables, &events).await
             {
-                return Err(ProjectionError::Apply {
-                    projection: name.clone(),
-                    position,
-                    message: refusal.0,
-                });
+                return Err(refused(&name, position, refusal));
             }
         }
         let singly: &[RecordedEvent] = if one_by_one { &events } else { &[] };
@@ -567,11 +690,7 @@ impl<P: PostgresProjection> PostgresSink<P> {
                 None => {
                     if let Err(refusal) = self.projection.apply(&tx, &self.tables, event).await {
                         // Dropping the transaction rolls the batch back.
-                        return Err(ProjectionError::Apply {
-                            projection: name.clone(),
-                            position: event.position,
-                            message: refusal.0,
-                        });
+                        return Err(refused(&name, event.position, refusal));
                     }
                 }
             }
@@ -940,7 +1059,12 @@ impl<P: PostgresProjection> Parking for PostgresSink<P> {
                                  WHERE projection = $1 AND version = $2 AND position = $3",
                                 self.parked_table
                             ),
-                            &[&name, &version, &(event.position as i64), &refusal.0],
+                            &[
+                                &name,
+                                &version,
+                                &(event.position as i64),
+                                &refusal.message(),
+                            ],
                         )
                         .await
                         .map_err(|e| fail("recording a failed retry", e))?;

@@ -96,7 +96,7 @@ impl<R: Reactor, C: Checkpoints> ReactorRunner<R, C> {
                 .map_err(|refusal| ProjectionError::Apply {
                     projection: name.clone(),
                     position: event.position,
-                    message: refusal.0,
+                    message: refusal.into_message(),
                 })?;
             self.checkpoints.save(&name, event.position).await?;
             self.progress.send_replace(event.position);

@@ -11,7 +11,7 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 
 use crate::diff::{diff_sql, row_value, whole_table_sql, Dialect, Pair};
 use crate::parking::Handling;
-use crate::tables::{checkpoint_key, may_write, Active, Mode, Tables};
+use crate::tables::{check_partitions, checkpoint_key, may_write, Active, Mode, Partition, Tables};
 use crate::{ApplyError, ProjectionError, Sink, VersionedSink};
 use crate::{DiffReport, ParkedEvent, Parking, RetryReport, TableDiff};
 
@@ -92,6 +92,7 @@ pub struct SqliteSink<P> {
     set_up: bool,
     /// Streams with parked events: their later events are held back.
     held: Option<Arc<HashSet<String>>>,
+    partition: Option<Partition>,
 }
 
 impl<P: SqliteProjection> SqliteSink<P> {
@@ -135,7 +136,15 @@ impl<P: SqliteProjection> SqliteSink<P> {
             parts: Some((conn, projection)),
             set_up: false,
             held: None,
+            partition: None,
         })
+    }
+
+    /// Runs as one partition of the projection (P10): applies only the
+    /// events of its streams, with a checkpoint of its own.
+    pub fn with_partition(mut self, partition: Partition) -> Self {
+        self.partition = Some(partition);
+        self
     }
 
     pub fn tables(&self) -> &Tables {
@@ -199,6 +208,27 @@ enum BatchEnd {
     Paused,
 }
 
+/// The checkpoint rows of one version: one, or one per partition.
+const VERSION_CHECKPOINTS: &str = "name = ?1 OR substr(name, 1, length(?1) + 1) = ?1 || '#'";
+
+fn version_checkpoints(
+    conn: &Connection,
+    name: &str,
+    version: u32,
+) -> rusqlite::Result<Vec<String>> {
+    let sql =
+        format!("SELECT name FROM factline_projection_checkpoints WHERE {VERSION_CHECKPOINTS}");
+    let mut stmt = conn.prepare_cached(&sql)?;
+    let keys = stmt.query_map([checkpoint_key(name, version, None)], |r| r.get(0))?;
+    keys.collect()
+}
+
+fn delete_checkpoints(conn: &Connection, name: &str, version: u32) -> rusqlite::Result<()> {
+    let sql = format!("DELETE FROM factline_projection_checkpoints WHERE {VERSION_CHECKPOINTS}");
+    conn.execute(&sql, [checkpoint_key(name, version, None)])
+        .map(|_| ())
+}
+
 fn is_paused(conn: &Connection, name: &str) -> rusqlite::Result<bool> {
     conn.prepare_cached("SELECT paused FROM factline_projection_controls WHERE name = ?1")?
         .query_row([name], |r| r.get::<_, bool>(0))
@@ -238,7 +268,7 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
     }
 
     async fn checkpoint(&mut self) -> Result<u64, ProjectionError> {
-        let key = checkpoint_key(&self.name, self.tables.version());
+        let key = checkpoint_key(&self.name, self.tables.version(), self.partition);
         self.query(move |conn| {
             conn.query_row(
                 "SELECT position FROM factline_projection_checkpoints WHERE name = ?1",
@@ -302,7 +332,7 @@ impl<P: SqliteProjection> SqliteSink<P> {
             }
         };
         let (name, set_up, mode) = (self.name.clone(), self.set_up, self.mode);
-        let tables = self.tables.clone();
+        let (tables, partition) = (self.tables.clone(), self.partition);
         let end = self
             .with_parts(move |conn, projection| {
                 let sql = |e: rusqlite::Error| e.to_string();
@@ -319,6 +349,14 @@ impl<P: SqliteProjection> SqliteSink<P> {
                     Ok(first) => first,
                     Err(forbidden) => return Ok(BatchEnd::Forbidden(forbidden)),
                 };
+                if !set_up {
+                    let keys = version_checkpoints(&tx, &name, tables.version()).map_err(sql)?;
+                    if let Err(mismatch) =
+                        check_partitions(&name, tables.version(), partition, &keys)
+                    {
+                        return Ok(BatchEnd::Forbidden(mismatch));
+                    }
+                }
                 if !set_up || first_build {
                     projection.setup(&tx, &tables).map_err(sql)?;
                 }
@@ -331,6 +369,9 @@ impl<P: SqliteProjection> SqliteSink<P> {
                 let mut parked = 0;
                 for event in events.iter() {
                     let stream = event.stream_id.as_str();
+                    if partition.is_some_and(|p| !p.owns(stream)) {
+                        continue;
+                    }
                     let park = match &handling {
                         Handling::Park { error, attempts } => Some((error.clone(), *attempts)),
                         // Per-stream order: nothing of a stream passes its
@@ -359,7 +400,7 @@ impl<P: SqliteProjection> SqliteSink<P> {
                 tx.execute(
                     SAVE_CHECKPOINT,
                     params![
-                        checkpoint_key(&name, tables.version()),
+                        checkpoint_key(&name, tables.version(), partition),
                         last as i64,
                         chrono::Utc::now().timestamp_micros()
                     ],
@@ -377,7 +418,7 @@ impl<P: SqliteProjection> SqliteSink<P> {
             BatchEnd::Refused(position, refusal) => Err(ProjectionError::Apply {
                 projection: self.name.clone(),
                 position,
-                message: refusal.0,
+                message: refusal.into_message(),
             }),
             BatchEnd::Forbidden(forbidden) => Err(forbidden),
             BatchEnd::Paused => Err(ProjectionError::Paused {
@@ -409,11 +450,7 @@ impl<P: SqliteProjection> VersionedSink for SqliteSink<P> {
                         for statement in old_tables.drop_tables() {
                             tx.execute(&statement, []).map_err(sql)?;
                         }
-                        tx.execute(
-                            "DELETE FROM factline_projection_checkpoints WHERE name = ?1",
-                            [checkpoint_key(&name, old.version)],
-                        )
-                        .map_err(sql)?;
+                        delete_checkpoints(&tx, &name, old.version).map_err(sql)?;
                     }
                 }
                 tx.commit().map_err(sql)?;
@@ -449,11 +486,7 @@ impl<P: SqliteProjection> VersionedSink for SqliteSink<P> {
             for statement in tables.drop_tables() {
                 tx.execute(&statement, []).map_err(sql)?;
             }
-            tx.execute(
-                "DELETE FROM factline_projection_checkpoints WHERE name = ?1",
-                [checkpoint_key(&name, tables.version())],
-            )
-            .map_err(sql)?;
+            delete_checkpoints(&tx, &name, tables.version()).map_err(sql)?;
             tx.commit().map_err(sql)
         })
         .await
@@ -813,7 +846,7 @@ impl<P: SqliteProjection> Parking for SqliteSink<P> {
                             conn.execute(
                                 "UPDATE factline_parked_events SET error = ?4, attempts = attempts + 1
                                  WHERE projection = ?1 AND version = ?2 AND position = ?3",
-                                params![name, tables.version(), event.position as i64, refusal.0],
+                                params![name, tables.version(), event.position as i64, refusal.into_message()],
                             )
                             .map_err(sql)?;
                             stuck.insert(stream);

@@ -111,9 +111,94 @@ pub enum Mode {
     Rebuild,
 }
 
-/// The checkpoint row of one version of a projection.
-pub(crate) fn checkpoint_key(name: &str, version: u32) -> String {
-    format!("{name}@v{version}")
+/// One of the `count` partitions a projection runs as (P10): it applies
+/// the events of the streams that hash to `index`, in global order, and
+/// has a checkpoint of its own. A stream belongs to exactly one partition,
+/// so per-stream order holds; partitions of one version share its tables.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Partition {
+    index: u32,
+    count: u32,
+}
+
+impl Partition {
+    /// At most this many partitions.
+    pub const MAX: u32 = 256;
+
+    pub fn new(index: u32, count: u32) -> Result<Self, ProjectionError> {
+        if count == 0 || count > Self::MAX || index >= count {
+            return Err(ProjectionError::ReadModel {
+                projection: String::new(),
+                message: format!(
+                    "partition {index} of {count}: a projection runs as 1 to {} partitions, numbered from 0",
+                    Self::MAX
+                ),
+            });
+        }
+        Ok(Partition { index, count })
+    }
+
+    /// Every partition of `count`.
+    pub fn all(count: u32) -> Result<Vec<Partition>, ProjectionError> {
+        (0..count).map(|i| Partition::new(i, count)).collect()
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn count(&self) -> u32 {
+        self.count
+    }
+
+    /// Whether this partition applies the events of `stream_id`.
+    pub fn owns(&self, stream_id: &str) -> bool {
+        self.count == 1 || partition_of(stream_id, self.count) == self.index
+    }
+}
+
+/// The partition of `count` that `stream_id` belongs to: FNV-1a of the id,
+/// the same in every process and build.
+pub fn partition_of(stream_id: &str, count: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in stream_id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % u64::from(count.max(1))) as u32
+}
+
+/// The checkpoint row of one version of a projection (of one partition
+/// when it runs as several).
+pub(crate) fn checkpoint_key(name: &str, version: u32, partition: Option<Partition>) -> String {
+    match partition.filter(|p| p.count > 1) {
+        Some(p) => format!("{name}@v{version}#{}/{}", p.index, p.count),
+        None => format!("{name}@v{version}"),
+    }
+}
+
+/// Refuses to run `partition` (none: one partition) of a version whose
+/// stored checkpoints (`keys`, all of that version) say it runs as
+/// another number of partitions: the count changes only by a rebuild.
+pub(crate) fn check_partitions(
+    name: &str,
+    version: u32,
+    partition: Option<Partition>,
+    keys: &[String],
+) -> Result<(), ProjectionError> {
+    let wanted = partition.map_or(1, |p| p.count);
+    for key in keys {
+        let stored = crate::admin::parse_checkpoint_key(key).map_or(1, |k| k.partitions);
+        if stored != wanted {
+            return Err(ProjectionError::ReadModel {
+                projection: name.to_owned(),
+                message: format!(
+                    "version {version} runs as {stored} partition(s), not {wanted}; the number of partitions changes with a rebuild"
+                ),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// What the registry says of a projection: its active version and that

@@ -12,7 +12,9 @@ use factline_core::{EventStore, ExpectedVersion, RecordedEvent, StreamId};
 use factline_orders::load::{self, LoadConfig};
 use factline_orders::order::legacy_order_placed;
 use factline_orders::read_models::{CustomerTotals, OrderList, RevenueByRegionDay};
-use factline_projections::{Portable, PostgresSink, Runner, Sink, SqliteSink};
+use factline_projections::{
+    Partition, Portable, PostgresSink, Runner, Sink, SqlProjection, SqliteSink,
+};
 
 async fn produce_history(store: &Arc<dyn EventStore>) -> Vec<RecordedEvent> {
     let config = LoadConfig {
@@ -104,4 +106,76 @@ async fn postgres_read_models_equal_a_fold_of_the_history() {
     .await;
     let models = read_postgres(&db.url, schema).await;
     assert_eq!(models, reference(&history));
+}
+
+/// Each read model as 3 partitions running side by side (P10): the same
+/// rows as the fold, though partitions of one projection update shared
+/// rows (regions, customers) in their own orders.
+async fn catch_up_partitioned<S, F>(store: &Arc<dyn EventStore>, open: F)
+where
+    S: Sink + 'static,
+    F: Fn(Partition) -> S,
+{
+    let mut tasks = Vec::new();
+    for partition in Partition::all(3).unwrap() {
+        let mut runner = Runner::new(store.clone(), open(partition));
+        tasks.push(tokio::spawn(async move {
+            runner.catch_up(u64::MAX).await.unwrap();
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitioned_sqlite_read_models_equal_a_fold_of_the_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store: Arc<dyn EventStore> = Arc::new(factline_sqlite::SqliteStore::open(&path).unwrap());
+    let history = produce_history(&store).await;
+    let sink = |p: Box<dyn SqlProjection>, partition| {
+        SqliteSink::open(&path, Portable::new(p))
+            .unwrap()
+            .with_partition(partition)
+    };
+    catch_up_partitioned(&store, |p| sink(Box::new(OrderList), p)).await;
+    catch_up_partitioned(&store, |p| sink(Box::new(RevenueByRegionDay), p)).await;
+    catch_up_partitioned(&store, |p| sink(Box::new(CustomerTotals), p)).await;
+    assert_eq!(read_sqlite(&path), reference(&history));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitioned_postgres_read_models_equal_a_fold_of_the_history() {
+    let db = factline_testpg::database().await;
+    let store: Arc<dyn EventStore> = Arc::new(
+        factline_postgres::PostgresStore::connect(&db.url)
+            .await
+            .unwrap(),
+    );
+    let history = produce_history(&store).await;
+    let schema = "orders_read";
+    // All nine runners at once, each with a connection of its own.
+    let mut tasks = Vec::new();
+    let make: [fn() -> Box<dyn SqlProjection>; 3] = [
+        || Box::new(OrderList),
+        || Box::new(RevenueByRegionDay),
+        || Box::new(CustomerTotals),
+    ];
+    for make in make {
+        for partition in Partition::all(3).unwrap() {
+            let sink = PostgresSink::connect(&db.url, schema, Portable::new(make()))
+                .await
+                .unwrap()
+                .with_partition(partition);
+            let mut runner = Runner::new(store.clone(), sink);
+            tasks.push(tokio::spawn(async move {
+                runner.catch_up(u64::MAX).await.unwrap();
+            }));
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(read_postgres(&db.url, schema).await, reference(&history));
 }
