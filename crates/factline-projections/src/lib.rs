@@ -15,6 +15,7 @@
 mod admin;
 mod diff;
 mod parking;
+mod partitioned;
 mod portable;
 pub mod postgres;
 mod reactor;
@@ -26,6 +27,7 @@ mod tables;
 pub use admin::{ProjectionInfo, VersionInfo};
 pub use diff::{DiffReport, TableDiff};
 pub use parking::{ParkedEvent, Parking, PoisonPolicy, RetryPolicy, RetryReport};
+pub use partitioned::Partitioned;
 pub use portable::{Portable, SqlProjection, SqlValue, Statement};
 pub use postgres::{PostgresAdmin, PostgresCheckpoints, PostgresProjection, PostgresSink};
 pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};

@@ -145,6 +145,10 @@ impl ProjectionStatus {
         }
     }
 
+    pub(crate) fn last_recorded_at(&self) -> Option<DateTime<Utc>> {
+        self.details.lock().ok()?.last_recorded_at
+    }
+
     pub(crate) fn set_paused(&self, paused: bool) {
         if let Ok(mut details) = self.details.lock() {
             details.paused = paused;

@@ -9,9 +9,9 @@ use std::time::Duration;
 use factline::{EventStore, Location};
 use factline_orders::read_models::{CustomerTotals, OrderList, RevenueByRegionDay};
 use factline_projections::{
-    ParkedEvent, PoisonPolicy, Portable, PostgresAdmin, PostgresSink, ProjectionError,
-    ProjectionInfo, ProjectionStatus, RetryPolicy, Runner, RunnerStats, Sink, SqlProjection,
-    SqliteAdmin, SqliteSink,
+    ParkedEvent, Partition, Partitioned, PoisonPolicy, Portable, PostgresAdmin, PostgresSink,
+    ProjectionError, ProjectionInfo, ProjectionStatus, RetryPolicy, Runner, RunnerStats, Sink,
+    SqlProjection, SqliteAdmin, SqliteSink,
 };
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -83,12 +83,58 @@ impl ReadModelDb {
         })
     }
 
-    /// The version a live runner of `projection` writes: the active one,
-    /// unless the code is newer (then it waits for a rebuild to build it).
-    async fn live_version(&self, projection: &dyn SqlProjection) -> Result<u32, ProjectionError> {
+    /// The version a live runner of `projection` writes — the active one,
+    /// unless the code is newer (then it waits for a rebuild to build it) —
+    /// and how many partitions that version runs as.
+    async fn live_version(
+        &self,
+        projection: &dyn SqlProjection,
+    ) -> Result<(u32, u32), ProjectionError> {
         let info = self.admin().await?.info(projection.name()).await?;
-        let active = info.and_then(|i| i.active_version).unwrap_or(0);
-        Ok(active.max(projection.version()))
+        let active = info.as_ref().and_then(|i| i.active_version).unwrap_or(0);
+        let version = active.max(projection.version());
+        let partitions = info
+            .iter()
+            .flat_map(|i| &i.versions)
+            .find(|v| v.version == version)
+            .map_or(1, |v| v.partitions);
+        Ok((version, partitions))
+    }
+
+    /// Sinks for every partition of `version` of the known projection
+    /// `name`, live or to rebuild.
+    pub async fn sinks(
+        &self,
+        name: &str,
+        version: u32,
+        partitions: u32,
+        rebuild: bool,
+    ) -> anyhow::Result<Sinks> {
+        let mut sinks = match self {
+            ReadModelDb::Sqlite(_) => Sinks::Sqlite(Vec::new()),
+            ReadModelDb::Postgres { .. } => Sinks::Postgres(Vec::new()),
+        };
+        for partition in Partition::all(partitions)? {
+            let projection = Portable::new(find(name)?).at_version(version);
+            match (self, &mut sinks) {
+                (ReadModelDb::Sqlite(path), Sinks::Sqlite(all)) => {
+                    let sink = match rebuild {
+                        false => SqliteSink::open(path, projection)?,
+                        true => SqliteSink::open_rebuild(path, projection)?,
+                    };
+                    all.push(sink.with_partition(partition));
+                }
+                (ReadModelDb::Postgres { url, schema }, Sinks::Postgres(all)) => {
+                    let sink = match rebuild {
+                        false => PostgresSink::connect(url, schema, projection).await?,
+                        true => PostgresSink::connect_rebuild(url, schema, projection).await?,
+                    };
+                    all.push(sink.with_partition(partition));
+                }
+                _ => unreachable!("the sinks are of the database's kind"),
+            }
+        }
+        Ok(sinks)
     }
 }
 
@@ -130,6 +176,12 @@ impl Admin {
     }
 }
 
+/// The sinks of a known projection's partitions, of one database kind.
+pub enum Sinks {
+    Sqlite(Vec<SqliteSink<Portable<Box<dyn SqlProjection>>>>),
+    Postgres(Vec<PostgresSink<Portable<Box<dyn SqlProjection>>>>),
+}
+
 pub type Running = (
     ProjectionStatus,
     JoinHandle<Result<RunnerStats, ProjectionError>>,
@@ -149,22 +201,20 @@ pub fn spawn_live(
     let (db, store, name, stop) = (db.clone(), store.clone(), name.to_owned(), stop.clone());
     let shared = status.clone();
     let task = tokio::spawn(async move {
+        let failed = |e: anyhow::Error| ProjectionError::ReadModel {
+            projection: name.clone(),
+            message: format!("{e:#}"),
+        };
         loop {
-            let projection = find(&name).map_err(|e| ProjectionError::ReadModel {
-                projection: name.clone(),
-                message: e.to_string(),
-            })?;
-            let version = db.live_version(projection.as_ref()).await?;
-            let projection = Portable::new(projection).at_version(version);
-            let ran = match &db {
-                ReadModelDb::Sqlite(path) => {
-                    let sink = SqliteSink::open(path, projection)?;
-                    run(&store, sink, &shared, &stop).await
-                }
-                ReadModelDb::Postgres { url, schema } => {
-                    let sink = PostgresSink::connect(url, schema, projection).await?;
-                    run(&store, sink, &shared, &stop).await
-                }
+            let projection = find(&name).map_err(failed)?;
+            let (version, partitions) = db.live_version(projection.as_ref()).await?;
+            let ran = match db
+                .sinks(&name, version, partitions, false)
+                .await
+                .map_err(failed)?
+            {
+                Sinks::Sqlite(sinks) => run(&store, sinks, &shared, &stop).await,
+                Sinks::Postgres(sinks) => run(&store, sinks, &shared, &stop).await,
             };
             match ran {
                 Err(ProjectionError::NotActive { active, .. }) => {
@@ -179,20 +229,29 @@ pub fn spawn_live(
 
 async fn run<S: Sink + 'static>(
     store: &Arc<dyn EventStore>,
-    sink: S,
+    sinks: Vec<S>,
     status: &ProjectionStatus,
     stop: &watch::Receiver<bool>,
 ) -> Result<RunnerStats, ProjectionError> {
     // A bad event is parked (and listed by `factline projections parked`)
     // instead of stopping a read model the dashboards show.
-    Runner::new(store.clone(), sink)
+    let configure = |runner: Runner<S>| {
+        runner
+            .with_retries(RetryPolicy {
+                attempts: 3,
+                first_backoff: Duration::from_millis(50),
+                max_backoff: Duration::from_secs(1),
+            })
+            .with_poison_policy(PoisonPolicy::Park)
+    };
+    let stats = Partitioned::new(store.clone(), sinks, configure)
         .with_status(status.clone())
-        .with_retries(RetryPolicy {
-            attempts: 3,
-            first_backoff: Duration::from_millis(50),
-            max_backoff: Duration::from_secs(1),
-        })
-        .with_poison_policy(PoisonPolicy::Park)
         .run(stop.clone())
-        .await
+        .await?;
+    Ok(RunnerStats {
+        batches: stats.iter().map(|s| s.batches).sum(),
+        events: stats.iter().map(|s| s.events).sum(),
+        checkpoint: stats.iter().map(|s| s.checkpoint).min().unwrap_or(0),
+        largest_batch: stats.iter().map(|s| s.largest_batch).max().unwrap_or(0),
+    })
 }

@@ -13,13 +13,13 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use factline::{EventStore, Location};
 use factline_projections::{
-    Parking, Portable, PostgresSink, ProjectionInfo, ProjectionStatus, Runner, SqliteSink,
-    VersionedSink,
+    Parking, Partition, Portable, PostgresSink, ProjectionInfo, ProjectionStatus, Runner,
+    SqliteSink, VersionedSink,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::catalog::{self, ReadModelDb, READ_SCHEMA};
+use crate::catalog::{self, ReadModelDb, Sinks, READ_SCHEMA};
 use crate::usage;
 
 #[derive(Args, Debug)]
@@ -87,6 +87,10 @@ pub struct RebuildArgs {
     /// Keep the old version's tables after the swap.
     #[arg(long)]
     keep_old: bool,
+    /// Build the new version as this many partitions run side by side
+    /// (default: as many as the active version).
+    #[arg(long)]
+    partitions: Option<u32>,
     /// No progress bar.
     #[arg(long)]
     quiet: bool,
@@ -113,6 +117,7 @@ struct RebuildReport {
     projection: String,
     version: u32,
     previous_version: Option<u32>,
+    partitions: u32,
     /// Events this run applied (a resumed rebuild counts only its own).
     events: u64,
     checkpoint: u64,
@@ -324,25 +329,46 @@ async fn rebuild(
     if args.rate == Some(0) {
         return Err(usage("--rate must be at least 1 event per second"));
     }
+    if args
+        .partitions
+        .is_some_and(|n| n == 0 || n > Partition::MAX)
+    {
+        return Err(usage(format!(
+            "--partitions must be between 1 and {}",
+            Partition::MAX
+        )));
+    }
     let projection = catalog::find(&args.name)?;
     let info = admin.info(&args.name).await?;
     let active = info.as_ref().and_then(|i| i.active_version);
-    // Resume a stopped rebuild; else build the next version (or the code's
-    // own, when it is newer than the active one).
-    let version = info
-        .as_ref()
-        .and_then(candidate_in_progress)
-        .unwrap_or_else(|| (active.unwrap_or(0) + 1).max(projection.version()));
-    let projection = Portable::new(projection).at_version(version);
-    let report = match db {
-        ReadModelDb::Sqlite(path) => {
-            let sink = SqliteSink::open_rebuild(path, projection)?;
-            build_and_swap(&store, sink, &args, version, active).await?
+    let count_of = |version: Option<u32>| {
+        info.iter()
+            .flat_map(|i| &i.versions)
+            .find(|v| Some(v.version) == version)
+            .map(|v| v.partitions)
+    };
+    // Resume a stopped rebuild (as the partitions it was started with);
+    // else build the next version (or the code's own, when it is newer
+    // than the active one), as the active version's partitions by default.
+    let in_progress = info.as_ref().and_then(candidate_in_progress);
+    let (version, partitions) = match in_progress {
+        Some(version) => {
+            let started_as = count_of(Some(version)).unwrap_or(1);
+            if args.partitions.is_some_and(|n| n != started_as) {
+                return Err(usage(format!(
+                    "the rebuild of version {version} in progress runs as {started_as} partition(s): resume it as that, or discard it first"
+                )));
+            }
+            (version, started_as)
         }
-        ReadModelDb::Postgres { url, schema } => {
-            let sink = PostgresSink::connect_rebuild(url, schema, projection).await?;
-            build_and_swap(&store, sink, &args, version, active).await?
-        }
+        None => (
+            (active.unwrap_or(0) + 1).max(projection.version()),
+            args.partitions.or(count_of(active)).unwrap_or(1),
+        ),
+    };
+    let report = match db.sinks(&args.name, version, partitions, true).await? {
+        Sinks::Sqlite(sinks) => build_and_swap(&store, sinks, &args, version, active).await?,
+        Sinks::Postgres(sinks) => build_and_swap(&store, sinks, &args, version, active).await?,
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
@@ -350,30 +376,64 @@ async fn rebuild(
 
 async fn build_and_swap<S: VersionedSink + 'static>(
     store: &Arc<dyn EventStore>,
-    sink: S,
+    sinks: Vec<S>,
     args: &RebuildArgs,
     version: u32,
     active: Option<u32>,
 ) -> anyhow::Result<RebuildReport> {
     let started = std::time::Instant::now();
-    let mut runner = Runner::new(store.clone(), sink);
-    if let Some(rate) = args.rate {
-        runner = runner.with_rate_limit(rate);
-    }
-    let status = runner.status();
-    let bar = (!args.quiet).then(|| progress_bar(&args.name, version));
-    let shown = bar.clone().map(|bar| {
-        let status = status.clone();
-        tokio::spawn(show_progress(bar, status))
-    });
+    let partitions = sinks.len() as u32;
+    let mut runners: Vec<Runner<S>> = sinks
+        .into_iter()
+        .map(|sink| {
+            let runner = Runner::new(store.clone(), sink);
+            match args.rate {
+                // The limit is for the whole rebuild.
+                Some(rate) => runner.with_rate_limit((rate / u64::from(partitions)).max(1)),
+                None => runner,
+            }
+        })
+        .collect();
+    let statuses: Vec<ProjectionStatus> = runners.iter().map(|r| r.status()).collect();
+    let bar = (!args.quiet).then(|| progress_bar(&args.name, version, partitions));
+    let shown = bar
+        .clone()
+        .map(|bar| tokio::spawn(show_progress(bar, statuses.clone())));
     // Replay up to the head, then once more for what was appended
     // meanwhile, until a pass finds nothing new.
     let mut events = 0;
     loop {
         let head = store.head_position().await?;
-        let stats = runner.catch_up(head).await?;
-        events = stats.events.max(events);
-        if stats.checkpoint >= store.head_position().await? {
+        let mut passes = tokio::task::JoinSet::new();
+        for (index, mut runner) in runners.drain(..).enumerate() {
+            passes.spawn(async move {
+                let stats = runner.catch_up(head).await;
+                (index, runner, stats)
+            });
+        }
+        let mut back: Vec<Option<Runner<S>>> = (0..partitions).map(|_| None).collect();
+        let mut lowest = u64::MAX;
+        let mut first_error = None;
+        while let Some(done) = passes.join_next().await {
+            let (index, runner, stats) = done?;
+            match stats {
+                Ok(stats) => lowest = lowest.min(stats.checkpoint),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+            back[index] = Some(runner);
+        }
+        if let Some(e) = first_error {
+            return Err(e.into());
+        }
+        runners = back.into_iter().flatten().collect();
+        events = runners
+            .iter()
+            .map(|r| r.stats().events)
+            .sum::<u64>()
+            .max(events);
+        if lowest >= store.head_position().await? {
             break;
         }
     }
@@ -383,8 +443,14 @@ async fn build_and_swap<S: VersionedSink + 'static>(
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    let checkpoint = runner.stats().checkpoint;
-    let mut sink = runner.into_sink();
+    let checkpoint = runners
+        .iter()
+        .map(|r| r.stats().checkpoint)
+        .min()
+        .unwrap_or(0);
+    let Some(mut sink) = runners.into_iter().next().map(Runner::into_sink) else {
+        return Err(usage("a rebuild needs at least one partition"));
+    };
     if args.diff {
         let diff = sink.diff(args.samples).await?;
         println!("{}", serde_json::json!({ "diff": diff }));
@@ -398,6 +464,7 @@ async fn build_and_swap<S: VersionedSink + 'static>(
         projection: args.name.clone(),
         version,
         previous_version: previous,
+        partitions,
         events,
         checkpoint,
         swapped,
@@ -406,21 +473,31 @@ async fn build_and_swap<S: VersionedSink + 'static>(
     })
 }
 
-fn progress_bar(name: &str, version: u32) -> ProgressBar {
+fn progress_bar(name: &str, version: u32, partitions: u32) -> ProgressBar {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template("{prefix} [{bar:40}] {pos}/{len} events  {msg}")
             .unwrap_or_else(|_| ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    bar.set_prefix(format!("rebuilding {name} v{version}"));
+    let split = match partitions {
+        1 => String::new(),
+        n => format!(" in {n} partitions"),
+    };
+    bar.set_prefix(format!("rebuilding {name} v{version}{split}"));
     bar
 }
 
-/// Shows the runner's progress (events done, rate, ETA) until aborted.
-async fn show_progress(bar: ProgressBar, status: ProjectionStatus) {
+/// Shows the runners' progress (events of the log passed, rate, ETA),
+/// until aborted. Each partition passes every position of the log: the
+/// slowest one says how far the rebuild is.
+async fn show_progress(bar: ProgressBar, statuses: Vec<ProjectionStatus>) {
     loop {
-        if let Some(p) = status.progress() {
+        let slowest = statuses
+            .iter()
+            .filter_map(|s| s.progress())
+            .min_by_key(|p| p.done);
+        if let Some(p) = slowest {
             bar.set_length(p.total);
             bar.set_position(p.done);
             let eta = p.eta.map_or_else(

@@ -61,6 +61,7 @@ on_every_backend!(
     projections_are_listed_rebuilt_paused_and_resumed,
     a_live_read_model_follows_a_rebuild_swapped_in_by_another_process,
     poison_events_are_parked_listed_retried_and_skipped,
+    partitions_change_by_a_rebuild_and_live_runners_run_them,
 );
 
 fn factline(db: impl AsRef<OsStr>) -> Command {
@@ -818,4 +819,97 @@ fn poison_events_are_parked_listed_retried_and_skipped(db: Db) {
     assert!(json_lines(&run(db, &["projections", "parked", "order_list"])).is_empty());
     let p = listed(db, "order_list");
     assert_eq!((&p["parked"], &p["skipped"]), (&json!(0), &json!(1)), "{p}");
+}
+
+/// A read model rebuilt as 3 partitions is kept up to date by the demo as
+/// 3 partitions, and equals a rebuild from scratch as one.
+fn partitions_change_by_a_rebuild_and_live_runners_run_them(db: Db) {
+    let db = &db.spec;
+    assert_eq!(code(&run(db, &["demo", "--orders", "15"])), 0);
+    let out = run(
+        db,
+        &[
+            "projections",
+            "rebuild",
+            "customer_totals",
+            "--partitions",
+            "3",
+            "--quiet",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let report = json_lines(&out).remove(0);
+    assert_eq!(
+        (&report["partitions"], &report["swapped"]),
+        (&json!(3), &json!(true))
+    );
+    let p = listed(db, "customer_totals");
+    assert_eq!(p["versions"][0]["partitions"], 3, "{p}");
+
+    let out = run(db, &["demo", "--orders", "25", "--concurrency", "8"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("customer_totals "));
+    assert!(line.is_some_and(|l| l.contains(" 0 behind")), "{text}");
+    let head = count_all(db) as u64;
+    assert_eq!(
+        listed(db, "customer_totals")["checkpoint"].as_u64(),
+        Some(head)
+    );
+
+    // A resumed rebuild keeps its count; asking for another is refused.
+    let out = run(
+        db,
+        &[
+            "projections",
+            "rebuild",
+            "customer_totals",
+            "--partitions",
+            "1",
+            "--diff",
+            "--no-swap",
+            "--quiet",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let lines = json_lines(&out);
+    let diff = &lines[0]["diff"];
+    assert!(
+        diff["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|t| t["added"] == 0 && t["removed"] == 0 && t["changed"] == 0),
+        "{diff}"
+    );
+    assert_eq!(lines[1]["partitions"], 1);
+    let out = run(
+        db,
+        &[
+            "projections",
+            "rebuild",
+            "customer_totals",
+            "--partitions",
+            "2",
+        ],
+    );
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("runs as 1 partition"),
+        "{}",
+        stderr(&out)
+    );
+    let out = run(
+        db,
+        &[
+            "projections",
+            "rebuild",
+            "customer_totals",
+            "--partitions",
+            "0",
+        ],
+    );
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
 }
