@@ -65,6 +65,16 @@ pub enum ProjectionError {
         version: u32,
         active: u32,
     },
+    /// Another runner of the same projection (version, partition) moved
+    /// the checkpoint since this one read it: this batch was rolled back
+    /// instead of applying events twice. Runners of one projection in
+    /// several processes take a lease so this does not happen.
+    #[error("another runner of projection {projection} moved its checkpoint to {found} (this one expected {expected}); nothing of this batch was applied")]
+    Contended {
+        projection: String,
+        expected: u64,
+        found: u64,
+    },
     /// An operator paused the projection: its batches do not commit until
     /// it is resumed.
     #[error("projection {projection} is paused")]

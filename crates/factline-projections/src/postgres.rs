@@ -80,6 +80,8 @@ pub struct PostgresSink<P> {
     /// Streams with parked events: their later events are held back.
     held: Option<HashSet<String>>,
     partition: Option<Partition>,
+    /// The checkpoint as this sink last read or wrote it.
+    seen: Option<u64>,
 }
 
 impl<P: PostgresProjection> PostgresSink<P> {
@@ -130,6 +132,7 @@ impl<P: PostgresProjection> PostgresSink<P> {
             set_up: false,
             held: None,
             partition: None,
+            seen: None,
         })
     }
 
@@ -370,6 +373,18 @@ fn save_checkpoint_sql(table: &str) -> String {
     )
 }
 
+/// Moves a checkpoint only from where the sink last saw it (`$3`), so two
+/// runners of one projection can never both apply a batch: the second
+/// waits on the row (or on the first's insert) and then finds it moved.
+fn move_checkpoint_sql(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} AS c (name, position, updated_at) VALUES ($1, $2, now())
+         ON CONFLICT (name) DO UPDATE SET position = excluded.position,
+                                          updated_at = excluded.updated_at
+         WHERE c.position = $3"
+    )
+}
+
 /// A connection named after `name`, with `<schema>.projection_checkpoints`
 /// created if missing; returns the client and the table's quoted name.
 async fn connect_with_checkpoints(
@@ -470,7 +485,9 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
             )
             .await
             .map_err(|e| self.failed("reading the checkpoint", e))?;
-        Ok(row.map_or(0, |r| r.get::<_, i64>(0) as u64))
+        let position = row.map_or(0, |r| r.get::<_, i64>(0) as u64);
+        self.seen = Some(position);
+        Ok(position)
     }
 
     async fn apply_batch(&mut self, events: Arc<[RecordedEvent]>) -> Result<u64, ProjectionError> {
@@ -695,13 +712,38 @@ impl<P: PostgresProjection> PostgresSink<P> {
                 }
             }
         }
-        tx.execute(&upsert, &[&key, &last])
-            .await
-            .map_err(|e| fail("moving the checkpoint", e))?;
+        let moved = match self.seen {
+            Some(seen) => {
+                tx.execute(
+                    &move_checkpoint_sql(&self.checkpoints),
+                    &[&key, &last, &(seen as i64)],
+                )
+                .await
+            }
+            None => tx.execute(&upsert, &[&key, &last]).await,
+        }
+        .map_err(|e| fail("moving the checkpoint", e))?;
+        if moved == 0 {
+            let found = tx
+                .query_one(
+                    &format!("SELECT position FROM {} WHERE name = $1", self.checkpoints),
+                    &[&key],
+                )
+                .await
+                .map_err(|e| fail("reading the checkpoint", e))?
+                .get::<_, i64>(0) as u64;
+            let expected = self.seen.take().unwrap_or(0);
+            return Err(ProjectionError::Contended {
+                projection: name.clone(),
+                expected,
+                found,
+            });
+        }
         tx.commit()
             .await
             .map_err(|e| fail("committing a batch", e))?;
         self.set_up = true;
+        self.seen = Some(last as u64);
         Ok(parked)
     }
 }

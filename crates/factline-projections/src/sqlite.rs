@@ -80,6 +80,15 @@ const SAVE_CHECKPOINT: &str =
      ON CONFLICT (name) DO UPDATE SET position = excluded.position,
                                       updated_at = excluded.updated_at";
 
+/// Moves a checkpoint only from where this sink last saw it (`?4`), so two
+/// runners of one projection can never both apply a batch.
+const MOVE_CHECKPOINT: &str =
+    "INSERT INTO factline_projection_checkpoints (name, position, updated_at)
+     VALUES (?1, ?2, ?3)
+     ON CONFLICT (name) DO UPDATE SET position = excluded.position,
+                                      updated_at = excluded.updated_at
+     WHERE factline_projection_checkpoints.position = ?4";
+
 /// Commits a [`SqliteProjection`]'s batches to its read-model file, one
 /// transaction per batch with the checkpoint.
 pub struct SqliteSink<P> {
@@ -93,6 +102,8 @@ pub struct SqliteSink<P> {
     /// Streams with parked events: their later events are held back.
     held: Option<Arc<HashSet<String>>>,
     partition: Option<Partition>,
+    /// The checkpoint as this sink last read or wrote it.
+    seen: Option<u64>,
 }
 
 impl<P: SqliteProjection> SqliteSink<P> {
@@ -137,6 +148,7 @@ impl<P: SqliteProjection> SqliteSink<P> {
             set_up: false,
             held: None,
             partition: None,
+            seen: None,
         })
     }
 
@@ -206,6 +218,15 @@ enum BatchEnd {
     Forbidden(ProjectionError),
     /// An operator paused the projection.
     Paused,
+    /// Another runner moved the checkpoint to this position.
+    Contended(u64),
+}
+
+fn stored_checkpoint(conn: &Connection, key: &str) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT position FROM factline_projection_checkpoints WHERE name = ?1")?
+        .query_row([key], |r| r.get::<_, i64>(0))
+        .optional()
+        .map(|p| p.unwrap_or(0) as u64)
 }
 
 /// The checkpoint rows of one version: one, or one per partition.
@@ -269,16 +290,11 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
 
     async fn checkpoint(&mut self) -> Result<u64, ProjectionError> {
         let key = checkpoint_key(&self.name, self.tables.version(), self.partition);
-        self.query(move |conn| {
-            conn.query_row(
-                "SELECT position FROM factline_projection_checkpoints WHERE name = ?1",
-                [&key],
-                |r| r.get::<_, i64>(0),
-            )
-            .optional()
-            .map(|p| p.unwrap_or(0) as u64)
-        })
-        .await
+        let position = self
+            .query(move |conn| stored_checkpoint(conn, &key))
+            .await?;
+        self.seen = Some(position);
+        Ok(position)
     }
 
     async fn apply_batch(&mut self, events: Arc<[RecordedEvent]>) -> Result<u64, ProjectionError> {
@@ -332,7 +348,8 @@ impl<P: SqliteProjection> SqliteSink<P> {
             }
         };
         let (name, set_up, mode) = (self.name.clone(), self.set_up, self.mode);
-        let (tables, partition) = (self.tables.clone(), self.partition);
+        let (tables, partition, seen) = (self.tables.clone(), self.partition, self.seen);
+        let last = events.last().map(|e| e.position);
         let end = self
             .with_parts(move |conn, projection| {
                 let sql = |e: rusqlite::Error| e.to_string();
@@ -397,15 +414,19 @@ impl<P: SqliteProjection> SqliteSink<P> {
                     }
                 }
                 let last = events.last().map_or(0, |e| e.position);
-                tx.execute(
-                    SAVE_CHECKPOINT,
-                    params![
-                        checkpoint_key(&name, tables.version(), partition),
-                        last as i64,
-                        chrono::Utc::now().timestamp_micros()
-                    ],
-                )
+                let key = checkpoint_key(&name, tables.version(), partition);
+                let now = chrono::Utc::now().timestamp_micros();
+                let moved = match seen {
+                    Some(seen) => {
+                        tx.execute(MOVE_CHECKPOINT, params![key, last as i64, now, seen as i64])
+                    }
+                    None => tx.execute(SAVE_CHECKPOINT, params![key, last as i64, now]),
+                }
                 .map_err(sql)?;
+                if moved == 0 {
+                    let found = stored_checkpoint(&tx, &key).map_err(sql)?;
+                    return Ok(BatchEnd::Contended(found));
+                }
                 tx.commit().map_err(sql)?;
                 Ok(BatchEnd::Committed(parked))
             })
@@ -413,7 +434,17 @@ impl<P: SqliteProjection> SqliteSink<P> {
         match end {
             BatchEnd::Committed(parked) => {
                 self.set_up = true;
+                self.seen = last.or(self.seen);
                 Ok(parked)
+            }
+            BatchEnd::Contended(found) => {
+                let expected = self.seen.unwrap_or(0);
+                self.seen = None;
+                Err(ProjectionError::Contended {
+                    projection: self.name.clone(),
+                    expected,
+                    found,
+                })
             }
             BatchEnd::Refused(position, refusal) => Err(ProjectionError::Apply {
                 projection: self.name.clone(),

@@ -545,6 +545,40 @@ async fn pause_holds_batches_back_until_resumed<T: Target>() {
     assert_eq!((counts, checkpoint), (expected, 40));
 }
 
+/// Two runners of one projection (say, in two processes without a lease):
+/// the one that read the checkpoint before the other moved it cannot
+/// apply those events again; its batch is rolled back as contended.
+async fn a_second_runner_cannot_apply_events_the_first_applied<T: Target>() {
+    let target = T::start().await;
+    append(&target.store(), 300).await;
+    let mut late = Runner::new(target.store(), target.sink(None).await).with_policy(BatchPolicy {
+        max_events: 50,
+        max_wait: Duration::from_millis(100),
+    });
+    let mut early = Runner::new(target.store(), target.sink(None).await);
+    // Both start from 0: `late` reads its checkpoint first...
+    assert_eq!(late.sink_mut().checkpoint().await.unwrap(), 0);
+    early.catch_up(u64::MAX).await.unwrap();
+    // ...and then finds it moved.
+    match late
+        .sink_mut()
+        .apply_batch(target.store().read_all(1, 50).await.unwrap().into())
+        .await
+    {
+        Err(ProjectionError::Contended {
+            expected, found, ..
+        }) => {
+            assert_eq!((expected, found), (0, 300))
+        }
+        other => panic!("a second runner applied events again: {other:?}"),
+    }
+    // Started afresh it reads the moved checkpoint and has nothing to do.
+    let stats = late.catch_up(u64::MAX).await.unwrap();
+    assert_eq!((stats.events, stats.checkpoint), (0, 300));
+    let (counts, checkpoint) = T::read_model(&mut early.into_sink()).await;
+    assert_eq!((counts, checkpoint), (expected_counts(300), 300));
+}
+
 /// Lag in events and seconds (P9): behind before a run, part-way after a
 /// partial catch-up, nothing once caught up.
 async fn lag_counts_events_and_seconds_behind<T: Target>() {
@@ -860,6 +894,7 @@ on_every_target!(
     skipped_events_release_their_stream_on_retry,
     follows_live_appends_until_stopped,
     pause_holds_batches_back_until_resumed,
+    a_second_runner_cannot_apply_events_the_first_applied,
     lag_counts_events_and_seconds_behind,
     reads_wait_for_the_position_of_a_write,
     rebuild_builds_beside_the_active_version_and_swaps,
