@@ -82,7 +82,20 @@ pub struct PostgresSink<P> {
     partition: Option<Partition>,
     /// The checkpoint as this sink last read or wrote it.
     seen: Option<u64>,
+    lease: Lease,
+    schema: String,
 }
+
+/// Whether a sink takes its projection's lease before it writes (P12).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Lease {
+    Unused,
+    Wanted,
+    Held,
+}
+
+/// How often a standby runner tries to take the lease.
+const LEASE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 impl<P: PostgresProjection> PostgresSink<P> {
     /// Connects to the read-model database at `url` and keeps checkpoints
@@ -133,7 +146,54 @@ impl<P: PostgresProjection> PostgresSink<P> {
             held: None,
             partition: None,
             seen: None,
+            lease: Lease::Unused,
+            schema: schema.to_owned(),
         })
+    }
+
+    /// Takes the projection's lease (of its version and partition) before
+    /// the first batch, so that of several processes running the same
+    /// projection one applies events and the others stand by (P12).
+    ///
+    /// The lease is a session advisory lock on the connection the batches
+    /// are written through: only the owner's session can write, and when
+    /// the owner dies its connection closes, the server releases the lock
+    /// at once, and a standby takes over within [`LEASE_POLL`]. A lost
+    /// connection loses the lease and fails the runner, never two owners.
+    pub fn with_lease(mut self) -> Self {
+        self.lease = Lease::Wanted;
+        self
+    }
+
+    /// Waits until this sink holds its lease (at once without
+    /// [`Self::with_lease`]). The runner calls it before it reads the
+    /// checkpoint; call it first to know when this process took over.
+    pub async fn acquire_lease(&mut self) -> Result<(), ProjectionError> {
+        if self.lease != Lease::Wanted {
+            return Ok(());
+        }
+        let key = checkpoint_key(&self.name, self.tables.version(), self.partition);
+        loop {
+            let row = self
+                .client
+                .query_one(
+                    "SELECT pg_try_advisory_lock(hashtext($1), hashtext($2))",
+                    &[&self.schema, &key],
+                )
+                .await
+                .map_err(|e| self.failed("taking the lease", e))?;
+            if row.get::<_, bool>(0) {
+                self.lease = Lease::Held;
+                tracing::info!(projection = %self.name, lease = %key, "took the lease");
+                return Ok(());
+            }
+            tokio::time::sleep(LEASE_POLL).await;
+        }
+    }
+
+    /// Whether this sink holds its projection's lease.
+    pub fn holds_lease(&self) -> bool {
+        self.lease == Lease::Held
     }
 
     /// Runs as one partition of the projection (P10): applies only the
@@ -473,6 +533,7 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
     }
 
     async fn checkpoint(&mut self) -> Result<u64, ProjectionError> {
+        self.acquire_lease().await?;
         let row = self
             .client
             .query_opt(

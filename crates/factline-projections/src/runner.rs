@@ -194,7 +194,12 @@ impl<S: Sink> Runner<S> {
         &mut self,
         mut stop: watch::Receiver<bool>,
     ) -> Result<RunnerStats, ProjectionError> {
-        let mut subscription = self.subscribe().await?;
+        // Subscribing may wait (a standby waits for its lease): stop ends
+        // that wait too.
+        let mut subscription = tokio::select! {
+            subscription = self.subscribe() => subscription?,
+            _ = stop.wait_for(|s| *s) => return Ok(self.stats),
+        };
         self.stop = Some(stop.clone());
         let result = loop {
             if *stop.borrow_and_update() {

@@ -125,8 +125,14 @@ impl ReadModelDb {
                     all.push(sink.with_partition(partition));
                 }
                 (ReadModelDb::Postgres { url, schema }, Sinks::Postgres(all)) => {
+                    // Live runners in several processes share the work
+                    // through leases: one owner per partition, the others
+                    // stand by (P12). A second rebuild is refused by the
+                    // checkpoint's fence instead of waiting.
                     let sink = match rebuild {
-                        false => PostgresSink::connect(url, schema, projection).await?,
+                        false => PostgresSink::connect(url, schema, projection)
+                            .await?
+                            .with_lease(),
                         true => PostgresSink::connect_rebuild(url, schema, projection).await?,
                     };
                     all.push(sink.with_partition(partition));
@@ -219,6 +225,12 @@ pub fn spawn_live(
             match ran {
                 Err(ProjectionError::NotActive { active, .. }) => {
                     tracing::info!(projection = %name, version = active, "following the version a rebuild swapped in");
+                }
+                // Another process runs it too (SQLite has no leases): start
+                // again from where that one got to.
+                Err(ProjectionError::Contended { found, .. }) => {
+                    tracing::info!(projection = %name, checkpoint = found, "another process applied these events; following on");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
                 other => return other,
             }
