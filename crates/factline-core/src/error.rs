@@ -38,6 +38,10 @@ pub enum StoreError {
     InvalidStreamId(#[from] InvalidStreamId),
     #[error("invalid input: {0}")]
     InvalidInput(String),
+    /// A projection updated in the append's own transaction (an inline
+    /// projection, C6) refused the append's events; nothing was written.
+    #[error("inline projection {projection} refused the append: {message}")]
+    InlineRefused { projection: String, message: String },
     #[error(transparent)]
     Storage(#[from] StorageError),
 }

@@ -32,7 +32,7 @@ pub use portable::{Portable, SqlProjection, SqlValue, Statement};
 pub use postgres::{PostgresAdmin, PostgresCheckpoints, PostgresProjection, PostgresSink};
 pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};
-pub use sqlite::{SqliteAdmin, SqliteCheckpoints, SqliteProjection, SqliteSink};
+pub use sqlite::{SqliteAdmin, SqliteCheckpoints, SqliteInline, SqliteProjection, SqliteSink};
 pub use status::{Answer, Freshness, Lag, NotYet, OnTimeout, Progress, ProjectionStatus};
 pub use tables::{partition_of, Mode, Partition, Tables};
 

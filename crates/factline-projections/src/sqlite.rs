@@ -326,6 +326,102 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
     }
 }
 
+/// What one batch needs besides its events and the projection.
+struct Batch<'a> {
+    name: &'a str,
+    mode: Mode,
+    tables: &'a Tables,
+    partition: Option<Partition>,
+    /// The checkpoint as the sink last saw it.
+    seen: Option<u64>,
+    set_up: bool,
+    /// Streams held back behind a parked event.
+    held: &'a HashSet<String>,
+    /// Run by the store's writer in the append's transaction: no pause, no
+    /// parking.
+    inline: bool,
+}
+
+impl Batch<'_> {
+    /// Everything of a batch but the commit, inside `tx`: the registry
+    /// check, setup, the events (applied, held back, or parked), and the
+    /// checkpoint. `Committed` means ready to commit.
+    fn write<P: SqliteProjection>(
+        &self,
+        tx: &Transaction<'_>,
+        projection: &mut P,
+        events: &[RecordedEvent],
+        handling: &Handling,
+    ) -> rusqlite::Result<BatchEnd> {
+        let (name, tables, partition) = (self.name, self.tables, self.partition);
+        // Checked in every batch: a swap by another runner or process
+        // stops this version from writing at once.
+        let active = active_version(tx, name)?;
+        if !self.inline && is_paused(tx, name)? {
+            return Ok(BatchEnd::Paused);
+        }
+        let first_build = match may_write(name, self.mode, tables.version(), active.as_ref()) {
+            Ok(first) => first,
+            Err(forbidden) => return Ok(BatchEnd::Forbidden(forbidden)),
+        };
+        if !self.set_up {
+            let keys = version_checkpoints(tx, name, tables.version())?;
+            if let Err(mismatch) = check_partitions(name, tables.version(), partition, &keys) {
+                return Ok(BatchEnd::Forbidden(mismatch));
+            }
+        }
+        if !self.set_up || first_build {
+            projection.setup(tx, tables)?;
+        }
+        if first_build {
+            for statement in tables.repoint_views(&[]) {
+                tx.execute(&statement, [])?;
+            }
+            register(tx, name, tables)?;
+        }
+        let mut parked = 0;
+        for event in events {
+            let stream = event.stream_id.as_str();
+            if partition.is_some_and(|p| !p.owns(stream)) {
+                continue;
+            }
+            let park = match handling {
+                Handling::Park { error, attempts } => Some((error.clone(), *attempts)),
+                // Per-stream order: nothing of a stream passes its parked
+                // event.
+                Handling::Apply if self.held.contains(stream) => Some((
+                    format!("held back behind a parked event of stream {stream}"),
+                    0,
+                )),
+                Handling::Apply => None,
+            };
+            match park {
+                Some((error, attempts)) => {
+                    insert_parked(tx, name, tables.version(), event, &error, attempts)?;
+                    parked += 1;
+                }
+                None => {
+                    if let Err(refusal) = projection.apply(tx, tables, event) {
+                        // Dropping the transaction rolls the batch back.
+                        return Ok(BatchEnd::Refused(event.position, refusal));
+                    }
+                }
+            }
+        }
+        let last = events.last().map_or(0, |e| e.position);
+        let key = checkpoint_key(name, tables.version(), partition);
+        let now = chrono::Utc::now().timestamp_micros();
+        let moved = match self.seen {
+            Some(seen) => tx.execute(MOVE_CHECKPOINT, params![key, last as i64, now, seen as i64]),
+            None => tx.execute(SAVE_CHECKPOINT, params![key, last as i64, now]),
+        }?;
+        if moved == 0 {
+            return Ok(BatchEnd::Contended(stored_checkpoint(tx, &key)?));
+        }
+        Ok(BatchEnd::Committed(parked))
+    }
+}
+
 impl<P: SqliteProjection> SqliteSink<P> {
     /// One transaction: the registry check, setup, the events (applied,
     /// held back, or parked), and the checkpoint.
@@ -356,79 +452,23 @@ impl<P: SqliteProjection> SqliteSink<P> {
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
                     .map_err(sql)?;
-                // Checked in every batch: a swap by another runner or
-                // process stops this version from writing at once.
-                let active = active_version(&tx, &name).map_err(sql)?;
-                if is_paused(&tx, &name).map_err(sql)? {
-                    return Ok(BatchEnd::Paused);
-                }
-                let first_build = match may_write(&name, mode, tables.version(), active.as_ref()) {
-                    Ok(first) => first,
-                    Err(forbidden) => return Ok(BatchEnd::Forbidden(forbidden)),
+                let batch = Batch {
+                    name: &name,
+                    mode,
+                    tables: &tables,
+                    partition,
+                    seen,
+                    set_up,
+                    held: &held,
+                    inline: false,
                 };
-                if !set_up {
-                    let keys = version_checkpoints(&tx, &name, tables.version()).map_err(sql)?;
-                    if let Err(mismatch) =
-                        check_partitions(&name, tables.version(), partition, &keys)
-                    {
-                        return Ok(BatchEnd::Forbidden(mismatch));
-                    }
+                let end = batch
+                    .write(&tx, projection, &events, &handling)
+                    .map_err(sql)?;
+                if matches!(end, BatchEnd::Committed(_)) {
+                    tx.commit().map_err(sql)?;
                 }
-                if !set_up || first_build {
-                    projection.setup(&tx, &tables).map_err(sql)?;
-                }
-                if first_build {
-                    for statement in tables.repoint_views(&[]) {
-                        tx.execute(&statement, []).map_err(sql)?;
-                    }
-                    register(&tx, &name, &tables).map_err(sql)?;
-                }
-                let mut parked = 0;
-                for event in events.iter() {
-                    let stream = event.stream_id.as_str();
-                    if partition.is_some_and(|p| !p.owns(stream)) {
-                        continue;
-                    }
-                    let park = match &handling {
-                        Handling::Park { error, attempts } => Some((error.clone(), *attempts)),
-                        // Per-stream order: nothing of a stream passes its
-                        // parked event.
-                        Handling::Apply if held.contains(stream) => Some((
-                            format!("held back behind a parked event of stream {stream}"),
-                            0,
-                        )),
-                        Handling::Apply => None,
-                    };
-                    match park {
-                        Some((error, attempts)) => {
-                            insert_parked(&tx, &name, tables.version(), event, &error, attempts)
-                                .map_err(sql)?;
-                            parked += 1;
-                        }
-                        None => {
-                            if let Err(refusal) = projection.apply(&tx, &tables, event) {
-                                // Dropping the transaction rolls the batch back.
-                                return Ok(BatchEnd::Refused(event.position, refusal));
-                            }
-                        }
-                    }
-                }
-                let last = events.last().map_or(0, |e| e.position);
-                let key = checkpoint_key(&name, tables.version(), partition);
-                let now = chrono::Utc::now().timestamp_micros();
-                let moved = match seen {
-                    Some(seen) => {
-                        tx.execute(MOVE_CHECKPOINT, params![key, last as i64, now, seen as i64])
-                    }
-                    None => tx.execute(SAVE_CHECKPOINT, params![key, last as i64, now]),
-                }
-                .map_err(sql)?;
-                if moved == 0 {
-                    let found = stored_checkpoint(&tx, &key).map_err(sql)?;
-                    return Ok(BatchEnd::Contended(found));
-                }
-                tx.commit().map_err(sql)?;
-                Ok(BatchEnd::Committed(parked))
+                Ok(end)
             })
             .await?;
         match end {
@@ -890,6 +930,86 @@ impl<P: SqliteProjection> Parking for SqliteSink<P> {
             .await?;
         self.held = None;
         Ok(report)
+    }
+}
+
+/// A [`SqliteProjection`] updated by the SQLite store's writer in each
+/// append's own transaction (C6): open the store with
+/// `SqliteStore::open_with_inline(config, vec![Box::new(SqliteInline::new(p)?)])`.
+/// Its read model lives in the events' file, is never behind the log, and
+/// shows in the admin view like any projection. A refused event fails the
+/// append that brought it; nothing of that append is written.
+pub struct SqliteInline<P> {
+    name: String,
+    tables: Tables,
+    projection: P,
+    set_up: bool,
+    /// The checkpoint as last read or written in the writer's transaction.
+    seen: Option<u64>,
+}
+
+impl<P: SqliteProjection> SqliteInline<P> {
+    pub fn new(projection: P) -> Result<Self, ProjectionError> {
+        let name = projection.name().to_owned();
+        crate::validate_name(&name)?;
+        let tables = Tables::new(&name, None, projection.version(), projection.tables())?;
+        Ok(SqliteInline {
+            name,
+            tables,
+            projection,
+            set_up: false,
+            seen: None,
+        })
+    }
+}
+
+impl<P: SqliteProjection> factline_sqlite::InlineProjection for SqliteInline<P> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn checkpoint(&mut self, tx: &Transaction<'_>) -> Result<u64, String> {
+        if !self.set_up {
+            tx.execute_batch(CHECKPOINTS).map_err(|e| e.to_string())?;
+        }
+        let key = checkpoint_key(&self.name, self.tables.version(), None);
+        let at = stored_checkpoint(tx, &key).map_err(|e| e.to_string())?;
+        self.seen = Some(at);
+        Ok(at)
+    }
+
+    fn apply(&mut self, tx: &Transaction<'_>, events: &[RecordedEvent]) -> Result<(), String> {
+        let batch = Batch {
+            name: &self.name,
+            mode: Mode::Live,
+            tables: &self.tables,
+            partition: None,
+            seen: self.seen,
+            set_up: self.set_up,
+            held: &HashSet::new(),
+            inline: true,
+        };
+        match batch.write(tx, &mut self.projection, events, &Handling::Apply) {
+            Ok(BatchEnd::Committed(_)) => {
+                self.set_up = true;
+                self.seen = events.last().map(|e| e.position).or(self.seen);
+                Ok(())
+            }
+            Ok(BatchEnd::Refused(position, refusal)) => {
+                Err(format!("the event at position {position}: {refusal}"))
+            }
+            Ok(BatchEnd::Forbidden(e)) => Err(e.to_string()),
+            Ok(BatchEnd::Contended(found)) => Err(format!(
+                "its checkpoint moved to {found} outside the writer"
+            )),
+            Ok(BatchEnd::Paused) => Err("paused".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    fn rolled_back(&mut self) {
+        self.set_up = false;
+        self.seen = None;
     }
 }
 

@@ -10,6 +10,7 @@
 pub mod baseline;
 mod checkpoint;
 mod commands;
+mod inline;
 mod reader;
 mod schema;
 mod writer;
@@ -30,6 +31,7 @@ use factline_core::{
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, watch};
 
+pub use inline::InlineProjection;
 pub use schema::SCHEMA_VERSION;
 
 /// SQLite's `synchronous` setting: how hard a commit waits for the disk.
@@ -208,21 +210,37 @@ impl SqliteStore {
     /// checkpoint threads (plain OS threads: opening needs no runtime, the
     /// async methods need a tokio runtime).
     pub fn open_with(config: SqliteConfig) -> Result<Self, StoreError> {
+        Self::open_with_inline(config, Vec::new())
+    }
+
+    /// Opens the store with projections the writer updates in each append's
+    /// own transaction (C6); see [`InlineProjection`]. Every process that
+    /// appends to the file should open it with the same ones, or its
+    /// appends are applied only when one of those appends next.
+    pub fn open_with_inline(
+        config: SqliteConfig,
+        mut inline: Vec<Box<dyn InlineProjection>>,
+    ) -> Result<Self, StoreError> {
         let mut conn = open_connection(&config, false)?;
         schema::migrate(&mut conn)?;
+        // Before open returns, so reads of the models are current at once.
+        writer::catch_up_inline(&mut conn, &mut inline);
         let head_now = reader::head_position(&conn)?;
         let head = Arc::new(watch::channel(head_now).0);
         let stats = Arc::new(writer::Counters::default());
         let (jobs, queue) = mpsc::channel(config.queue_capacity.max(1));
         let checkpoints = checkpoint::spawn(&config)?;
         writer::spawn(
-            conn,
+            writer::Writer {
+                conn,
+                checkpoints,
+                head: head.clone(),
+                counters: stats.clone(),
+                max_batch_events: config.max_batch_events.max(1),
+                limits: config.limits,
+                inline,
+            },
             queue,
-            checkpoints,
-            head.clone(),
-            stats.clone(),
-            config.max_batch_events.max(1),
-            config.limits,
         )?;
         let readers = reader::Pool::new(config.clone(), true);
         let side_writers = reader::Pool::new(config.clone(), false);

@@ -15,6 +15,7 @@ use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBeha
 use tokio::sync::{mpsc, watch};
 
 use crate::checkpoint::Nudge;
+use crate::inline::InlineProjection;
 use crate::is_transient;
 
 #[derive(Default)]
@@ -23,42 +24,68 @@ pub(crate) struct Counters {
     pub appends: AtomicU64,
 }
 
-pub(crate) fn spawn(
-    conn: Connection,
-    queue: mpsc::Receiver<AppendJob>,
-    checkpoints: Nudge,
-    head: Arc<watch::Sender<u64>>,
-    counters: Arc<Counters>,
-    max_batch_events: usize,
-    limits: Limits,
-) -> Result<(), StoreError> {
+/// What the writer thread works with besides its queue.
+pub(crate) struct Writer {
+    pub conn: Connection,
+    pub checkpoints: Nudge,
+    pub head: Arc<watch::Sender<u64>>,
+    pub counters: Arc<Counters>,
+    pub max_batch_events: usize,
+    pub limits: Limits,
+    pub inline: Vec<Box<dyn InlineProjection>>,
+}
+
+pub(crate) fn spawn(writer: Writer, queue: mpsc::Receiver<AppendJob>) -> Result<(), StoreError> {
     std::thread::Builder::new()
         .name("factline-sqlite-writer".into())
-        .spawn(move || {
-            run(
-                conn,
-                queue,
-                &checkpoints,
-                &head,
-                &counters,
-                max_batch_events,
-                &limits,
-            )
-        })
+        .spawn(move || run(writer, queue))
         .map(|_| ())
         .map_err(|e| StorageError::with_source("starting the SQLite writer thread", e).into())
 }
 
+/// Brings the inline projections up to the head before the first append.
+pub(crate) fn catch_up_inline(conn: &mut Connection, inline: &mut [Box<dyn InlineProjection>]) {
+    if inline.is_empty() {
+        return;
+    }
+    let result = (|| {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let head = written_up_to(&tx)?;
+        let caught_up = crate::inline::catch_up(&tx, inline, head)?;
+        tx.commit()?;
+        Ok::<_, rusqlite::Error>(caught_up)
+    })();
+    let failure = match result {
+        Ok(Ok(())) => return,
+        Ok(Err((projection, message))) => format!("{projection}: {message}"),
+        Err(e) => e.to_string(),
+    };
+    for projection in inline.iter_mut() {
+        projection.rolled_back();
+    }
+    // Every append tries again and fails with the reason until it is fixed.
+    tracing::error!(error = %failure, "an inline projection cannot catch up with the log");
+}
+
+/// The highest position stored.
+fn written_up_to(conn: &Connection) -> rusqlite::Result<u64> {
+    conn.prepare_cached("SELECT COALESCE(MAX(position), 0) FROM events")?
+        .query_row([], |r| r.get::<_, i64>(0))
+        .map(|p| p as u64)
+}
+
 /// Runs until every sender is gone (the store was dropped).
-fn run(
-    mut conn: Connection,
-    mut queue: mpsc::Receiver<AppendJob>,
-    checkpoints: &Nudge,
-    head: &watch::Sender<u64>,
-    counters: &Counters,
-    max_batch_events: usize,
-    limits: &Limits,
-) {
+fn run(writer: Writer, mut queue: mpsc::Receiver<AppendJob>) {
+    let Writer {
+        mut conn,
+        checkpoints,
+        head,
+        counters,
+        max_batch_events,
+        limits,
+        mut inline,
+    } = writer;
+    let limits = &limits;
     let mut last_purge: Option<Instant> = None;
     while let Some(first) = queue.blocking_recv() {
         let batch = drain_batch(first, &mut queue, max_batch_events);
@@ -69,7 +96,7 @@ fn run(
         if purge_due {
             last_purge = Some(Instant::now());
         }
-        let outcomes = commit_batch(&mut conn, &batch, limits, purge_due);
+        let outcomes = commit_batch(&mut conn, &batch, limits, purge_due, &mut inline);
         counters.transactions.fetch_add(1, Ordering::Relaxed);
         counters
             .appends
@@ -109,12 +136,19 @@ fn commit_batch(
     batch: &[AppendJob],
     limits: &Limits,
     purge: bool,
+    inline: &mut [Box<dyn InlineProjection>],
 ) -> Vec<Result<Appended, StoreError>> {
     // Stored as microseconds; records handed back must equal those read.
     let now = Utc::now().trunc_subsecs(6);
     let mut check_ids_first = vec![false; batch.len()];
     loop {
-        match attempt_batch(conn, batch, &check_ids_first, now, limits, purge) {
+        let attempt = attempt_batch(conn, batch, &check_ids_first, now, limits, purge, inline);
+        if !matches!(attempt, Ok(Attempt::Committed(_))) {
+            for projection in inline.iter_mut() {
+                projection.rolled_back();
+            }
+        }
+        match attempt {
             Ok(Attempt::Committed(outcomes)) => return outcomes,
             Ok(Attempt::DuplicateIn(index)) => check_ids_first[index] = true,
             Err(e) => {
@@ -147,14 +181,48 @@ fn attempt_batch(
     now: DateTime<Utc>,
     limits: &Limits,
     purge: bool,
+    inline: &mut [Box<dyn InlineProjection>],
 ) -> rusqlite::Result<Attempt> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     if purge {
         crate::commands::purge(&tx, retention_cutoff(now, limits.command_retention))?;
     }
+    // With inline projections each append runs on a savepoint, so that one
+    // they refuse leaves the others of the batch alone.
+    let mut stored_up_to = match inline.is_empty() {
+        true => 0,
+        false => written_up_to(&tx)?,
+    };
     let mut outcomes = Vec::with_capacity(batch.len());
     for (index, job) in batch.iter().enumerate() {
-        match append_job(&tx, job, check_ids_first[index], now, limits) {
+        if !inline.is_empty() {
+            tx.execute_batch("SAVEPOINT inline_append")?;
+        }
+        let appended = append_job(&tx, job, check_ids_first[index], now, limits);
+        let appended = match appended {
+            Ok(Ok(Appended::Written(result))) if result.last_position > stored_up_to => {
+                stored_up_to = result.last_position;
+                match crate::inline::catch_up(&tx, inline, result.last_position)? {
+                    Ok(()) => Ok(Ok(Appended::Written(result))),
+                    Err((projection, message)) => {
+                        tx.execute_batch("ROLLBACK TO inline_append")?;
+                        stored_up_to = written_up_to(&tx)?;
+                        for projection in inline.iter_mut() {
+                            projection.rolled_back();
+                        }
+                        Ok(Err(StoreError::InlineRefused {
+                            projection,
+                            message,
+                        }))
+                    }
+                }
+            }
+            other => other,
+        };
+        if !inline.is_empty() && appended.is_ok() {
+            tx.execute_batch("RELEASE inline_append")?;
+        }
+        match appended {
             Ok(outcome) => outcomes.push(outcome),
             Err(e)
                 if e.sqlite_error_code() == Some(ErrorCode::ConstraintViolation)

@@ -1,0 +1,223 @@
+//! Inline projections (C6) on SQLite: the writer updates the read model in
+//! the append's own transaction, so it is never behind; a refused event
+//! fails its own append only, with nothing of it written; events appended
+//! without the projection are applied before the next append, and at open.
+
+use std::sync::Arc;
+
+use factline_core::{EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError, StreamId};
+use factline_projections::{ApplyError, SqliteAdmin, SqliteInline, SqliteProjection, Tables};
+use factline_sqlite::{SqliteConfig, SqliteStore};
+use serde_json::json;
+
+/// User names, unique across all `User-…` streams: the classic read model
+/// that must be exact at once.
+struct UserNames;
+
+impl SqliteProjection for UserNames {
+    fn name(&self) -> &str {
+        "user_names"
+    }
+    fn tables(&self) -> &[&str] {
+        &["user_names"]
+    }
+    fn setup(&mut self, tx: &rusqlite::Transaction<'_>, t: &Tables) -> rusqlite::Result<()> {
+        tx.execute_batch(&format!(
+            "CREATE TABLE IF NOT EXISTS {} (name TEXT PRIMARY KEY, stream_id TEXT NOT NULL)",
+            t.get("user_names")
+        ))
+    }
+    fn apply(
+        &mut self,
+        tx: &rusqlite::Transaction<'_>,
+        t: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<(), ApplyError> {
+        if event.event_type != "UserRegistered" {
+            return Ok(());
+        }
+        let name = event.data["name"].as_str().unwrap_or_default();
+        let inserted = tx.execute(
+            &format!(
+                "INSERT INTO {} (name, stream_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+                t.get("user_names")
+            ),
+            rusqlite::params![name, event.stream_id.as_str()],
+        )?;
+        match inserted {
+            1 => Ok(()),
+            _ => Err(ApplyError::new(format!("the name {name:?} is taken"))),
+        }
+    }
+}
+
+fn open(path: &std::path::Path) -> Arc<dyn EventStore> {
+    let inline = SqliteInline::new(UserNames).unwrap();
+    Arc::new(
+        SqliteStore::open_with_inline(SqliteConfig::new(path), vec![Box::new(inline)]).unwrap(),
+    )
+}
+
+fn registered(name: &str) -> Vec<EventData> {
+    vec![EventData::new("UserRegistered", json!({ "name": name }))]
+}
+
+fn names(path: &std::path::Path) -> Vec<(String, String)> {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let mut stmt = conn
+        .prepare("SELECT name, stream_id FROM user_names ORDER BY name")
+        .unwrap();
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_read_model_is_exact_when_the_append_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = open(&path);
+    for (i, name) in ["ada", "grace", "alan"].iter().enumerate() {
+        let stream = StreamId::new(format!("User-{i}")).unwrap();
+        store
+            .append(&stream, ExpectedVersion::NoStream, registered(name))
+            .await
+            .unwrap();
+        // Read from another connection right away: already there.
+        assert_eq!(names(&path).len(), i + 1);
+    }
+    let admin = SqliteAdmin::open(&path).unwrap();
+    let info = admin.projections().await.unwrap().remove(0);
+    assert_eq!(
+        (info.name.as_str(), info.active_version, info.checkpoint),
+        ("user_names", Some(1), 3)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_refused_event_fails_its_own_append_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let store = open(&path);
+    store
+        .append(
+            &StreamId::new("User-first").unwrap(),
+            ExpectedVersion::NoStream,
+            registered("ada"),
+        )
+        .await
+        .unwrap();
+    // 32 concurrent registrations, so they share group commits; every
+    // fourth takes a name already taken.
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let name = if i % 4 == 0 {
+                "ada".to_owned()
+            } else {
+                format!("user-{i}")
+            };
+            let stream = StreamId::new(format!("User-{i}")).unwrap();
+            (
+                i,
+                store
+                    .append(&stream, ExpectedVersion::NoStream, registered(&name))
+                    .await,
+            )
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        let (i, result) = task.await.unwrap();
+        match result {
+            Ok(_) => {
+                assert_ne!(i % 4, 0);
+                accepted += 1;
+            }
+            Err(StoreError::InlineRefused {
+                projection,
+                message,
+            }) => {
+                assert_eq!(i % 4, 0);
+                assert_eq!(projection, "user_names");
+                assert!(message.contains("\"ada\" is taken"), "{message}");
+                // Nothing of it was written.
+                let stream = StreamId::new(format!("User-{i}")).unwrap();
+                let read = store
+                    .read_stream(&stream, factline_core::ReadStream::forwards())
+                    .await
+                    .unwrap();
+                assert!(read.is_empty());
+            }
+            Err(other) => panic!("append {i}: {other}"),
+        }
+    }
+    assert_eq!(accepted, 24);
+    // The log has no hole where the refused appends were, and the read
+    // model holds each accepted name once.
+    let all = store.read_all(1, usize::MAX).await.unwrap();
+    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (1..=25).collect::<Vec<_>>());
+    let names = names(&path);
+    assert_eq!(names.len(), 25);
+    assert!(names.contains(&("ada".to_owned(), "User-first".to_owned())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn events_appended_without_it_are_applied_at_open_and_before_the_next_append() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    {
+        // History from before the projection existed.
+        let plain = SqliteStore::open(&path).unwrap();
+        for i in 0..5 {
+            let stream = StreamId::new(format!("User-old{i}")).unwrap();
+            plain
+                .append(
+                    &stream,
+                    ExpectedVersion::NoStream,
+                    registered(&format!("old-{i}")),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    let store = open(&path);
+    assert_eq!(names(&path).len(), 5, "caught up when the store opened");
+    // Another store on the file, without the projection (another process).
+    let plain = SqliteStore::open(&path).unwrap();
+    plain
+        .append(
+            &StreamId::new("User-side").unwrap(),
+            ExpectedVersion::NoStream,
+            registered("side"),
+        )
+        .await
+        .unwrap();
+    // The next append through the store with the projection applies the
+    // gap first, so a name taken there is refused here.
+    let refused = store
+        .append(
+            &StreamId::new("User-dup").unwrap(),
+            ExpectedVersion::NoStream,
+            registered("side"),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::InlineRefused { .. })),
+        "{refused:?}"
+    );
+    store
+        .append(
+            &StreamId::new("User-new").unwrap(),
+            ExpectedVersion::NoStream,
+            registered("new"),
+        )
+        .await
+        .unwrap();
+    let names = names(&path);
+    assert_eq!(names.len(), 7);
+    assert!(names.contains(&("side".to_owned(), "User-side".to_owned())));
+}
