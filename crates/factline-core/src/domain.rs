@@ -213,15 +213,16 @@ pub mod tagged {
         event_type: &str,
         data: &Value,
     ) -> Result<E, serde_json::Error> {
-        let mut fields = Map::with_capacity(2);
-        fields.insert("type".into(), Value::String(event_type.to_owned()));
-        fields.insert("data".into(), data.clone());
-        match serde_json::from_value(Value::Object(fields.clone())) {
+        use serde::de::value::MapDeserializer;
+        // Read in place through a two-entry map, so the data is not copied
+        // (decoding runs for every event a projection or aggregate reads).
+        let tag = Value::String(event_type.to_owned());
+        let tagged = [("type", &tag), ("data", data)];
+        match E::deserialize(MapDeserializer::new(tagged.into_iter())) {
             // A unit variant has no "data" in its serde form; it is stored
             // with `{}`.
             Err(_) if matches!(data, Value::Object(map) if map.is_empty()) => {
-                fields.remove("data");
-                serde_json::from_value(Value::Object(fields))
+                E::deserialize(MapDeserializer::new([("type", &tag)].into_iter()))
             }
             decoded => decoded,
         }

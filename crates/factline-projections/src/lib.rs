@@ -28,7 +28,7 @@ pub use admin::{ProjectionInfo, VersionInfo};
 pub use diff::{DiffReport, TableDiff};
 pub use parking::{ParkedEvent, Parking, PoisonPolicy, RetryPolicy, RetryReport};
 pub use partitioned::Partitioned;
-pub use portable::{Portable, SqlProjection, SqlValue, Statement};
+pub use portable::{Dialect, Portable, SqlProjection, SqlValue, Statement};
 pub use postgres::{PostgresAdmin, PostgresCheckpoints, PostgresProjection, PostgresSink};
 pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};

@@ -6,7 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use factline_core::{EventStore, RecordedEvent, StreamFilter, Subscription};
+use std::collections::VecDeque;
+
+use factline_core::{
+    EventStore, RecordedEvent, StorageError, StoreError, StreamFilter, Subscription,
+};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -75,6 +79,92 @@ pub trait VersionedSink: Sink {
     /// How this version's tables differ from the active version's, with up
     /// to `samples` rows of each kind per table: the review before a swap.
     async fn diff(&mut self, samples: usize) -> Result<crate::DiffReport, ProjectionError>;
+}
+
+/// Events read ahead of the sink: a task reads the log in chunks while
+/// the sink applies the previous ones, so reading and writing overlap.
+/// It lives for one `run` or `catch_up`; what it read past the batch
+/// handed on is read again from the checkpoint next time.
+struct Feed {
+    chunks: tokio::sync::mpsc::Receiver<Result<Chunk, StoreError>>,
+    buffer: VecDeque<RecordedEvent>,
+    /// The reader had delivered everything committed when it sent the
+    /// last chunk received.
+    reader_caught_up: bool,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+struct Chunk {
+    events: Vec<RecordedEvent>,
+    caught_up: bool,
+}
+
+/// Events per chunk, and chunks read ahead.
+const CHUNK: usize = 512;
+const CHUNKS_AHEAD: usize = 4;
+
+impl Feed {
+    fn start(mut subscription: Subscription) -> Feed {
+        let (send, chunks) = tokio::sync::mpsc::channel(CHUNKS_AHEAD);
+        let reader = tokio::spawn(async move {
+            loop {
+                let mut events = Vec::with_capacity(CHUNK);
+                let chunk = async {
+                    events.push(subscription.next().await?);
+                    while events.len() < CHUNK && !subscription.caught_up() {
+                        events.push(subscription.next().await?);
+                    }
+                    Ok(())
+                }
+                .await;
+                let caught_up = subscription.caught_up();
+                let failed = chunk.err();
+                if !events.is_empty() && send.send(Ok(Chunk { events, caught_up })).await.is_err() {
+                    return;
+                }
+                if let Some(e) = failed {
+                    let _ = send.send(Err(e)).await;
+                    return;
+                }
+            }
+        });
+        Feed {
+            chunks,
+            buffer: VecDeque::new(),
+            reader_caught_up: false,
+            reader,
+        }
+    }
+
+    /// The next event; cancel-safe (nothing is lost when the wait is
+    /// dropped).
+    async fn next(&mut self) -> Result<RecordedEvent, StoreError> {
+        loop {
+            if let Some(event) = self.buffer.pop_front() {
+                return Ok(event);
+            }
+            match self.chunks.recv().await {
+                Some(Ok(chunk)) => {
+                    self.reader_caught_up = chunk.caught_up;
+                    self.buffer.extend(chunk.events);
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Err(StorageError::new("the log reader stopped").into()),
+            }
+        }
+    }
+
+    /// Whether everything committed (as far as the reader knew) is handed
+    /// out: a batch commits then instead of waiting for more.
+    fn caught_up(&self) -> bool {
+        self.buffer.is_empty() && self.reader_caught_up && self.chunks.is_empty()
+    }
+}
+
+impl Drop for Feed {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
 }
 
 /// Counts of a runner's work.
@@ -257,7 +347,7 @@ impl<S: Sink> Runner<S> {
         Ok(self.stats)
     }
 
-    async fn subscribe(&mut self) -> Result<Subscription, ProjectionError> {
+    async fn subscribe(&mut self) -> Result<Feed, ProjectionError> {
         crate::validate_name(self.sink.name())?;
         let checkpoint = self.sink.checkpoint().await?;
         self.stats.checkpoint = checkpoint;
@@ -274,7 +364,8 @@ impl<S: Sink> Runner<S> {
                 .map(|e| e.recorded_at),
         };
         self.status.committed(checkpoint, last_applied);
-        Ok(self.store.subscribe(StreamFilter::All, checkpoint + 1))
+        let subscription = self.store.subscribe(StreamFilter::All, checkpoint + 1);
+        Ok(Feed::start(subscription))
     }
 
     /// `first` and what follows it, up to the policy's size, its time limit
@@ -283,7 +374,7 @@ impl<S: Sink> Runner<S> {
     /// sink having to be `Sync`.)
     async fn fill_batch(
         policy: BatchPolicy,
-        subscription: &mut Subscription,
+        subscription: &mut Feed,
         first: RecordedEvent,
         to: u64,
     ) -> Result<Vec<RecordedEvent>, ProjectionError> {
@@ -296,7 +387,7 @@ impl<S: Sink> Runner<S> {
             && batch[batch.len() - 1].position < to
             && !subscription.caught_up()
         {
-            // `Subscription::next` loses nothing when cancelled: it moves
+            // `Feed::next` loses nothing when cancelled: it moves
             // its position only together with the events it keeps.
             match tokio::time::timeout_at(deadline, subscription.next()).await {
                 Ok(event) => batch.push(event?),

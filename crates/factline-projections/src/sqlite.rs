@@ -41,6 +41,22 @@ pub trait SqliteProjection: Send + 'static {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<(), ApplyError>;
+
+    /// Applies a run of events with nothing to park among them; an
+    /// implementation may do them together (set-based statements); on
+    /// failure it names the event that failed (or the run's first).
+    fn apply_all(
+        &mut self,
+        tx: &Transaction<'_>,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Result<(), (u64, ApplyError)> {
+        for event in events {
+            self.apply(tx, tables, event)
+                .map_err(|e| (event.position, e))?;
+        }
+        Ok(())
+    }
 }
 
 /// The checkpoints of every projection in a read-model file.
@@ -380,7 +396,32 @@ impl Batch<'_> {
             register(tx, name, tables)?;
         }
         let mut parked = 0;
-        for event in events {
+        let holds_any = events
+            .iter()
+            .any(|e| self.held.contains(e.stream_id.as_str()));
+        if !holds_any && matches!(handling, Handling::Apply) {
+            // Nothing to park: the whole run in one go.
+            let owned: Vec<RecordedEvent>;
+            let run = match partition {
+                Some(p) if p.count() > 1 => {
+                    owned = events
+                        .iter()
+                        .filter(|e| p.owns(e.stream_id.as_str()))
+                        .cloned()
+                        .collect();
+                    &owned[..]
+                }
+                _ => events,
+            };
+            if let Err((position, refusal)) = projection.apply_all(tx, tables, run) {
+                return Ok(BatchEnd::Refused(position, refusal));
+            }
+        }
+        let singly = match !holds_any && matches!(handling, Handling::Apply) {
+            true => &[][..],
+            false => events,
+        };
+        for event in singly {
             let stream = event.stream_id.as_str();
             if partition.is_some_and(|p| !p.owns(stream)) {
                 continue;

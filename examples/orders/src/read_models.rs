@@ -13,7 +13,7 @@
 
 use factline_aggregate::DomainEvent;
 use factline_core::RecordedEvent;
-use factline_projections::{ApplyError, SqlProjection, SqlValue, Statement, Tables};
+use factline_projections::{ApplyError, Dialect, SqlProjection, SqlValue, Statement, Tables};
 
 use crate::{CustomerEvent, OrderEvent};
 
@@ -198,6 +198,103 @@ impl SqlProjection for RevenueByRegionDay {
             _ => Vec::new(),
         })
     }
+
+    /// A whole batch in two set-based statements: the batch's placements,
+    /// then its money summed per region and day (with the orders' regions,
+    /// those of this batch included). The events' values go in as one JSON
+    /// array each.
+    fn batch_statements(
+        &mut self,
+        dialect: Dialect,
+        t: &Tables,
+        events: &[RecordedEvent],
+    ) -> Option<Result<Vec<Statement>, ApplyError>> {
+        Some(revenue_batch(dialect, t, events))
+    }
+}
+
+fn revenue_batch(
+    dialect: Dialect,
+    t: &Tables,
+    events: &[RecordedEvent],
+) -> Result<Vec<Statement>, ApplyError> {
+    let mut placed: Vec<(String, String)> = Vec::new();
+    // (order, day, paid, refunded, paid orders)
+    let mut money: Vec<(String, String, u64, u64, u64)> = Vec::new();
+    for event in events {
+        // Only these move revenue; the rest need no decoding.
+        if !matches!(
+            event.event_type.as_str(),
+            "OrderPlaced" | "OrderPaid" | "OrderCancelled"
+        ) {
+            continue;
+        }
+        match order_event(event)? {
+            Some(OrderEvent::OrderPlaced { region, .. }) => placed.push((order_id(event), region)),
+            Some(OrderEvent::OrderPaid { amount_cents, .. }) => {
+                money.push((order_id(event), day_of(event), amount_cents, 0, 1))
+            }
+            Some(OrderEvent::OrderCancelled { refund_cents, .. }) if refund_cents > 0 => {
+                money.push((order_id(event), day_of(event), 0, refund_cents, 0))
+            }
+            _ => {}
+        }
+    }
+    let (revenue, regions) = (t.get("revenue"), t.get("revenue_order_regions"));
+    // Elements of the JSON array parameter, and field `i` of one of them.
+    let (elements, as_number) = match dialect {
+        Dialect::Sqlite => ("json_each($1) AS e", ""),
+        Dialect::Postgres => (
+            "json_array_elements($1::text::json) AS e(value)",
+            "::bigint",
+        ),
+    };
+    let field = |i: usize| format!("e.value ->> {i}");
+    let number = |i: usize| format!("(e.value ->> {i}){as_number}");
+    let mut statements = Vec::new();
+    if !placed.is_empty() {
+        statements.push(Statement::new(
+            format!(
+                "INSERT INTO {regions} (order_id, region)
+                 SELECT {}, {} FROM {elements} WHERE true
+                 ON CONFLICT (order_id) DO NOTHING",
+                field(0),
+                field(1)
+            ),
+            vec![to_json(&placed)?.into()],
+        ));
+    }
+    if !money.is_empty() {
+        statements.push(Statement::new(
+            format!(
+                // The region is looked up per element (by the primary
+                // key), not joined: a join would let PostgreSQL scan the
+                // whole regions table for every batch.
+                "INSERT INTO {revenue} AS r (region, day, paid_cents, refunded_cents, paid_orders)
+                 SELECT region, day, sum(paid), sum(refunded), sum(orders)
+                 FROM (SELECT (SELECT o.region FROM {regions} o WHERE o.order_id = {order}) AS region,
+                              {day} AS day, {paid} AS paid, {refunded} AS refunded, {orders} AS orders
+                       FROM {elements}) AS m
+                 WHERE region IS NOT NULL
+                 GROUP BY region, day
+                 ON CONFLICT (region, day) DO UPDATE SET
+                     paid_cents = r.paid_cents + excluded.paid_cents,
+                     refunded_cents = r.refunded_cents + excluded.refunded_cents,
+                     paid_orders = r.paid_orders + excluded.paid_orders",
+                day = field(1),
+                order = field(0),
+                paid = number(2),
+                refunded = number(3),
+                orders = number(4),
+            ),
+            vec![to_json(&money)?.into()],
+        ));
+    }
+    Ok(statements)
+}
+
+fn to_json(value: &impl serde::Serialize) -> Result<String, ApplyError> {
+    serde_json::to_string(value).map_err(|e| ApplyError::new(e.to_string()))
 }
 
 /// Per customer: name, region, orders placed, cents paid and refunded.
