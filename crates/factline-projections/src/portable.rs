@@ -81,6 +81,13 @@ pub trait SqlProjection: Send + Sync + 'static {
     fn tables(&self) -> &[&str];
     /// `CREATE TABLE IF NOT EXISTS …` (and indexes) for this version.
     fn create_tables(&self, tables: &Tables) -> Vec<String>;
+
+    /// [`SqlProjection::create_tables`] for one database, for what only it
+    /// has (SQLite's `WITHOUT ROWID` tables keyed by text, say).
+    fn create_tables_for(&self, dialect: Dialect, tables: &Tables) -> Vec<String> {
+        let _ = dialect;
+        self.create_tables(tables)
+    }
     /// The statements `event` makes, run in order in the batch's
     /// transaction.
     fn statements(
@@ -123,6 +130,9 @@ impl SqlProjection for Box<dyn SqlProjection> {
     }
     fn create_tables(&self, tables: &Tables) -> Vec<String> {
         (**self).create_tables(tables)
+    }
+    fn create_tables_for(&self, dialect: Dialect, tables: &Tables) -> Vec<String> {
+        (**self).create_tables_for(dialect, tables)
     }
     fn statements(
         &mut self,
@@ -259,7 +269,7 @@ impl<P: SqlProjection> SqliteProjection for Portable<P> {
         self.projection.tables()
     }
     fn setup(&mut self, tx: &rusqlite::Transaction<'_>, tables: &Tables) -> rusqlite::Result<()> {
-        for ddl in self.projection.create_tables(tables) {
+        for ddl in self.projection.create_tables_for(Dialect::Sqlite, tables) {
             tx.execute(&sqlite_sql(&ddl), [])?;
         }
         Ok(())
@@ -315,7 +325,7 @@ impl<P: SqlProjection> PostgresProjection for Portable<P> {
         tx: &tokio_postgres::Transaction<'_>,
         tables: &Tables,
     ) -> Result<(), tokio_postgres::Error> {
-        for ddl in self.projection.create_tables(tables) {
+        for ddl in self.projection.create_tables_for(Dialect::Postgres, tables) {
             tx.batch_execute(&ddl).await?;
         }
         Ok(())

@@ -84,6 +84,16 @@ pub struct PostgresSink<P> {
     seen: Option<u64>,
     lease: Lease,
     schema: String,
+    /// Every batch's own statements, prepared once per connection: an
+    /// unprepared one costs a second round trip.
+    prepared: Option<BatchStatements>,
+}
+
+struct BatchStatements {
+    lock_active: tokio_postgres::Statement,
+    paused: tokio_postgres::Statement,
+    save_checkpoint: tokio_postgres::Statement,
+    move_checkpoint: tokio_postgres::Statement,
 }
 
 /// Whether a sink takes its projection's lease before it writes (P12).
@@ -124,6 +134,14 @@ impl<P: PostgresProjection> PostgresSink<P> {
         let name = projection.name().to_owned();
         crate::validate_name(&name)?;
         let (client, checkpoints) = connect_with_checkpoints(url, schema, &name).await?;
+        // A batch commits its rows and its checkpoint together, so a commit
+        // lost in a crash is replayed from the older checkpoint: read models
+        // need no flush per commit (SQLite sinks use synchronous=NORMAL for
+        // the same reason). Reactor checkpoints keep their flushes.
+        client
+            .batch_execute("SET synchronous_commit = off")
+            .await
+            .map_err(|e| failure(&name, "configuring the connection", e))?;
         let tables = Tables::new(
             &name,
             Some(schema),
@@ -148,6 +166,7 @@ impl<P: PostgresProjection> PostgresSink<P> {
             seen: None,
             lease: Lease::Unused,
             schema: schema.to_owned(),
+            prepared: None,
         })
     }
 
@@ -655,7 +674,26 @@ impl<P: PostgresProjection> PostgresSink<P> {
         if self.held.is_none() {
             self.held = Some(self.held_streams().await?);
         }
-        let upsert = save_checkpoint_sql(&self.checkpoints);
+        if self.prepared.is_none() {
+            let client = &self.client;
+            let prepare = |sql: String| async move { client.prepare(&sql).await };
+            let (lock_active, paused, save_checkpoint, move_checkpoint) = tokio::try_join!(
+                prepare(format!(
+                    "SELECT active_version, tables FROM {} WHERE name = $1 FOR SHARE",
+                    self.versions
+                )),
+                prepare(self.paused_sql.clone()),
+                prepare(save_checkpoint_sql(&self.checkpoints)),
+                prepare(move_checkpoint_sql(&self.checkpoints)),
+            )
+            .map_err(|e| self.failed("preparing the batch statements", e))?;
+            self.prepared = Some(BatchStatements {
+                lock_active,
+                paused,
+                save_checkpoint,
+                move_checkpoint,
+            });
+        }
         let (name, set_up) = (self.name.clone(), self.set_up);
         let key = checkpoint_key(&name, self.tables.version(), self.partition);
         let tx = self
@@ -674,16 +712,26 @@ impl<P: PostgresProjection> PostgresSink<P> {
                 .await
                 .map_err(|e| fail("waiting for the setup lock", e))?;
         }
+        let Some(statements) = self.prepared.as_ref() else {
+            return Err(ProjectionError::ReadModel {
+                projection: name,
+                message: "the batch statements are not prepared".into(),
+            });
+        };
         // Checked in every batch, under a lock on the registry row: a swap
         // by another runner or process stops this version from writing.
-        let active = lock_active(&tx, &self.versions, &name, false)
-            .await
-            .map_err(|e| fail("reading the active version", e))?;
-        // Read after the registry row's lock: a pause that holds the lock
-        // exclusively is committed and seen here.
-        let paused = tx
-            .query_opt(&self.paused_sql, &[&name])
-            .await
+        // The pause is read after it (the server runs the pipeline in
+        // order): a pause that holds the lock exclusively is committed and
+        // seen here.
+        let by_name: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&name];
+        let (active, paused) = tokio::join!(
+            tx.query_opt(&statements.lock_active, &by_name),
+            tx.query_opt(&statements.paused, &by_name),
+        );
+        let active = active
+            .map_err(|e| fail("reading the active version", e))?
+            .map(|r| Active::parse(i64::from(r.get::<_, i32>(0)), r.get(1)));
+        let paused = paused
             .map_err(|e| fail("reading whether it is paused", e))?
             .is_some_and(|r| r.get::<_, bool>(0));
         if paused {
@@ -775,13 +823,13 @@ impl<P: PostgresProjection> PostgresSink<P> {
         }
         let moved = match self.seen {
             Some(seen) => {
-                tx.execute(
-                    &move_checkpoint_sql(&self.checkpoints),
-                    &[&key, &last, &(seen as i64)],
-                )
-                .await
+                tx.execute(&statements.move_checkpoint, &[&key, &last, &(seen as i64)])
+                    .await
             }
-            None => tx.execute(&upsert, &[&key, &last]).await,
+            None => {
+                tx.execute(&statements.save_checkpoint, &[&key, &last])
+                    .await
+            }
         }
         .map_err(|e| fail("moving the checkpoint", e))?;
         if moved == 0 {

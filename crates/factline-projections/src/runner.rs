@@ -25,6 +25,19 @@ pub struct BatchPolicy {
     pub max_wait: Duration,
 }
 
+impl BatchPolicy {
+    /// For rebuilds: a version being built serves no reads, so its batches
+    /// may be large — 5 000 events or a second. Fewer, larger commits (and
+    /// set-based statements over more events) replay history several
+    /// times faster on PostgreSQL.
+    pub fn rebuild() -> Self {
+        BatchPolicy {
+            max_events: 5_000,
+            max_wait: Duration::from_secs(1),
+        }
+    }
+}
+
 impl Default for BatchPolicy {
     fn default() -> Self {
         BatchPolicy {
@@ -99,13 +112,13 @@ struct Chunk {
     caught_up: bool,
 }
 
-/// Events per chunk, and chunks read ahead.
+/// Events per chunk.
 const CHUNK: usize = 512;
-const CHUNKS_AHEAD: usize = 4;
 
 impl Feed {
-    fn start(mut subscription: Subscription) -> Feed {
-        let (send, chunks) = tokio::sync::mpsc::channel(CHUNKS_AHEAD);
+    /// Reads up to about `ahead` events ahead of the consumer.
+    fn start(mut subscription: Subscription, ahead: usize) -> Feed {
+        let (send, chunks) = tokio::sync::mpsc::channel(ahead.div_ceil(CHUNK).max(2));
         let reader = tokio::spawn(async move {
             loop {
                 let mut events = Vec::with_capacity(CHUNK);
@@ -365,7 +378,8 @@ impl<S: Sink> Runner<S> {
         };
         self.status.committed(checkpoint, last_applied);
         let subscription = self.store.subscribe(StreamFilter::All, checkpoint + 1);
-        Ok(Feed::start(subscription))
+        // Two batches ahead: the next one is read while this one is applied.
+        Ok(Feed::start(subscription, 2 * self.policy().max_events))
     }
 
     /// `first` and what follows it, up to the policy's size, its time limit

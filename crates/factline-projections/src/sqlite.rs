@@ -154,6 +154,9 @@ impl<P: SqliteProjection> SqliteSink<P> {
         // checkpoint: read model and checkpoint move together.
         conn.pragma_update(None, "synchronous", "NORMAL")
             .map_err(&failed)?;
+        // A batch's pages stay in memory until its commit (32 MiB).
+        conn.pragma_update(None, "cache_size", -32_768)
+            .map_err(&failed)?;
         conn.execute_batch(CHECKPOINTS).map_err(&failed)?;
         Ok(SqliteSink {
             name,

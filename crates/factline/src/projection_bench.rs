@@ -199,7 +199,10 @@ async fn time_rebuild<S: Sink + 'static>(
     sink: S,
 ) -> anyhow::Result<f64> {
     let started = Instant::now();
-    let stats = Runner::new(store.clone(), sink).catch_up(u64::MAX).await?;
+    let stats = Runner::new(store.clone(), sink)
+        .with_policy(factline_projections::BatchPolicy::rebuild())
+        .catch_up(u64::MAX)
+        .await?;
     anyhow::ensure!(stats.events > 0, "the rebuild applied nothing");
     Ok(started.elapsed().as_secs_f64())
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use factline::{EventStore, Location};
 use factline_projections::{
-    Parking, Partition, Portable, PostgresSink, ProjectionInfo, ProjectionStatus, Runner,
-    SqliteSink, VersionedSink,
+    BatchPolicy, Parking, Partition, Portable, PostgresSink, ProjectionInfo, ProjectionStatus,
+    Runner, SqliteSink, VersionedSink,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -386,7 +386,7 @@ async fn build_and_swap<S: VersionedSink + 'static>(
     let mut runners: Vec<Runner<S>> = sinks
         .into_iter()
         .map(|sink| {
-            let runner = Runner::new(store.clone(), sink);
+            let runner = Runner::new(store.clone(), sink).with_policy(BatchPolicy::rebuild());
             match args.rate {
                 // The limit is for the whole rebuild.
                 Some(rate) => runner.with_rate_limit((rate / u64::from(partitions)).max(1)),

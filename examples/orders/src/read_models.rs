@@ -156,6 +156,18 @@ impl SqlProjection for RevenueByRegionDay {
             ),
         ]
     }
+    /// On SQLite both tables are keyed by text: stored in their primary key
+    /// (`WITHOUT ROWID`), a row is one B-tree insert instead of two.
+    fn create_tables_for(&self, dialect: Dialect, t: &Tables) -> Vec<String> {
+        let tables = self.create_tables(t);
+        match dialect {
+            Dialect::Sqlite => tables
+                .into_iter()
+                .map(|ddl| ddl + " WITHOUT ROWID")
+                .collect(),
+            Dialect::Postgres => tables,
+        }
+    }
     fn statements(
         &mut self,
         t: &Tables,
