@@ -112,20 +112,26 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
     let report = load::run(store.clone(), &config).await?;
     // The read models follow live; wait for them to have every event.
     let head = store.head_position().await?;
-    for (status, _) in &running {
-        if status
-            .wait_for(head, Duration::from_secs(60))
-            .await
-            .is_err()
-        {
-            break;
+    // The read models follow live, here or (on PostgreSQL) in another
+    // process holding their leases: wait until the database says they have
+    // every event.
+    let admin = read_models.db.admin().await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let lags = loop {
+        let infos = admin.projections().await?;
+        let known: Vec<_> = catalog::known()
+            .iter()
+            .filter_map(|p| infos.iter().find(|i| i.name == p.name()).cloned())
+            .collect();
+        let all_there = known.len() == running.len() && known.iter().all(|i| i.checkpoint >= head);
+        if all_there || tokio::time::Instant::now() >= deadline {
+            break known;
         }
-    }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     stop.send_replace(true);
-    let mut lags = Vec::new();
-    for (status, task) in running {
+    for (_, task) in running {
         task.await??;
-        lags.push((status.name().to_owned(), status.lag(head)));
     }
     let summary = read_models.summary().await?;
 
@@ -159,10 +165,13 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
         );
     }
     println!("\nRead models, kept up to date while the commands ran:");
-    for (name, lag) in &lags {
+    for info in &lags {
         println!(
-            "  {name:<16} at position {:>8}, {} behind, {} parked",
-            lag.checkpoint, lag.events_behind, lag.parked
+            "  {:<16} at position {:>8}, {} behind, {} parked",
+            info.name,
+            info.checkpoint,
+            head.saturating_sub(info.checkpoint),
+            info.parked
         );
     }
     println!("\nOrders by status (all runs):");
