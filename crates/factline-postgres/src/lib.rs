@@ -13,6 +13,7 @@
 
 pub mod baseline;
 mod error;
+mod inline;
 mod listener;
 mod schema;
 mod writer;
@@ -33,6 +34,7 @@ use factline_core::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Row;
 
+pub use inline::InlineProjection;
 pub use schema::SCHEMA_VERSION;
 pub use writer::CommitGate;
 
@@ -125,6 +127,16 @@ impl PostgresStore {
     }
 
     pub async fn connect_with(config: PostgresConfig) -> Result<Self, StoreError> {
+        Self::connect_with_inline(config, Vec::new()).await
+    }
+
+    /// Connects with projections the writer updates in each append's own
+    /// transaction (C6); see [`InlineProjection`]. Every process that
+    /// appends to the database should register the same ones.
+    pub async fn connect_with_inline(
+        config: PostgresConfig,
+        inline: Vec<Box<dyn InlineProjection>>,
+    ) -> Result<Self, StoreError> {
         schema::validate_schema_name(&config.schema)?;
         let mut pg_config: tokio_postgres::Config = config.url.parse().map_err(|e| {
             StoreError::invalid_input(format!("invalid PostgreSQL connection string: {e}"))
@@ -196,6 +208,7 @@ impl PostgresStore {
             known_streams: Default::default(),
             limits: config.limits,
             last_purge: None,
+            inline,
         };
         tokio::spawn(writer.run(jobs));
         let (stop_listener, stopped) = oneshot::channel();

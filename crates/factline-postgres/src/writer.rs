@@ -26,6 +26,8 @@ use factline_core::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;
+
+use crate::inline::{InlineProjection, Refusal};
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
@@ -61,6 +63,8 @@ pub(crate) struct Writer {
     /// Command key retention and purge interval.
     pub limits: Limits,
     pub last_purge: Option<Instant>,
+    /// Inline projections (C6): they need the slow path.
+    pub inline: Vec<Box<dyn InlineProjection>>,
 }
 
 /// Most streams the writer remembers; past this it starts afresh.
@@ -160,7 +164,13 @@ impl Writer {
             last_position: 0,
             last_stream_no: RELATIVE_STREAM_BASE,
         };
-        if let Ok(plan) = plan_batch(batch, &self.known_streams, None, None, relative) {
+        let fast = self.inline.is_empty();
+        let no_skips = vec![false; batch.len()];
+        let planned = match fast {
+            true => plan_batch(batch, &no_skips, &self.known_streams, None, None, relative).ok(),
+            false => None,
+        };
+        if let Some(plan) = planned {
             let result = match self.take_connection().await {
                 Ok(conn) => {
                     let result = attempt_fast(&conn, plan, recorded_at, gate.as_ref()).await;
@@ -187,16 +197,23 @@ impl Writer {
         // otherwise found by the unique index; then the batch is replayed
         // with every id looked up first. Only retries get there.
         let mut check_all_ids = false;
+        // Appends an inline projection refused: written again without them.
+        let mut refused: Vec<Option<StoreError>> = (0..batch.len()).map(|_| None).collect();
         loop {
+            let skip: Vec<bool> = refused.iter().map(Option::is_some).collect();
+            let mut inline = std::mem::take(&mut self.inline);
             let result = match self.take_connection().await {
                 Ok(conn) => {
                     let result = attempt_batch(
                         &conn,
                         batch,
+                        &skip,
                         check_all_ids,
                         &commands,
                         recorded_at,
                         gate.as_ref(),
+                        &mut inline,
+                        &self.sql.read_all,
                     )
                     .await;
                     self.put_back(conn);
@@ -204,10 +221,32 @@ impl Writer {
                 }
                 Err(e) => Err(e),
             };
+            if !matches!(result, Ok(Attempt::Committed(..))) {
+                for projection in inline.iter_mut() {
+                    projection.rolled_back();
+                }
+            }
+            self.inline = inline;
             match result {
-                Ok(Attempt::Committed(outcomes, streams)) => {
+                Ok(Attempt::Committed(mut outcomes, streams)) => {
                     self.remember(streams);
+                    for (outcome, refusal) in outcomes.iter_mut().zip(refused) {
+                        if let Some(refusal) = refusal {
+                            *outcome = Err(refusal);
+                        }
+                    }
                     return outcomes;
+                }
+                Ok(Attempt::InlineRefused { index, error }) => {
+                    let Some(index) = index.filter(|i| refused[*i].is_none()) else {
+                        // An event from before this batch: no append can
+                        // pass until it is fixed.
+                        return batch
+                            .iter()
+                            .map(|_| Err(error.clone_refusal()))
+                            .collect();
+                    };
+                    refused[index] = Some(error.into());
                 }
                 Ok(Attempt::StoredEventId) if !check_all_ids => check_all_ids = true,
                 Ok(Attempt::StoredEventId) => {
@@ -352,6 +391,36 @@ enum Attempt {
     /// The insert hit an event id stored before this transaction; it was
     /// rolled back.
     StoredEventId,
+    /// An inline projection refused an event of the append at `index` (of
+    /// none of the batch's appends: `None`); rolled back.
+    InlineRefused {
+        index: Option<usize>,
+        error: InlineRefusal,
+    },
+}
+
+/// An inline projection's refusal, handed to every append it fails.
+pub(crate) struct InlineRefusal {
+    projection: String,
+    message: String,
+}
+
+impl InlineRefusal {
+    fn clone_refusal(&self) -> StoreError {
+        StoreError::InlineRefused {
+            projection: self.projection.clone(),
+            message: self.message.clone(),
+        }
+    }
+}
+
+impl From<InlineRefusal> for StoreError {
+    fn from(r: InlineRefusal) -> Self {
+        StoreError::InlineRefused {
+            projection: r.projection,
+            message: r.message,
+        }
+    }
 }
 
 fn owned_streams(streams: &[(&str, i64, u64)]) -> Vec<(String, i64, u64)> {
@@ -490,13 +559,17 @@ struct CommandRules {
     purge: bool,
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn attempt_batch(
     conn: &Connection,
     batch: &[AppendJob],
+    skip: &[bool],
     check_all_ids: bool,
     rules: &CommandRules,
     recorded_at: DateTime<Utc>,
     gate: Option<&CommitGate>,
+    inline: &mut [Box<dyn InlineProjection>],
+    read_all: &str,
 ) -> Result<Attempt, StorageError> {
     let client = &conn.client;
     let mut stream_ids: Vec<&str> = batch.iter().map(|j| j.stream_id.as_str()).collect();
@@ -568,7 +641,14 @@ async fn attempt_batch(
         retention: rules.retention,
     };
     let plan = loop {
-        match plan_batch(batch, &streams, stored.as_ref(), Some(&commands), head) {
+        match plan_batch(
+            batch,
+            skip,
+            &streams,
+            stored.as_ref(),
+            Some(&commands),
+            head,
+        ) {
             Ok(plan) => break plan,
             Err(NeedStoredIds) => stored = Some(find_events(conn, batch).await?),
         }
@@ -585,6 +665,13 @@ async fn attempt_batch(
         return Ok(Attempt::Committed(plan.outcomes, Vec::new()));
     }
     let writes = write_plan(conn, &plan, recorded_at, Placement::Absolute);
+    if !inline.is_empty() {
+        let undone = write_with_inline(conn, &plan, writes, gate, inline, read_all, head).await?;
+        return Ok(match undone {
+            Some(attempt) => attempt,
+            None => Attempt::Committed(plan.outcomes, owned_streams(&plan.streams)),
+        });
+    }
     match commit_writes(conn, writes, gate).await? {
         Ok(()) => {
             let streams = owned_streams(&plan.streams);
@@ -594,6 +681,75 @@ async fn attempt_batch(
         Err(Collision { on_event_id: false }) => Err(StorageError::new(
             "a stream or version was written concurrently by something other than a factline writer",
         )),
+    }
+}
+
+/// The slow path's writes, then the inline projections up to the batch's
+/// last position, then COMMIT (`None`); a refusal rolls everything back
+/// and names the append it came from.
+async fn write_with_inline(
+    conn: &Connection,
+    plan: &Plan<'_>,
+    writes: impl Future<Output = Result<(), WriteFailure>>,
+    gate: Option<&CommitGate>,
+    inline: &mut [Box<dyn InlineProjection>],
+    read_all: &str,
+    head: Head,
+) -> Result<Option<Attempt>, StorageError> {
+    match writes.await {
+        Ok(()) => {}
+        Err(failure) => {
+            rollback(conn).await;
+            return match failure {
+                WriteFailure::Collided(Collision { on_event_id: true }) => {
+                    Ok(Some(Attempt::StoredEventId))
+                }
+                WriteFailure::Collided(Collision { on_event_id: false }) => Err(StorageError::new(
+                    "a stream or version was written concurrently by something other than a factline writer",
+                )),
+                WriteFailure::Rejected(e) | WriteFailure::Lost(e) => Err(e),
+            };
+        }
+    }
+    let last = plan.events.position.last().map_or(0, |p| *p as u64);
+    match crate::inline::catch_up(&conn.client, read_all, inline, last).await {
+        Ok(()) => {}
+        Err(Refusal::Storage(e)) => {
+            rollback(conn).await;
+            return Err(storage(e));
+        }
+        Err(Refusal::Event {
+            position,
+            projection,
+            message,
+        }) => {
+            rollback(conn).await;
+            let index = (position > head.last_position)
+                .then(|| {
+                    plan.outcomes.iter().position(|o| {
+                        matches!(o, Ok(Appended::Written(r))
+                            if r.first_position <= position && position <= r.last_position)
+                    })
+                })
+                .flatten();
+            return Ok(Some(Attempt::InlineRefused {
+                index,
+                error: InlineRefusal {
+                    projection,
+                    message,
+                },
+            }));
+        }
+    }
+    if let Some(gate) = gate {
+        if !gate().await {
+            rollback(conn).await;
+            return Err(StorageError::new("the commit was cancelled"));
+        }
+    }
+    match conn.client.execute(&conn.commit, &[]).await {
+        Ok(_) => Ok(None),
+        Err(e) => Err(outcome_unknown(storage(pg_error("committing appends", e)))),
     }
 }
 
@@ -998,6 +1154,7 @@ pub(crate) struct Commands {
 /// decided without them.
 pub(crate) fn plan_batch<'a>(
     batch: &'a [AppendJob],
+    skip: &[bool],
     streams: &HashMap<String, (i64, u64)>,
     stored: Option<&HashMap<Uuid, ExistingEvent>>,
     commands: Option<&Commands>,
@@ -1012,7 +1169,12 @@ pub(crate) fn plan_batch<'a>(
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut new_commands: Vec<CommandRecord> = Vec::new();
     let mut next = head;
-    for job in batch {
+    for (index, job) in batch.iter().enumerate() {
+        if skip.get(index) == Some(&true) {
+            // Refused by an inline projection: the caller fills in why.
+            outcomes.push(Err(StoreError::invalid_input("skipped")));
+            continue;
+        }
         if let Some(command) = &job.command {
             let commands = commands.ok_or(NeedStoredIds)?;
             let earlier = new_commands.iter().rev().find(|r| r.key == command.key);

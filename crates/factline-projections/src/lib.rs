@@ -29,7 +29,9 @@ pub use diff::{DiffReport, TableDiff};
 pub use parking::{ParkedEvent, Parking, PoisonPolicy, RetryPolicy, RetryReport};
 pub use partitioned::Partitioned;
 pub use portable::{Dialect, Portable, SqlProjection, SqlValue, Statement};
-pub use postgres::{PostgresAdmin, PostgresCheckpoints, PostgresProjection, PostgresSink};
+pub use postgres::{
+    PostgresAdmin, PostgresCheckpoints, PostgresInline, PostgresProjection, PostgresSink,
+};
 pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};
 pub use sqlite::{SqliteAdmin, SqliteCheckpoints, SqliteInline, SqliteProjection, SqliteSink};

@@ -464,6 +464,44 @@ fn move_checkpoint_sql(table: &str) -> String {
     )
 }
 
+/// The tables every read-model schema has: checkpoints, parked events,
+/// versions and controls.
+fn read_model_ddl(schema: &str) -> String {
+    let checkpoints = format!("\"{schema}\".projection_checkpoints");
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+             CREATE TABLE IF NOT EXISTS {checkpoints} (
+                 name       text        PRIMARY KEY,
+                 position   bigint      NOT NULL,
+                 updated_at timestamptz NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_parked_events (
+                 projection text        NOT NULL,
+                 version    integer     NOT NULL,
+                 position   bigint      NOT NULL,
+                 stream_id  text        NOT NULL,
+                 event_id   text        NOT NULL,
+                 event_type text        NOT NULL,
+                 error      text        NOT NULL,
+                 attempts   integer     NOT NULL,
+                 state      text        NOT NULL,
+                 parked_at  timestamptz NOT NULL,
+                 PRIMARY KEY (projection, version, position)
+             );
+             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_versions (
+                 name           text        PRIMARY KEY,
+                 active_version integer     NOT NULL,
+                 tables         text        NOT NULL,
+                 swapped_at     timestamptz NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_controls (
+                 name       text        PRIMARY KEY,
+                 paused     boolean     NOT NULL,
+                 updated_at timestamptz NOT NULL
+             );"
+    )
+}
+
 /// A connection named after `name`, with `<schema>.projection_checkpoints`
 /// created if missing; returns the client and the table's quoted name.
 async fn connect_with_checkpoints(
@@ -501,38 +539,7 @@ async fn connect_with_checkpoints(
     });
     let checkpoints = format!("\"{schema}\".projection_checkpoints");
     client
-        .batch_execute(&format!(
-            "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
-             CREATE TABLE IF NOT EXISTS {checkpoints} (
-                 name       text        PRIMARY KEY,
-                 position   bigint      NOT NULL,
-                 updated_at timestamptz NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_parked_events (
-                 projection text        NOT NULL,
-                 version    integer     NOT NULL,
-                 position   bigint      NOT NULL,
-                 stream_id  text        NOT NULL,
-                 event_id   text        NOT NULL,
-                 event_type text        NOT NULL,
-                 error      text        NOT NULL,
-                 attempts   integer     NOT NULL,
-                 state      text        NOT NULL,
-                 parked_at  timestamptz NOT NULL,
-                 PRIMARY KEY (projection, version, position)
-             );
-             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_versions (
-                 name           text        PRIMARY KEY,
-                 active_version integer     NOT NULL,
-                 tables         text        NOT NULL,
-                 swapped_at     timestamptz NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_controls (
-                 name       text        PRIMARY KEY,
-                 paused     boolean     NOT NULL,
-                 updated_at timestamptz NOT NULL
-             );"
-        ))
+        .batch_execute(&read_model_ddl(schema))
         .await
         .or_else(|e| {
             // Two runners creating the table at once: one wins.
@@ -1356,5 +1363,196 @@ impl PostgresAdmin {
         .await
         .map_err(fail)?;
         tx.commit().await.map_err(fail)
+    }
+}
+
+/// A [`SqlProjection`](crate::SqlProjection) updated by the PostgreSQL
+/// store's writer in each append's own transaction (C6): connect the store
+/// with `PostgresStore::connect_with_inline(config,
+/// vec![Box::new(PostgresInline::new(p, "read")?)])`. Its read model is in
+/// `schema` of the events' database, is never behind the log, and shows in
+/// the admin view like any projection. A refused event fails the append
+/// that brought it; nothing of that append is written.
+///
+/// Its statements run on the writer's connection, unprepared (they must
+/// survive the writer reconnecting), batch by batch
+/// (`batch_statements`) or event by event.
+pub struct PostgresInline<P> {
+    name: String,
+    schema: String,
+    tables: Tables,
+    projection: P,
+    set_up: bool,
+    /// The checkpoint as last read or written in the writer's transaction.
+    seen: Option<u64>,
+}
+
+impl<P: crate::SqlProjection> PostgresInline<P> {
+    pub fn new(projection: P, schema: &str) -> Result<Self, ProjectionError> {
+        let name = projection.name().to_owned();
+        crate::validate_name(&name)?;
+        let tables = Tables::new(
+            &name,
+            Some(schema),
+            projection.version(),
+            projection.tables(),
+        )?;
+        Ok(PostgresInline {
+            name,
+            schema: schema.to_owned(),
+            tables,
+            projection,
+            set_up: false,
+            seen: None,
+        })
+    }
+
+    /// Creates the tables, and on the first build the views and the
+    /// registry row, inside the writer's transaction.
+    async fn set_up(&mut self, client: &Client) -> Result<(), String> {
+        let s = &self.schema;
+        let text = |e: tokio_postgres::Error| describe(&e);
+        for ddl in self
+            .projection
+            .create_tables_for(crate::Dialect::Postgres, &self.tables)
+        {
+            client.batch_execute(&ddl).await.map_err(text)?;
+        }
+        let active = client
+            .query_opt(
+                &format!("SELECT active_version FROM \"{s}\".projection_versions WHERE name = $1"),
+                &[&self.name],
+            )
+            .await
+            .map_err(text)?
+            .map(|r| r.get::<_, i32>(0) as u32);
+        match active {
+            Some(v) if v == self.tables.version() => {}
+            Some(v) => {
+                return Err(format!(
+                    "version {v} is the active one, not {}: rebuild it with the new code first",
+                    self.tables.version()
+                ))
+            }
+            None => {
+                for statement in self.tables.repoint_views(&[]) {
+                    client.batch_execute(&statement).await.map_err(text)?;
+                }
+                client
+                    .execute(
+                        &format!(
+                            "INSERT INTO \"{s}\".projection_versions (name, active_version, tables, swapped_at)
+                             VALUES ($1, $2, $3, now())"
+                        ),
+                        &[
+                            &self.name,
+                            &(self.tables.version() as i32),
+                            &Active::tables_text(self.tables.logical()),
+                        ],
+                    )
+                    .await
+                    .map_err(text)?;
+            }
+        }
+        self.set_up = true;
+        Ok(())
+    }
+
+    async fn run(&self, client: &Client, statements: &[crate::Statement]) -> Result<(), String> {
+        for statement in statements {
+            let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = statement
+                .params
+                .iter()
+                .map(|p| p as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect();
+            client
+                .execute(statement.sql.as_str(), &params)
+                .await
+                .map_err(|e| describe(&e))?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl<P: crate::SqlProjection> factline_postgres::InlineProjection for PostgresInline<P> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn checkpoint(&mut self, client: &Client) -> Result<u64, String> {
+        if !self.set_up {
+            client
+                .batch_execute(&read_model_ddl(&self.schema))
+                .await
+                .map_err(|e| describe(&e))?;
+        }
+        let key = checkpoint_key(&self.name, self.tables.version(), None);
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT position FROM \"{}\".projection_checkpoints WHERE name = $1",
+                    self.schema
+                ),
+                &[&key],
+            )
+            .await
+            .map_err(|e| describe(&e))?;
+        let at = row.map_or(0, |r| r.get::<_, i64>(0) as u64);
+        self.seen = Some(at);
+        Ok(at)
+    }
+
+    async fn apply(
+        &mut self,
+        client: &Client,
+        events: &[RecordedEvent],
+    ) -> Result<(), (u64, String)> {
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            return Ok(());
+        };
+        let (first, last) = (first.position, last.position);
+        if !self.set_up {
+            self.set_up(client).await.map_err(|e| (first, e))?;
+        }
+        match self
+            .projection
+            .batch_statements(crate::Dialect::Postgres, &self.tables, events)
+        {
+            Some(statements) => {
+                let statements = statements.map_err(|e| (first, e.into_message()))?;
+                self.run(client, &statements)
+                    .await
+                    .map_err(|e| (first, e))?;
+            }
+            None => {
+                for event in events {
+                    let statements = self
+                        .projection
+                        .statements(&self.tables, event)
+                        .map_err(|e| (event.position, e.into_message()))?;
+                    self.run(client, &statements)
+                        .await
+                        .map_err(|e| (event.position, e))?;
+                }
+            }
+        }
+        let key = checkpoint_key(&self.name, self.tables.version(), None);
+        let table = format!("\"{}\".projection_checkpoints", self.schema);
+        let seen = self.seen.unwrap_or(0) as i64;
+        let moved = client
+            .execute(&move_checkpoint_sql(&table), &[&key, &(last as i64), &seen])
+            .await
+            .map_err(|e| (last, describe(&e)))?;
+        if moved == 0 {
+            return Err((last, "its checkpoint moved outside the writer".into()));
+        }
+        self.seen = Some(last);
+        Ok(())
+    }
+
+    fn rolled_back(&mut self) {
+        self.set_up = false;
+        self.seen = None;
     }
 }

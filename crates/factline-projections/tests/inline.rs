@@ -1,4 +1,4 @@
-//! Inline projections (C6) on SQLite: the writer updates the read model in
+//! Inline projections (C6) on SQLite and PostgreSQL: the writer updates the read model in
 //! the append's own transaction, so it is never behind; a refused event
 //! fails its own append only, with nothing of it written; events appended
 //! without the projection are applied before the next append, and at open.
@@ -6,7 +6,11 @@
 use std::sync::Arc;
 
 use factline_core::{EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError, StreamId};
-use factline_projections::{ApplyError, SqliteAdmin, SqliteInline, SqliteProjection, Tables};
+use factline_postgres::{PostgresConfig, PostgresStore};
+use factline_projections::{
+    ApplyError, PostgresAdmin, PostgresInline, SqlProjection, SqliteAdmin, SqliteInline,
+    SqliteProjection, Statement, Tables,
+};
 use factline_sqlite::{SqliteConfig, SqliteStore};
 use serde_json::json;
 
@@ -219,5 +223,196 @@ async fn events_appended_without_it_are_applied_at_open_and_before_the_next_appe
         .unwrap();
     let names = names(&path);
     assert_eq!(names.len(), 7);
+    assert!(names.contains(&("side".to_owned(), "User-side".to_owned())));
+}
+
+/// The same read model as SQL for PostgreSQL: a name taken twice breaks
+/// the primary key, which refuses the append that brought it.
+struct UserNamesSql;
+
+impl SqlProjection for UserNamesSql {
+    fn name(&self) -> &str {
+        "user_names"
+    }
+    fn tables(&self) -> &[&str] {
+        &["user_names"]
+    }
+    fn create_tables(&self, t: &Tables) -> Vec<String> {
+        vec![format!(
+            "CREATE TABLE IF NOT EXISTS {} (name TEXT PRIMARY KEY, stream_id TEXT NOT NULL)",
+            t.get("user_names")
+        )]
+    }
+    fn statements(
+        &mut self,
+        t: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Statement>, ApplyError> {
+        if event.event_type != "UserRegistered" {
+            return Ok(Vec::new());
+        }
+        let name = event.data["name"].as_str().unwrap_or_default().to_owned();
+        Ok(vec![Statement::new(
+            format!(
+                "INSERT INTO {} (name, stream_id) VALUES ($1, $2)",
+                t.get("user_names")
+            ),
+            vec![name.into(), event.stream_id.to_string().into()],
+        )])
+    }
+}
+
+async fn open_postgres(url: &str) -> Arc<dyn EventStore> {
+    let inline = PostgresInline::new(UserNamesSql, "read").unwrap();
+    let store =
+        PostgresStore::connect_with_inline(PostgresConfig::new(url), vec![Box::new(inline)]);
+    Arc::new(store.await.unwrap())
+}
+
+async fn postgres_names(url: &str) -> Vec<(String, String)> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .query(
+            "SELECT name, stream_id FROM read.user_names ORDER BY name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_inline_read_model_is_exact_and_refusals_fail_their_own_append() {
+    let db = factline_testpg::database().await;
+    let store = open_postgres(&db.url).await;
+    store
+        .append(
+            &StreamId::new("User-first").unwrap(),
+            ExpectedVersion::NoStream,
+            registered("ada"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        postgres_names(&db.url).await.len(),
+        1,
+        "there when the append returns"
+    );
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let name = if i % 4 == 0 {
+                "ada".to_owned()
+            } else {
+                format!("user-{i}")
+            };
+            let stream = StreamId::new(format!("User-{i}")).unwrap();
+            (
+                i,
+                store
+                    .append(&stream, ExpectedVersion::NoStream, registered(&name))
+                    .await,
+            )
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        let (i, result) = task.await.unwrap();
+        match result {
+            Ok(_) => {
+                assert_ne!(i % 4, 0);
+                accepted += 1;
+            }
+            Err(StoreError::InlineRefused {
+                projection,
+                message,
+            }) => {
+                assert_eq!((i % 4, projection.as_str()), (0, "user_names"));
+                assert!(message.contains("23505"), "a unique violation: {message}");
+                let stream = StreamId::new(format!("User-{i}")).unwrap();
+                let read = store
+                    .read_stream(&stream, factline_core::ReadStream::forwards())
+                    .await
+                    .unwrap();
+                assert!(read.is_empty());
+            }
+            Err(other) => panic!("append {i}: {other}"),
+        }
+    }
+    assert_eq!(accepted, 24);
+    let all = store.read_all(1, usize::MAX).await.unwrap();
+    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (1..=25).collect::<Vec<_>>());
+    assert_eq!(postgres_names(&db.url).await.len(), 25);
+    let admin = PostgresAdmin::connect(&db.url, "read").await.unwrap();
+    let info = admin.projections().await.unwrap().remove(0);
+    assert_eq!(
+        (info.name.as_str(), info.active_version, info.checkpoint),
+        ("user_names", Some(1), 25)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_inline_catches_up_on_events_appended_without_it() {
+    let db = factline_testpg::database().await;
+    let plain = PostgresStore::connect(&db.url).await.unwrap();
+    for i in 0..3 {
+        let stream = StreamId::new(format!("User-old{i}")).unwrap();
+        plain
+            .append(
+                &stream,
+                ExpectedVersion::NoStream,
+                registered(&format!("old-{i}")),
+            )
+            .await
+            .unwrap();
+    }
+    let store = open_postgres(&db.url).await;
+    // Its first append applies the three before it, then its own.
+    store
+        .append(
+            &StreamId::new("User-a").unwrap(),
+            ExpectedVersion::NoStream,
+            registered("a"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(postgres_names(&db.url).await.len(), 4);
+    plain
+        .append(
+            &StreamId::new("User-side").unwrap(),
+            ExpectedVersion::NoStream,
+            registered("side"),
+        )
+        .await
+        .unwrap();
+    let refused = store
+        .append(
+            &StreamId::new("User-dup").unwrap(),
+            ExpectedVersion::NoStream,
+            registered("side"),
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::InlineRefused { .. })),
+        "{refused:?}"
+    );
+    // The refusal rolled back the gap with it; the next append applies it.
+    store
+        .append(
+            &StreamId::new("User-new").unwrap(),
+            ExpectedVersion::NoStream,
+            registered("new"),
+        )
+        .await
+        .unwrap();
+    let names = postgres_names(&db.url).await;
+    assert_eq!(names.len(), 6);
     assert!(names.contains(&("side".to_owned(), "User-side".to_owned())));
 }
