@@ -25,7 +25,7 @@ pub const READ_SCHEMA: &str = "orders_read";
 pub fn known() -> Vec<Box<dyn SqlProjection>> {
     vec![
         Box::new(OrderList),
-        Box::new(RevenueByRegionDay),
+        Box::new(RevenueByRegionDay::new()),
         Box::new(CustomerTotals),
     ]
 }

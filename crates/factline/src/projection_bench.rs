@@ -109,7 +109,7 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
             Target::Sqlite(dir) => {
                 let sink = SqliteSink::open_rebuild(
                     Target::path(dir),
-                    Portable::new(RevenueByRegionDay).at_version(version),
+                    Portable::new(RevenueByRegionDay::new()).at_version(version),
                 )?;
                 time_rebuild(&store, sink).await?
             }
@@ -117,7 +117,7 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
                 let sink = PostgresSink::connect_rebuild(
                     url,
                     BENCH_SCHEMA,
-                    Portable::new(RevenueByRegionDay).at_version(version),
+                    Portable::new(RevenueByRegionDay::new()).at_version(version),
                 )
                 .await?;
                 time_rebuild(&store, sink).await?

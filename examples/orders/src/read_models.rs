@@ -11,6 +11,8 @@
 //! is) in tables of its own: a projection never reads another's tables,
 //! since either may be rebuilt on its own.
 
+use std::collections::{BTreeMap, HashMap};
+
 use factline_aggregate::DomainEvent;
 use factline_core::RecordedEvent;
 use factline_projections::{ApplyError, Dialect, SqlProjection, SqlValue, Statement, Tables};
@@ -47,7 +49,9 @@ fn customer_event(event: &RecordedEvent) -> Result<Option<CustomerEvent>, ApplyE
 
 /// The UTC day an event was recorded on, `YYYY-MM-DD`.
 pub fn day_of(event: &RecordedEvent) -> String {
-    event.recorded_at.format("%Y-%m-%d").to_string()
+    use chrono::Datelike;
+    let day = event.recorded_at.date_naive();
+    format!("{:04}-{:02}-{:02}", day.year(), day.month(), day.day())
 }
 
 /// Orders, filterable by status and customer.
@@ -128,7 +132,24 @@ impl SqlProjection for OrderList {
 }
 
 /// Paid and refunded cents per region and day.
-pub struct RevenueByRegionDay;
+#[derive(Default)]
+pub struct RevenueByRegionDay {
+    /// The regions of orders this instance has seen placed, so a batch's
+    /// money is summed per region and day here and written in a few rows;
+    /// money of other orders (placed before it started) is looked up in
+    /// its table. Regions never change, so a rolled-back batch leaves
+    /// nothing wrong here.
+    regions: HashMap<String, String>,
+}
+
+impl RevenueByRegionDay {
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+/// Most order regions a revenue projection keeps in memory.
+const MAX_CACHED_REGIONS: usize = 2_000_000;
 
 impl SqlProjection for RevenueByRegionDay {
     fn name(&self) -> &str {
@@ -221,35 +242,59 @@ impl SqlProjection for RevenueByRegionDay {
         t: &Tables,
         events: &[RecordedEvent],
     ) -> Option<Result<Vec<Statement>, ApplyError>> {
-        Some(revenue_batch(dialect, t, events))
+        if self.regions.len() > MAX_CACHED_REGIONS {
+            self.regions.clear();
+        }
+        Some(revenue_batch(&mut self.regions, dialect, t, events))
     }
 }
 
 fn revenue_batch(
+    regions_seen: &mut HashMap<String, String>,
     dialect: Dialect,
     t: &Tables,
     events: &[RecordedEvent],
 ) -> Result<Vec<Statement>, ApplyError> {
     let mut placed: Vec<(String, String)> = Vec::new();
     // (order, day, paid, refunded, paid orders)
-    let mut money: Vec<(String, String, u64, u64, u64)> = Vec::new();
+    let mut moves: Vec<(String, String, u64, u64, u64)> = Vec::new();
     for event in events {
-        // Only these move revenue; the rest need no decoding.
-        if !matches!(
-            event.event_type.as_str(),
-            "OrderPlaced" | "OrderPaid" | "OrderCancelled"
-        ) {
-            continue;
-        }
-        match order_event(event)? {
-            Some(OrderEvent::OrderPlaced { region, .. }) => placed.push((order_id(event), region)),
-            Some(OrderEvent::OrderPaid { amount_cents, .. }) => {
-                money.push((order_id(event), day_of(event), amount_cents, 0, 1))
+        // Only these move revenue, and only a field or two of each is
+        // read (after upcasting), not the whole event.
+        match event.event_type.as_str() {
+            "OrderPlaced" => {
+                let RegionOnly { region } = fields(event)?;
+                let order = order_id(event);
+                // The first placement counts (the table keeps it too).
+                regions_seen
+                    .entry(order.clone())
+                    .or_insert_with(|| region.clone());
+                placed.push((order, region));
             }
-            Some(OrderEvent::OrderCancelled { refund_cents, .. }) if refund_cents > 0 => {
-                money.push((order_id(event), day_of(event), 0, refund_cents, 0))
+            "OrderPaid" => {
+                let Paid { amount_cents } = fields(event)?;
+                moves.push((order_id(event), day_of(event), amount_cents, 0, 1));
+            }
+            "OrderCancelled" => {
+                let Refunded { refund_cents } = fields(event)?;
+                if refund_cents > 0 {
+                    moves.push((order_id(event), day_of(event), 0, refund_cents, 0));
+                }
             }
             _ => {}
+        }
+    }
+    // Money of orders whose region is known, summed per (region, day); the
+    // others' regions are looked up in the table.
+    let mut summed: BTreeMap<(String, String), (u64, u64, u64)> = BTreeMap::new();
+    let mut looked_up = Vec::new();
+    for (order, day, paid, refunded, orders) in moves {
+        match regions_seen.get(&order) {
+            Some(region) => {
+                let sum = summed.entry((region.clone(), day)).or_default();
+                (sum.0, sum.1, sum.2) = (sum.0 + paid, sum.1 + refunded, sum.2 + orders);
+            }
+            None => looked_up.push((order, day, paid, refunded, orders)),
         }
     }
     let (revenue, regions) = (t.get("revenue"), t.get("revenue_order_regions"));
@@ -263,6 +308,10 @@ fn revenue_batch(
     };
     let field = |i: usize| format!("e.value ->> {i}");
     let number = |i: usize| format!("(e.value ->> {i}){as_number}");
+    let add_up = "ON CONFLICT (region, day) DO UPDATE SET
+                     paid_cents = r.paid_cents + excluded.paid_cents,
+                     refunded_cents = r.refunded_cents + excluded.refunded_cents,
+                     paid_orders = r.paid_orders + excluded.paid_orders";
     let mut statements = Vec::new();
     if !placed.is_empty() {
         statements.push(Statement::new(
@@ -276,12 +325,31 @@ fn revenue_batch(
             vec![to_json(&placed)?.into()],
         ));
     }
-    if !money.is_empty() {
+    if !summed.is_empty() {
+        let rows: Vec<(&str, &str, u64, u64, u64)> = summed
+            .iter()
+            .map(|((region, day), (p, r, o))| (region.as_str(), day.as_str(), *p, *r, *o))
+            .collect();
         statements.push(Statement::new(
             format!(
-                // The region is looked up per element (by the primary
-                // key), not joined: a join would let PostgreSQL scan the
-                // whole regions table for every batch.
+                "INSERT INTO {revenue} AS r (region, day, paid_cents, refunded_cents, paid_orders)
+                 SELECT {}, {}, {}, {}, {} FROM {elements} WHERE true
+                 {add_up}",
+                field(0),
+                field(1),
+                number(2),
+                number(3),
+                number(4),
+            ),
+            vec![to_json(&rows)?.into()],
+        ));
+    }
+    if !looked_up.is_empty() {
+        // The region is looked up per element (by the primary key), not
+        // joined: a join would let PostgreSQL scan the whole regions table
+        // for every batch.
+        statements.push(Statement::new(
+            format!(
                 "INSERT INTO {revenue} AS r (region, day, paid_cents, refunded_cents, paid_orders)
                  SELECT region, day, sum(paid), sum(refunded), sum(orders)
                  FROM (SELECT (SELECT o.region FROM {regions} o WHERE o.order_id = {order}) AS region,
@@ -289,20 +357,47 @@ fn revenue_batch(
                        FROM {elements}) AS m
                  WHERE region IS NOT NULL
                  GROUP BY region, day
-                 ON CONFLICT (region, day) DO UPDATE SET
-                     paid_cents = r.paid_cents + excluded.paid_cents,
-                     refunded_cents = r.refunded_cents + excluded.refunded_cents,
-                     paid_orders = r.paid_orders + excluded.paid_orders",
+                 {add_up}",
                 day = field(1),
                 order = field(0),
                 paid = number(2),
                 refunded = number(3),
                 orders = number(4),
             ),
-            vec![to_json(&money)?.into()],
+            vec![to_json(&looked_up)?.into()],
         ));
     }
     Ok(statements)
+}
+
+#[derive(serde::Deserialize)]
+struct RegionOnly {
+    region: String,
+}
+
+#[derive(serde::Deserialize)]
+struct Paid {
+    amount_cents: u64,
+}
+
+#[derive(serde::Deserialize)]
+struct Refunded {
+    refund_cents: u64,
+}
+
+/// Some fields of an order event, read from its data as upcast to the
+/// current shape.
+fn fields<T: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<T, ApplyError> {
+    let refused =
+        |e: String| ApplyError::new(format!("{} at {}: {e}", event.event_type, event.position));
+    let data = crate::order::ORDER_UPCASTERS
+        .upcast(
+            &event.event_type,
+            event.metadata.schema_version,
+            &event.data,
+        )
+        .map_err(|e| refused(e.to_string()))?;
+    T::deserialize(data.as_ref()).map_err(|e| refused(e.to_string()))
 }
 
 fn to_json(value: &impl serde::Serialize) -> Result<String, ApplyError> {

@@ -48,7 +48,7 @@ async fn child_sqlite(path: &std::path::Path) {
         ),
         catch_up(
             store.clone(),
-            SqliteSink::open(path, Portable::new(RevenueByRegionDay)).unwrap()
+            SqliteSink::open(path, Portable::new(RevenueByRegionDay::new())).unwrap()
         ),
         catch_up(
             store.clone(),
@@ -66,7 +66,7 @@ async fn child_postgres(url: &str) {
     );
     let (a, b, c) = tokio::join!(
         PostgresSink::connect(url, SCHEMA, Portable::new(OrderList)),
-        PostgresSink::connect(url, SCHEMA, Portable::new(RevenueByRegionDay)),
+        PostgresSink::connect(url, SCHEMA, Portable::new(RevenueByRegionDay::new())),
         PostgresSink::connect(url, SCHEMA, Portable::new(CustomerTotals)),
     );
     tokio::join!(

@@ -28,7 +28,7 @@ const KILLS: usize = 6;
 fn projection(name: &str) -> Box<dyn SqlProjection> {
     match name {
         "order_list" => Box::new(OrderList),
-        "revenue" => Box::new(RevenueByRegionDay),
+        "revenue" => Box::new(RevenueByRegionDay::new()),
         _ => Box::new(CustomerTotals),
     }
 }

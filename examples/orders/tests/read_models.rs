@@ -54,7 +54,7 @@ async fn sqlite_read_models_equal_a_fold_of_the_history() {
     .await;
     catch_up(
         &store,
-        SqliteSink::open(&path, Portable::new(RevenueByRegionDay)).unwrap(),
+        SqliteSink::open(&path, Portable::new(RevenueByRegionDay::new())).unwrap(),
     )
     .await;
     catch_up(
@@ -92,7 +92,7 @@ async fn postgres_read_models_equal_a_fold_of_the_history() {
     .await;
     catch_up(
         &store,
-        PostgresSink::connect(url, schema, Portable::new(RevenueByRegionDay))
+        PostgresSink::connect(url, schema, Portable::new(RevenueByRegionDay::new()))
             .await
             .unwrap(),
     )
@@ -140,7 +140,7 @@ async fn partitioned_sqlite_read_models_equal_a_fold_of_the_history() {
             .with_partition(partition)
     };
     catch_up_partitioned(&store, |p| sink(Box::new(OrderList), p)).await;
-    catch_up_partitioned(&store, |p| sink(Box::new(RevenueByRegionDay), p)).await;
+    catch_up_partitioned(&store, |p| sink(Box::new(RevenueByRegionDay::new()), p)).await;
     catch_up_partitioned(&store, |p| sink(Box::new(CustomerTotals), p)).await;
     assert_eq!(read_sqlite(&path), reference(&history));
 }
@@ -159,7 +159,7 @@ async fn partitioned_postgres_read_models_equal_a_fold_of_the_history() {
     let mut tasks = Vec::new();
     let make: [fn() -> Box<dyn SqlProjection>; 3] = [
         || Box::new(OrderList),
-        || Box::new(RevenueByRegionDay),
+        || Box::new(RevenueByRegionDay::new()),
         || Box::new(CustomerTotals),
     ];
     for make in make {
