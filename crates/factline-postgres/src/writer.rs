@@ -164,10 +164,9 @@ impl Writer {
             last_position: 0,
             last_stream_no: RELATIVE_STREAM_BASE,
         };
-        let fast = self.inline.is_empty();
-        let no_skips = vec![false; batch.len()];
-        let planned = match fast {
-            true => plan_batch(batch, &no_skips, &self.known_streams, None, None, relative).ok(),
+        // Inline projections need the positions first: the slow path.
+        let planned = match self.inline.is_empty() {
+            true => plan_batch(batch, &[], &self.known_streams, None, None, relative).ok(),
             false => None,
         };
         if let Some(plan) = planned {

@@ -9,7 +9,9 @@ use tokio_postgres::{Client, NoTls, Transaction};
 
 use crate::diff::{diff_sql, row_value, whole_table_sql, Dialect, Pair};
 use crate::parking::Handling;
-use crate::tables::{check_partitions, checkpoint_key, may_write, Active, Mode, Partition, Tables};
+use crate::tables::{
+    check_partitions, checkpoint_key, may_write, owned_events, Active, Mode, Partition, Tables,
+};
 use crate::{ApplyError, ProjectionError, Sink, VersionedSink};
 use crate::{DiffReport, ParkedEvent, Parking, RetryReport, TableDiff};
 
@@ -252,7 +254,7 @@ impl<P: PostgresProjection> VersionedSink for PostgresSink<P> {
             .transaction()
             .await
             .map_err(|e| fail("starting the swap", e))?;
-        let old = lock_active(&tx, &self.versions, &name, true)
+        let old = lock_active(&tx, &self.versions, &name)
             .await
             .map_err(|e| fail("reading the active version", e))?;
         let old_logical = old.as_ref().map_or(&[][..], |a| &a.tables[..]);
@@ -313,7 +315,7 @@ impl<P: PostgresProjection> VersionedSink for PostgresSink<P> {
             .transaction()
             .await
             .map_err(|e| fail("starting the discard", e))?;
-        let active = lock_active(&tx, &self.versions, &name, true)
+        let active = lock_active(&tx, &self.versions, &name)
             .await
             .map_err(|e| fail("reading the active version", e))?;
         if active.is_some_and(|a| a.version == self.tables.version()) {
@@ -345,21 +347,19 @@ impl<P: PostgresProjection> VersionedSink for PostgresSink<P> {
     }
 }
 
-/// The active version, with its registry row locked until the transaction
-/// ends, so a swap and a batch of the old version cannot interleave.
-///
-/// Batches take it shared (partitions of one projection may commit side by
-/// side); swaps and discards exclusively.
+/// The active version, with its registry row locked exclusively until the
+/// transaction ends, so a swap or discard and a batch of the old version
+/// cannot interleave. (Batches take the row shared, with a prepared
+/// statement of their own: partitions of one projection may commit side by
+/// side.)
 async fn lock_active(
     tx: &Transaction<'_>,
     versions: &str,
     name: &str,
-    exclusive: bool,
 ) -> Result<Option<Active>, tokio_postgres::Error> {
-    let lock = if exclusive { "UPDATE" } else { "SHARE" };
     let row = tx
         .query_opt(
-            &format!("SELECT active_version, tables FROM {versions} WHERE name = $1 FOR {lock}"),
+            &format!("SELECT active_version, tables FROM {versions} WHERE name = $1 FOR UPDATE"),
             &[&name],
         )
         .await?;
@@ -367,7 +367,7 @@ async fn lock_active(
 }
 
 async fn register(
-    tx: &Transaction<'_>,
+    tx: &(impl tokio_postgres::GenericClient + Sync),
     versions: &str,
     name: &str,
     tables: &Tables,
@@ -662,22 +662,15 @@ impl<P: PostgresProjection> PostgresSink<P> {
     /// Returns how many events were parked.
     async fn write_batch_once(
         &mut self,
-        events: Arc<[RecordedEvent]>,
+        batch: Arc<[RecordedEvent]>,
         handling: Handling,
     ) -> Result<u64, ProjectionError> {
-        let Some(last) = events.last().map(|e| e.position as i64) else {
+        let Some(last) = batch.last().map(|e| e.position as i64) else {
             return Ok(0);
         };
         // A partition applies only its own streams' events; the checkpoint
         // still moves past the others'.
-        let events: Arc<[RecordedEvent]> = match self.partition {
-            Some(p) if p.count() > 1 => events
-                .iter()
-                .filter(|e| p.owns(e.stream_id.as_str()))
-                .cloned()
-                .collect(),
-            _ => events,
-        };
+        let events = owned_events(self.partition, &batch);
         if self.held.is_none() {
             self.held = Some(self.held_streams().await?);
         }
@@ -1438,18 +1431,8 @@ impl<P: crate::SqlProjection> PostgresInline<P> {
                 for statement in self.tables.repoint_views(&[]) {
                     client.batch_execute(&statement).await.map_err(text)?;
                 }
-                client
-                    .execute(
-                        &format!(
-                            "INSERT INTO \"{s}\".projection_versions (name, active_version, tables, swapped_at)
-                             VALUES ($1, $2, $3, now())"
-                        ),
-                        &[
-                            &self.name,
-                            &(self.tables.version() as i32),
-                            &Active::tables_text(self.tables.logical()),
-                        ],
-                    )
+                let versions = format!("\"{s}\".projection_versions");
+                register(client, &versions, &self.name, &self.tables)
                     .await
                     .map_err(text)?;
             }

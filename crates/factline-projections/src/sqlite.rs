@@ -11,7 +11,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 
 use crate::diff::{diff_sql, row_value, whole_table_sql, Dialect, Pair};
 use crate::parking::Handling;
-use crate::tables::{check_partitions, checkpoint_key, may_write, Active, Mode, Partition, Tables};
+use crate::tables::{
+    check_partitions, checkpoint_key, may_write, owned_events, Active, Mode, Partition, Tables,
+};
 use crate::{ApplyError, ProjectionError, Sink, VersionedSink};
 use crate::{DiffReport, ParkedEvent, Parking, RetryReport, TableDiff};
 
@@ -399,36 +401,22 @@ impl Batch<'_> {
             register(tx, name, tables)?;
         }
         let mut parked = 0;
-        let holds_any = events
+        // A partition applies only its own streams' events; the checkpoint
+        // still moves past the others'.
+        let owned = owned_events(partition, events);
+        let holds_any = owned
             .iter()
             .any(|e| self.held.contains(e.stream_id.as_str()));
-        if !holds_any && matches!(handling, Handling::Apply) {
+        let one_by_one = holds_any || !matches!(handling, Handling::Apply);
+        if !one_by_one {
             // Nothing to park: the whole run in one go.
-            let owned: Vec<RecordedEvent>;
-            let run = match partition {
-                Some(p) if p.count() > 1 => {
-                    owned = events
-                        .iter()
-                        .filter(|e| p.owns(e.stream_id.as_str()))
-                        .cloned()
-                        .collect();
-                    &owned[..]
-                }
-                _ => events,
-            };
-            if let Err((position, refusal)) = projection.apply_all(tx, tables, run) {
+            if let Err((position, refusal)) = projection.apply_all(tx, tables, &owned) {
                 return Ok(BatchEnd::Refused(position, refusal));
             }
         }
-        let singly = match !holds_any && matches!(handling, Handling::Apply) {
-            true => &[][..],
-            false => events,
-        };
+        let singly: &[RecordedEvent] = if one_by_one { &owned } else { &[] };
         for event in singly {
             let stream = event.stream_id.as_str();
-            if partition.is_some_and(|p| !p.owns(stream)) {
-                continue;
-            }
             let park = match handling {
                 Handling::Park { error, attempts } => Some((error.clone(), *attempts)),
                 // Per-stream order: nothing of a stream passes its parked

@@ -4,6 +4,8 @@
 //! next version's tables beside the active ones; the swap re-points the
 //! views and the registry in one transaction.
 
+use factline_core::RecordedEvent;
+
 use crate::ProjectionError;
 
 /// The physical tables of one version of a projection's read model.
@@ -154,6 +156,22 @@ impl Partition {
     /// Whether this partition applies the events of `stream_id`.
     pub fn owns(&self, stream_id: &str) -> bool {
         self.count == 1 || partition_of(stream_id, self.count) == self.index
+    }
+}
+
+/// The events of `events` that `partition` applies: all of them when
+/// unpartitioned (borrowed), else those of its streams (copied).
+pub(crate) fn owned_events(
+    partition: Option<Partition>,
+    events: &[RecordedEvent],
+) -> std::borrow::Cow<'_, [RecordedEvent]> {
+    match partition {
+        Some(p) if p.count > 1 => events
+            .iter()
+            .filter(|e| p.owns(e.stream_id.as_str()))
+            .cloned()
+            .collect(),
+        _ => std::borrow::Cow::Borrowed(events),
     }
 }
 

@@ -66,6 +66,61 @@ fn registered(name: &str) -> Vec<EventData> {
     vec![EventData::new("UserRegistered", json!({ "name": name }))]
 }
 
+/// 32 concurrent registrations after "ada" is taken (so they share group
+/// commits); every fourth takes "ada" again and must fail alone with
+/// `refusal` in its message, with nothing of it written and no hole in the
+/// log: 24 accepted, positions 1..=25.
+async fn registrations_race_for_a_taken_name(store: &Arc<dyn EventStore>, refusal: &str) {
+    let mut tasks = Vec::new();
+    for i in 0..32 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let name = if i % 4 == 0 {
+                "ada".to_owned()
+            } else {
+                format!("user-{i}")
+            };
+            let stream = StreamId::new(format!("User-{i}")).unwrap();
+            (
+                i,
+                store
+                    .append(&stream, ExpectedVersion::NoStream, registered(&name))
+                    .await,
+            )
+        }));
+    }
+    let mut accepted = 0;
+    for task in tasks {
+        let (i, result) = task.await.unwrap();
+        match result {
+            Ok(_) => {
+                assert_ne!(i % 4, 0);
+                accepted += 1;
+            }
+            Err(StoreError::InlineRefused {
+                projection,
+                message,
+            }) => {
+                assert_eq!((i % 4, projection.as_str()), (0, "user_names"));
+                assert!(message.contains(refusal), "{message}");
+                // Nothing of it was written.
+                let stream = StreamId::new(format!("User-{i}")).unwrap();
+                let read = store
+                    .read_stream(&stream, factline_core::ReadStream::forwards())
+                    .await
+                    .unwrap();
+                assert!(read.is_empty());
+            }
+            Err(other) => panic!("append {i}: {other}"),
+        }
+    }
+    assert_eq!(accepted, 24);
+    // The log has no hole where the refused appends were.
+    let all = store.read_all(1, usize::MAX).await.unwrap();
+    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
+    assert_eq!(positions, (1..=25).collect::<Vec<_>>());
+}
+
 fn names(path: &std::path::Path) -> Vec<(String, String)> {
     let conn = rusqlite::Connection::open(path).unwrap();
     let mut stmt = conn
@@ -112,58 +167,7 @@ async fn a_refused_event_fails_its_own_append_only() {
         )
         .await
         .unwrap();
-    // 32 concurrent registrations, so they share group commits; every
-    // fourth takes a name already taken.
-    let mut tasks = Vec::new();
-    for i in 0..32 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let name = if i % 4 == 0 {
-                "ada".to_owned()
-            } else {
-                format!("user-{i}")
-            };
-            let stream = StreamId::new(format!("User-{i}")).unwrap();
-            (
-                i,
-                store
-                    .append(&stream, ExpectedVersion::NoStream, registered(&name))
-                    .await,
-            )
-        }));
-    }
-    let mut accepted = 0;
-    for task in tasks {
-        let (i, result) = task.await.unwrap();
-        match result {
-            Ok(_) => {
-                assert_ne!(i % 4, 0);
-                accepted += 1;
-            }
-            Err(StoreError::InlineRefused {
-                projection,
-                message,
-            }) => {
-                assert_eq!(i % 4, 0);
-                assert_eq!(projection, "user_names");
-                assert!(message.contains("\"ada\" is taken"), "{message}");
-                // Nothing of it was written.
-                let stream = StreamId::new(format!("User-{i}")).unwrap();
-                let read = store
-                    .read_stream(&stream, factline_core::ReadStream::forwards())
-                    .await
-                    .unwrap();
-                assert!(read.is_empty());
-            }
-            Err(other) => panic!("append {i}: {other}"),
-        }
-    }
-    assert_eq!(accepted, 24);
-    // The log has no hole where the refused appends were, and the read
-    // model holds each accepted name once.
-    let all = store.read_all(1, usize::MAX).await.unwrap();
-    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
-    assert_eq!(positions, (1..=25).collect::<Vec<_>>());
+    registrations_race_for_a_taken_name(&store, "\"ada\" is taken").await;
     let names = names(&path);
     assert_eq!(names.len(), 25);
     assert!(names.contains(&("ada".to_owned(), "User-first".to_owned())));
@@ -303,52 +307,7 @@ async fn postgres_inline_read_model_is_exact_and_refusals_fail_their_own_append(
         1,
         "there when the append returns"
     );
-    let mut tasks = Vec::new();
-    for i in 0..32 {
-        let store = store.clone();
-        tasks.push(tokio::spawn(async move {
-            let name = if i % 4 == 0 {
-                "ada".to_owned()
-            } else {
-                format!("user-{i}")
-            };
-            let stream = StreamId::new(format!("User-{i}")).unwrap();
-            (
-                i,
-                store
-                    .append(&stream, ExpectedVersion::NoStream, registered(&name))
-                    .await,
-            )
-        }));
-    }
-    let mut accepted = 0;
-    for task in tasks {
-        let (i, result) = task.await.unwrap();
-        match result {
-            Ok(_) => {
-                assert_ne!(i % 4, 0);
-                accepted += 1;
-            }
-            Err(StoreError::InlineRefused {
-                projection,
-                message,
-            }) => {
-                assert_eq!((i % 4, projection.as_str()), (0, "user_names"));
-                assert!(message.contains("23505"), "a unique violation: {message}");
-                let stream = StreamId::new(format!("User-{i}")).unwrap();
-                let read = store
-                    .read_stream(&stream, factline_core::ReadStream::forwards())
-                    .await
-                    .unwrap();
-                assert!(read.is_empty());
-            }
-            Err(other) => panic!("append {i}: {other}"),
-        }
-    }
-    assert_eq!(accepted, 24);
-    let all = store.read_all(1, usize::MAX).await.unwrap();
-    let positions: Vec<u64> = all.iter().map(|e| e.position).collect();
-    assert_eq!(positions, (1..=25).collect::<Vec<_>>());
+    registrations_race_for_a_taken_name(&store, "23505").await;
     assert_eq!(postgres_names(&db.url).await.len(), 25);
     let admin = PostgresAdmin::connect(&db.url, "read").await.unwrap();
     let info = admin.projections().await.unwrap().remove(0);

@@ -110,36 +110,38 @@ impl ReadModelDb {
         partitions: u32,
         rebuild: bool,
     ) -> anyhow::Result<Sinks> {
-        let mut sinks = match self {
-            ReadModelDb::Sqlite(_) => Sinks::Sqlite(Vec::new()),
-            ReadModelDb::Postgres { .. } => Sinks::Postgres(Vec::new()),
-        };
-        for partition in Partition::all(partitions)? {
-            let projection = Portable::new(find(name)?).at_version(version);
-            match (self, &mut sinks) {
-                (ReadModelDb::Sqlite(path), Sinks::Sqlite(all)) => {
+        let partitions = Partition::all(partitions)?;
+        let projection = || anyhow::Ok(Portable::new(find(name)?).at_version(version));
+        let sinks = match self {
+            ReadModelDb::Sqlite(path) => {
+                let mut all = Vec::with_capacity(partitions.len());
+                for partition in partitions {
                     let sink = match rebuild {
-                        false => SqliteSink::open(path, projection)?,
-                        true => SqliteSink::open_rebuild(path, projection)?,
+                        false => SqliteSink::open(path, projection()?)?,
+                        true => SqliteSink::open_rebuild(path, projection()?)?,
                     };
                     all.push(sink.with_partition(partition));
                 }
-                (ReadModelDb::Postgres { url, schema }, Sinks::Postgres(all)) => {
+                Sinks::Sqlite(all)
+            }
+            ReadModelDb::Postgres { url, schema } => {
+                let mut all = Vec::with_capacity(partitions.len());
+                for partition in partitions {
                     // Live runners in several processes share the work
                     // through leases: one owner per partition, the others
                     // stand by (P12). A second rebuild is refused by the
                     // checkpoint's fence instead of waiting.
                     let sink = match rebuild {
-                        false => PostgresSink::connect(url, schema, projection)
+                        false => PostgresSink::connect(url, schema, projection()?)
                             .await?
                             .with_lease(),
-                        true => PostgresSink::connect_rebuild(url, schema, projection).await?,
+                        true => PostgresSink::connect_rebuild(url, schema, projection()?).await?,
                     };
                     all.push(sink.with_partition(partition));
                 }
-                _ => unreachable!("the sinks are of the database's kind"),
+                Sinks::Postgres(all)
             }
-        }
+        };
         Ok(sinks)
     }
 }
