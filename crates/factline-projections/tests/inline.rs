@@ -62,6 +62,18 @@ fn open(path: &std::path::Path) -> Arc<dyn EventStore> {
     )
 }
 
+/// Appends `stream`'s registration of `name` to a new stream.
+async fn register(
+    store: &dyn EventStore,
+    stream: &str,
+    name: &str,
+) -> Result<factline_core::AppendResult, StoreError> {
+    let stream = StreamId::new(stream).unwrap();
+    store
+        .append(&stream, ExpectedVersion::NoStream, registered(name))
+        .await
+}
+
 fn registered(name: &str) -> Vec<EventData> {
     vec![EventData::new("UserRegistered", json!({ "name": name }))]
 }
@@ -159,14 +171,7 @@ async fn a_refused_event_fails_its_own_append_only() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");
     let store = open(&path);
-    store
-        .append(
-            &StreamId::new("User-first").unwrap(),
-            ExpectedVersion::NoStream,
-            registered("ada"),
-        )
-        .await
-        .unwrap();
+    register(&*store, "User-first", "ada").await.unwrap();
     registrations_race_for_a_taken_name(&store, "\"ada\" is taken").await;
     let names = names(&path);
     assert_eq!(names.len(), 25);
@@ -196,35 +201,15 @@ async fn events_appended_without_it_are_applied_at_open_and_before_the_next_appe
     assert_eq!(names(&path).len(), 5, "caught up when the store opened");
     // Another store on the file, without the projection (another process).
     let plain = SqliteStore::open(&path).unwrap();
-    plain
-        .append(
-            &StreamId::new("User-side").unwrap(),
-            ExpectedVersion::NoStream,
-            registered("side"),
-        )
-        .await
-        .unwrap();
+    register(&plain, "User-side", "side").await.unwrap();
     // The next append through the store with the projection applies the
     // gap first, so a name taken there is refused here.
-    let refused = store
-        .append(
-            &StreamId::new("User-dup").unwrap(),
-            ExpectedVersion::NoStream,
-            registered("side"),
-        )
-        .await;
+    let refused = register(&*store, "User-dup", "side").await;
     assert!(
         matches!(refused, Err(StoreError::InlineRefused { .. })),
         "{refused:?}"
     );
-    store
-        .append(
-            &StreamId::new("User-new").unwrap(),
-            ExpectedVersion::NoStream,
-            registered("new"),
-        )
-        .await
-        .unwrap();
+    register(&*store, "User-new", "new").await.unwrap();
     let names = names(&path);
     assert_eq!(names.len(), 7);
     assert!(names.contains(&("side".to_owned(), "User-side".to_owned())));
@@ -294,14 +279,7 @@ async fn postgres_names(url: &str) -> Vec<(String, String)> {
 async fn postgres_inline_read_model_is_exact_and_refusals_fail_their_own_append() {
     let db = factline_testpg::database().await;
     let store = open_postgres(&db.url).await;
-    store
-        .append(
-            &StreamId::new("User-first").unwrap(),
-            ExpectedVersion::NoStream,
-            registered("ada"),
-        )
-        .await
-        .unwrap();
+    register(&*store, "User-first", "ada").await.unwrap();
     assert_eq!(
         postgres_names(&db.url).await.len(),
         1,
@@ -334,43 +312,16 @@ async fn postgres_inline_catches_up_on_events_appended_without_it() {
     }
     let store = open_postgres(&db.url).await;
     // Its first append applies the three before it, then its own.
-    store
-        .append(
-            &StreamId::new("User-a").unwrap(),
-            ExpectedVersion::NoStream,
-            registered("a"),
-        )
-        .await
-        .unwrap();
+    register(&*store, "User-a", "a").await.unwrap();
     assert_eq!(postgres_names(&db.url).await.len(), 4);
-    plain
-        .append(
-            &StreamId::new("User-side").unwrap(),
-            ExpectedVersion::NoStream,
-            registered("side"),
-        )
-        .await
-        .unwrap();
-    let refused = store
-        .append(
-            &StreamId::new("User-dup").unwrap(),
-            ExpectedVersion::NoStream,
-            registered("side"),
-        )
-        .await;
+    register(&plain, "User-side", "side").await.unwrap();
+    let refused = register(&*store, "User-dup", "side").await;
     assert!(
         matches!(refused, Err(StoreError::InlineRefused { .. })),
         "{refused:?}"
     );
     // The refusal rolled back the gap with it; the next append applies it.
-    store
-        .append(
-            &StreamId::new("User-new").unwrap(),
-            ExpectedVersion::NoStream,
-            registered("new"),
-        )
-        .await
-        .unwrap();
+    register(&*store, "User-new", "new").await.unwrap();
     let names = postgres_names(&db.url).await;
     assert_eq!(names.len(), 6);
     assert!(names.contains(&("side".to_owned(), "User-side".to_owned())));
