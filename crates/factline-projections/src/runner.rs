@@ -27,12 +27,12 @@ pub struct BatchPolicy {
 
 impl BatchPolicy {
     /// For rebuilds: a version being built serves no reads, so its batches
-    /// may be large — 5 000 events or a second. Fewer, larger commits (and
+    /// may be large — 20 000 events or a second. Fewer, larger commits (and
     /// set-based statements over more events) replay history several
-    /// times faster on PostgreSQL.
+    /// times faster on PostgreSQL and save a fifth on SQLite.
     pub fn rebuild() -> Self {
         BatchPolicy {
-            max_events: 5_000,
+            max_events: 20_000,
             max_wait: Duration::from_secs(1),
         }
     }
@@ -177,6 +177,14 @@ impl Feed {
 impl Drop for Feed {
     fn drop(&mut self) {
         self.reader.abort();
+    }
+}
+
+/// Frees a large committed batch on a blocking thread: freeing thousands
+/// of decoded events takes long enough to hold up the next batch.
+fn drop_aside(batch: Arc<[RecordedEvent]>) {
+    if batch.len() >= 256 {
+        tokio::task::spawn_blocking(move || drop(batch));
     }
 }
 
@@ -425,7 +433,9 @@ impl<S: Sink> Runner<S> {
             let failed_at = match self.apply(batch.clone()).await {
                 Ok(held_back) => {
                     self.status.add_parked(held_back);
-                    return self.committed(&batch);
+                    let committed = self.committed(&batch);
+                    drop_aside(batch);
+                    return committed;
                 }
                 Err(ProjectionError::Apply { position, .. }) => position,
                 Err(other) => return Err(other),

@@ -21,12 +21,15 @@ use crate::{CustomerEvent, OrderEvent};
 
 /// The order id of an `Order-<id>` stream.
 fn order_id(event: &RecordedEvent) -> String {
+    order_id_of(event).to_owned()
+}
+
+fn order_id_of(event: &RecordedEvent) -> &str {
     event
         .stream_id
         .as_str()
         .split_once('-')
         .map_or("", |(_, id)| id)
-        .to_owned()
 }
 
 fn order_event(event: &RecordedEvent) -> Result<Option<OrderEvent>, ApplyError> {
@@ -49,8 +52,11 @@ fn customer_event(event: &RecordedEvent) -> Result<Option<CustomerEvent>, ApplyE
 
 /// The UTC day an event was recorded on, `YYYY-MM-DD`.
 pub fn day_of(event: &RecordedEvent) -> String {
+    format_day(event.recorded_at.date_naive())
+}
+
+fn format_day(day: chrono::NaiveDate) -> String {
     use chrono::Datelike;
-    let day = event.recorded_at.date_naive();
     format!("{:04}-{:02}-{:02}", day.year(), day.month(), day.day())
 }
 
@@ -139,7 +145,43 @@ pub struct RevenueByRegionDay {
     /// money of other orders (placed before it started) is looked up in
     /// its table. Regions never change, so a rolled-back batch leaves
     /// nothing wrong here.
-    regions: HashMap<String, String>,
+    regions: RegionCache,
+}
+
+/// Orders' regions, each region name stored once: there are few regions
+/// and many orders.
+#[derive(Default)]
+struct RegionCache {
+    names: Vec<String>,
+    of_order: HashMap<Box<str>, u32>,
+}
+
+impl RegionCache {
+    fn len(&self) -> usize {
+        self.of_order.len()
+    }
+    fn clear(&mut self) {
+        self.names.clear();
+        self.of_order.clear();
+    }
+    /// Remembers the first region an order was placed in (the table keeps
+    /// the first too).
+    fn remember(&mut self, order: &str, region: &str) {
+        if self.of_order.contains_key(order) {
+            return;
+        }
+        let index = match self.names.iter().position(|name| name == region) {
+            Some(index) => index,
+            None => {
+                self.names.push(region.to_owned());
+                self.names.len() - 1
+            }
+        };
+        self.of_order.insert(order.into(), index as u32);
+    }
+    fn region_of(&self, order: &str) -> Option<u32> {
+        self.of_order.get(order).copied()
+    }
 }
 
 impl RevenueByRegionDay {
@@ -250,35 +292,33 @@ impl SqlProjection for RevenueByRegionDay {
 }
 
 fn revenue_batch(
-    regions_seen: &mut HashMap<String, String>,
+    regions_seen: &mut RegionCache,
     dialect: Dialect,
     t: &Tables,
     events: &[RecordedEvent],
 ) -> Result<Vec<Statement>, ApplyError> {
-    let mut placed: Vec<(String, String)> = Vec::new();
+    let mut placed: Vec<(&str, String)> = Vec::new();
     // (order, day, paid, refunded, paid orders)
-    let mut moves: Vec<(String, String, u64, u64, u64)> = Vec::new();
+    let mut moves: Vec<(&str, chrono::NaiveDate, u64, u64, u64)> = Vec::new();
     for event in events {
         // Only these move revenue, and only a field or two of each is
         // read (after upcasting), not the whole event.
+        let day = || event.recorded_at.date_naive();
         match event.event_type.as_str() {
             "OrderPlaced" => {
-                let RegionOnly { region } = fields(event)?;
-                let order = order_id(event);
-                // The first placement counts (the table keeps it too).
-                regions_seen
-                    .entry(order.clone())
-                    .or_insert_with(|| region.clone());
+                let region: String = field(event, "region")?;
+                let order = order_id_of(event);
+                regions_seen.remember(order, &region);
                 placed.push((order, region));
             }
             "OrderPaid" => {
-                let Paid { amount_cents } = fields(event)?;
-                moves.push((order_id(event), day_of(event), amount_cents, 0, 1));
+                let amount_cents: u64 = field(event, "amount_cents")?;
+                moves.push((order_id_of(event), day(), amount_cents, 0, 1));
             }
             "OrderCancelled" => {
-                let Refunded { refund_cents } = fields(event)?;
+                let refund_cents: u64 = field(event, "refund_cents")?;
                 if refund_cents > 0 {
-                    moves.push((order_id(event), day_of(event), 0, refund_cents, 0));
+                    moves.push((order_id_of(event), day(), 0, refund_cents, 0));
                 }
             }
             _ => {}
@@ -286,15 +326,15 @@ fn revenue_batch(
     }
     // Money of orders whose region is known, summed per (region, day); the
     // others' regions are looked up in the table.
-    let mut summed: BTreeMap<(String, String), (u64, u64, u64)> = BTreeMap::new();
+    let mut summed: BTreeMap<(u32, chrono::NaiveDate), (u64, u64, u64)> = BTreeMap::new();
     let mut looked_up = Vec::new();
     for (order, day, paid, refunded, orders) in moves {
-        match regions_seen.get(&order) {
+        match regions_seen.region_of(order) {
             Some(region) => {
-                let sum = summed.entry((region.clone(), day)).or_default();
+                let sum = summed.entry((region, day)).or_default();
                 (sum.0, sum.1, sum.2) = (sum.0 + paid, sum.1 + refunded, sum.2 + orders);
             }
-            None => looked_up.push((order, day, paid, refunded, orders)),
+            None => looked_up.push((order, format_day(day), paid, refunded, orders)),
         }
     }
     let (revenue, regions) = (t.get("revenue"), t.get("revenue_order_regions"));
@@ -326,9 +366,12 @@ fn revenue_batch(
         ));
     }
     if !summed.is_empty() {
-        let rows: Vec<(&str, &str, u64, u64, u64)> = summed
+        let rows: Vec<(&str, String, u64, u64, u64)> = summed
             .iter()
-            .map(|((region, day), (p, r, o))| (region.as_str(), day.as_str(), *p, *r, *o))
+            .map(|((region, day), (p, r, o))| {
+                let region = regions_seen.names[*region as usize].as_str();
+                (region, format_day(*day), *p, *r, *o)
+            })
             .collect();
         statements.push(Statement::new(
             format!(
@@ -370,24 +413,12 @@ fn revenue_batch(
     Ok(statements)
 }
 
-#[derive(serde::Deserialize)]
-struct RegionOnly {
-    region: String,
-}
-
-#[derive(serde::Deserialize)]
-struct Paid {
-    amount_cents: u64,
-}
-
-#[derive(serde::Deserialize)]
-struct Refunded {
-    refund_cents: u64,
-}
-
-/// Some fields of an order event, read from its data as upcast to the
-/// current shape.
-fn fields<T: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<T, ApplyError> {
+/// One field of an order event's data as upcast to the current shape,
+/// looked up by name rather than by decoding the whole event.
+fn field<T: serde::de::DeserializeOwned>(
+    event: &RecordedEvent,
+    name: &str,
+) -> Result<T, ApplyError> {
     let refused =
         |e: String| ApplyError::new(format!("{} at {}: {e}", event.event_type, event.position));
     let data = crate::order::ORDER_UPCASTERS
@@ -397,7 +428,10 @@ fn fields<T: serde::de::DeserializeOwned>(event: &RecordedEvent) -> Result<T, Ap
             &event.data,
         )
         .map_err(|e| refused(e.to_string()))?;
-    T::deserialize(data.as_ref()).map_err(|e| refused(e.to_string()))
+    let value = data
+        .get(name)
+        .ok_or_else(|| refused(format!("missing field `{name}`")))?;
+    T::deserialize(value).map_err(|e| refused(format!("field `{name}`: {e}")))
 }
 
 fn to_json(value: &impl serde::Serialize) -> Result<String, ApplyError> {
