@@ -59,7 +59,8 @@ impl StreamId {
     }
 }
 
-pub(crate) fn category_of(id: &str) -> &str {
+/// The category of a stream id: the part before the first `-`.
+pub fn category_of(id: &str) -> &str {
     id.split('-').next().unwrap_or(id)
 }
 

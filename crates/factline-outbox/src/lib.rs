@@ -1,0 +1,63 @@
+//! The transactional outbox (O1–O6).
+//!
+//! Publications say which events leave factline and on which subject. Once
+//! one exists, a trigger on the events table writes an outbox record for
+//! every matching event inside the append's own transaction, so a write
+//! that rolls back leaves no record and a committed one always has one,
+//! whichever process appended it. A [`Relay`] publishes pending records to
+//! a [`Sink`] (NATS JetStream, a webhook, stdout or a file) in per-stream
+//! order and marks them published only once the sink acknowledged them.
+//! Records are spread over [`LANES`] lanes by stream; each relay process
+//! holds a share of the lanes through leases, so several relays can run at
+//! once without two of them publishing one stream. [`inbox`] is the
+//! consumer side: it records processed event ids so redeliveries are
+//! ignored.
+
+mod db;
+pub mod inbox;
+mod message;
+mod nats;
+mod publication;
+mod relay;
+mod sink;
+
+pub use db::{OutboxDb, OutboxStatus, PostgresOutbox, SqliteOutbox};
+pub use message::Message;
+pub use nats::{NatsSink, NatsSinkConfig};
+pub use publication::{Publication, DEFAULT_KEY, DEFAULT_SUBJECT};
+pub use relay::{Relay, RelayConfig, RelayStats, RelayStatsSnapshot};
+pub use sink::{FileSink, Sink, SinkError, StdoutSink, WebhookSink};
+
+/// Lanes the outbox is split into by stream (`stream_no % LANES`): the
+/// unit a relay holds a lease on, so at most this many relays share work.
+pub const LANES: i64 = 32;
+
+/// Why an outbox operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OutboxError {
+    /// The caller's input: a bad publication, a bad sink address.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// The database holding the outbox failed.
+    #[error("outbox database: {0}")]
+    Database(String),
+    /// The sink could not be set up.
+    #[error("sink: {0}")]
+    Sink(#[from] SinkError),
+}
+
+impl From<rusqlite::Error> for OutboxError {
+    fn from(e: rusqlite::Error) -> Self {
+        OutboxError::Database(e.to_string())
+    }
+}
+
+impl From<tokio_postgres::Error> for OutboxError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        // The server's own message says most (which constraint, which table).
+        match e.as_db_error() {
+            Some(db) => OutboxError::Database(format!("{}: {}", db.code().code(), db.message())),
+            None => OutboxError::Database(e.to_string()),
+        }
+    }
+}
