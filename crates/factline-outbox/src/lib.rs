@@ -15,6 +15,7 @@
 
 mod db;
 pub mod inbox;
+pub mod local_nats;
 mod message;
 mod nats;
 mod publication;
