@@ -8,6 +8,7 @@ mod catalog;
 mod commands;
 mod demo;
 mod load_bench;
+mod outbox_cli;
 mod projection_bench;
 mod projections_cli;
 
@@ -55,6 +56,11 @@ enum Command {
     /// Operate the read models: list, status, rebuild, pause, resume, parked
     /// events.
     Projections(projections_cli::ProjectionsArgs),
+    /// The transactional outbox: what is published, backlog and relays.
+    Outbox(outbox_cli::OutboxArgs),
+    /// Publish the outbox to NATS JetStream, a webhook, a file or stdout,
+    /// until stopped (Ctrl-C).
+    Relay(outbox_cli::RelayArgs),
     /// Measure the store.
     Bench(BenchCommand),
 }
@@ -107,6 +113,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tail(args) => commands::tail(&location, args).await,
         Command::Demo(args) => demo::run(&location, args).await,
         Command::Projections(args) => projections_cli::run(args, &location).await,
+        Command::Outbox(args) => outbox_cli::run(args, &location).await,
+        Command::Relay(args) => outbox_cli::relay(args, &location).await,
         Command::Bench(b) => bench::run(b.which, &location).await,
     }
 }

@@ -62,6 +62,7 @@ on_every_backend!(
     a_live_read_model_follows_a_rebuild_swapped_in_by_another_process,
     poison_events_are_parked_listed_retried_and_skipped,
     partitions_change_by_a_rebuild_and_live_runners_run_them,
+    the_outbox_is_configured_and_relayed_through_the_cli,
 );
 
 fn factline(db: impl AsRef<OsStr>) -> Command {
@@ -903,4 +904,133 @@ fn partitions_change_by_a_rebuild_and_live_runners_run_them(db: Db) {
         ],
     );
     assert_eq!(code(&out), 2, "{}", stderr(&out));
+}
+
+fn the_outbox_is_configured_and_relayed_through_the_cli(db: Db) {
+    let db = &db.spec;
+    // Bad input is refused with exit code 2 and nothing stored.
+    let nothing = run(db, &["outbox", "publish"]);
+    assert_eq!(code(&nothing), 2, "{}", stderr(&nothing));
+    let bad = run(
+        db,
+        &[
+            "outbox",
+            "publish",
+            "--category",
+            "Order",
+            "--subject",
+            "a.{x}",
+        ],
+    );
+    assert_eq!(code(&bad), 2);
+    assert!(stderr(&bad).contains("{x}"), "{}", stderr(&bad));
+    let bad_sink = run(db, &["relay", "--sink", "kafka://x"]);
+    assert_eq!(code(&bad_sink), 2, "{}", stderr(&bad_sink));
+    assert!(json_lines(&run(db, &["outbox", "publications"])).is_empty());
+
+    let out = run(
+        db,
+        &[
+            "outbox",
+            "publish",
+            "--category",
+            "Order",
+            "--subject",
+            "shop.{category}.{event_type}",
+        ],
+    );
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let publication = &json_lines(&out)[0];
+    assert_eq!(publication["category"], "Order");
+    assert_eq!(publication["subject"], "shop.{category}.{event_type}");
+    for (stream, kind) in [
+        ("Order-1", "OrderPlaced"),
+        ("Customer-1", "Registered"),
+        ("Order-1", "OrderPaid"),
+    ] {
+        assert_eq!(code(&run(db, &["append", stream, "--type", kind])), 0);
+    }
+    let status = &json_lines(&run(db, &["outbox", "status"]))[0];
+    assert_eq!(status["backlog"], 2, "{status}");
+    assert!(status["oldest_age_s"].as_f64().unwrap() >= 0.0);
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.jsonl");
+    let mut relay = factline(db)
+        .args([
+            "relay",
+            "--sink",
+            &format!("file://{}", file.display()),
+            "--relay-id",
+            "cli",
+        ])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let read_lines = || -> Vec<Value> {
+        std::fs::read_to_string(&file)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let mut waited = 0;
+    while read_lines().len() < 2 {
+        assert!(waited < 300, "the relay published nothing");
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+    }
+    // Appended while the relay runs (by another process): relayed too.
+    assert_eq!(
+        code(&run(db, &["append", "Order-1", "--type", "OrderShipped"])),
+        0
+    );
+    while read_lines().len() < 3 {
+        assert!(waited < 600, "the relay missed a later append");
+        std::thread::sleep(Duration::from_millis(100));
+        waited += 1;
+    }
+    let status = &json_lines(&run(db, &["outbox", "status"]))[0];
+    assert_eq!(status["relays"][0]["relay"], "cli", "{status}");
+    let term = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(
+        relay.wait().unwrap().success(),
+        "the relay stops cleanly on SIGTERM"
+    );
+
+    let lines = read_lines();
+    let subjects: Vec<&str> = lines
+        .iter()
+        .map(|l| l["subject"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        subjects,
+        [
+            "shop.Order.OrderPlaced",
+            "shop.Order.OrderPaid",
+            "shop.Order.OrderShipped"
+        ]
+    );
+    assert!(lines.iter().all(|l| l["event"]["stream_id"] == "Order-1"));
+    let versions: Vec<u64> = lines
+        .iter()
+        .map(|l| l["event"]["version"].as_u64().unwrap())
+        .collect();
+    assert_eq!(versions, [1, 2, 3]);
+    let status = &json_lines(&run(db, &["outbox", "status"]))[0];
+    assert_eq!(status["backlog"], 0, "{status}");
+    assert_eq!(
+        status["relays"],
+        json!([]),
+        "a stopped relay gives its lanes back"
+    );
+    assert_eq!(status["published_retained"], 3);
+
+    let id = publication["id"].to_string();
+    assert_eq!(code(&run(db, &["outbox", "unpublish", &id])), 0);
+    assert_eq!(code(&run(db, &["outbox", "unpublish", &id])), 2);
 }
