@@ -66,11 +66,13 @@ pub struct RelayStats {
     purged: AtomicU64,
     lanes: AtomicU64,
     consecutive_failures: AtomicU64,
+    /// Records per second since the previous heartbeat (f64 bits).
+    rate: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
 /// A copy of [`RelayStats`] at one moment.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct RelayStatsSnapshot {
     /// Records published and marked.
     pub published: u64,
@@ -82,6 +84,8 @@ pub struct RelayStatsSnapshot {
     pub lanes: u64,
     /// Rounds in a row that failed (0 while healthy).
     pub consecutive_failures: u64,
+    /// Records published per second between the last two heartbeats.
+    pub publish_rate_per_s: f64,
     pub last_error: Option<String>,
 }
 
@@ -93,6 +97,7 @@ impl RelayStats {
             purged: self.purged.load(Ordering::Relaxed),
             lanes: self.lanes.load(Ordering::Relaxed),
             consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
+            publish_rate_per_s: f64::from_bits(self.rate.load(Ordering::Relaxed)),
             last_error: self.last_error.lock().ok().and_then(|e| e.clone()),
         }
     }
@@ -237,6 +242,7 @@ impl Relay {
         let mut next_purge = Instant::now();
         let mut backoff: Option<Duration> = None;
         let mut wake = self.wake.take();
+        let mut rate_since = (Instant::now(), 0u64);
         while !*stop.borrow() {
             if Instant::now() >= next_heartbeat {
                 match self.heartbeat().await {
@@ -251,6 +257,13 @@ impl Relay {
                     }
                 }
                 next_heartbeat = Instant::now() + config.heartbeat;
+                let published = self.stats.published.load(Ordering::Relaxed);
+                let seconds = rate_since.0.elapsed().as_secs_f64();
+                if seconds > 0.0 {
+                    let rate = (published - rate_since.1) as f64 / seconds;
+                    self.stats.rate.store(rate.to_bits(), Ordering::Relaxed);
+                }
+                rate_since = (Instant::now(), published);
             }
             if Instant::now() >= next_purge {
                 if let Err(e) = self.purge().await {

@@ -266,6 +266,8 @@ async fn a_broker_down_for_10_seconds_loses_nothing() {
     let appended = Arc::new(AtomicU64::new(0));
     let loading = tokio::spawn(load(store.clone(), TOTAL, 400, 10, 2_500, appended.clone()));
     tokio::time::sleep(Duration::from_secs(5)).await;
+    let healthy = stats.snapshot();
+    assert!(healthy.publish_rate_per_s > 500.0, "{healthy:?}");
     nats.kill();
     let at_kill = appended.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(10)).await;
