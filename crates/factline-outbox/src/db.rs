@@ -63,8 +63,14 @@ pub trait OutboxDb: Send + Sync {
     async fn heartbeat(&self, relay: &str, ttl: Duration) -> Result<Vec<i64>, OutboxError>;
     /// Gives back every lane of `relay` and forgets it (a clean stop).
     async fn leave(&self, relay: &str) -> Result<(), OutboxError>;
-    /// The oldest unpublished records of `relay`'s lanes, in position order.
-    async fn pending(&self, relay: &str, limit: usize) -> Result<Vec<Message>, OutboxError>;
+    /// The oldest unpublished records of `relay`'s lanes after position
+    /// `after` (0: all), in position order.
+    async fn pending(
+        &self,
+        relay: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, OutboxError>;
     /// Marks records published, only while `relay` still holds their lanes.
     /// Returns how many were marked.
     async fn mark_published(&self, relay: &str, positions: &[u64]) -> Result<u64, OutboxError>;
@@ -115,10 +121,28 @@ fn message_of(event: StoredEvent<'_>, publication: &Publication) -> Result<Messa
 
 // ---------------------------------------------------------------- SQLite
 
-/// The outbox in a SQLite store's file, on a connection of its own.
+/// The outbox in a SQLite store's file, on connections of its own: one
+/// that reads records, one that writes marks and leases. A mark waiting
+/// for the store's write lock never holds up the next fetch.
 pub struct SqliteOutbox {
-    conn: Arc<Mutex<Connection>>,
+    reader: Arc<Mutex<Connection>>,
+    writer: Arc<Mutex<Connection>>,
     path: PathBuf,
+}
+
+fn sqlite_connection(path: &Path) -> Result<Connection, OutboxError> {
+    let mut conn = Connection::open(path)?;
+    // SQLite's own busy handler backs off to 100 ms sleeps; under a busy
+    // writer a mark or heartbeat would stall the relay that long. Look
+    // again every millisecond instead, for up to 10 s.
+    conn.busy_handler(Some(|attempt: i32| {
+        std::thread::sleep(Duration::from_millis(1));
+        attempt < 10_000
+    }))?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+    // A lost last mark republishes a record, which sinks deduplicate.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
 }
 
 const SQLITE_TABLES: &str = "
@@ -179,11 +203,7 @@ impl SqliteOutbox {
                 path.display()
             )));
         }
-        let mut conn = Connection::open(&path)?;
-        conn.busy_timeout(Duration::from_secs(10))?;
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
-        // A lost last mark republishes a record, which sinks deduplicate.
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        let mut conn = sqlite_connection(&path)?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let has_events: bool = tx.query_row(
             "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events')",
@@ -207,7 +227,8 @@ impl SqliteOutbox {
         )?;
         tx.commit()?;
         Ok(SqliteOutbox {
-            conn: Arc::new(Mutex::new(conn)),
+            reader: Arc::new(Mutex::new(sqlite_connection(&path)?)),
+            writer: Arc::new(Mutex::new(conn)),
             path,
         })
     }
@@ -216,11 +237,26 @@ impl SqliteOutbox {
         &self.path
     }
 
+    /// Runs `work` on the writing connection.
     async fn run<T: Send + 'static>(
         &self,
         work: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
     ) -> Result<T, OutboxError> {
-        let conn = self.conn.clone();
+        Self::on(self.writer.clone(), work).await
+    }
+
+    /// Runs `work` on the reading connection.
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        Self::on(self.reader.clone(), work).await
+    }
+
+    async fn on<T: Send + 'static>(
+        conn: Arc<Mutex<Connection>>,
+        work: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
         tokio::task::spawn_blocking(move || {
             let mut conn = conn
                 .lock()
@@ -251,7 +287,7 @@ fn sqlite_publications(conn: &Connection) -> rusqlite::Result<Vec<Publication>> 
 #[async_trait]
 impl OutboxDb for SqliteOutbox {
     async fn publications(&self) -> Result<Vec<Publication>, OutboxError> {
-        self.run(|conn| Ok(sqlite_publications(conn)?)).await
+        self.read(|conn| Ok(sqlite_publications(conn)?)).await
     }
 
     async fn add_publication(&self, publication: Publication) -> Result<Publication, OutboxError> {
@@ -368,9 +404,14 @@ impl OutboxDb for SqliteOutbox {
         .await
     }
 
-    async fn pending(&self, relay: &str, limit: usize) -> Result<Vec<Message>, OutboxError> {
+    async fn pending(
+        &self,
+        relay: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, OutboxError> {
         let relay = relay.to_owned();
-        self.run(move |conn| {
+        self.read(move |conn| {
             let now = micros(Utc::now());
             let mut stmt = conn.prepare_cached(
                 "SELECT o.position, s.stream_id, e.version, e.event_id, e.event_type, e.data,
@@ -380,10 +421,10 @@ impl OutboxDb for SqliteOutbox {
                  JOIN events e ON e.position = o.position
                  JOIN streams s ON s.stream_no = o.stream_no
                  LEFT JOIN outbox_publications p ON p.id = o.publication
-                 WHERE l.holder = ?1 AND l.expires_at >= ?2
+                 WHERE l.holder = ?1 AND l.expires_at >= ?2 AND o.position > ?4
                  ORDER BY o.position LIMIT ?3",
             )?;
-            let mut rows = stmt.query(params![relay, now, limit as i64])?;
+            let mut rows = stmt.query(params![relay, now, limit as i64, after as i64])?;
             let mut messages = Vec::new();
             while let Some(row) = rows.next()? {
                 let id: Vec<u8> = row.get(3)?;
@@ -411,23 +452,19 @@ impl OutboxDb for SqliteOutbox {
     }
 
     async fn mark_published(&self, relay: &str, positions: &[u64]) -> Result<u64, OutboxError> {
-        let (relay, positions) = (relay.to_owned(), positions.to_vec());
+        let relay = relay.to_owned();
+        let positions =
+            serde_json::to_string(positions).map_err(|e| OutboxError::Database(e.to_string()))?;
         self.run(move |conn| {
-            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-            let now = micros(Utc::now());
-            let mut marked = 0;
-            {
-                let mut stmt = tx.prepare_cached(
+            // One statement for the whole wave, the positions as a JSON array.
+            let marked = conn
+                .prepare_cached(
                     "UPDATE outbox SET published_at = ?2
-                     WHERE position = ?1 AND published_at IS NULL
+                     WHERE position IN (SELECT value FROM json_each(?1)) AND published_at IS NULL
                        AND lane IN (SELECT lane FROM outbox_lanes WHERE holder = ?3)",
-                )?;
-                for position in positions {
-                    marked += stmt.execute(params![position as i64, now, relay])? as u64;
-                }
-            }
-            tx.commit()?;
-            Ok(marked)
+                )?
+                .execute(params![positions, micros(Utc::now()), relay])?;
+            Ok(marked as u64)
         })
         .await
     }
@@ -451,7 +488,7 @@ impl OutboxDb for SqliteOutbox {
     }
 
     async fn status(&self) -> Result<OutboxStatus, OutboxError> {
-        self.run(|conn| {
+        self.read(|conn| {
             let publications = sqlite_publications(conn)?;
             let (backlog, oldest, failing): (i64, Option<i64>, i64) = conn.query_row(
                 "SELECT count(*), min(created_at), count(*) FILTER (WHERE attempts > 0)
@@ -823,7 +860,12 @@ impl OutboxDb for PostgresOutbox {
         Ok(())
     }
 
-    async fn pending(&self, relay: &str, limit: usize) -> Result<Vec<Message>, OutboxError> {
+    async fn pending(
+        &self,
+        relay: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<Message>, OutboxError> {
         let s = &self.schema;
         let rows = self
             .client
@@ -838,10 +880,10 @@ impl OutboxDb for PostgresOutbox {
                      JOIN {s}.events e ON e.position = o.position
                      JOIN {s}.streams st ON st.stream_no = o.stream_no
                      LEFT JOIN {s}.outbox_publications p ON p.id = o.publication
-                     WHERE l.holder = $1 AND l.expires_at >= now()
+                     WHERE l.holder = $1 AND l.expires_at >= now() AND o.position > $3
                      ORDER BY o.position LIMIT $2"
                 ),
-                &[&relay, &(limit as i64)],
+                &[&relay, &(limit as i64), &(after as i64)],
             )
             .await?;
         let mut messages = Vec::with_capacity(rows.len());

@@ -2,8 +2,7 @@
 
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
-use serde_json::value::RawValue;
+use serde::Deserialize;
 use uuid::Uuid;
 
 /// One event on its way out. `payload` is the JSON envelope: the event as
@@ -38,18 +37,6 @@ pub(crate) struct StoredEvent<'a> {
     pub recorded_at: DateTime<Utc>,
 }
 
-#[derive(Serialize)]
-struct Envelope<'a> {
-    stream_id: &'a str,
-    version: u64,
-    position: u64,
-    event_id: Uuid,
-    event_type: &'a str,
-    data: &'a RawValue,
-    metadata: &'a RawValue,
-    recorded_at: DateTime<Utc>,
-}
-
 /// The two ids a message carries as headers; the rest of the metadata
 /// stays in the payload.
 #[derive(Deserialize, Default)]
@@ -64,30 +51,39 @@ const DEFAULT_METADATA: &str =
     r#"{"correlation_id":null,"causation_id":null,"schema_version":1,"headers":{}}"#;
 
 impl StoredEvent<'_> {
-    /// The message for this event, or why the stored text is not JSON.
+    /// The message for this event. The envelope is written around the
+    /// stored JSON text as it is (the store checked it when it was
+    /// appended), so no event is parsed on its way out.
     pub fn into_message(self, subject: String, key: String) -> Result<Message, String> {
-        let bad = |what: &str, e: serde_json::Error| {
-            format!(
-                "the stored {what} of the event at {} is not JSON: {e}",
-                self.position
-            )
-        };
         let metadata_text = self.metadata.unwrap_or(DEFAULT_METADATA);
-        let data: &RawValue = serde_json::from_str(self.data).map_err(|e| bad("data", e))?;
-        let metadata: &RawValue =
-            serde_json::from_str(metadata_text).map_err(|e| bad("metadata", e))?;
-        let ids: Ids = serde_json::from_str(metadata_text).map_err(|e| bad("metadata", e))?;
-        let payload = serde_json::to_vec(&Envelope {
-            stream_id: self.stream_id,
-            version: self.version,
-            position: self.position,
-            event_id: self.event_id,
-            event_type: self.event_type,
-            data,
-            metadata,
-            recorded_at: self.recorded_at,
-        })
-        .map_err(|e| bad("event", e))?;
+        let ids: Ids = match self.metadata {
+            Some(text) => serde_json::from_str(text).map_err(|e| {
+                format!(
+                    "the stored metadata of the event at {} is not JSON: {e}",
+                    self.position
+                )
+            })?,
+            None => Ids::default(),
+        };
+        let text = |s: &str| serde_json::to_string(s).unwrap_or_else(|_| "\"\"".to_owned());
+        let recorded_at = self
+            .recorded_at
+            .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true);
+        let mut payload = String::with_capacity(self.data.len() + metadata_text.len() + 200);
+        payload.push_str("{\"stream_id\":");
+        payload.push_str(&text(self.stream_id));
+        payload.push_str(&format!(
+            ",\"version\":{},\"position\":{},\"event_id\":\"{}\",\"event_type\":",
+            self.version, self.position, self.event_id
+        ));
+        payload.push_str(&text(self.event_type));
+        payload.push_str(",\"data\":");
+        payload.push_str(self.data);
+        payload.push_str(",\"metadata\":");
+        payload.push_str(metadata_text);
+        payload.push_str(",\"recorded_at\":\"");
+        payload.push_str(&recorded_at);
+        payload.push_str("\"}");
         Ok(Message {
             position: self.position,
             event_id: self.event_id,

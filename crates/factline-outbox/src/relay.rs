@@ -119,6 +119,22 @@ pub struct Round {
     pub failed: u64,
 }
 
+type Task<T> = tokio::task::JoinHandle<Result<T, OutboxError>>;
+
+async fn joined<T>(task: Task<T>) -> Result<T, OutboxError> {
+    task.await
+        .map_err(|e| OutboxError::Database(format!("an outbox task failed: {e}")))?
+}
+
+/// What a relay has in flight between rounds.
+#[derive(Default)]
+struct Flow {
+    /// The last position fetched: the next fetch starts after it.
+    after: u64,
+    prefetch: Option<Task<Vec<Message>>>,
+    marking: Option<Task<u64>>,
+}
+
 /// Publishes the outbox of one database to one sink.
 pub struct Relay {
     db: Arc<dyn OutboxDb>,
@@ -166,17 +182,102 @@ impl Relay {
         Ok(lanes)
     }
 
-    /// One round: fetch the oldest pending records of the held lanes and
-    /// publish them in waves of at most one record per stream. A stream
-    /// whose record fails publishes nothing more this round, so its order
-    /// holds; the others go on.
+    /// One round, complete before it returns: fetch the oldest pending
+    /// records of the held lanes and publish them in waves of at most one
+    /// record per stream. A stream whose record fails publishes nothing
+    /// more this round, so its order holds; the others go on.
     pub async fn round(&self) -> Result<Round, OutboxError> {
+        let mut flow = Flow::default();
+        let round = self.flowing_round(&mut flow, false).await;
+        let settled = self.settle(&mut flow).await;
+        let mut round = round?;
+        round.published += settled?;
+        Ok(round)
+    }
+
+    /// Publishes until nothing is pending, fetching the next batch and
+    /// marking the last wave while a wave is out. Returns the records
+    /// published.
+    pub async fn drain(&self) -> Result<u64, OutboxError> {
+        let mut flow = Flow::default();
+        let (mut published, mut stuck) = (0, 0);
+        loop {
+            let round = match self.flowing_round(&mut flow, true).await {
+                Ok(round) => round,
+                Err(e) => {
+                    let _ = self.settle(&mut flow).await;
+                    return Err(e);
+                }
+            };
+            published += round.published;
+            stuck = if round.failed > 0 && round.published == 0 {
+                stuck + 1
+            } else {
+                0
+            };
+            if stuck >= 100 {
+                self.settle(&mut flow).await?;
+                return Err(OutboxError::Sink(crate::SinkError(format!(
+                    "the sink refused 100 rounds in a row: {}",
+                    self.stats.snapshot().last_error.unwrap_or_default()
+                ))));
+            }
+            if round.pending == 0 {
+                return Ok(published + self.settle(&mut flow).await?);
+            }
+        }
+    }
+
+    /// Waits for the mark in flight and drops a prefetched batch, so the
+    /// next fetch starts from the oldest pending record. Returns how many
+    /// the mark marked.
+    async fn settle(&self, flow: &mut Flow) -> Result<u64, OutboxError> {
+        if let Some(prefetch) = flow.prefetch.take() {
+            prefetch.abort();
+        }
+        flow.after = 0;
+        match flow.marking.take() {
+            Some(marking) => self.marked(marking).await,
+            None => Ok(0),
+        }
+    }
+
+    async fn marked(&self, marking: Task<u64>) -> Result<u64, OutboxError> {
+        let marked = joined(marking).await?;
+        self.stats.published.fetch_add(marked, Ordering::Relaxed);
+        Ok(marked)
+    }
+
+    /// A round that may leave work in flight in `flow`: the next batch
+    /// (fetched after this one's last position while this one is
+    /// published) and the mark of its last wave.
+    async fn flowing_round(&self, flow: &mut Flow, prefetch: bool) -> Result<Round, OutboxError> {
         let relay = &self.config.relay_id;
-        let pending = self.db.pending(relay, self.config.batch).await?;
+        let pending = match flow.prefetch.take() {
+            Some(prefetched) => joined(prefetched).await?,
+            None => {
+                self.db
+                    .pending(relay, flow.after, self.config.batch)
+                    .await?
+            }
+        };
         let mut round = Round {
             pending: pending.len(),
             ..Round::default()
         };
+        let Some(last) = pending.last().map(|m| m.position) else {
+            // From the start next time, once nothing is being marked (a
+            // record being marked is still pending in the table).
+            round.published += self.settle(flow).await?;
+            return Ok(round);
+        };
+        flow.after = last;
+        if prefetch && pending.len() == self.config.batch {
+            let (db, relay, batch) = (self.db.clone(), relay.clone(), self.config.batch);
+            flow.prefetch = Some(tokio::spawn(async move {
+                db.pending(&relay, last, batch).await
+            }));
+        }
         let mut blocked: HashSet<String> = HashSet::new();
         for wave in waves(pending) {
             let wave: Vec<Message> = wave
@@ -201,15 +302,25 @@ impl Relay {
                 }
             }
             if !acked.is_empty() {
-                let marked = self.db.mark_published(relay, &acked).await?;
-                round.published += marked;
-                self.stats.published.fetch_add(marked, Ordering::Relaxed);
+                // One mark in flight at a time, so marks finish in order.
+                if let Some(marking) = flow.marking.take() {
+                    round.published += self.marked(marking).await?;
+                }
+                let (db, relay) = (self.db.clone(), relay.clone());
+                flow.marking = Some(tokio::spawn(async move {
+                    db.mark_published(&relay, &acked).await
+                }));
             }
             if let Some(error) = error {
                 round.failed += failed.len() as u64;
                 self.stats.failed_with(failed.len() as u64, &error);
                 self.db.record_failure(&failed, &error).await?;
             }
+        }
+        if round.failed > 0 {
+            // A prefetched batch may hold later records of a stream that
+            // failed: start again from the oldest pending record.
+            round.published += self.settle(flow).await?;
         }
         Ok(round)
     }
@@ -243,8 +354,13 @@ impl Relay {
         let mut backoff: Option<Duration> = None;
         let mut wake = self.wake.take();
         let mut rate_since = (Instant::now(), 0u64);
+        let mut flow = Flow::default();
         while !*stop.borrow() {
             if Instant::now() >= next_heartbeat {
+                // Nothing in flight while lanes may move to another relay.
+                if let Err(e) = self.settle(&mut flow).await {
+                    tracing::warn!(relay = %config.relay_id, error = %e, "marking published records failed");
+                }
                 match self.heartbeat().await {
                     Ok(held) => {
                         if held != lanes {
@@ -274,7 +390,7 @@ impl Relay {
             let idle_until = if lanes.is_empty() {
                 next_heartbeat
             } else {
-                match self.round().await {
+                match self.flowing_round(&mut flow, true).await {
                     Ok(round) if round.failed > 0 => {
                         let delay = next_backoff(backoff, &config);
                         backoff = Some(delay);
@@ -298,6 +414,7 @@ impl Relay {
                         (Instant::now() + config.fallback_poll).min(next_heartbeat)
                     }
                     Err(e) => {
+                        let _ = self.settle(&mut flow).await;
                         let delay = next_backoff(backoff, &config);
                         backoff = Some(delay);
                         self.stats
@@ -321,6 +438,9 @@ impl Relay {
                     }
                 } => {}
             }
+        }
+        if let Err(e) = self.settle(&mut flow).await {
+            tracing::warn!(relay = %config.relay_id, error = %e, "marking published records failed");
         }
         if let Err(e) = self.db.leave(&config.relay_id).await {
             tracing::warn!(relay = %config.relay_id, error = %e, "the relay could not give its lanes back; they expire");

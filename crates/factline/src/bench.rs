@@ -24,6 +24,9 @@ pub enum Bench {
     Load(crate::load_bench::LoadBench),
     /// Rebuilding a read model against a plain read; append-to-visible latency.
     Projections(crate::projection_bench::ProjectionsBench),
+    /// The outbox relay into JetStream against a plain JetStream publisher;
+    /// append-to-consumer latency.
+    Outbox(crate::outbox_bench::OutboxBench),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -89,6 +92,7 @@ pub async fn run(bench: Bench, location: &Location) -> anyhow::Result<()> {
         Bench::Latency(args) => latency(args, location).await,
         Bench::Load(args) => crate::load_bench::run(args, location).await,
         Bench::Projections(args) => crate::projection_bench::run(args, location).await,
+        Bench::Outbox(args) => crate::outbox_bench::run(args, location).await,
     }
 }
 

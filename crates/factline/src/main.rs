@@ -8,6 +8,7 @@ mod catalog;
 mod commands;
 mod demo;
 mod load_bench;
+mod outbox_bench;
 mod outbox_cli;
 mod projection_bench;
 mod projections_cli;

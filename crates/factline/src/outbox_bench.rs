@@ -1,0 +1,373 @@
+//! `factline bench outbox`: the relay draining a backlog into JetStream
+//! against a plain `async-nats` JetStream publisher sending the same
+//! messages in the same run, and the latency from an append to a
+//! JetStream consumer under a steady load.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream;
+use clap::Args;
+use factline::sqlite::{SqliteConfig, SqliteStore};
+use factline::{EventData, EventStore, ExpectedVersion, Location, StreamId};
+use factline_outbox::local_nats::LocalNatsServer;
+use factline_outbox::{
+    Message, NatsSink, NatsSinkConfig, OutboxDb, PostgresOutbox, Publication, Relay, RelayConfig,
+    SqliteOutbox,
+};
+use futures_util::StreamExt;
+
+use crate::bench::{fresh_postgres_store, median, postgres_url, round, Backend, BENCH_SCHEMA};
+use crate::usage;
+
+#[derive(Args, Debug)]
+pub struct OutboxBench {
+    #[arg(long, value_enum, default_value = "sqlite")]
+    backend: Backend,
+    /// Records the relay publishes per round.
+    #[arg(long, default_value_t = 50_000)]
+    events: u64,
+    /// Rounds of relay and baseline, alternating; medians are reported.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// Events per second appended while the latency is measured.
+    #[arg(long, default_value_t = 5_000)]
+    rate: u64,
+    /// How long the latency load runs.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// A NATS server with JetStream to use instead of starting one.
+    #[arg(long)]
+    nats: Option<String>,
+}
+
+/// The last line of `bench outbox`, a contract for scripts.
+#[derive(serde::Serialize)]
+struct OutboxReport {
+    bench: &'static str,
+    backend: &'static str,
+    events: u64,
+    /// The relay draining a backlog into JetStream.
+    events_per_s: f64,
+    /// A plain JetStream publisher sending the same messages.
+    baseline_events_per_s: f64,
+    ratio: f64,
+    /// Append → JetStream consumer, at `rate` events/s.
+    rate: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    samples: usize,
+    rounds: usize,
+}
+
+const SUBJECT: &str = "factline.bench";
+const BASELINE_SUBJECT: &str = "factline.baseline";
+/// Publishes in flight before the baseline waits for acknowledgements:
+/// the relay's round size.
+const WINDOW: usize = 500;
+
+pub async fn run(args: OutboxBench, location: &Location) -> anyhow::Result<()> {
+    if args.events == 0 || args.rounds == 0 || args.rate == 0 || args.seconds == 0 {
+        return Err(usage(
+            "--events, --rounds, --rate and --seconds must be at least 1",
+        ));
+    }
+    let local = match &args.nats {
+        Some(_) => None,
+        None => Some(LocalNatsServer::start().map_err(anyhow::Error::msg)?),
+    };
+    let nats_url = match (&args.nats, &local) {
+        (Some(url), _) => url.clone(),
+        (None, Some(server)) => server.url(),
+        (None, None) => unreachable!("a server was started"),
+    };
+    let _dir;
+    let (store, db): (Arc<dyn EventStore>, Arc<dyn OutboxDb>) = match args.backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir()?;
+            let path = dir.path().join("factline.db");
+            let store = SqliteStore::open_with(SqliteConfig::new(&path))?;
+            let db = SqliteOutbox::open(&path)?;
+            _dir = dir;
+            (Arc::new(store), Arc::new(db))
+        }
+        Backend::Postgres => {
+            let url = postgres_url(location)?;
+            let store = fresh_postgres_store(url).await?;
+            let db = PostgresOutbox::connect(url, BENCH_SCHEMA).await?;
+            (Arc::new(store), Arc::new(db))
+        }
+        Backend::Memory => {
+            return Err(usage(
+                "the outbox needs a database: --backend sqlite or postgres",
+            ))
+        }
+    };
+    db.add_publication(Publication::category("Bench").on_subject(SUBJECT))
+        .await?;
+    let client = async_nats::connect(nats_url.as_str()).await?;
+    let js = jetstream::new(client);
+    let sink = Arc::new(NatsSink::connect(NatsSinkConfig::new(nats_url.clone())).await?);
+    println!(
+        "factline bench outbox: {} into JetStream at {nats_url}",
+        args.backend.name()
+    );
+
+    let mut relay_rates = Vec::new();
+    let mut baseline_rates = Vec::new();
+    let mut appended = 0u64;
+    for r in 0..args.rounds {
+        appended = fill(&store, args.events, appended).await?;
+        let relay = Relay::new(db.clone(), sink.clone(), bench_relay(r));
+        relay.heartbeat().await?;
+        // The same messages for the baseline, under fresh ids (a re-used id
+        // would be dropped as a duplicate, which is cheaper).
+        let copies: Vec<Message> = db
+            .pending(&relay.config().relay_id, 0, args.events as usize)
+            .await?
+            .into_iter()
+            .map(|m| Message {
+                event_id: uuid::Uuid::now_v7(),
+                subject: BASELINE_SUBJECT.to_owned(),
+                ..m
+            })
+            .collect();
+        anyhow::ensure!(
+            copies.len() as u64 == args.events,
+            "the backlog holds {} records, not {}",
+            copies.len(),
+            args.events
+        );
+        let (relay_s, baseline_s) = if r % 2 == 0 {
+            (
+                drain(&relay, args.events).await?,
+                publish_plainly(&js, &copies).await?,
+            )
+        } else {
+            let baseline = publish_plainly(&js, &copies).await?;
+            (drain(&relay, args.events).await?, baseline)
+        };
+        let (relay_rate, baseline_rate) = (
+            args.events as f64 / relay_s,
+            args.events as f64 / baseline_s,
+        );
+        println!(
+            "  round {}: relay {relay_rate:>9.0} events/s   plain publisher {baseline_rate:>9.0} events/s",
+            r + 1
+        );
+        relay_rates.push(relay_rate);
+        baseline_rates.push(baseline_rate);
+        db.leave(&relay.config().relay_id).await?;
+    }
+    let (rate, base) = (median(&mut relay_rates), median(&mut baseline_rates));
+
+    let mut latencies = live_latency(&store, &db, sink, &js, &args).await?;
+    latencies.sort_unstable();
+    let p = |q: f64| {
+        let i = ((latencies.len().max(1) - 1) as f64 * q).round() as usize;
+        latencies
+            .get(i)
+            .map_or(0.0, |d| (d.as_secs_f64() * 1e6).round() / 1e3)
+    };
+    let (p50, p99) = (p(0.5), p(0.99));
+    println!(
+        "  median: relay {rate:.0} events/s, plain publisher {base:.0} events/s, ratio {:.3}",
+        rate / base
+    );
+    println!(
+        "  append -> JetStream consumer at {} events/s: p50 {p50:.3} ms   p99 {p99:.3} ms ({} samples)",
+        args.rate,
+        latencies.len()
+    );
+    if let (Backend::Postgres, Location::Postgres(url)) = (args.backend, location) {
+        drop(db);
+        drop(store);
+        factline::postgres::baseline::drop_schema(url, BENCH_SCHEMA).await?;
+    }
+    let report = OutboxReport {
+        bench: "outbox",
+        backend: args.backend.name(),
+        events: args.events,
+        events_per_s: round(rate),
+        baseline_events_per_s: round(base),
+        ratio: (rate / base * 1000.0).round() / 1000.0,
+        rate: args.rate,
+        p50_ms: p50,
+        p99_ms: p99,
+        samples: latencies.len(),
+        rounds: args.rounds,
+    };
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn bench_relay(round: usize) -> RelayConfig {
+    RelayConfig {
+        relay_id: format!("bench-{round}"),
+        heartbeat: Duration::from_millis(500),
+        min_backoff: Duration::from_millis(10),
+        max_backoff: Duration::from_millis(200),
+        ..RelayConfig::default()
+    }
+}
+
+/// Appends `events` more events, one per append as commands do, over
+/// 1 000 streams in turn, from 32 writers.
+async fn fill(store: &Arc<dyn EventStore>, events: u64, from: u64) -> anyhow::Result<u64> {
+    const WRITERS: u64 = 32;
+    let data = serde_json::json!({
+        "order_id": "7f3a9c2e-4b1d-4e8a-9f6b-2c5d8e1a3b7f",
+        "region": "eu-west",
+        "amount_cents": 129_900,
+        "lines": [{ "sku": "SKU-1001", "qty": 2 }, { "sku": "SKU-2002", "qty": 1 }]
+    });
+    let mut writers = tokio::task::JoinSet::new();
+    for w in 0..WRITERS {
+        let (store, data) = (store.clone(), data.clone());
+        writers.spawn(async move {
+            let mut n = w;
+            while n < events {
+                let stream = StreamId::new(format!("Bench-{}", (from + n) % 1_000))?;
+                let event = EventData::new("BenchEvent", data.clone());
+                store
+                    .append(&stream, ExpectedVersion::Any, vec![event])
+                    .await?;
+                n += WRITERS;
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done??;
+    }
+    Ok(from + events)
+}
+
+/// Seconds for the relay to publish its whole backlog.
+async fn drain(relay: &Relay, events: u64) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let published = relay.drain().await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    anyhow::ensure!(
+        published == events,
+        "the relay published {published} of {events} records"
+    );
+    Ok(elapsed)
+}
+
+/// Seconds for a plain JetStream publisher to send `messages` (the same
+/// headers and payloads), `WINDOW` in flight at a time.
+async fn publish_plainly(js: &jetstream::Context, messages: &[Message]) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    for window in messages.chunks(WINDOW) {
+        let mut acks = Vec::with_capacity(window.len());
+        for m in window {
+            let publish = jetstream::message::PublishMessage::build()
+                .message_id(m.event_id.to_string())
+                .header("Factline-Event-Type", m.event_type.as_str())
+                .header("Factline-Stream-Id", m.stream_id.as_str())
+                .header("Factline-Position", m.position.to_string().as_str())
+                .header("Factline-Key", m.key.as_str())
+                .payload(m.payload.clone());
+            acks.push(js.send_publish(m.subject.clone(), publish).await?);
+        }
+        for ack in acks {
+            ack.await?;
+        }
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Appends one event at a time at `rate` per second with the relay
+/// running live, and times each from its append to a JetStream consumer.
+async fn live_latency(
+    store: &Arc<dyn EventStore>,
+    db: &Arc<dyn OutboxDb>,
+    sink: Arc<NatsSink>,
+    js: &jetstream::Context,
+    args: &OutboxBench,
+) -> anyhow::Result<Vec<Duration>> {
+    let sent: Arc<Mutex<HashMap<uuid::Uuid, Instant>>> = Arc::default();
+    let stream = js.get_stream("factline").await?;
+    let consumer = stream
+        .create_consumer(jetstream::consumer::pull::Config {
+            deliver_policy: jetstream::consumer::DeliverPolicy::New,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            filter_subject: SUBJECT.to_owned(),
+            ..Default::default()
+        })
+        .await?;
+    let total = args.rate * args.seconds;
+    let receiving = {
+        let sent = sent.clone();
+        let mut messages = consumer.messages().await?;
+        tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(total as usize);
+            while (latencies.len() as u64) < total {
+                let Ok(Some(message)) =
+                    tokio::time::timeout(Duration::from_secs(30), messages.next()).await
+                else {
+                    break;
+                };
+                let received = Instant::now();
+                let Ok(message) = message else { continue };
+                let id = message
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Msg-Id"))
+                    .and_then(|v| uuid::Uuid::parse_str(v.as_str()).ok());
+                let at = id.and_then(|id| sent.lock().ok()?.remove(&id));
+                if let Some(at) = at {
+                    latencies.push(received - at);
+                }
+            }
+            latencies
+        })
+    };
+    let relay = Relay::new(
+        db.clone(),
+        sink,
+        RelayConfig {
+            relay_id: "bench-live".into(),
+            ..bench_relay(0)
+        },
+    )
+    .woken_by(store.watch_head());
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(relay.run(stopped));
+    let interval = Duration::from_secs_f64(1.0 / args.rate as f64);
+    let started = tokio::time::Instant::now();
+    let mut appends = tokio::task::JoinSet::new();
+
+    for n in 0..total {
+        tokio::time::sleep_until(started + interval * n as u32).await;
+        let (store, sent) = (store.clone(), sent.clone());
+        appends.spawn(async move {
+            let event = EventData::new("BenchEvent", serde_json::json!({ "n": n }));
+            let stream = StreamId::new(format!("Bench-live-{}", n % 1_000))?;
+            if let Ok(mut sent) = sent.lock() {
+                sent.insert(event.event_id, Instant::now());
+            }
+            store
+                .append(&stream, ExpectedVersion::Any, vec![event])
+                .await?;
+            anyhow::Ok(())
+        });
+        while let Some(done) = appends.try_join_next() {
+            done??;
+        }
+    }
+    while let Some(done) = appends.join_next().await {
+        done??;
+    }
+    let latencies = receiving.await?;
+    stop.send_replace(true);
+    running.await??;
+    anyhow::ensure!(
+        latencies.len() as u64 == total,
+        "the consumer got {} of {total} events",
+        latencies.len()
+    );
+    Ok(latencies)
+}
