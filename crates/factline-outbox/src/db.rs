@@ -164,7 +164,7 @@ const SQLITE_TABLES: &str = "
         attempts     INTEGER NOT NULL DEFAULT 0,
         last_error   TEXT
     );
-    CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (lane, position) WHERE published_at IS NULL;
+    CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox (position) WHERE published_at IS NULL;
     CREATE INDEX IF NOT EXISTS outbox_published ON outbox (published_at) WHERE published_at IS NOT NULL;
     CREATE TABLE IF NOT EXISTS outbox_lanes (
         lane       INTEGER PRIMARY KEY,
@@ -416,12 +416,12 @@ impl OutboxDb for SqliteOutbox {
             let mut stmt = conn.prepare_cached(
                 "SELECT o.position, s.stream_id, e.version, e.event_id, e.event_type, e.data,
                         e.metadata, e.recorded_at, p.subject, p.key
-                 FROM outbox_lanes l
-                 JOIN outbox o ON o.lane = l.lane AND o.published_at IS NULL
+                 FROM outbox o
                  JOIN events e ON e.position = o.position
                  JOIN streams s ON s.stream_no = o.stream_no
                  LEFT JOIN outbox_publications p ON p.id = o.publication
-                 WHERE l.holder = ?1 AND l.expires_at >= ?2 AND o.position > ?4
+                 WHERE o.published_at IS NULL AND o.position > ?4
+                   AND o.lane IN (SELECT lane FROM outbox_lanes WHERE holder = ?1 AND expires_at >= ?2)
                  ORDER BY o.position LIMIT ?3",
             )?;
             let mut rows = stmt.query(params![relay, now, limit as i64, after as i64])?;
@@ -557,15 +557,36 @@ impl OutboxDb for SqliteOutbox {
 
 /// The outbox in a PostgreSQL store's schema, on a connection of its own.
 pub struct PostgresOutbox {
+    /// Marks, leases and configuration.
     client: tokio::sync::Mutex<tokio_postgres::Client>,
+    /// Fetches, so a batch is fetched while the last one is being marked.
+    reader: tokio::sync::Mutex<tokio_postgres::Client>,
+    /// The relay's statements, prepared once per connection.
+    lanes_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
+    pending_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
+    mark_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
     schema: String,
-    connection: tokio::task::JoinHandle<()>,
+    connections: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for PostgresOutbox {
     fn drop(&mut self) {
-        self.connection.abort();
+        for connection in &self.connections {
+            connection.abort();
+        }
     }
+}
+
+async fn pg_connect(
+    url: &str,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), OutboxError> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    let connection = tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::warn!(error = %e, "the outbox's database connection ended");
+        }
+    });
+    Ok((client, connection))
 }
 
 fn postgres_tables(s: &str) -> String {
@@ -588,7 +609,7 @@ fn postgres_tables(s: &str) -> String {
              attempts     integer     NOT NULL DEFAULT 0,
              last_error   text
          );
-         CREATE INDEX IF NOT EXISTS outbox_pending ON {s}.outbox (lane, position) WHERE published_at IS NULL;
+         CREATE INDEX IF NOT EXISTS outbox_unpublished ON {s}.outbox (position) WHERE published_at IS NULL;
          CREATE INDEX IF NOT EXISTS outbox_published ON {s}.outbox (published_at) WHERE published_at IS NOT NULL;
          CREATE TABLE IF NOT EXISTS {s}.outbox_lanes (
              lane       integer     PRIMARY KEY,
@@ -627,12 +648,7 @@ impl PostgresOutbox {
     /// Connects to the outbox of the store in `schema` (which must exist:
     /// the store creates it), creating its tables if needed.
     pub async fn connect(url: &str, schema: &str) -> Result<Self, OutboxError> {
-        let (mut client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        let connection = tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::warn!(error = %e, "the outbox's database connection ended");
-            }
-        });
+        let (mut client, connection) = pg_connect(url).await?;
         let s = quote_ident(schema);
         let tx = client.transaction().await?;
         tx.execute(
@@ -655,10 +671,15 @@ impl PostgresOutbox {
         }
         tx.batch_execute(&postgres_tables(&s)).await?;
         tx.commit().await?;
+        let (reader, reader_connection) = pg_connect(url).await?;
         Ok(PostgresOutbox {
             client: tokio::sync::Mutex::new(client),
+            reader: tokio::sync::Mutex::new(reader),
+            lanes_sql: tokio::sync::OnceCell::new(),
+            pending_sql: tokio::sync::OnceCell::new(),
+            mark_sql: tokio::sync::OnceCell::new(),
             schema: s,
-            connection,
+            connections: vec![connection, reader_connection],
         })
     }
 
@@ -867,24 +888,47 @@ impl OutboxDb for PostgresOutbox {
         limit: usize,
     ) -> Result<Vec<Message>, OutboxError> {
         let s = &self.schema;
-        let rows = self
-            .client
-            .lock()
-            .await
-            .query(
-                &format!(
-                    "SELECT o.position, st.stream_id, e.version, e.event_id, e.event_type, e.data::text,
+        let client = self.reader.lock().await;
+        // The lanes as a list, not a join: with `= ANY` the planner walks
+        // the pending index in position order and stops at the limit.
+        let lanes_sql = self
+            .lanes_sql
+            .get_or_try_init(|| async {
+                client
+                    .prepare(&format!(
+                        "SELECT coalesce(array_agg(lane), '{{}}') FROM {s}.outbox_lanes
+                     WHERE holder = $1 AND expires_at >= now()"
+                    ))
+                    .await
+            })
+            .await?;
+        let lanes: Vec<i32> = client.query_one(lanes_sql, &[&relay]).await?.get(0);
+        if lanes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let pending_sql = self
+            .pending_sql
+            .get_or_try_init(|| async {
+                // The records first, then their events: joining before the
+                // LIMIT would read every pending record's event.
+                client.prepare(&format!(
+                    "WITH picked AS MATERIALIZED (
+                         SELECT o.position, o.stream_no, o.publication FROM {s}.outbox o
+                         WHERE o.published_at IS NULL AND o.position > $3 AND o.lane = ANY($1)
+                         ORDER BY o.position LIMIT $2)
+                     SELECT o.position, st.stream_id, e.version, e.event_id, e.event_type, e.data::text,
                             e.metadata::text, e.recorded_at, p.subject, p.key
-                     FROM {s}.outbox_lanes l
-                     JOIN {s}.outbox o ON o.lane = l.lane AND o.published_at IS NULL
+                     FROM picked o
                      JOIN {s}.events e ON e.position = o.position
                      JOIN {s}.streams st ON st.stream_no = o.stream_no
                      LEFT JOIN {s}.outbox_publications p ON p.id = o.publication
-                     WHERE l.holder = $1 AND l.expires_at >= now() AND o.position > $3
-                     ORDER BY o.position LIMIT $2"
-                ),
-                &[&relay, &(limit as i64), &(after as i64)],
-            )
+                     ORDER BY o.position"
+                ))
+                .await
+            })
+            .await?;
+        let rows = client
+            .query(pending_sql, &[&lanes, &(limit as i64), &(after as i64)])
             .await?;
         let mut messages = Vec::with_capacity(rows.len());
         for row in &rows {
@@ -907,18 +951,21 @@ impl OutboxDb for PostgresOutbox {
 
     async fn mark_published(&self, relay: &str, positions: &[u64]) -> Result<u64, OutboxError> {
         let s = &self.schema;
-        Ok(self
-            .client
-            .lock()
-            .await
-            .execute(
-                &format!(
-                    "UPDATE {s}.outbox SET published_at = now()
+        let client = self.client.lock().await;
+        let mark_sql = self
+            .mark_sql
+            .get_or_try_init(|| async {
+                client
+                    .prepare(&format!(
+                        "UPDATE {s}.outbox SET published_at = now()
                      WHERE position = ANY($1) AND published_at IS NULL
                        AND lane IN (SELECT lane FROM {s}.outbox_lanes WHERE holder = $2)"
-                ),
-                &[&pg_positions(positions), &relay],
-            )
+                    ))
+                    .await
+            })
+            .await?;
+        Ok(client
+            .execute(mark_sql, &[&pg_positions(positions), &relay])
             .await?)
     }
 

@@ -196,12 +196,18 @@ impl Relay {
     }
 
     /// Publishes until nothing is pending, fetching the next batch and
-    /// marking the last wave while a wave is out. Returns the records
-    /// published.
+    /// marking the last wave while a wave is out, and renewing the leases
+    /// every heartbeat. Returns the records published.
     pub async fn drain(&self) -> Result<u64, OutboxError> {
         let mut flow = Flow::default();
         let (mut published, mut stuck) = (0, 0);
+        let mut next_heartbeat = Instant::now();
         loop {
+            if Instant::now() >= next_heartbeat {
+                published += self.settle(&mut flow).await?;
+                self.heartbeat().await?;
+                next_heartbeat = Instant::now() + self.config.heartbeat;
+            }
             let round = match self.flowing_round(&mut flow, true).await {
                 Ok(round) => round,
                 Err(e) => {

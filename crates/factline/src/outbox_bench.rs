@@ -205,6 +205,7 @@ pub async fn run(args: OutboxBench, location: &Location) -> anyhow::Result<()> {
 fn bench_relay(round: usize) -> RelayConfig {
     RelayConfig {
         relay_id: format!("bench-{round}"),
+        batch: WINDOW,
         heartbeat: Duration::from_millis(500),
         min_backoff: Duration::from_millis(10),
         max_backoff: Duration::from_millis(200),
