@@ -440,3 +440,68 @@ async fn postgres_lanes_are_shared_and_handed_over() {
     lanes_are_shared_and_handed_over(outbox.clone()).await;
     bad_publications_are_refused(outbox).await;
 }
+
+// ----------------------------------------------------------------- inbox
+
+#[test]
+fn sqlite_inbox_ignores_redeliveries_and_forgets_rolled_back_ones() {
+    use factline_outbox::inbox::sqlite as inbox;
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = rusqlite::Connection::open(dir.path().join("consumer.db")).unwrap();
+    inbox::setup(&conn).unwrap();
+    let (first, second) = (uuid::Uuid::now_v7(), uuid::Uuid::now_v7());
+    // A delivery whose processing rolls back is not recorded.
+    let tx = conn.transaction().unwrap();
+    assert!(inbox::first_delivery(&tx, "billing", first).unwrap());
+    drop(tx);
+    let tx = conn.transaction().unwrap();
+    assert!(inbox::first_delivery(&tx, "billing", first).unwrap());
+    assert!(
+        !inbox::first_delivery(&tx, "billing", first).unwrap(),
+        "a redelivery"
+    );
+    assert!(
+        inbox::first_delivery(&tx, "shipping", first).unwrap(),
+        "consumers are apart"
+    );
+    assert!(inbox::first_delivery(&tx, "billing", second).unwrap());
+    tx.commit().unwrap();
+    assert!(!inbox::first_delivery(&conn, "billing", second).unwrap());
+    let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(inbox::purge(&conn, later).unwrap(), 3);
+    assert!(inbox::first_delivery(&conn, "billing", second).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_inbox_ignores_redeliveries_and_forgets_rolled_back_ones() {
+    use factline_outbox::inbox::postgres as inbox;
+    let db = factline_testpg::database().await;
+    let mut client = factline_testpg::connect(&db.url).await;
+    client
+        .batch_execute("CREATE SCHEMA consumer")
+        .await
+        .unwrap();
+    inbox::setup(&client, "consumer").await.unwrap();
+    let id = uuid::Uuid::now_v7();
+    let tx = client.transaction().await.unwrap();
+    assert!(inbox::first_delivery(&tx, "consumer", "billing", id)
+        .await
+        .unwrap());
+    tx.rollback().await.unwrap();
+    let tx = client.transaction().await.unwrap();
+    assert!(inbox::first_delivery(&tx, "consumer", "billing", id)
+        .await
+        .unwrap());
+    assert!(!inbox::first_delivery(&tx, "consumer", "billing", id)
+        .await
+        .unwrap());
+    assert!(inbox::first_delivery(&tx, "consumer", "shipping", id)
+        .await
+        .unwrap());
+    tx.commit().await.unwrap();
+    assert!(!inbox::first_delivery(&client, "consumer", "billing", id)
+        .await
+        .unwrap());
+    let later = chrono::Utc::now() + chrono::Duration::seconds(1);
+    assert_eq!(inbox::purge(&client, "consumer", later).await.unwrap(), 2);
+}

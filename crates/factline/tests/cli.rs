@@ -1030,6 +1030,31 @@ fn the_outbox_is_configured_and_relayed_through_the_cli(db: Db) {
     );
     assert_eq!(status["published_retained"], 3);
 
+    // The stdout sink prints the same lines.
+    assert_eq!(
+        code(&run(db, &["append", "Order-1", "--type", "OrderClosed"])),
+        0
+    );
+    let mut relay = factline(db)
+        .args(["relay", "--sink", "stdout"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(relay.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let line: Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(line["subject"], "shop.Order.OrderClosed");
+    assert_eq!(line["event"]["version"], 4);
+    let term = Command::new("kill")
+        .args(["-TERM", &relay.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(relay.wait().unwrap().success());
+
     let id = publication["id"].to_string();
     assert_eq!(code(&run(db, &["outbox", "unpublish", &id])), 0);
     assert_eq!(code(&run(db, &["outbox", "unpublish", &id])), 2);
