@@ -708,6 +708,16 @@ impl PostgresOutbox {
     }
 }
 
+/// A statement of `cell`, prepared on `client` the first time.
+async fn prepared<'a>(
+    cell: &'a tokio::sync::OnceCell<tokio_postgres::Statement>,
+    client: &tokio_postgres::Client,
+    sql: impl FnOnce() -> String,
+) -> Result<&'a tokio_postgres::Statement, tokio_postgres::Error> {
+    cell.get_or_try_init(|| async { client.prepare(&sql()).await })
+        .await
+}
+
 fn pg_positions(positions: &[u64]) -> Vec<i64> {
     positions.iter().map(|&p| p as i64).collect()
 }
@@ -891,27 +901,21 @@ impl OutboxDb for PostgresOutbox {
         let client = self.reader.lock().await;
         // The lanes as a list, not a join: with `= ANY` the planner walks
         // the pending index in position order and stops at the limit.
-        let lanes_sql = self
-            .lanes_sql
-            .get_or_try_init(|| async {
-                client
-                    .prepare(&format!(
-                        "SELECT coalesce(array_agg(lane), '{{}}') FROM {s}.outbox_lanes
-                     WHERE holder = $1 AND expires_at >= now()"
-                    ))
-                    .await
-            })
-            .await?;
+        let lanes_sql = prepared(&self.lanes_sql, &client, || {
+            format!(
+                "SELECT coalesce(array_agg(lane), '{{}}') FROM {s}.outbox_lanes
+                 WHERE holder = $1 AND expires_at >= now()"
+            )
+        })
+        .await?;
         let lanes: Vec<i32> = client.query_one(lanes_sql, &[&relay]).await?.get(0);
         if lanes.is_empty() {
             return Ok(Vec::new());
         }
-        let pending_sql = self
-            .pending_sql
-            .get_or_try_init(|| async {
-                // The records first, then their events: joining before the
-                // LIMIT would read every pending record's event.
-                client.prepare(&format!(
+        // The records first, then their events: joining before the LIMIT
+        // would read every pending record's event.
+        let pending_sql = prepared(&self.pending_sql, &client, || {
+                format!(
                     "WITH picked AS MATERIALIZED (
                          SELECT o.position, o.stream_no, o.publication FROM {s}.outbox o
                          WHERE o.published_at IS NULL AND o.position > $3 AND o.lane = ANY($1)
@@ -923,8 +927,7 @@ impl OutboxDb for PostgresOutbox {
                      JOIN {s}.streams st ON st.stream_no = o.stream_no
                      LEFT JOIN {s}.outbox_publications p ON p.id = o.publication
                      ORDER BY o.position"
-                ))
-                .await
+                )
             })
             .await?;
         let rows = client
@@ -952,18 +955,14 @@ impl OutboxDb for PostgresOutbox {
     async fn mark_published(&self, relay: &str, positions: &[u64]) -> Result<u64, OutboxError> {
         let s = &self.schema;
         let client = self.client.lock().await;
-        let mark_sql = self
-            .mark_sql
-            .get_or_try_init(|| async {
-                client
-                    .prepare(&format!(
-                        "UPDATE {s}.outbox SET published_at = now()
-                     WHERE position = ANY($1) AND published_at IS NULL
-                       AND lane IN (SELECT lane FROM {s}.outbox_lanes WHERE holder = $2)"
-                    ))
-                    .await
-            })
-            .await?;
+        let mark_sql = prepared(&self.mark_sql, &client, || {
+            format!(
+                "UPDATE {s}.outbox SET published_at = now()
+                 WHERE position = ANY($1) AND published_at IS NULL
+                   AND lane IN (SELECT lane FROM {s}.outbox_lanes WHERE holder = $2)"
+            )
+        })
+        .await?;
         Ok(client
             .execute(mark_sql, &[&pg_positions(positions), &relay])
             .await?)

@@ -42,10 +42,26 @@ fn line(message: &Message) -> Vec<u8> {
     out
 }
 
-fn all_failed(messages: &[Message], error: &std::io::Error) -> Vec<Result<(), SinkError>> {
+/// Writes the messages as JSON lines and flushes: each is delivered once
+/// the kernel has it.
+async fn write_lines(
+    out: &mut (impl tokio::io::AsyncWrite + Unpin),
+    messages: &[Message],
+) -> Vec<Result<(), SinkError>> {
+    let lines: Vec<u8> = messages.iter().flat_map(line).collect();
+    let written = async {
+        out.write_all(&lines).await?;
+        out.flush().await
+    }
+    .await;
     messages
         .iter()
-        .map(|_| Err(SinkError(error.to_string())))
+        .map(|_| {
+            written
+                .as_ref()
+                .map_err(|e| SinkError(e.to_string()))
+                .copied()
+        })
         .collect()
 }
 
@@ -60,17 +76,7 @@ impl Sink for StdoutSink {
     }
 
     async fn publish(&self, messages: &[Message]) -> Vec<Result<(), SinkError>> {
-        let lines: Vec<u8> = messages.iter().flat_map(line).collect();
-        let mut out = tokio::io::stdout();
-        match async {
-            out.write_all(&lines).await?;
-            out.flush().await
-        }
-        .await
-        {
-            Ok(()) => messages.iter().map(|_| Ok(())).collect(),
-            Err(e) => all_failed(messages, &e),
-        }
+        write_lines(&mut tokio::io::stdout(), messages).await
     }
 }
 
@@ -104,19 +110,9 @@ impl Sink for FileSink {
     }
 
     async fn publish(&self, messages: &[Message]) -> Vec<Result<(), SinkError>> {
-        let lines: Vec<u8> = messages.iter().flat_map(line).collect();
-        let mut file = self.file.lock().await;
         // Handed to the kernel before it counts as delivered: a killed
         // relay loses nothing it acknowledged.
-        match async {
-            file.write_all(&lines).await?;
-            file.flush().await
-        }
-        .await
-        {
-            Ok(()) => messages.iter().map(|_| Ok(())).collect(),
-            Err(e) => all_failed(messages, &e),
-        }
+        write_lines(&mut *self.file.lock().await, messages).await
     }
 }
 

@@ -403,7 +403,7 @@ pub(crate) fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
 
-fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
+pub(crate) fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }

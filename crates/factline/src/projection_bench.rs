@@ -13,7 +13,9 @@ use factline_orders::history::{self, HistoryConfig};
 use factline_orders::read_models::{OrderList, RevenueByRegionDay};
 use factline_projections::{Portable, PostgresSink, Runner, Sink, SqliteSink};
 
-use crate::bench::{fresh_postgres_store, median, postgres_url, round, Backend, BENCH_SCHEMA};
+use crate::bench::{
+    fresh_postgres_store, median, percentile_ms, postgres_url, round, Backend, BENCH_SCHEMA,
+};
 use crate::usage;
 
 #[derive(Args, Debug)]
@@ -144,13 +146,10 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
         }
     };
     latencies.sort_unstable();
-    let p = |q: f64| {
-        let i = ((latencies.len().max(1) - 1) as f64 * q).round() as usize;
-        latencies
-            .get(i)
-            .map_or(0.0, |d| (d.as_secs_f64() * 1e6).round() / 1e3)
-    };
-    let (p50, p99) = (p(0.5), p(0.99));
+    let (p50, p99) = (
+        percentile_ms(&latencies, 0.5),
+        percentile_ms(&latencies, 0.99),
+    );
     println!(
         "  median: rebuild {rate:.0} events/s, sequential read {base:.0} events/s, ratio {:.3}",
         rate / base

@@ -992,15 +992,7 @@ fn the_outbox_is_configured_and_relayed_through_the_cli(db: Db) {
     }
     let status = &json_lines(&run(db, &["outbox", "status"]))[0];
     assert_eq!(status["relays"][0]["relay"], "cli", "{status}");
-    let term = Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    assert!(
-        relay.wait().unwrap().success(),
-        "the relay stops cleanly on SIGTERM"
-    );
+    terminate(&mut relay);
 
     let lines = read_lines();
     let subjects: Vec<&str> = lines
@@ -1048,14 +1040,22 @@ fn the_outbox_is_configured_and_relayed_through_the_cli(db: Db) {
     let line: Value = serde_json::from_str(&first).unwrap();
     assert_eq!(line["subject"], "shop.Order.OrderClosed");
     assert_eq!(line["event"]["version"], 4);
-    let term = Command::new("kill")
-        .args(["-TERM", &relay.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    assert!(relay.wait().unwrap().success());
+    terminate(&mut relay);
 
     let id = publication["id"].to_string();
     assert_eq!(code(&run(db, &["outbox", "unpublish", &id])), 0);
     assert_eq!(code(&run(db, &["outbox", "unpublish", &id])), 2);
+}
+
+/// Sends SIGTERM and checks the process stops cleanly.
+fn terminate(child: &mut std::process::Child) {
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    assert!(
+        child.wait().unwrap().success(),
+        "it stops cleanly on SIGTERM"
+    );
 }
