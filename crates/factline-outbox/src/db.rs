@@ -671,6 +671,10 @@ impl PostgresOutbox {
         }
         tx.batch_execute(&postgres_tables(&s)).await?;
         tx.commit().await?;
+        // A mark lost in a crash republishes its records (which sinks
+        // deduplicate), and a lost lease renewal only expires sooner: no
+        // commit of this connection needs to wait for the disk.
+        client.batch_execute("SET synchronous_commit = off").await?;
         let (reader, reader_connection) = pg_connect(url).await?;
         Ok(PostgresOutbox {
             client: tokio::sync::Mutex::new(client),
@@ -733,6 +737,9 @@ impl OutboxDb for PostgresOutbox {
         let s = &self.schema;
         let mut client = self.client.lock().await;
         let tx = client.transaction().await?;
+        // Configuration is durable when the call returns.
+        tx.batch_execute("SET LOCAL synchronous_commit = on")
+            .await?;
         let id: i64 = tx
             .query_one(
                 &format!(
@@ -763,6 +770,8 @@ impl OutboxDb for PostgresOutbox {
         let s = &self.schema;
         let mut client = self.client.lock().await;
         let tx = client.transaction().await?;
+        tx.batch_execute("SET LOCAL synchronous_commit = on")
+            .await?;
         let removed = tx
             .execute(
                 &format!("DELETE FROM {s}.outbox_publications WHERE id = $1"),
