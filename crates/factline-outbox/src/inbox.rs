@@ -65,6 +65,7 @@ pub mod sqlite {
 /// On PostgreSQL, in the consumer's database.
 pub mod postgres {
     use super::*;
+    use crate::db::quote_ident;
     use tokio_postgres::GenericClient;
 
     /// Creates `schema.inbox` if needed (the schema must exist).
@@ -72,7 +73,7 @@ pub mod postgres {
         client: &impl GenericClient,
         schema: &str,
     ) -> Result<(), tokio_postgres::Error> {
-        let s = quote(schema);
+        let s = quote_ident(schema);
         client
             .batch_execute(&format!(
                 "CREATE TABLE IF NOT EXISTS {s}.inbox (
@@ -94,7 +95,7 @@ pub mod postgres {
         consumer: &str,
         event_id: Uuid,
     ) -> Result<bool, tokio_postgres::Error> {
-        let s = quote(schema);
+        let s = quote_ident(schema);
         let inserted = tx
             .execute(
                 &format!(
@@ -111,16 +112,12 @@ pub mod postgres {
         schema: &str,
         cutoff: chrono::DateTime<chrono::Utc>,
     ) -> Result<u64, tokio_postgres::Error> {
-        let s = quote(schema);
+        let s = quote_ident(schema);
         client
             .execute(
                 &format!("DELETE FROM {s}.inbox WHERE processed_at < $1"),
                 &[&cutoff],
             )
             .await
-    }
-
-    fn quote(name: &str) -> String {
-        format!("\"{}\"", name.replace('"', "\"\""))
     }
 }

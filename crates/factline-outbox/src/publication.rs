@@ -39,8 +39,11 @@ impl Publication {
     /// Every event, on the default subject.
     pub fn everything() -> Self {
         Publication {
+            id: 0,
             category: None,
-            ..Publication::category("")
+            event_type: None,
+            subject: DEFAULT_SUBJECT.to_owned(),
+            key: DEFAULT_KEY.to_owned(),
         }
     }
 

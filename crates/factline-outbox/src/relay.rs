@@ -409,12 +409,9 @@ impl Relay {
                     Ok(round) => {
                         backoff = None;
                         self.stats.consecutive_failures.store(0, Ordering::Relaxed);
-                        if round.pending >= config.batch {
-                            // More is waiting: no pause.
-                            continue;
-                        }
                         if round.pending > 0 {
-                            // Whatever arrived meanwhile goes at once.
+                            // More may be waiting: no pause until a round
+                            // finds nothing.
                             continue;
                         }
                         (Instant::now() + config.fallback_poll).min(next_heartbeat)

@@ -181,8 +181,7 @@ async fn jetstream_gets_each_event_with_its_id_and_headers_once() {
 
     // A re-publish of an event id is dropped by JetStream's window.
     let again: Message = {
-        let messages = db.status().await.unwrap();
-        assert_eq!(messages.backlog, 0);
+        assert_eq!(db.status().await.unwrap().backlog, 0);
         let received = read_stream(&nats.url(), 4).await;
         assert_eq!(received.len(), 4);
         Message {
