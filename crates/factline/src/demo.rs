@@ -3,17 +3,18 @@
 //! cancelled, with the mistakes clients make) while the orders read models
 //! follow live, and shows what happened from both.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
-use factline::{EventStore, Location};
+use factline::Location;
 use factline_orders::load::{self, LoadConfig};
 use factline_orders::read_models::{self, Summary};
+use factline_outbox::Publication;
 use tokio::sync::watch;
 
-use crate::catalog::{self, ReadModelDb, Running, READ_SCHEMA};
-
+use crate::catalog::{self, ReadModelDb, READ_SCHEMA};
+use crate::outbox_cli;
+use crate::serve::{self, OnAddressInUse, ServeArgs};
 use crate::usage;
 
 /// Where the read models live: beside the events (the SQLite file or the
@@ -40,18 +41,6 @@ impl ReadModels {
         })
     }
 
-    /// Starts the orders projections, following the log live.
-    fn start(
-        &self,
-        store: &Arc<dyn EventStore>,
-        stop: &watch::Receiver<bool>,
-    ) -> anyhow::Result<Vec<Running>> {
-        catalog::known()
-            .iter()
-            .map(|p| catalog::spawn_live(&self.db, store, p.name(), stop))
-            .collect()
-    }
-
     async fn summary(&self) -> anyhow::Result<Summary> {
         Ok(match &self.db {
             ReadModelDb::Sqlite(path) => read_models::summary_sqlite(path)?,
@@ -64,26 +53,56 @@ impl ReadModels {
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Orders to place.
-    #[arg(long, default_value_t = 12)]
-    orders: u32,
+    /// Stop the load after this many orders (default: run until Ctrl-C or
+    /// --duration).
+    #[arg(long)]
+    orders: Option<u32>,
     /// Customers to register first.
-    #[arg(long, default_value_t = 6)]
+    #[arg(long, default_value_t = 12)]
     customers: u32,
-    /// Orders started per second (default: as fast as they go).
+    /// Orders started per second (default: 20 when running until stopped,
+    /// as fast as they go with --orders).
     #[arg(long)]
     rate: Option<f64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    duration: Option<f64>,
     /// Orders in flight at once.
     #[arg(long, default_value_t = 4)]
     concurrency: u32,
     /// Seeds the mix of commands; the same seed makes the same mix.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Address of the dashboard and API (a free port when it is taken).
+    #[arg(long, default_value = serve::DEFAULT_LISTEN)]
+    listen: String,
+    /// Where the outbox relay publishes the events: file:///path, stdout,
+    /// nats://…, http(s)://…, or none (default: outbox.jsonl beside the
+    /// database).
+    #[arg(long)]
+    sink: Option<String>,
+}
+
+/// The orders per second of a demo that runs until stopped.
+const DEFAULT_RATE: f64 = 20.0;
+
+/// The sink of the demo's relay: a file beside the SQLite database.
+fn default_sink(location: &Location) -> Option<String> {
+    match location {
+        Location::Sqlite(path) => {
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let file = dir.map_or_else(|| "outbox.jsonl".into(), |d| d.join("outbox.jsonl"));
+            let file = std::path::absolute(&file).unwrap_or(file);
+            Some(format!("file://{}", file.display()))
+        }
+        Location::Postgres(_) => Some("stdout".into()),
+        Location::Memory => None,
+    }
 }
 
 pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
-    if args.orders == 0 || args.orders > 100_000 {
-        return Err(usage("--orders must be between 1 and 100000"));
+    if args.orders.is_some_and(|n| n == 0 || n > 1_000_000) {
+        return Err(usage("--orders must be between 1 and 1000000"));
     }
     if args.customers == 0 || args.customers > 100_000 {
         return Err(usage("--customers must be between 1 and 100000"));
@@ -96,25 +115,89 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
             "--rate must be a positive number of orders per second",
         ));
     }
-    let store: Arc<dyn EventStore> = location.open().await?;
-    let start = store.head_position().await? + 1;
+    if args.duration.is_some_and(|d| !(d > 0.0 && d.is_finite())) {
+        return Err(usage("--duration must be a positive number of seconds"));
+    }
     let read_models = ReadModels::for_location(location)?;
-    let (stop, stopped) = watch::channel(false);
-    let running = read_models.start(&store, &stopped)?;
+    let sink = match args.sink.as_deref() {
+        Some("none") => None,
+        Some(sink) => Some(sink.to_owned()),
+        None => default_sink(location),
+    };
+    if sink.is_some() {
+        if *location == Location::Memory {
+            return Err(usage(
+                "an in-memory store has no outbox: leave --sink out or give --db a file",
+            ));
+        }
+        // The demo publishes every event unless publications are set up.
+        location.open().await?;
+        let outbox = outbox_cli::open_db(location).await?;
+        if outbox.publications().await?.is_empty() {
+            outbox.add_publication(Publication::everything()).await?;
+        }
+    }
+    let serve_args = ServeArgs {
+        listen: args.listen.clone(),
+        relay: sink.clone(),
+        projections: true,
+        ..ServeArgs::parse_defaults()
+    };
+    let stack = serve::start(
+        location,
+        &serve_args,
+        OnAddressInUse::AnyPort,
+        Some(read_models.db.clone()),
+    )
+    .await?;
+    let store = stack.store.clone();
+    let start = store.head_position().await? + 1;
+    let (stop_load, load_stopped) = watch::channel(false);
+    let rate = match (args.rate, args.orders) {
+        (Some(rate), _) => Some(rate),
+        (None, None) => Some(DEFAULT_RATE),
+        (None, Some(_)) => None,
+    };
+    println!("Dashboard: {}/", stack.url);
+    println!(
+        "API: {}/openapi.json   events relayed to: {}",
+        stack.url,
+        sink.as_deref().unwrap_or("nowhere (no outbox)")
+    );
+    match (args.orders, args.duration) {
+        (Some(n), _) => println!("Placing {n} orders; Ctrl-C stops early."),
+        (None, Some(d)) => println!("Placing orders for {d} s; Ctrl-C stops early."),
+        (None, None) => println!("Placing orders until Ctrl-C."),
+    }
     let config = LoadConfig {
         customers: args.customers as usize,
-        orders: args.orders as usize,
-        orders_per_second: args.rate,
+        orders: args.orders.map_or(usize::MAX, |n| n as usize),
+        orders_per_second: rate,
         concurrency: args.concurrency as usize,
         seed: args.seed,
         snapshot_every: Some(100),
+        stop: Some(load_stopped),
     };
-    let report = load::run(store.clone(), &config).await?;
-    // The read models follow live; wait for them to have every event.
-    let head = store.head_position().await?;
+    let duration = args.duration.map(Duration::from_secs_f64);
+    let stopper = tokio::spawn(async move {
+        match duration {
+            Some(d) => {
+                tokio::select! {
+                    _ = tokio::time::sleep(d) => {}
+                    _ = outbox_cli::shutdown_signal() => {}
+                }
+            }
+            None => outbox_cli::shutdown_signal().await,
+        }
+        stop_load.send_replace(true);
+    });
+    let report = load::run(store.clone(), &config).await;
+    stopper.abort();
+    let report = report?;
     // The read models follow live, here or (on PostgreSQL) in another
     // process holding their leases: wait until the database says they have
     // every event.
+    let head = store.head_position().await?;
     let admin = read_models.db.admin().await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let lags = loop {
@@ -123,16 +206,14 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
             .iter()
             .filter_map(|p| infos.iter().find(|i| i.name == p.name()).cloned())
             .collect();
-        let all_there = known.len() == running.len() && known.iter().all(|i| i.checkpoint >= head);
+        let all_there =
+            known.len() == catalog::known().len() && known.iter().all(|i| i.checkpoint >= head);
         if all_there || tokio::time::Instant::now() >= deadline {
             break known;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    stop.send_replace(true);
-    for (_, task) in running {
-        task.await??;
-    }
+    stack.stop().await?;
     let summary = read_models.summary().await?;
 
     println!(

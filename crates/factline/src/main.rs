@@ -3,6 +3,7 @@
 //! Exit codes are a public contract: 0 success, 2 invalid input or usage,
 //! 3 version conflict, 4 idempotency mismatch, 1 any other failure.
 
+mod admin_api;
 mod bench;
 mod catalog;
 mod commands;
@@ -12,6 +13,7 @@ mod outbox_bench;
 mod outbox_cli;
 mod projection_bench;
 mod projections_cli;
+mod serve;
 
 // An event store allocates and frees many small buffers per append; glibc's
 // allocator spends a large share of the CPU on that, mimalloc a small one.
@@ -35,12 +37,33 @@ struct Cli {
     #[arg(long, global = true, env = "FACTLINE_DB", default_value = factline::DEFAULT_DB)]
     db: String,
 
+    /// Which log lines go to stderr: a level (error, warn, info, debug,
+    /// trace) or `target=level,…`. Default: info for serve and relay,
+    /// warn otherwise.
+    #[arg(long, global = true, env = "FACTLINE_LOG")]
+    log: Option<String>,
+
+    /// Log lines as text or as JSON objects (one per line).
+    #[arg(long, global = true, env = "FACTLINE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Serve the HTTP API (append, read, subscribe by Server-Sent Events),
+    /// the admin API, /metrics, /health, /ready and the dashboard; with
+    /// --relay and --projections also the outbox relay and the orders
+    /// read models.
+    Serve(serve::ServeArgs),
     /// Append one event, or a batch of JSON lines from stdin, to a stream.
     Append(commands::AppendArgs),
     /// Read one stream.
@@ -83,6 +106,10 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = init_logging(&cli) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -104,9 +131,32 @@ fn main() -> ExitCode {
     }
 }
 
+/// Log lines go to stderr, so that stdout stays the commands' output.
+fn init_logging(cli: &Cli) -> Result<(), String> {
+    use tracing_subscriber::prelude::*;
+    let default = match cli.command {
+        Command::Serve(_) | Command::Relay(_) => "info",
+        _ => "warn",
+    };
+    let spec = cli.log.as_deref().unwrap_or(default);
+    let filter: tracing_subscriber::filter::Targets = spec
+        .parse()
+        .map_err(|e| format!("--log {spec:?} is not a level or target=level list: {e}"))?;
+    let registry = tracing_subscriber::registry().with(filter);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => registry.with(layer).init(),
+        LogFormat::Json => registry
+            .with(layer.json().with_current_span(true).with_span_list(false))
+            .init(),
+    }
+    Ok(())
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let location = Location::parse(&cli.db)?;
     match cli.command {
+        Command::Serve(args) => serve::run(&location, args).await,
         Command::Append(args) => commands::append(&location, args).await,
         Command::Read(args) => commands::read(&location, args).await,
         Command::ReadAll(args) => commands::read_all(&location, args).await,

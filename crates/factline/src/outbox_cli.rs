@@ -63,6 +63,13 @@ pub struct RelayArgs {
     /// webhook), file:///path (JSON lines) or stdout.
     #[arg(long)]
     sink: String,
+    #[command(flatten)]
+    options: RelayOptions,
+}
+
+/// How a relay runs, in `factline relay` and inside `factline serve`.
+#[derive(Args, Debug, Clone)]
+pub struct RelayOptions {
     /// This relay's name in the lanes table (default: unique per process).
     #[arg(long)]
     relay_id: Option<String>,
@@ -87,6 +94,11 @@ pub struct RelayArgs {
 /// The store (for its head, which wakes the relay) and its outbox.
 pub async fn open(location: &Location) -> anyhow::Result<(Arc<dyn EventStore>, Arc<dyn OutboxDb>)> {
     let store = location.open().await?;
+    Ok((store, open_db(location).await?))
+}
+
+/// The outbox tables of the store at `location` (which must exist).
+pub async fn open_db(location: &Location) -> anyhow::Result<Arc<dyn OutboxDb>> {
     let db: Arc<dyn OutboxDb> =
         match location {
             Location::Sqlite(path) => Arc::new(SqliteOutbox::open(path)?),
@@ -95,7 +107,7 @@ pub async fn open(location: &Location) -> anyhow::Result<(Arc<dyn EventStore>, A
                 "the outbox lives in the store's database: use a SQLite file or a postgres:// URL",
             )),
         };
-    Ok((store, db))
+    Ok(db)
 }
 
 pub async fn run(args: OutboxArgs, location: &Location) -> anyhow::Result<()> {
@@ -143,8 +155,8 @@ fn invalid(e: factline_outbox::OutboxError) -> anyhow::Error {
 }
 
 /// The sink a `--sink` address names.
-pub async fn sink(args: &RelayArgs) -> anyhow::Result<Arc<dyn Sink>> {
-    let spec = args.sink.trim();
+pub async fn sink(spec: &str, args: &RelayOptions) -> anyhow::Result<Arc<dyn Sink>> {
+    let spec = spec.trim();
     let lower = spec.to_ascii_lowercase();
     Ok(if spec == "stdout" {
         Arc::new(StdoutSink)
@@ -177,7 +189,7 @@ pub async fn sink(args: &RelayArgs) -> anyhow::Result<Arc<dyn Sink>> {
     })
 }
 
-pub fn relay_config(args: &RelayArgs) -> anyhow::Result<RelayConfig> {
+pub fn relay_config(args: &RelayOptions) -> anyhow::Result<RelayConfig> {
     if args.batch == 0 {
         return Err(usage("--batch must be at least 1"));
     }
@@ -201,13 +213,33 @@ pub fn relay_config(args: &RelayArgs) -> anyhow::Result<RelayConfig> {
 /// `factline relay`: runs until Ctrl-C (or SIGTERM), then gives its lanes
 /// back.
 pub async fn relay(args: RelayArgs, location: &Location) -> anyhow::Result<()> {
-    let mut config = relay_config(&args)?;
+    let (store, db) = open(location).await?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = start_relay(location, &store, db, &args.sink, &args.options, stopped).await?;
+    shutdown_signal().await;
+    stop.send_replace(true);
+    running.await??;
+    Ok(())
+}
+
+/// A running relay: it gives its lanes back and ends when `stop` turns true.
+pub type RunningRelay = tokio::task::JoinHandle<Result<(), factline_outbox::OutboxError>>;
+
+/// Starts a relay of `db` to the sink `spec`, woken by `store`'s appends.
+pub async fn start_relay(
+    location: &Location,
+    store: &Arc<dyn EventStore>,
+    db: Arc<dyn OutboxDb>,
+    spec: &str,
+    options: &RelayOptions,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<RunningRelay> {
+    let mut config = relay_config(options)?;
     if matches!(location, Location::Sqlite(_)) {
         // Appends of other processes to a SQLite file wake no watch here.
         config.fallback_poll = Duration::from_millis(100);
     }
-    let (store, db) = open(location).await?;
-    let sink = sink(&args).await?;
+    let sink = sink(spec, options).await?;
     if db.publications().await?.is_empty() {
         eprintln!(
             "note: nothing is published yet; add a publication with `factline outbox publish`"
@@ -220,12 +252,7 @@ pub async fn relay(args: RelayArgs, location: &Location) -> anyhow::Result<()> {
         config.relay_id
     );
     let relay = Relay::new(db, sink, config).woken_by(store.watch_head());
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = tokio::spawn(relay.run(stopped));
-    shutdown_signal().await;
-    stop.send_replace(true);
-    running.await??;
-    Ok(())
+    Ok(tokio::spawn(relay.run(stop)))
 }
 
 /// Ctrl-C, or SIGTERM where there is one.

@@ -14,7 +14,7 @@ use clap::{Args, Subcommand};
 use factline::{EventStore, Location};
 use factline_projections::{
     BatchPolicy, Parking, Partition, Portable, PostgresSink, ProjectionInfo, ProjectionStatus,
-    Runner, SqliteSink, VersionedSink,
+    RetryReport, Runner, SqliteSink, VersionedSink,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -66,64 +66,64 @@ pub enum ProjectionsCommand {
     Discard { name: String },
 }
 
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct RebuildArgs {
-    name: String,
+    pub name: String,
     /// Apply at most this many events per second (the rebuild shares the
     /// database with live traffic).
     #[arg(long)]
-    rate: Option<u64>,
+    pub rate: Option<u64>,
     /// Print how the new version differs from the active one (rows added,
     /// removed, changed, with samples) before swapping.
     #[arg(long)]
-    diff: bool,
+    pub diff: bool,
     /// Rows of each kind shown per table by --diff.
     #[arg(long, default_value_t = 5)]
-    samples: usize,
+    pub samples: usize,
     /// Stop before the swap, leaving the new version for review; run the
     /// rebuild again to swap it in, or discard it.
     #[arg(long)]
-    no_swap: bool,
+    pub no_swap: bool,
     /// Keep the old version's tables after the swap.
     #[arg(long)]
-    keep_old: bool,
+    pub keep_old: bool,
     /// Build the new version as this many partitions run side by side
     /// (default: as many as the active version).
     #[arg(long)]
-    partitions: Option<u32>,
+    pub partitions: Option<u32>,
     /// No progress bar.
     #[arg(long)]
-    quiet: bool,
+    pub quiet: bool,
 }
 
 /// A projection's state as `status` and `list --json` print it.
 #[derive(Serialize)]
-struct StatusReport {
-    name: String,
-    active_version: Option<u32>,
-    checkpoint: u64,
-    head: u64,
-    events_behind: u64,
-    seconds_behind: f64,
-    state: &'static str,
-    parked: u64,
-    skipped: u64,
-    versions: Vec<factline_projections::VersionInfo>,
+pub struct StatusReport {
+    pub name: String,
+    pub active_version: Option<u32>,
+    pub checkpoint: u64,
+    pub head: u64,
+    pub events_behind: u64,
+    pub seconds_behind: f64,
+    pub state: &'static str,
+    pub parked: u64,
+    pub skipped: u64,
+    pub versions: Vec<factline_projections::VersionInfo>,
 }
 
 /// The last line of `rebuild`, a contract for scripts.
 #[derive(Serialize)]
-struct RebuildReport {
-    projection: String,
-    version: u32,
-    previous_version: Option<u32>,
-    partitions: u32,
+pub struct RebuildReport {
+    pub projection: String,
+    pub version: u32,
+    pub previous_version: Option<u32>,
+    pub partitions: u32,
     /// Events this run applied (a resumed rebuild counts only its own).
-    events: u64,
-    checkpoint: u64,
-    swapped: bool,
-    kept_old: bool,
-    seconds: f64,
+    pub events: u64,
+    pub checkpoint: u64,
+    pub swapped: bool,
+    pub kept_old: bool,
+    pub seconds: f64,
 }
 
 pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<()> {
@@ -185,24 +185,8 @@ pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<(
             );
         }
         ProjectionsCommand::Retry { name } => {
-            let projection = catalog::find(&name)?;
-            let info = existing(&admin, &name).await?;
-            let version = info.active_version.unwrap_or(projection.version());
-            let projection = Portable::new(projection).at_version(version);
             let store = location.open().await?;
-            let report = match &db {
-                ReadModelDb::Sqlite(path) => {
-                    SqliteSink::open(path, projection)?
-                        .retry(store.as_ref())
-                        .await?
-                }
-                ReadModelDb::Postgres { url, schema } => {
-                    PostgresSink::connect(url, schema, projection)
-                        .await?
-                        .retry(store.as_ref())
-                        .await?
-                }
-            };
+            let report = retry(&db, &store, &name).await?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -241,10 +225,36 @@ pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<(
         }
         ProjectionsCommand::Rebuild(rebuild_args) => {
             let store = location.open().await?;
-            rebuild(&db, &admin, store, rebuild_args).await?;
+            let report = rebuild(&db, &admin, store, &rebuild_args, |_, _| {}).await?;
+            println!("{}", serde_json::to_string(&report)?);
         }
     }
     Ok(())
+}
+
+/// Applies the parked events of a known projection again, in order.
+pub async fn retry(
+    db: &ReadModelDb,
+    store: &Arc<dyn EventStore>,
+    name: &str,
+) -> anyhow::Result<RetryReport> {
+    let projection = catalog::find(name)?;
+    let info = existing(&db.admin().await?, name).await?;
+    let version = info.active_version.unwrap_or(projection.version());
+    let projection = Portable::new(projection).at_version(version);
+    Ok(match db {
+        ReadModelDb::Sqlite(path) => {
+            SqliteSink::open(path, projection)?
+                .retry(store.as_ref())
+                .await?
+        }
+        ReadModelDb::Postgres { url, schema } => {
+            PostgresSink::connect(url, schema, projection)
+                .await?
+                .retry(store.as_ref())
+                .await?
+        }
+    })
 }
 
 /// The projection's entry, or a usage error when the database has none.
@@ -258,7 +268,7 @@ async fn existing(admin: &catalog::Admin, name: &str) -> anyhow::Result<Projecti
 
 /// A version above the active one with a checkpoint: a rebuild that was
 /// stopped before its swap.
-fn candidate_in_progress(info: &ProjectionInfo) -> Option<u32> {
+pub fn candidate_in_progress(info: &ProjectionInfo) -> Option<u32> {
     let active = info.active_version.unwrap_or(0);
     info.versions
         .iter()
@@ -272,6 +282,15 @@ async fn status_of(
     info: ProjectionInfo,
 ) -> anyhow::Result<StatusReport> {
     let head = store.head_position().await?;
+    status_at(store, info, head).await
+}
+
+/// The projection's state and lag behind `head`.
+pub async fn status_at(
+    store: &Arc<dyn EventStore>,
+    info: ProjectionInfo,
+    head: u64,
+) -> anyhow::Result<StatusReport> {
     let behind = head.saturating_sub(info.checkpoint);
     let seconds_behind = match (behind, info.checkpoint) {
         (0, _) | (_, 0) => 0.0,
@@ -320,12 +339,16 @@ fn print_table(reports: &[StatusReport]) {
     }
 }
 
-async fn rebuild(
+/// Builds the next version of a known projection beside the active one
+/// and swaps it in (or resumes a stopped rebuild). `on_start` gets the
+/// version and the runners' statuses, which show the progress.
+pub async fn rebuild(
     db: &ReadModelDb,
     admin: &catalog::Admin,
     store: Arc<dyn EventStore>,
-    args: RebuildArgs,
-) -> anyhow::Result<()> {
+    args: &RebuildArgs,
+    on_start: impl FnOnce(u32, &[ProjectionStatus]),
+) -> anyhow::Result<RebuildReport> {
     if args.rate == Some(0) {
         return Err(usage("--rate must be at least 1 event per second"));
     }
@@ -366,12 +389,14 @@ async fn rebuild(
             args.partitions.or(count_of(active)).unwrap_or(1),
         ),
     };
-    let report = match db.sinks(&args.name, version, partitions, true).await? {
-        Sinks::Sqlite(sinks) => build_and_swap(&store, sinks, &args, version, active).await?,
-        Sinks::Postgres(sinks) => build_and_swap(&store, sinks, &args, version, active).await?,
-    };
-    println!("{}", serde_json::to_string(&report)?);
-    Ok(())
+    match db.sinks(&args.name, version, partitions, true).await? {
+        Sinks::Sqlite(sinks) => {
+            build_and_swap(&store, sinks, args, version, active, on_start).await
+        }
+        Sinks::Postgres(sinks) => {
+            build_and_swap(&store, sinks, args, version, active, on_start).await
+        }
+    }
 }
 
 async fn build_and_swap<S: VersionedSink + 'static>(
@@ -380,6 +405,7 @@ async fn build_and_swap<S: VersionedSink + 'static>(
     args: &RebuildArgs,
     version: u32,
     active: Option<u32>,
+    on_start: impl FnOnce(u32, &[ProjectionStatus]),
 ) -> anyhow::Result<RebuildReport> {
     let started = std::time::Instant::now();
     let partitions = sinks.len() as u32;
@@ -395,6 +421,7 @@ async fn build_and_swap<S: VersionedSink + 'static>(
         })
         .collect();
     let statuses: Vec<ProjectionStatus> = runners.iter().map(|r| r.status()).collect();
+    on_start(version, &statuses);
     let bar = (!args.quiet).then(|| progress_bar(&args.name, version, partitions));
     let shown = bar
         .clone()

@@ -63,6 +63,7 @@ on_every_backend!(
     poison_events_are_parked_listed_retried_and_skipped,
     partitions_change_by_a_rebuild_and_live_runners_run_them,
     the_outbox_is_configured_and_relayed_through_the_cli,
+    the_server_runs_the_api_the_admin_api_and_the_relay,
 );
 
 fn factline(db: impl AsRef<OsStr>) -> Command {
@@ -521,7 +522,7 @@ fn demo_appends_orders_and_reports_them(db: Db) {
         .unwrap_or(0);
     assert_eq!(by_status, 10, "{text}");
     let customers = json_lines(&run(&db.spec, &["read-category", "Customer"]));
-    assert_eq!(customers.len(), 6, "the demo registers 6 customers");
+    assert_eq!(customers.len(), 12, "the demo registers 12 customers");
     // Every order's life starts with its placement.
     for e in &events {
         let first = events.iter().find(|f| f["stream_id"] == e["stream_id"]);
@@ -1058,4 +1059,283 @@ fn terminate(child: &mut std::process::Child) {
         child.wait().unwrap().success(),
         "it stops cleanly on SIGTERM"
     );
+}
+
+/// A `factline serve` child and what it printed when it came up.
+struct Served {
+    child: std::process::Child,
+    base: String,
+    runtime: tokio::runtime::Runtime,
+    client: reqwest::Client,
+}
+
+impl Served {
+    fn start(db: &str, args: &[&str]) -> Served {
+        let mut child = factline(db)
+            .arg("serve")
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let base = loop {
+            let line = rx
+                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+                .expect("factline serve says where it serves");
+            if let Some(at) = line.find(" on http://") {
+                let rest = &line[at + 4..];
+                break rest[..rest.find(' ').unwrap_or(rest.len())].to_owned();
+            }
+        };
+        Served {
+            child,
+            base,
+            runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+            client: reqwest::Client::new(),
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, Value) {
+        self.runtime.block_on(async {
+            let url = format!("{}{path}", self.base);
+            let mut request = match method {
+                "POST" => self.client.post(url).body(body.unwrap_or("").to_owned()),
+                _ => self.client.get(url),
+            };
+            if !token.is_empty() {
+                request = request.bearer_auth(token);
+            }
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap();
+            (
+                status,
+                serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            )
+        })
+    }
+
+    /// Polls `path` until `done` holds of its answer.
+    fn until(&self, path: &str, token: &str, done: impl Fn(&Value) -> bool) -> Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let (status, body) = self.call("GET", path, token, None);
+            if status == 200 && done(&body) {
+                return body;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{path} never got there: {body}"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn projection<'a>(list: &'a Value, name: &str) -> &'a Value {
+    list["projections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} in {list}"))
+}
+
+fn the_server_runs_the_api_the_admin_api_and_the_relay(db: Db) {
+    let db = &db.spec;
+    let dir = tempfile::tempdir().unwrap();
+    // Anything but loopback needs tokens or an explicit --allow-anonymous.
+    let out = run(db, &["serve", "--listen", "0.0.0.0:0"]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("--tokens"), "{}", stderr(&out));
+    let tokens = dir.path().join("tokens.json");
+    std::fs::write(&tokens, r#"{"tokens":[{"name":"short","token":"abc"}]}"#).unwrap();
+    let out = run(db, &["serve", "--tokens", tokens.to_str().unwrap()]);
+    assert_eq!(code(&out), 2);
+    assert!(stderr(&out).contains("shorter"), "{}", stderr(&out));
+    let (writer, ops) = ("orders-writer-0123456789", "operations-0123456789");
+    std::fs::write(
+        &tokens,
+        format!(
+            r#"{{"tokens":[
+                {{"name":"app","token":"{writer}","read":["Order","Customer"],"write":["Order","Customer"]}},
+                {{"name":"ops","token":"{ops}","read":["*"],"admin":["*"]}}]}}"#
+        ),
+    )
+    .unwrap();
+
+    assert_eq!(
+        code(&run(db, &["outbox", "publish", "--category", "Order"])),
+        0
+    );
+    assert_eq!(
+        code(&run(db, &["demo", "--orders", "5", "--sink", "none"])),
+        0
+    );
+    let relayed = dir.path().join("relayed.jsonl");
+    let sink = format!("file://{}", relayed.display());
+    let served = Served::start(
+        db,
+        &[
+            "--listen",
+            "0.0.0.0:0",
+            "--tokens",
+            tokens.to_str().unwrap(),
+            "--projections",
+            "--relay",
+            &sink,
+        ],
+    );
+    assert!(
+        served.base.starts_with("http://0.0.0.0:"),
+        "{}",
+        served.base
+    );
+    let base = served.base.replace("0.0.0.0", "127.0.0.1");
+    let served = Served { base, ..served };
+
+    // Appends through the API reach the read models and the outbox.
+    let (status, _) = served.call(
+        "POST",
+        "/streams/Order-http-1",
+        "",
+        Some(r#"{"type":"OrderPlaced"}"#),
+    );
+    assert_eq!(status, 401);
+    let placed = r#"{"type":"OrderPlaced","metadata":{"schema_version":2},"data":{"customer_id":"c-http","region":"eu-west","lines":[{"sku":"SKU-MOUSE","quantity":1,"unit_price_cents":3900}],"total_cents":3900,"currency":"EUR"}}"#;
+    let (status, appended) = served.call("POST", "/streams/Order-http-1", writer, Some(placed));
+    assert_eq!(status, 201, "{appended}");
+    let head = appended["last_position"].as_u64().unwrap();
+    let list = served.until("/admin/projections", ops, |l| {
+        l["projections"].as_array().is_some_and(|ps| {
+            ps.len() == 3 && ps.iter().all(|p| p["checkpoint"].as_u64() >= Some(head))
+        })
+    });
+    for name in ["order_list", "revenue", "customer_totals"] {
+        let p = projection(&list, name);
+        assert_eq!(
+            (&p["state"], &p["lag_events"]),
+            (&json!("running"), &json!(0)),
+            "{p}"
+        );
+    }
+    let (status, _) = served.call("GET", "/admin/projections", writer, None);
+    assert_eq!(status, 403);
+
+    // Pause holds a projection back; resume lets it catch up.
+    let (status, paused) = served.call("POST", "/admin/projections/order_list/pause", ops, None);
+    assert_eq!(
+        (status, &paused["state"]),
+        (200, &json!("paused")),
+        "{paused}"
+    );
+    let (_, more) = served.call("POST", "/streams/Order-http-2", writer, Some(placed));
+    let head = more["last_position"].as_u64().unwrap();
+    served.until("/admin/projections/customer_totals", ops, |p| {
+        p["checkpoint"].as_u64() >= Some(head)
+    });
+    let (_, held) = served.call("GET", "/admin/projections/order_list", ops, None);
+    assert!(held["lag_events"].as_u64() > Some(0), "{held}");
+    let (status, _) = served.call("POST", "/admin/projections/order_list/resume", ops, None);
+    assert_eq!(status, 200);
+    served.until("/admin/projections/order_list", ops, |p| {
+        p["state"] == "running" && p["lag_events"] == 0
+    });
+
+    // A rebuild runs in the background; its progress and swap show.
+    let (status, started) = served.call("POST", "/admin/projections/revenue/rebuild", ops, None);
+    assert_eq!(status, 202, "{started}");
+    assert_eq!(started["rebuild"]["version"], 2);
+    let rebuilt = served.until("/admin/projections/revenue", ops, |p| {
+        p["rebuild"]["state"] == "swapped" && p["active_version"] == 2
+    });
+    assert_eq!(
+        rebuilt["rebuild"]["done"], rebuilt["rebuild"]["total"],
+        "{rebuilt}"
+    );
+    served.until("/admin/projections/revenue", ops, |p| {
+        p["lag_events"] == 0 && p["state"] == "running"
+    });
+    let (status, refused) = served.call("POST", "/admin/projections/nope/rebuild", ops, None);
+    assert_eq!(status, 404, "{refused}");
+
+    // A poison event is parked; retry leaves it, skip gives up on it.
+    let (_, bad) = served.call(
+        "POST",
+        "/streams/Order-bad",
+        writer,
+        Some(r#"{"type":"OrderPlaced","data":{"oops":true}}"#),
+    );
+    let bad = bad["first_position"].as_u64().unwrap();
+    let parked = served.until("/admin/projections/order_list/parked", ops, |p| {
+        p["parked"].as_array().is_some_and(|a| !a.is_empty())
+    });
+    assert_eq!(parked["parked"][0]["position"].as_u64(), Some(bad));
+    let (status, retried) = served.call(
+        "POST",
+        "/admin/projections/order_list/parked/retry",
+        ops,
+        None,
+    );
+    assert_eq!(
+        (status, &retried["still_parked"]),
+        (200, &json!(1)),
+        "{retried}"
+    );
+    let (status, _) = served.call(
+        "POST",
+        &format!("/admin/projections/order_list/parked/{}/skip", bad + 1000),
+        ops,
+        None,
+    );
+    assert_eq!(status, 404);
+    let (status, _) = served.call(
+        "POST",
+        &format!("/admin/projections/order_list/parked/{bad}/skip"),
+        ops,
+        None,
+    );
+    assert_eq!(status, 200);
+    let (_, p) = served.call("GET", "/admin/projections/order_list", ops, None);
+    assert_eq!((&p["parked"], &p["skipped"]), (&json!(0), &json!(1)), "{p}");
+
+    // The relay inside the server published the Order events.
+    let outbox = served.until("/admin/outbox", ops, |o| o["backlog"] == 0);
+    assert_eq!(
+        outbox["relays"].as_array().map(Vec::len),
+        Some(1),
+        "{outbox}"
+    );
+    let lines = std::fs::read_to_string(&relayed).unwrap();
+    for stream in ["Order-http-1", "Order-http-2", "Order-bad"] {
+        assert!(lines.contains(stream), "{stream} was relayed");
+    }
+    assert!(
+        !lines.contains("\"Customer-"),
+        "only Order events are published"
+    );
+
+    // Metrics carry the projections' lag and the outbox backlog.
+    let (status, metrics) = served.call("GET", "/metrics", ops, None);
+    assert_eq!(status, 200);
+    let text = metrics.as_str().unwrap();
+    assert!(
+        text.contains(r#"factline_projection_lag_events{projection="order_list"} 0"#),
+        "{text}"
+    );
+    assert!(text.contains("factline_outbox_backlog 0"), "{text}");
+
+    let Served { mut child, .. } = served;
+    terminate(&mut child);
 }

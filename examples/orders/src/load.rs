@@ -48,6 +48,8 @@ pub struct LoadConfig {
     pub seed: u64,
     /// Snapshot orders every this many events.
     pub snapshot_every: Option<u64>,
+    /// No order starts once this turns true; those in flight finish.
+    pub stop: Option<tokio::sync::watch::Receiver<bool>>,
 }
 
 impl Default for LoadConfig {
@@ -59,6 +61,7 @@ impl Default for LoadConfig {
             concurrency: 4,
             seed: 42,
             snapshot_every: None,
+            stop: None,
         }
     }
 }
@@ -337,7 +340,16 @@ pub async fn run(store: Arc<dyn EventStore>, config: &LoadConfig) -> Result<Load
                 }
                 if let Some(rate) = config.orders_per_second.filter(|r| *r > 0.0) {
                     let due = orders_started + Duration::from_secs_f64(n as f64 / rate);
-                    tokio::time::sleep_until(due.into()).await;
+                    match config.stop.clone() {
+                        Some(mut stop) => tokio::select! {
+                            _ = tokio::time::sleep_until(due.into()) => {}
+                            _ = stop.wait_for(|s| *s) => {}
+                        },
+                        None => tokio::time::sleep_until(due.into()).await,
+                    }
+                }
+                if config.stop.as_ref().is_some_and(|s| *s.borrow()) {
+                    return Ok(finished);
                 }
                 // Each order's choices depend on the seed and its number
                 // only, not on which worker runs it.
@@ -351,7 +363,6 @@ pub async fn run(store: Arc<dyn EventStore>, config: &LoadConfig) -> Result<Load
     let mut report = LoadReport {
         run_id,
         customers: run.registered.len(),
-        orders: config.orders,
         ..LoadReport::default()
     };
     while let Some(worker) = workers.join_next().await {
@@ -359,6 +370,7 @@ pub async fn run(store: Arc<dyn EventStore>, config: &LoadConfig) -> Result<Load
             what: "a load worker".into(),
             reason: e.to_string(),
         })??;
+        report.orders += finished.len();
         for order in finished {
             let status = format!("{:?}", order.status).to_lowercase();
             *report.statuses.entry(status).or_default() += 1;

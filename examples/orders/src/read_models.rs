@@ -538,11 +538,22 @@ pub struct Summary {
     pub net_revenue: Vec<(String, i64)>,
     /// The customers who paid most: (customer, name, net cents).
     pub top_customers: Vec<(String, String, i64)>,
+    /// Paid minus refunded cents per region and day, for the last
+    /// [`CHART_DAYS`] days: (day, region, net cents), by day then region.
+    pub revenue_by_day: Vec<(String, String, i64)>,
+}
+
+/// How many days the summary's revenue per day covers.
+pub const CHART_DAYS: i64 = 14;
+
+/// The first day of the summary's revenue per day, `YYYY-MM-DD`.
+fn chart_start() -> String {
+    format_day((chrono::Utc::now() - chrono::Duration::days(CHART_DAYS - 1)).date_naive())
 }
 
 /// The summary's queries, against the views in `prefix` (`""` or
-/// `"schema."`).
-fn summary_queries(prefix: &str) -> [String; 3] {
+/// `"schema."`); the last one takes the first day as its parameter.
+fn summary_queries(prefix: &str) -> [String; 4] {
     [
         format!("SELECT status, count(*) FROM {prefix}orders GROUP BY status ORDER BY status"),
         format!(
@@ -553,13 +564,17 @@ fn summary_queries(prefix: &str) -> [String; 3] {
             "SELECT customer_id, name, paid_cents - refunded_cents FROM {prefix}customer_totals
              ORDER BY paid_cents - refunded_cents DESC, customer_id LIMIT 3"
         ),
+        format!(
+            "SELECT day, region, paid_cents - refunded_cents FROM {prefix}revenue
+             WHERE day >= $1 ORDER BY day, region"
+        ),
     ]
 }
 
 /// The summary from read models in a SQLite file.
 pub fn summary_sqlite(path: &std::path::Path) -> rusqlite::Result<Summary> {
     let conn = rusqlite::Connection::open(path)?;
-    let [statuses, revenue, top] = summary_queries("");
+    let [statuses, revenue, top, by_day] = summary_queries("");
     let pairs = |sql: &str| -> rusqlite::Result<Vec<(String, i64)>> {
         let mut stmt = conn.prepare(sql)?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -569,10 +584,15 @@ pub fn summary_sqlite(path: &std::path::Path) -> rusqlite::Result<Summary> {
     let top_customers = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
+    let mut stmt = conn.prepare(&by_day)?;
+    let revenue_by_day = stmt
+        .query_map([chart_start()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<Result<_, _>>()?;
     Ok(Summary {
         statuses: pairs(&statuses)?,
         net_revenue: pairs(&revenue)?,
         top_customers,
+        revenue_by_day,
     })
 }
 
@@ -580,7 +600,7 @@ pub fn summary_sqlite(path: &std::path::Path) -> rusqlite::Result<Summary> {
 pub async fn summary_postgres(url: &str, schema: &str) -> Result<Summary, tokio_postgres::Error> {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
-    let [statuses, revenue, top] = summary_queries(&format!("{schema}."));
+    let [statuses, revenue, top, by_day] = summary_queries(&format!("{schema}."));
     let pairs = |rows: Vec<tokio_postgres::Row>| -> Vec<(String, i64)> {
         rows.iter()
             .map(|r| (r.get(0), r.get::<_, Option<i64>>(1).unwrap_or(0)))
@@ -596,6 +616,12 @@ pub async fn summary_postgres(url: &str, schema: &str) -> Result<Summary, tokio_
         net_revenue: pairs(client.query(&revenue, &[]).await?),
         top_customers: client
             .query(&top, &[])
+            .await?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect(),
+        revenue_by_day: client
+            .query(&by_day, &[&chart_start()])
             .await?
             .iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))

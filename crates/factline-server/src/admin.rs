@@ -1,0 +1,211 @@
+//! The admin API (X2): projections and the outbox.
+//!
+//! The server holds no projection's code: listing, pausing, rebuilding and
+//! handling parked events go through [`ProjectionsAdmin`], which the
+//! binary that runs the projections implements.
+
+use async_trait::async_trait;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use factline_outbox::OutboxStatus;
+use factline_projections::{ParkedEvent, RetryReport, VersionInfo};
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::{AdminError, ApiError, Authenticated, Shared};
+
+/// One projection as the admin API shows it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ProjectionView {
+    pub name: String,
+    /// `running`, `paused`, `rebuilding`, `stopped` (no runner in this
+    /// process) or `failed`.
+    pub state: String,
+    pub active_version: Option<u32>,
+    pub checkpoint: u64,
+    /// Events committed and not yet applied.
+    pub lag_events: u64,
+    /// How old the first unapplied event is; 0 when caught up.
+    pub lag_seconds: f64,
+    pub parked: u64,
+    pub skipped: u64,
+    pub versions: Vec<VersionInfo>,
+    /// The rebuild in progress, if one is.
+    pub rebuild: Option<RebuildView>,
+    /// Why a failed runner stopped.
+    pub error: Option<String>,
+}
+
+/// How far a rebuild has come.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct RebuildView {
+    pub version: u32,
+    /// `running`, `swapped` or `failed`.
+    pub state: String,
+    pub done: u64,
+    pub total: u64,
+    pub events_per_second: f64,
+    pub eta_seconds: Option<f64>,
+    pub error: Option<String>,
+}
+
+/// What the admin API does to projections.
+#[async_trait]
+pub trait ProjectionsAdmin: Send + Sync {
+    /// Every projection, with its lag behind `head`.
+    async fn list(&self, head: u64) -> Result<Vec<ProjectionView>, AdminError>;
+    async fn set_paused(&self, name: &str, paused: bool) -> Result<(), AdminError>;
+    /// Starts a rebuild in the background; its progress shows in
+    /// [`ProjectionView::rebuild`].
+    async fn rebuild(&self, name: &str) -> Result<RebuildView, AdminError>;
+    async fn parked(&self, name: &str) -> Result<Vec<ParkedEvent>, AdminError>;
+    async fn retry(&self, name: &str) -> Result<RetryReport, AdminError>;
+    /// Gives up on one parked event; false when there is none at `position`.
+    async fn skip(&self, name: &str, position: u64) -> Result<bool, AdminError>;
+}
+
+/// The read models the dashboard charts, as JSON the dashboard page knows.
+#[async_trait]
+pub trait DashboardData: Send + Sync {
+    async fn read_models(&self) -> Result<Value, AdminError>;
+}
+
+fn projections_of(state: &Shared) -> Result<&dyn ProjectionsAdmin, ApiError> {
+    state
+        .projections
+        .as_deref()
+        .ok_or_else(|| ApiError::NotFound("this server runs no projections".into()))
+}
+
+async fn find(state: &Shared, name: &str) -> Result<ProjectionView, ApiError> {
+    let head = state.store.head_position().await?;
+    projections_of(state)?
+        .list(head)
+        .await?
+        .into_iter()
+        .find(|v| v.name == name)
+        .ok_or_else(|| ApiError::NotFound(format!("there is no projection {name:?}")))
+}
+
+pub async fn projections(
+    State(state): State<Shared>,
+    Authenticated(caller): Authenticated,
+) -> Result<Json<Value>, ApiError> {
+    caller.may_administer()?;
+    let head = state.store.head_position().await?;
+    let views = projections_of(&state)?.list(head).await?;
+    Ok(Json(json!({ "head_position": head, "projections": views })))
+}
+
+pub async fn projection(
+    State(state): State<Shared>,
+    Authenticated(caller): Authenticated,
+    Path(name): Path<String>,
+) -> Result<Json<ProjectionView>, ApiError> {
+    caller.may_administer()?;
+    Ok(Json(find(&state, &name).await?))
+}
+
+pub async fn rebuild(
+    State(state): State<Shared>,
+    Authenticated(caller): Authenticated,
+    Path(name): Path<String>,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    caller.may_administer()?;
+    find(&state, &name).await?;
+    let started = projections_of(&state)?.rebuild(&name).await?;
+    tracing::info!(projection = %name, version = started.version, caller = caller.name(), "rebuild started");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "projection": name, "rebuild": started })),
+    ))
+}
+
+async fn set_paused(
+    state: &Shared,
+    caller: &crate::Caller,
+    name: &str,
+    paused: bool,
+) -> Result<Json<ProjectionView>, ApiError> {
+    caller.may_administer()?;
+    find(state, name).await?;
+    projections_of(state)?.set_paused(name, paused).await?;
+    tracing::info!(projection = %name, paused, caller = caller.name(), "projection paused or resumed");
+    Ok(Json(find(state, name).await?))
+}
+
+pub async fn pause(
+    State(state): State<Shared>,
+    Authenticated(caller): Authenticated,
+    Path(name): Path<String>,
+) -> Result<Json<ProjectionView>, ApiError> {
+    set_paused(&state, &caller, &name, true).await
+}
+
+pub async fn resume(
+    State(state): State<Shared>,
+    Authenticated(caller): Authenticated,
+    Path(name): Path<String>,
+) -> Result<Json<ProjectionView>, ApiError> {
+    set_paused(&state, &caller, &name, false).await
+}
+
+pub async fn parked(
+    State(state): State<Shared>,
+    Authenticated(caller): Authenticated,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.may_administer()?;
+    find(&state, &name).await?;
+    let parked = projections_of(&state)?.parked(&name).await?;
+    Ok(Json(json!({ "projection": name, "parked": parked })))
+}
+
+pub async fn retry_parked(
+    State(state): State<Shared>,
+    Authenticated(caller): Authenticated,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    caller.may_administer()?;
+    find(&state, &name).await?;
+    let report = projections_of(&state)?.retry(&name).await?;
+    Ok(Json(json!({
+        "projection": name,
+        "applied": report.applied,
+        "still_parked": report.still_parked,
+    })))
+}
+
+pub async fn skip_parked(
+    State(state): State<Shared>,
+    Authenticated(caller): Authenticated,
+    Path((name, position)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    caller.may_administer()?;
+    let position: u64 = position
+        .parse()
+        .map_err(|_| ApiError::bad_request(format!("{position:?} is not a global position")))?;
+    find(&state, &name).await?;
+    if !projections_of(&state)?.skip(&name, position).await? {
+        return Err(ApiError::NotFound(format!(
+            "projection {name} has no parked event at position {position}"
+        )));
+    }
+    Ok(Json(json!({ "projection": name, "skipped": position })))
+}
+
+pub async fn outbox(
+    State(state): State<Shared>,
+    Authenticated(caller): Authenticated,
+) -> Result<Json<OutboxStatus>, ApiError> {
+    caller.may_administer()?;
+    let outbox = state.outbox.as_ref().ok_or_else(|| {
+        ApiError::NotFound("this server has no outbox (an in-memory store keeps none)".into())
+    })?;
+    let status = outbox
+        .status()
+        .await
+        .map_err(|e| ApiError::Internal(format!("the outbox did not answer: {e}")))?;
+    Ok(Json(status))
+}

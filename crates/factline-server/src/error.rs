@@ -1,0 +1,137 @@
+//! Every failure the API answers with, as a status and a JSON body
+//! `{"error": <code>, "message": <text>, …}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use factline_core::{ExpectedVersion, StoreError};
+use serde_json::{json, Value};
+
+/// What an admin operation can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No projection (or parked event) by that name.
+    #[error("{0}")]
+    NotFound(String),
+    /// The request cannot be carried out as it stands (a rebuild already
+    /// running, a projection this server has no code for).
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// An API failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Internal(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<AdminError> for ApiError {
+    fn from(e: AdminError) -> Self {
+        match e {
+            AdminError::NotFound(m) => ApiError::NotFound(m),
+            AdminError::Refused(m) => ApiError::Refused(m),
+            AdminError::Failed(m) => ApiError::Internal(m),
+        }
+    }
+}
+
+impl ApiError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::BadRequest(message.into())
+    }
+
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+            ApiError::Refused(_) => (StatusCode::CONFLICT, "refused"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Store(e) => match e {
+                StoreError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
+                StoreError::IdempotencyMismatch { .. } => {
+                    (StatusCode::CONFLICT, "idempotency_mismatch")
+                }
+                StoreError::CommandKeyReused { .. } => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused")
+                }
+                StoreError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
+                StoreError::InvalidStreamId(_) | StoreError::InvalidInput(_) => {
+                    (StatusCode::BAD_REQUEST, "invalid_request")
+                }
+                StoreError::InlineRefused { .. } => (
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "inline_projection_refused",
+                ),
+                StoreError::Storage(s) if s.is_retryable() => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+                }
+                StoreError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
+            },
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status_and_code().0
+    }
+
+    /// The JSON body: `error` is a stable code, `message` is for people.
+    pub fn body(&self) -> Value {
+        let (_, code) = self.status_and_code();
+        let mut body = json!({ "error": code, "message": self.to_string() });
+        if let ApiError::Store(StoreError::Conflict {
+            stream_id,
+            expected,
+            actual,
+        }) = self
+        {
+            body["stream_id"] = json!(stream_id);
+            body["expected"] = expected_json(*expected);
+            body["actual"] = json!(actual);
+        }
+        body
+    }
+}
+
+fn expected_json(expected: ExpectedVersion) -> Value {
+    serde_json::to_value(expected).unwrap_or(Value::Null)
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        if status.is_server_error() {
+            tracing::error!(error = %self, "request failed");
+        }
+        let mut response = (status, Json(self.body())).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        response
+    }
+}

@@ -1,0 +1,248 @@
+//! factline's HTTP server: the event API (append, read, Server-Sent Events
+//! subscriptions), the admin API, Prometheus metrics, health checks,
+//! bearer-token access control and the dashboard, over any
+//! [`EventStore`](factline_core::EventStore).
+//!
+//! The server knows no projection's code and no read model: what it shows
+//! of them comes through [`ProjectionsAdmin`] and [`DashboardData`], which
+//! the embedding binary implements.
+
+mod admin;
+mod auth;
+mod error;
+mod events;
+mod metrics;
+mod openapi;
+mod subscribe;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, State};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use factline_core::EventStore;
+use factline_outbox::OutboxDb;
+use serde_json::json;
+use tokio::sync::watch;
+
+pub use admin::{DashboardData, ProjectionView, ProjectionsAdmin, RebuildView};
+pub use auth::{Caller, CategorySet, Scopes, Token, Tokens, TokensError, MIN_TOKEN_LEN};
+pub use error::{AdminError, ApiError};
+pub use metrics::{install_recorder, InstrumentedStore};
+
+/// How the server treats requests.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// `None` lets everyone do everything: for a server on loopback only.
+    pub tokens: Option<Tokens>,
+    /// The largest request body accepted, in bytes.
+    pub body_limit: usize,
+    /// How long a request (other than a subscription) may take.
+    pub request_timeout: Duration,
+    /// How often an idle subscription sends a comment line, so proxies
+    /// keep the connection open.
+    pub heartbeat: Duration,
+    /// The most events one read returns.
+    pub max_page: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            tokens: None,
+            body_limit: 4 * 1024 * 1024,
+            request_timeout: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(15),
+            max_page: 1000,
+        }
+    }
+}
+
+/// What the handlers share.
+pub(crate) struct AppState {
+    pub store: Arc<dyn EventStore>,
+    pub config: ServerConfig,
+    pub projections: Option<Arc<dyn ProjectionsAdmin>>,
+    pub outbox: Option<Arc<dyn OutboxDb>>,
+    pub dashboard: Option<Arc<dyn DashboardData>>,
+    pub shutdown: watch::Receiver<bool>,
+    pub metrics: Option<::metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+pub(crate) type Shared = Arc<AppState>;
+
+/// A server over one store; [`Server::router`] makes the axum router.
+pub struct Server {
+    state: AppState,
+}
+
+impl Server {
+    pub fn new(store: Arc<dyn EventStore>, config: ServerConfig) -> Self {
+        let (_, shutdown) = watch::channel(false);
+        Server {
+            state: AppState {
+                store,
+                config,
+                projections: None,
+                outbox: None,
+                dashboard: None,
+                shutdown,
+                metrics: None,
+            },
+        }
+    }
+
+    /// The admin API's access to the projections.
+    pub fn with_projections(mut self, admin: Arc<dyn ProjectionsAdmin>) -> Self {
+        self.state.projections = Some(admin);
+        self
+    }
+
+    /// The outbox whose backlog the admin API, metrics and dashboard show.
+    pub fn with_outbox(mut self, outbox: Arc<dyn OutboxDb>) -> Self {
+        self.state.outbox = Some(outbox);
+        self
+    }
+
+    /// The read models the dashboard charts.
+    pub fn with_dashboard(mut self, data: Arc<dyn DashboardData>) -> Self {
+        self.state.dashboard = Some(data);
+        self
+    }
+
+    /// Subscriptions end when this turns true, so that a graceful shutdown
+    /// does not wait for them forever.
+    pub fn with_shutdown(mut self, shutdown: watch::Receiver<bool>) -> Self {
+        self.state.shutdown = shutdown;
+        self
+    }
+
+    /// Serves `/metrics` from this Prometheus recorder (see
+    /// [`install_recorder`]).
+    pub fn with_metrics(mut self, handle: ::metrics_exporter_prometheus::PrometheusHandle) -> Self {
+        self.state.metrics = Some(handle);
+        self
+    }
+
+    pub fn router(self) -> Router {
+        let timeout = self.state.config.request_timeout;
+        let body_limit = self.state.config.body_limit;
+        if let Some(handle) = &self.state.metrics {
+            metrics::spawn_upkeep(handle.clone());
+        }
+        let state: Shared = Arc::new(self.state);
+        // Subscriptions stay open as long as the client wants: no timeout.
+        let subscriptions = Router::new()
+            .route("/subscribe/all", get(subscribe::all))
+            .route("/subscribe/streams/{stream_id}", get(subscribe::stream))
+            .route("/subscribe/categories/{category}", get(subscribe::category));
+        let requests = Router::new()
+            .route(
+                "/streams/{stream_id}",
+                post(events::append).get(events::read_stream),
+            )
+            .route("/all", get(events::read_all))
+            .route("/categories/{category}", get(events::read_category))
+            .route("/openapi.json", get(openapi::document))
+            .route("/health", get(health))
+            .route("/ready", get(ready))
+            .route("/metrics", get(metrics::render))
+            .route("/admin/projections", get(admin::projections))
+            .route("/admin/projections/{name}", get(admin::projection))
+            .route("/admin/projections/{name}/rebuild", post(admin::rebuild))
+            .route("/admin/projections/{name}/pause", post(admin::pause))
+            .route("/admin/projections/{name}/resume", post(admin::resume))
+            .route("/admin/projections/{name}/parked", get(admin::parked))
+            .route(
+                "/admin/projections/{name}/parked/retry",
+                post(admin::retry_parked),
+            )
+            .route(
+                "/admin/projections/{name}/parked/{position}/skip",
+                post(admin::skip_parked),
+            )
+            .route("/admin/outbox", get(admin::outbox))
+            .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+                StatusCode::REQUEST_TIMEOUT,
+                timeout,
+            ));
+        Router::new()
+            .merge(requests)
+            .merge(subscriptions)
+            .fallback(not_found)
+            .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+            .layer(axum::middleware::from_fn(metrics::track_requests))
+            .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
+            .with_state(state)
+    }
+}
+
+/// The span of one request; it carries the correlation id a client sent,
+/// so every log line of the request can be found by it.
+fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Span {
+    let correlation_id = events::correlation_header(request.headers()).unwrap_or_default();
+    tracing::info_span!(
+        "request",
+        method = %request.method(),
+        path = %request.uri().path(),
+        correlation_id = %correlation_id,
+    )
+}
+
+/// Serves `router` on `listener` until `shutdown` completes, then lets
+/// requests in flight finish.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+/// The caller of a request, checked against the configured tokens.
+pub(crate) struct Authenticated(pub Caller);
+
+impl FromRequestParts<Shared> for Authenticated {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Shared) -> Result<Self, ApiError> {
+        Caller::from_parts(state.config.tokens.as_ref(), parts).map(Authenticated)
+    }
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::NotFound(format!(
+        "no route {}: GET /openapi.json lists what this server answers",
+        uri.path()
+    ))
+}
+
+/// The process is up.
+async fn health() -> impl IntoResponse {
+    Json(json!({ "status": "up" }))
+}
+
+/// The store answers (so its schema is in place).
+async fn ready(State(state): State<Shared>) -> impl IntoResponse {
+    match state.store.head_position().await {
+        Ok(head) => (
+            StatusCode::OK,
+            Json(json!({ "status": "ready", "head_position": head })),
+        ),
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "unavailable", "error": e.to_string() })),
+        ),
+    }
+}

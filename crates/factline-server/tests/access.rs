@@ -1,0 +1,213 @@
+//! Bearer tokens and scopes, request limits, and the metrics a scrape shows.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestServer;
+use factline_core::{EventStore, InMemoryStore};
+use factline_server::{InstrumentedStore, Server, ServerConfig, Tokens};
+
+const WRITER: &str = "writer-token-0123456789";
+const READER: &str = "reader-token-0123456789";
+const OPS: &str = "ops-token-0123456789abc";
+
+fn tokens() -> Tokens {
+    Tokens::parse(&format!(
+        r#"{{"tokens":[
+            {{"name":"orders","token":"{WRITER}","read":["Order"],"write":["Order"]}},
+            {{"name":"auditor","token":"{READER}","read":["*"]}},
+            {{"name":"ops","token":"{OPS}","admin":["*"]}}
+        ]}}"#
+    ))
+    .unwrap()
+}
+
+async fn status(server: &TestServer, method: &str, path: &str, token: Option<&str>) -> u16 {
+    let mut request = match method {
+        "POST" => server
+            .client
+            .post(server.url(path))
+            .body(r#"{"type":"OrderPlaced"}"#),
+        _ => server.client.get(server.url(path)),
+    };
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    let response = tokio::time::timeout(Duration::from_secs(10), request.send())
+        .await
+        .unwrap()
+        .unwrap();
+    response.status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_required_and_scoped_per_category() {
+    let config = ServerConfig {
+        tokens: Some(tokens()),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(Arc::new(InMemoryStore::new()), config).await;
+    use Some as T;
+    for (method, path, token, expected) in [
+        // No token or an unknown one: 401.
+        ("POST", "/streams/Order-1", None, 401),
+        ("GET", "/all", None, 401),
+        ("GET", "/subscribe/all", None, 401),
+        ("GET", "/admin/projections", None, 401),
+        ("GET", "/metrics", None, 401),
+        ("GET", "/streams/Order-1", T("not-a-token-at-all-0000"), 401),
+        // Within scope.
+        ("POST", "/streams/Order-1", T(WRITER), 201),
+        ("GET", "/streams/Order-1", T(WRITER), 200),
+        ("GET", "/categories/Order", T(WRITER), 200),
+        ("GET", "/all", T(READER), 200),
+        ("GET", "/categories/Customer", T(READER), 200),
+        ("GET", "/admin/outbox", T(OPS), 404), // allowed; this server has no outbox
+        // Outside it: 403.
+        ("POST", "/streams/Customer-1", T(WRITER), 403),
+        ("GET", "/streams/Customer-1", T(WRITER), 403),
+        ("GET", "/all", T(WRITER), 403),
+        ("GET", "/subscribe/all", T(WRITER), 403),
+        ("GET", "/subscribe/categories/Customer", T(WRITER), 403),
+        ("POST", "/streams/Order-1", T(READER), 403),
+        ("GET", "/admin/projections", T(READER), 403),
+        ("GET", "/metrics", T(WRITER), 403),
+        ("GET", "/streams/Order-1", T(OPS), 403),
+        // Open to all: probes and the API description.
+        ("GET", "/health", None, 200),
+        ("GET", "/ready", None, 200),
+        ("GET", "/openapi.json", None, 200),
+    ] {
+        assert_eq!(
+            status(&server, method, path, token).await,
+            expected,
+            "{method} {path} with {token:?}"
+        );
+    }
+    // The answer says what is missing, and asks for a bearer token.
+    let response = server.client.get(server.url("/all")).send().await.unwrap();
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "unauthorized");
+    let response = server
+        .client
+        .get(server.url("/all"))
+        .bearer_auth(WRITER)
+        .send()
+        .await
+        .unwrap();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["error"], "forbidden");
+    assert!(body["message"].as_str().unwrap().contains("$all"), "{body}");
+    // A refused write wrote nothing.
+    let (_, all) = {
+        let r = server
+            .client
+            .get(server.url("/all"))
+            .bearer_auth(READER)
+            .send()
+            .await
+            .unwrap();
+        (r.status(), r.json::<serde_json::Value>().await.unwrap())
+    };
+    let streams: Vec<&str> = all["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["stream_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(streams, ["Order-1"]);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_requests_time_out() {
+    // A client that sends headers and then stalls its body is cut off
+    // at the request timeout instead of holding a connection forever.
+    let config = ServerConfig {
+        request_timeout: Duration::from_millis(300),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(Arc::new(InMemoryStore::new()), config).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+    let rx =
+        futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|c| (c, rx)) });
+    let started = std::time::Instant::now();
+    let response = server
+        .client
+        .post(server.url("/streams/Order-1"))
+        .header("content-length", "100")
+        .body(reqwest::Body::wrap_stream(rx))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 408);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    drop(tx);
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_show_appends_requests_and_subscriptions() {
+    let handle = factline_server::install_recorder().unwrap();
+    let store: Arc<dyn EventStore> =
+        Arc::new(InstrumentedStore::new(Arc::new(InMemoryStore::new())));
+    let server =
+        TestServer::start_with(Server::new(store, ServerConfig::default()).with_metrics(handle))
+            .await;
+    for i in 0..5 {
+        let (status, _) = server
+            .post(
+                &format!("/streams/Order-{i}"),
+                r#"[{"type":"A"},{"type":"B"}]"#,
+                &[],
+            )
+            .await;
+        assert_eq!(status, 201);
+    }
+    let (status, _) = server
+        .post(
+            "/streams/Order-0",
+            r#"{"type":"A"}"#,
+            &[("Expected-Version", "0")],
+        )
+        .await;
+    assert_eq!(status, 409);
+    let _subscriber =
+        common::SseReader::open(&server.client, &server.url("/subscribe/all?from=end"), None).await;
+    let response = server
+        .client
+        .get(server.url("/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    let value = |series: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{series} is missing from\n{text}"))
+    };
+    // Other tests of this process share the recorder: compare with what
+    // this one did at least.
+    assert!(value(r#"factline_appends_total{outcome="written"}"#) >= 5.0);
+    assert!(value(r#"factline_appends_total{outcome="rejected"}"#) >= 1.0);
+    assert!(value("factline_appended_events_total") >= 10.0);
+    assert!(value("factline_append_duration_seconds_count") >= 6.0);
+    assert!(text.contains("factline_append_duration_seconds_bucket{le=\"0.001\"}"));
+    assert_eq!(value("factline_events"), 10.0);
+    assert!(value("factline_subscriptions") >= 1.0);
+    assert!(
+        value(r#"http_requests_total{method="POST",route="/streams/{stream_id}",status="201"}"#)
+            >= 5.0
+    );
+    assert!(text.contains("http_request_duration_seconds_bucket"));
+    server.stop().await;
+}

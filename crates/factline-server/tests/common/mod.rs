@@ -1,0 +1,164 @@
+//! A server on a free loopback port, and a Server-Sent Events reader.
+
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use factline_core::EventStore;
+use factline_server::{Server, ServerConfig};
+use futures_util::StreamExt;
+use serde_json::Value;
+use tokio::sync::watch;
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(store: Arc<dyn EventStore>, config: ServerConfig) -> Self {
+        Self::start_with(Server::new(store, config)).await
+    }
+
+    pub async fn start_with(server: Server) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let router = server.with_shutdown(stopped.clone()).router();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let mut until = stopped;
+        let task = tokio::spawn(factline_server::serve(listener, router, async move {
+            let _ = until.wait_for(|s| *s).await;
+        }));
+        TestServer {
+            base,
+            client: reqwest::Client::new(),
+            stop,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let response = self.client.get(self.url(path)).send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post(&self, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Value) {
+        let mut request = self.client.post(self.url(path)).body(body.to_owned());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Stops the server; it must finish, open subscriptions included.
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("the server stops within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// One message of an event stream.
+#[derive(Debug, Default, Clone)]
+pub struct SseMessage {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+}
+
+/// Reads an event stream message by message; comment lines (heartbeats)
+/// are counted.
+pub struct SseReader {
+    body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
+    pending: String,
+    pub comments: usize,
+}
+
+impl SseReader {
+    pub async fn open(client: &reqwest::Client, url: &str, last_event_id: Option<u64>) -> Self {
+        let mut request = client.get(url);
+        if let Some(id) = last_event_id {
+            request = request.header("Last-Event-ID", id.to_string());
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200, "subscribing to {url}");
+        assert!(response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/event-stream"));
+        SseReader {
+            body: response.bytes_stream().boxed(),
+            pending: String::new(),
+            comments: 0,
+        }
+    }
+
+    /// The next message, or `None` when the stream ends.
+    pub async fn next(&mut self) -> Option<SseMessage> {
+        loop {
+            if let Some(end) = self.pending.find("\n\n") {
+                let block: String = self.pending.drain(..end + 2).collect();
+                let mut message = SseMessage::default();
+                let mut has_field = false;
+                for line in block.lines().filter(|l| !l.is_empty()) {
+                    if line.starts_with(':') {
+                        self.comments += 1;
+                        continue;
+                    }
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    has_field = true;
+                    match field {
+                        "id" => message.id = Some(value.to_owned()),
+                        "event" => message.event = Some(value.to_owned()),
+                        "data" => {
+                            if !message.data.is_empty() {
+                                message.data.push('\n');
+                            }
+                            message.data.push_str(value);
+                        }
+                        _ => {}
+                    }
+                }
+                if has_field {
+                    return Some(message);
+                }
+                continue;
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.pending.push_str(&String::from_utf8_lossy(&chunk)),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The next event, parsed; panics after `within` without one.
+    pub async fn event(&mut self, within: Duration) -> Value {
+        let message = tokio::time::timeout(within, self.next())
+            .await
+            .expect("an event arrives in time")
+            .expect("the stream is still open");
+        assert_eq!(message.event, None, "a plain event, not {message:?}");
+        let event: Value =
+            serde_json::from_str(&message.data).unwrap_or_else(|e| panic!("{e}: {message:?}"));
+        assert_eq!(
+            message.id.as_deref(),
+            Some(event["position"].to_string().as_str()),
+            "the SSE id is the global position"
+        );
+        event
+    }
+}

@@ -1,0 +1,341 @@
+//! What the server's admin API and dashboard do with the projections this
+//! binary has the code of (the orders read models): run them live, list
+//! them with their lag, pause, resume, rebuild in the background, and
+//! handle parked events.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use factline::EventStore;
+use factline_orders::read_models;
+use factline_projections::{ParkedEvent, ProjectionStatus, RetryReport};
+use factline_server::{AdminError, DashboardData, ProjectionView, ProjectionsAdmin, RebuildView};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+use crate::catalog::{self, ReadModelDb};
+use crate::projections_cli::{self, RebuildArgs};
+use crate::UsageError;
+
+/// How a live runner of this process is doing.
+#[derive(Clone)]
+struct Live {
+    status: ProjectionStatus,
+    /// Set when the runner ended: `Err` with why it failed.
+    ended: Option<Result<(), String>>,
+}
+
+/// A rebuild started through the API.
+#[derive(Clone)]
+struct Rebuild {
+    version: u32,
+    statuses: Vec<ProjectionStatus>,
+    /// `None` while it runs.
+    outcome: Option<Result<(), String>>,
+}
+
+/// The orders projections of one read-model database, for the server.
+pub struct CatalogAdmin {
+    db: ReadModelDb,
+    store: Arc<dyn EventStore>,
+    live: Arc<Mutex<HashMap<String, Live>>>,
+    rebuilds: Arc<Mutex<HashMap<String, Rebuild>>>,
+}
+
+fn failed(e: impl std::fmt::Display) -> AdminError {
+    AdminError::Failed(e.to_string())
+}
+
+/// A usage error (bad name, nothing to do) is a refusal; the rest failed.
+fn classify(e: anyhow::Error) -> AdminError {
+    if e.chain().any(|c| c.is::<UsageError>()) {
+        AdminError::Refused(format!("{e:#}"))
+    } else {
+        AdminError::Failed(format!("{e:#}"))
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere poisons nothing this module cannot still read.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl CatalogAdmin {
+    pub fn new(db: ReadModelDb, store: Arc<dyn EventStore>) -> Self {
+        CatalogAdmin {
+            db,
+            store,
+            live: Arc::default(),
+            rebuilds: Arc::default(),
+        }
+    }
+
+    /// Runs every known projection live until `stop`; the returned tasks
+    /// end after their runners stopped.
+    pub fn start_live(
+        &self,
+        stop: &watch::Receiver<bool>,
+    ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
+        let mut tasks = Vec::new();
+        for projection in catalog::known() {
+            let name = projection.name().to_owned();
+            let (status, runner) = catalog::spawn_live(&self.db, &self.store, &name, stop)?;
+            lock(&self.live).insert(
+                name.clone(),
+                Live {
+                    status,
+                    ended: None,
+                },
+            );
+            let live = self.live.clone();
+            tasks.push(tokio::spawn(async move {
+                let ended = match runner.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(format!("the runner task ended: {e}")),
+                };
+                if let Err(e) = &ended {
+                    tracing::error!(projection = %name, error = %e, "projection stopped");
+                }
+                if let Some(entry) = lock(&live).get_mut(&name) {
+                    entry.ended = Some(ended);
+                }
+            }));
+        }
+        Ok(tasks)
+    }
+
+    fn rebuild_view(&self, name: &str) -> Option<RebuildView> {
+        let rebuild = lock(&self.rebuilds).get(name).cloned()?;
+        // Every partition passes every position: the slowest says how far.
+        let progress = rebuild
+            .statuses
+            .iter()
+            .filter_map(|s| s.progress())
+            .min_by_key(|p| p.done);
+        let (state, error) = match &rebuild.outcome {
+            None => ("running", None),
+            Some(Ok(())) => ("swapped", None),
+            Some(Err(e)) => ("failed", Some(e.clone())),
+        };
+        Some(RebuildView {
+            version: rebuild.version,
+            state: state.to_owned(),
+            done: progress.map_or(0, |p| p.done),
+            total: progress.map_or(0, |p| p.total),
+            events_per_second: progress.map_or(0.0, |p| p.events_per_second),
+            eta_seconds: progress.and_then(|p| p.eta).map(|d| d.as_secs_f64()),
+            error,
+        })
+    }
+}
+
+#[async_trait]
+impl ProjectionsAdmin for CatalogAdmin {
+    async fn list(&self, head: u64) -> Result<Vec<ProjectionView>, AdminError> {
+        let admin = self.db.admin().await.map_err(failed)?;
+        let infos = admin.projections().await.map_err(failed)?;
+        let live = lock(&self.live).clone();
+        let mut views = Vec::with_capacity(infos.len());
+        for info in infos {
+            let name = info.name.clone();
+            let in_progress = projections_cli::candidate_in_progress(&info);
+            let report = projections_cli::status_at(&self.store, info, head)
+                .await
+                .map_err(classify)?;
+            let rebuild = self.rebuild_view(&name);
+            let runner = live.get(&name);
+            let error = runner.and_then(|l| l.ended.clone()).and_then(Result::err);
+            let state = if rebuild.as_ref().is_some_and(|r| r.state == "running") {
+                "rebuilding"
+            } else if report.state == "paused" {
+                "paused"
+            } else if error.is_some() {
+                "failed"
+            } else if runner.is_some_and(|l| l.ended.is_none()) {
+                "running"
+            } else if in_progress.is_some() {
+                "rebuilding"
+            } else {
+                "stopped"
+            };
+            views.push(ProjectionView {
+                name,
+                state: state.to_owned(),
+                active_version: report.active_version,
+                checkpoint: report.checkpoint,
+                lag_events: report.events_behind,
+                lag_seconds: report.seconds_behind,
+                parked: report.parked,
+                skipped: report.skipped,
+                versions: report.versions,
+                rebuild,
+                error,
+            });
+        }
+        // Runners of this process that have not written a batch yet.
+        for (name, l) in live {
+            if !views.iter().any(|v| v.name == name) {
+                views.push(ProjectionView {
+                    name,
+                    state: "running".into(),
+                    active_version: None,
+                    checkpoint: l.status.checkpoint(),
+                    lag_events: head.saturating_sub(l.status.checkpoint()),
+                    lag_seconds: 0.0,
+                    parked: 0,
+                    skipped: 0,
+                    versions: Vec::new(),
+                    rebuild: None,
+                    error: None,
+                });
+            }
+        }
+        views.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(views)
+    }
+
+    async fn set_paused(&self, name: &str, paused: bool) -> Result<(), AdminError> {
+        let mut admin = self.db.admin().await.map_err(failed)?;
+        admin.set_paused(name, paused).await.map_err(failed)
+    }
+
+    async fn rebuild(&self, name: &str) -> Result<RebuildView, AdminError> {
+        catalog::find(name).map_err(classify)?;
+        if lock(&self.rebuilds)
+            .get(name)
+            .is_some_and(|r| r.outcome.is_none())
+        {
+            return Err(AdminError::Refused(format!(
+                "a rebuild of {name} is already running"
+            )));
+        }
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+        let (db, store, rebuilds) = (self.db.clone(), self.store.clone(), self.rebuilds.clone());
+        let key = name.to_owned();
+        tokio::spawn(async move {
+            let args = RebuildArgs {
+                name: key.clone(),
+                // The partitions the active version runs as.
+                samples: 5,
+                quiet: true,
+                ..RebuildArgs::default()
+            };
+            let tracked = rebuilds.clone();
+            let on_start = move |version: u32, statuses: &[ProjectionStatus]| {
+                lock(&tracked).insert(
+                    key,
+                    Rebuild {
+                        version,
+                        statuses: statuses.to_vec(),
+                        outcome: None,
+                    },
+                );
+                let _ = started_tx.send(version);
+            };
+            let outcome = async {
+                let admin = db.admin().await?;
+                projections_cli::rebuild(&db, &admin, store, &args, on_start).await
+            }
+            .await;
+            let outcome = match outcome {
+                Ok(report) => {
+                    tracing::info!(projection = %args.name, version = report.version, events = report.events, "rebuild swapped in");
+                    Ok(())
+                }
+                Err(e) => {
+                    tracing::error!(projection = %args.name, error = %format!("{e:#}"), "rebuild failed");
+                    Err(format!("{e:#}"))
+                }
+            };
+            let mut all = lock(&rebuilds);
+            match all.get_mut(&args.name) {
+                Some(r) => r.outcome = Some(outcome),
+                // It failed before it started building.
+                None => {
+                    all.insert(
+                        args.name.clone(),
+                        Rebuild {
+                            version: 0,
+                            statuses: Vec::new(),
+                            outcome: Some(outcome),
+                        },
+                    );
+                }
+            }
+        });
+        match started_rx.await {
+            Ok(_) => self
+                .rebuild_view(name)
+                .ok_or_else(|| failed("the rebuild vanished")),
+            Err(_) => {
+                let why = lock(&self.rebuilds)
+                    .remove(name)
+                    .and_then(|r| r.outcome)
+                    .and_then(Result::err)
+                    .unwrap_or_else(|| "the rebuild did not start".into());
+                Err(AdminError::Refused(why))
+            }
+        }
+    }
+
+    async fn parked(&self, name: &str) -> Result<Vec<ParkedEvent>, AdminError> {
+        let admin = self.db.admin().await.map_err(failed)?;
+        admin.parked(name).await.map_err(failed)
+    }
+
+    async fn retry(&self, name: &str) -> Result<RetryReport, AdminError> {
+        projections_cli::retry(&self.db, &self.store, name)
+            .await
+            .map_err(classify)
+    }
+
+    async fn skip(&self, name: &str, position: u64) -> Result<bool, AdminError> {
+        let admin = self.db.admin().await.map_err(failed)?;
+        admin.skip(name, position).await.map_err(failed)
+    }
+}
+
+/// The orders read models, for the dashboard's charts.
+pub struct OrdersDashboard {
+    db: ReadModelDb,
+}
+
+impl OrdersDashboard {
+    pub fn new(db: ReadModelDb) -> Self {
+        OrdersDashboard { db }
+    }
+}
+
+#[async_trait]
+impl DashboardData for OrdersDashboard {
+    async fn read_models(&self) -> Result<Value, AdminError> {
+        let summary = match &self.db {
+            ReadModelDb::Sqlite(path) => {
+                let path = path.clone();
+                tokio::task::spawn_blocking(move || read_models::summary_sqlite(&path))
+                    .await
+                    .map_err(failed)?
+                    .map_err(failed)?
+            }
+            ReadModelDb::Postgres { url, schema } => read_models::summary_postgres(url, schema)
+                .await
+                .map_err(failed)?,
+        };
+        Ok(json!({
+            "orders_by_status": summary.statuses.iter()
+                .map(|(status, count)| json!({ "status": status, "orders": count }))
+                .collect::<Vec<_>>(),
+            "net_revenue_by_region": summary.net_revenue.iter()
+                .map(|(region, cents)| json!({ "region": region, "net_cents": cents }))
+                .collect::<Vec<_>>(),
+            "revenue_by_region_day": summary.revenue_by_day.iter()
+                .map(|(day, region, cents)| json!({ "day": day, "region": region, "net_cents": cents }))
+                .collect::<Vec<_>>(),
+            "top_customers": summary.top_customers.iter()
+                .map(|(id, name, cents)| json!({ "customer_id": id, "name": name, "net_cents": cents }))
+                .collect::<Vec<_>>(),
+        }))
+    }
+}

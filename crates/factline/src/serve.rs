@@ -1,0 +1,246 @@
+//! `factline serve`: the HTTP server over a store, with the admin API on
+//! its read models and outbox, and optionally the outbox relay and the
+//! orders projections in the same process. `factline demo` starts the same
+//! stack.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use factline::{EventStore, Location};
+use factline_server::{InstrumentedStore, Server, ServerConfig, Tokens};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::admin_api::{CatalogAdmin, OrdersDashboard};
+use crate::catalog::{ReadModelDb, READ_SCHEMA};
+use crate::outbox_cli::{self, RelayOptions, RunningRelay};
+use crate::usage;
+
+/// Where `serve` listens unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address and port to listen on. Anything but a loopback address
+    /// needs --tokens (or --allow-anonymous).
+    #[arg(long, default_value = DEFAULT_LISTEN)]
+    pub listen: String,
+    /// JSON file of bearer tokens and their read/write/admin scopes per
+    /// category; without it every request is allowed.
+    #[arg(long, env = "FACTLINE_TOKENS")]
+    pub tokens: Option<PathBuf>,
+    /// Serve a non-loopback address without tokens: everyone who can reach
+    /// it may read, write and administer.
+    #[arg(long)]
+    pub allow_anonymous: bool,
+    /// Also run the outbox relay in this process, publishing to this sink:
+    /// nats://host:port, http(s)://…, file:///path or stdout.
+    #[arg(long, value_name = "SINK")]
+    pub relay: Option<String>,
+    #[command(flatten)]
+    pub relay_options: RelayOptions,
+    /// Also run the orders read models (order_list, revenue,
+    /// customer_totals) live in this process.
+    #[arg(long)]
+    pub projections: bool,
+    /// The PostgreSQL schema of the read models.
+    #[arg(long, default_value = READ_SCHEMA)]
+    pub schema: String,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub body_limit: usize,
+    /// Seconds a request (other than a subscription) may take.
+    #[arg(long, default_value_t = 30.0)]
+    pub request_timeout: f64,
+    /// Seconds between heartbeats on idle subscriptions.
+    #[arg(long, default_value_t = 15.0)]
+    pub heartbeat: f64,
+}
+
+impl ServeArgs {
+    /// The arguments of a bare `factline serve`.
+    pub fn parse_defaults() -> Self {
+        #[derive(clap::Parser)]
+        struct Bare {
+            #[command(flatten)]
+            args: ServeArgs,
+        }
+        <Bare as clap::Parser>::parse_from(["serve"]).args
+    }
+}
+
+/// Everything `serve` or `demo` runs, until [`Stack::stop`].
+pub struct Stack {
+    pub url: String,
+    pub store: Arc<dyn EventStore>,
+    stop: watch::Sender<bool>,
+    server: JoinHandle<std::io::Result<()>>,
+    relay: Option<RunningRelay>,
+    projections: Vec<JoinHandle<()>>,
+}
+
+/// How [`start`] binds when the address is taken.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum OnAddressInUse {
+    Fail,
+    /// Take any free port (the demo, which should just work).
+    AnyPort,
+}
+
+fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
+    if value > 0.0 && value.is_finite() {
+        Ok(Duration::from_secs_f64(value))
+    } else {
+        Err(usage(format!(
+            "{flag} must be a positive number of seconds"
+        )))
+    }
+}
+
+/// Starts the stack. The read models are beside the events unless
+/// `read_models` names another database (the demo's for `memory:`).
+pub async fn start(
+    location: &Location,
+    args: &ServeArgs,
+    on_in_use: OnAddressInUse,
+    read_models: Option<ReadModelDb>,
+) -> anyhow::Result<Stack> {
+    let addr: SocketAddr = args.listen.parse().map_err(|_| {
+        usage(format!(
+            "--listen {:?} is not an address and port like 127.0.0.1:7480",
+            args.listen
+        ))
+    })?;
+    let tokens = match &args.tokens {
+        Some(path) => Some(Tokens::load(path).map_err(|e| usage(e.to_string()))?),
+        None => None,
+    };
+    if tokens.is_none() && !addr.ip().is_loopback() && !args.allow_anonymous {
+        return Err(usage(format!(
+            "refusing to serve {addr} without access control: give --tokens FILE, or --allow-anonymous to let everyone who can reach it read, write and administer"
+        )));
+    }
+    if args.body_limit < 1024 {
+        return Err(usage("--body-limit must be at least 1024 bytes"));
+    }
+    let config = ServerConfig {
+        tokens,
+        body_limit: args.body_limit,
+        request_timeout: seconds("--request-timeout", args.request_timeout)?,
+        heartbeat: seconds("--heartbeat", args.heartbeat)?,
+        ..ServerConfig::default()
+    };
+
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrInUse
+                && on_in_use == OnAddressInUse::AnyPort =>
+        {
+            eprintln!("note: {addr} is in use; taking a free port instead");
+            tokio::net::TcpListener::bind(SocketAddr::new(addr.ip(), 0)).await?
+        }
+        Err(e) => return Err(anyhow::anyhow!("cannot listen on {addr}: {e}")),
+    };
+    let url = format!("http://{}", listener.local_addr()?);
+
+    let store: Arc<dyn EventStore> = Arc::new(InstrumentedStore::new(location.open().await?));
+    let metrics = factline_server::install_recorder().map_err(|e| anyhow::anyhow!(e))?;
+    let (stop, stopped) = watch::channel(false);
+    let mut server = Server::new(store.clone(), config)
+        .with_shutdown(stopped.clone())
+        .with_metrics(metrics);
+
+    // The read models and the outbox live in the store's database; an
+    // in-memory store has neither.
+    let mut projections = Vec::new();
+    let mut relay = None;
+    let read_models = match read_models {
+        Some(db) => Some(db),
+        None if *location == Location::Memory => None,
+        None => Some(ReadModelDb::for_location(location, &args.schema)?),
+    };
+    if let Some(db) = read_models {
+        let catalog = Arc::new(CatalogAdmin::new(db.clone(), store.clone()));
+        if args.projections {
+            projections = catalog.start_live(&stopped)?;
+        }
+        server = server
+            .with_projections(catalog.clone())
+            .with_dashboard(Arc::new(OrdersDashboard::new(db)));
+    } else if args.projections {
+        return Err(usage(
+            "an in-memory store keeps no read models: give --db a SQLite file or a postgres:// URL for --projections",
+        ));
+    }
+    if *location != Location::Memory {
+        let outbox = outbox_cli::open_db(location).await?;
+        server = server.with_outbox(outbox.clone());
+        if let Some(sink) = &args.relay {
+            relay = Some(
+                outbox_cli::start_relay(
+                    location,
+                    &store,
+                    outbox,
+                    sink,
+                    &args.relay_options,
+                    stopped.clone(),
+                )
+                .await?,
+            );
+        }
+    } else if args.relay.is_some() {
+        return Err(usage(
+            "an in-memory store has no outbox: give --db a SQLite file or a postgres:// URL for --relay",
+        ));
+    }
+
+    let router = server.router();
+    let mut until = stopped;
+    let server = tokio::spawn(factline_server::serve(listener, router, async move {
+        let _ = until.wait_for(|s| *s).await;
+    }));
+    tracing::info!(url = %url, db = %location.describe(), "serving");
+    Ok(Stack {
+        url,
+        store,
+        stop,
+        server,
+        relay,
+        projections,
+    })
+}
+
+impl Stack {
+    /// Stops taking requests, ends subscriptions, lets the relay give its
+    /// lanes back and the projections commit, and waits for all of it.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.send_replace(true);
+        let served = self.server.await?;
+        if let Some(relay) = self.relay {
+            relay.await??;
+        }
+        for task in self.projections {
+            task.await?;
+        }
+        served?;
+        Ok(())
+    }
+}
+
+pub async fn run(location: &Location, args: ServeArgs) -> anyhow::Result<()> {
+    let stack = start(location, &args, OnAddressInUse::Fail, None).await?;
+    eprintln!(
+        "factline is serving {} on {} (dashboard: {}/ , API: {}/openapi.json); Ctrl-C stops it",
+        location.describe(),
+        stack.url,
+        stack.url,
+        stack.url
+    );
+    outbox_cli::shutdown_signal().await;
+    eprintln!("stopping");
+    stack.stop().await
+}
