@@ -9,6 +9,7 @@
 
 mod admin;
 mod auth;
+mod dashboard;
 mod error;
 mod events;
 mod metrics;
@@ -73,6 +74,7 @@ pub(crate) struct AppState {
     pub dashboard: Option<Arc<dyn DashboardData>>,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Option<::metrics_exporter_prometheus::PrometheusHandle>,
+    pub rates: Arc<dashboard::RateSampler>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -94,6 +96,7 @@ impl Server {
                 dashboard: None,
                 shutdown,
                 metrics: None,
+                rates: Arc::default(),
             },
         }
     }
@@ -136,7 +139,9 @@ impl Server {
         if let Some(handle) = &self.state.metrics {
             metrics::spawn_upkeep(handle.clone());
         }
-        let state: Shared = Arc::new(self.state);
+        let mut state = self.state;
+        state.rates = dashboard::RateSampler::spawn(state.store.clone(), state.shutdown.clone());
+        let state: Shared = Arc::new(state);
         // Subscriptions stay open as long as the client wants: no timeout.
         let subscriptions = Router::new()
             .route("/subscribe/all", get(subscribe::all))
@@ -168,6 +173,10 @@ impl Server {
                 post(admin::skip_parked),
             )
             .route("/admin/outbox", get(admin::outbox))
+            .route("/", get(dashboard::page))
+            .route("/dashboard/data", get(dashboard::data))
+            .route("/dashboard/app.js", get(dashboard::script))
+            .route("/dashboard/style.css", get(dashboard::style))
             .layer(tower_http::timeout::TimeoutLayer::with_status_code(
                 StatusCode::REQUEST_TIMEOUT,
                 timeout,

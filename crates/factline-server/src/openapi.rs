@@ -247,6 +247,14 @@ fn skip_parked() {}
     responses((status = 200, body = OutboxDoc)))]
 fn outbox() {}
 
+#[utoipa::path(get, path = "/", tag = "dashboard",
+    responses((status = 200, description = "The dashboard page", content_type = "text/html", body = String)))]
+fn dashboard() {}
+
+#[utoipa::path(get, path = "/dashboard/data", tag = "dashboard",
+    responses((status = 200, description = "What the dashboard shows: head_position, append_rate {events_per_second, series}, parked_total, projections, outbox, read_models")))]
+fn dashboard_data() {}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "factline", description = "An event store and projection engine: append, read and subscribe to events; operate projections and the outbox."),
@@ -255,6 +263,7 @@ fn outbox() {}
         subscribe_all, subscribe_stream, subscribe_category,
         health, ready, metrics, openapi,
         projections, projection, rebuild, pause, resume, parked, retry_parked, skip_parked, outbox,
+        dashboard, dashboard_data,
     ),
     tags(
         (name = "events", description = "Append and read"),

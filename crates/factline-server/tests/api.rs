@@ -352,6 +352,8 @@ async fn the_openapi_document_lists_every_route() {
         ("/admin/projections/{name}/resume", "post"),
         ("/admin/projections/{name}/parked", "get"),
         ("/admin/outbox", "get"),
+        ("/", "get"),
+        ("/dashboard/data", "get"),
     ] {
         assert!(
             paths.get(route).and_then(|p| p.get(method)).is_some(),

@@ -73,6 +73,10 @@ pub struct DemoArgs {
     /// Seeds the mix of commands; the same seed makes the same mix.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// After --orders are placed, keep serving the dashboard and API until
+    /// Ctrl-C or --duration.
+    #[arg(long, requires = "orders")]
+    keep_serving: bool,
     /// Address of the dashboard and API (a free port when it is taken).
     #[arg(long, default_value = serve::DEFAULT_LISTEN)]
     listen: String,
@@ -178,22 +182,38 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
         snapshot_every: Some(100),
         stop: Some(load_stopped),
     };
-    let duration = args.duration.map(Duration::from_secs_f64);
+    let (stop_demo, mut demo_stopped) = watch::channel(false);
+    let until = args
+        .duration
+        .map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
     let stopper = tokio::spawn(async move {
-        match duration {
-            Some(d) => {
+        match until {
+            Some(at) => {
                 tokio::select! {
-                    _ = tokio::time::sleep(d) => {}
+                    _ = tokio::time::sleep_until(at) => {}
                     _ = outbox_cli::shutdown_signal() => {}
                 }
             }
             None => outbox_cli::shutdown_signal().await,
         }
         stop_load.send_replace(true);
+        stop_demo.send_replace(true);
     });
-    let report = load::run(store.clone(), &config).await;
+    let report = load::run(store.clone(), &config).await?;
+    if args.keep_serving {
+        println!(
+            "Placed {} orders; still serving {}/ until Ctrl-C{}.",
+            report.orders,
+            stack.url,
+            if until.is_some() {
+                " or --duration"
+            } else {
+                ""
+            }
+        );
+        let _ = demo_stopped.wait_for(|s| *s).await;
+    }
     stopper.abort();
-    let report = report?;
     // The read models follow live, here or (on PostgreSQL) in another
     // process holding their leases: wait until the database says they have
     // every event.
