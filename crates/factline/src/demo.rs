@@ -81,8 +81,8 @@ pub struct DemoArgs {
     #[arg(long, default_value = serve::DEFAULT_LISTEN)]
     listen: String,
     /// Where the outbox relay publishes the events: file:///path, stdout,
-    /// nats://…, http(s)://…, or none (default: outbox.jsonl beside the
-    /// database).
+    /// nats://…, http(s)://…, or none (default: outbox.jsonl beside a
+    /// SQLite database, none on PostgreSQL).
     #[arg(long)]
     sink: Option<String>,
 }
@@ -99,8 +99,8 @@ fn default_sink(location: &Location) -> Option<String> {
             let file = std::path::absolute(&file).unwrap_or(file);
             Some(format!("file://{}", file.display()))
         }
-        Location::Postgres(_) => Some("stdout".into()),
-        Location::Memory => None,
+        // A shared database has no directory of its own to write to.
+        Location::Postgres(_) | Location::Memory => None,
     }
 }
 

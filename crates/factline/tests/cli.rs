@@ -64,6 +64,7 @@ on_every_backend!(
     partitions_change_by_a_rebuild_and_live_runners_run_them,
     the_outbox_is_configured_and_relayed_through_the_cli,
     the_server_runs_the_api_the_admin_api_and_the_relay,
+    the_demo_runs_until_interrupted_and_continues_from_its_data,
 );
 
 fn factline(db: impl AsRef<OsStr>) -> Command {
@@ -1338,4 +1339,61 @@ fn the_server_runs_the_api_the_admin_api_and_the_relay(db: Db) {
 
     let Served { mut child, .. } = served;
     terminate(&mut child);
+}
+
+fn the_demo_runs_until_interrupted_and_continues_from_its_data(db: Db) {
+    let db = &db.spec;
+    let mut demo = factline(db)
+        .args(["demo", "--rate", "50", "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // It serves while it runs: wait for some orders, then interrupt it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while count_all(db) < 100 {
+        assert!(std::time::Instant::now() < deadline, "the demo appends");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let int = Command::new("kill")
+        .args(["-INT", &demo.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(int.success());
+    let out = demo.wait_with_output().unwrap();
+    assert_eq!(code(&out), 0, "Ctrl-C stops it cleanly: {}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Dashboard: http://127.0.0.1:"), "{text}");
+    assert!(text.contains("Orders by status"), "{text}");
+    let first_run = count_all(db);
+    let orders_of = |db: &str| {
+        json_lines(&run(db, &["read-category", "Order"]))
+            .iter()
+            .filter(|e| e["event_type"] == "OrderPlaced")
+            .count()
+    };
+    let placed = orders_of(db);
+    // Nothing is left behind: every read model has every event.
+    for name in ["order_list", "revenue", "customer_totals"] {
+        let p = listed(db, name);
+        assert_eq!(p["checkpoint"].as_u64(), Some(first_run as u64), "{p}");
+    }
+    // Again: it adds to what is stored, and the read models go on from
+    // their checkpoints.
+    let out = run(db, &["demo", "--orders", "4", "--listen", "127.0.0.1:0"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    assert_eq!(orders_of(db), placed + 4);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let by_status: usize = text
+        .split("Orders by status (all runs):")
+        .nth(1)
+        .and_then(|rest| rest.split("\n\n").next())
+        .map(|block| {
+            block
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<usize>().ok())
+                .sum()
+        })
+        .unwrap_or(0);
+    assert_eq!(by_status, placed + 4, "{text}");
 }
