@@ -14,6 +14,7 @@ mod error;
 mod events;
 mod metrics;
 mod openapi;
+pub mod sse;
 mod subscribe;
 
 use std::future::Future;

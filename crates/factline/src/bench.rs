@@ -27,6 +27,12 @@ pub enum Bench {
     /// The outbox relay into JetStream against a plain JetStream publisher;
     /// append-to-consumer latency.
     Outbox(crate::outbox_bench::OutboxBench),
+    /// "Revenue per region for the last 7 days" by a live GROUP BY on the
+    /// event table against reading the projection, under write load.
+    Dashboard(crate::dashboard_bench::DashboardBench),
+    /// The HTTP server under load: concurrent appending clients and SSE
+    /// subscribers on $all, on loopback.
+    Http(crate::http_bench::HttpBench),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -93,6 +99,8 @@ pub async fn run(bench: Bench, location: &Location) -> anyhow::Result<()> {
         Bench::Load(args) => crate::load_bench::run(args, location).await,
         Bench::Projections(args) => crate::projection_bench::run(args, location).await,
         Bench::Outbox(args) => crate::outbox_bench::run(args, location).await,
+        Bench::Dashboard(args) => crate::dashboard_bench::run(args, location).await,
+        Bench::Http(args) => crate::http_bench::run(args, location).await,
     }
 }
 

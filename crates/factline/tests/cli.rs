@@ -1343,7 +1343,7 @@ fn the_server_runs_the_api_the_admin_api_and_the_relay(db: Db) {
 
 fn the_demo_runs_until_interrupted_and_continues_from_its_data(db: Db) {
     let db = &db.spec;
-    let mut demo = factline(db)
+    let demo = factline(db)
         .args(["demo", "--rate", "50", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1396,4 +1396,32 @@ fn the_demo_runs_until_interrupted_and_continues_from_its_data(db: Db) {
         })
         .unwrap_or(0);
     assert_eq!(by_status, placed + 4, "{text}");
+}
+
+/// 64 HTTP clients append for 30 s while 8 subscribers follow `$all`
+/// (`factline bench http`, which fails unless every acknowledged event is
+/// stored, every subscriber saw every event once in order, and no request
+/// got a 5xx).
+#[test]
+fn the_server_holds_up_under_load() {
+    let out = factline("memory:")
+        .args(["bench", "http", "--backend", "sqlite", "--clients", "64"])
+        .args([
+            "--subscribers",
+            "8",
+            "--seconds",
+            "30",
+            "--max-requests",
+            "200000",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["server_errors"], 0, "{report}");
+    assert_eq!(report["subscribers_complete"], true, "{report}");
+    assert!(report["requests"].as_u64() > Some(0), "{report}");
+    assert_eq!(report["events"], report["requests"], "{report}");
+    eprintln!("{report}");
 }

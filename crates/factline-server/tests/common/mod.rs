@@ -71,19 +71,13 @@ impl TestServer {
     }
 }
 
-/// One message of an event stream.
-#[derive(Debug, Default, Clone)]
-pub struct SseMessage {
-    pub id: Option<String>,
-    pub event: Option<String>,
-    pub data: String,
-}
+pub use factline_server::sse::{SseMessage, SseParser};
 
 /// Reads an event stream message by message; comment lines (heartbeats)
 /// are counted.
 pub struct SseReader {
     body: futures_util::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    pending: String,
+    parser: SseParser,
     pub comments: usize,
 }
 
@@ -101,7 +95,7 @@ impl SseReader {
             .starts_with("text/event-stream"));
         SseReader {
             body: response.bytes_stream().boxed(),
-            pending: String::new(),
+            parser: SseParser::default(),
             comments: 0,
         }
     }
@@ -109,37 +103,13 @@ impl SseReader {
     /// The next message, or `None` when the stream ends.
     pub async fn next(&mut self) -> Option<SseMessage> {
         loop {
-            if let Some(end) = self.pending.find("\n\n") {
-                let block: String = self.pending.drain(..end + 2).collect();
-                let mut message = SseMessage::default();
-                let mut has_field = false;
-                for line in block.lines().filter(|l| !l.is_empty()) {
-                    if line.starts_with(':') {
-                        self.comments += 1;
-                        continue;
-                    }
-                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
-                    let value = value.strip_prefix(' ').unwrap_or(value);
-                    has_field = true;
-                    match field {
-                        "id" => message.id = Some(value.to_owned()),
-                        "event" => message.event = Some(value.to_owned()),
-                        "data" => {
-                            if !message.data.is_empty() {
-                                message.data.push('\n');
-                            }
-                            message.data.push_str(value);
-                        }
-                        _ => {}
-                    }
-                }
-                if has_field {
-                    return Some(message);
-                }
-                continue;
+            if let Some(message) = self.parser.next_message() {
+                self.comments = self.parser.comments;
+                return Some(message);
             }
+            self.comments = self.parser.comments;
             match self.body.next().await {
-                Some(Ok(chunk)) => self.pending.push_str(&String::from_utf8_lossy(&chunk)),
+                Some(Ok(chunk)) => self.parser.push(&chunk),
                 _ => return None,
             }
         }
