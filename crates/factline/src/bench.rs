@@ -69,6 +69,7 @@ pub(crate) fn postgres_url(location: &Location) -> anyhow::Result<&str> {
 
 #[derive(Args, Debug)]
 pub struct AppendBench {
+    /// The store measured: sqlite (a temporary file), memory, or postgres (needs --db postgres://…).
     #[arg(long, value_enum, default_value = "sqlite")]
     backend: Backend,
     /// Concurrent appending tasks.
@@ -421,6 +422,7 @@ pub(crate) fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {
 
 #[derive(Args, Debug)]
 pub struct LatencyBench {
+    /// The store measured: sqlite (a temporary file), memory, or postgres (needs --db postgres://…).
     #[arg(long, value_enum, default_value = "sqlite")]
     backend: Backend,
     /// Events per second the load generator appends, one event per append.

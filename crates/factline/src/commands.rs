@@ -108,6 +108,7 @@ fn read_batch(input: impl BufRead) -> anyhow::Result<Vec<EventData>> {
 
 #[derive(Args, Debug)]
 pub struct ReadArgs {
+    /// The stream to read (`Category-id`).
     stream: String,
     /// First version to return (inclusive); default: the start, or the end with --backwards.
     #[arg(long)]
@@ -125,16 +126,19 @@ pub struct ReadAllArgs {
     /// First global position to return (inclusive).
     #[arg(long, default_value_t = 1)]
     from: u64,
+    /// Return at most this many events.
     #[arg(long)]
     limit: Option<usize>,
 }
 
 #[derive(Args, Debug)]
 pub struct ReadCategoryArgs {
+    /// The category: the part of stream ids before their first '-'.
     category: String,
     /// First global position to return (inclusive).
     #[arg(long, default_value_t = 1)]
     from: u64,
+    /// Return at most this many events.
     #[arg(long)]
     limit: Option<usize>,
 }

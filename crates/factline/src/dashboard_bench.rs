@@ -22,6 +22,7 @@ use crate::usage;
 
 #[derive(Args, Debug)]
 pub struct DashboardBench {
+    /// The store measured: sqlite (a temporary file), memory, or postgres (needs --db postgres://…).
     #[arg(long, value_enum, default_value = "sqlite")]
     backend: Backend,
     /// Events stored before measuring.

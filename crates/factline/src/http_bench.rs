@@ -25,6 +25,7 @@ use crate::usage;
 
 #[derive(Args, Debug)]
 pub struct HttpBench {
+    /// The store measured: sqlite (a temporary file), memory, or postgres (needs --db postgres://…).
     #[arg(long, value_enum, default_value = "sqlite")]
     backend: Backend,
     /// Concurrent HTTP clients appending.

@@ -17,6 +17,7 @@ use crate::usage;
 
 #[derive(Args, Debug)]
 pub struct LoadBench {
+    /// The store measured: sqlite (a temporary file), memory, or postgres (needs --db postgres://…).
     #[arg(long, value_enum, default_value = "sqlite")]
     backend: Backend,
     /// Events in the aggregate's stream.

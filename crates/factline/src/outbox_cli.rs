@@ -34,7 +34,10 @@ pub enum OutboxCommand {
     Publish(PublishArgs),
     /// Stop publishing by a publication's id (records already written
     /// still go out).
-    Unpublish { id: i64 },
+    Unpublish {
+        /// The publication's id (`factline outbox publications` lists them).
+        id: i64,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -20,6 +20,7 @@ use crate::usage;
 
 #[derive(Args, Debug)]
 pub struct ProjectionsBench {
+    /// The store measured: sqlite (a temporary file), memory, or postgres (needs --db postgres://…).
     #[arg(long, value_enum, default_value = "sqlite")]
     backend: Backend,
     /// Events in the history the rebuild replays.

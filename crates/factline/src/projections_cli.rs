@@ -43,7 +43,10 @@ pub enum ProjectionsCommand {
         json: bool,
     },
     /// One projection's state and lag, as JSON.
-    Status { name: String },
+    Status {
+        /// The projection's name (`factline projections list` shows them).
+        name: String,
+    },
     /// Build the next version beside the active one from the whole
     /// history, catch up to the head, and swap it in atomically; the
     /// active version serves reads until the swap. A stopped rebuild is
@@ -51,23 +54,44 @@ pub enum ProjectionsCommand {
     Rebuild(RebuildArgs),
     /// Stop applying events (in every process running the projection)
     /// until resumed; reads keep working.
-    Pause { name: String },
+    Pause {
+        /// The projection's name (`factline projections list` shows them).
+        name: String,
+    },
     /// Apply events again after a pause.
-    Resume { name: String },
+    Resume {
+        /// The projection's name (`factline projections list` shows them).
+        name: String,
+    },
     /// The parked (dead-letter) events of a projection, as JSON lines.
-    Parked { name: String },
+    Parked {
+        /// The projection's name (`factline projections list` shows them).
+        name: String,
+    },
     /// Apply the parked events again, in order; a stream stops at its
     /// first event that still fails.
-    Retry { name: String },
+    Retry {
+        /// The projection's name (`factline projections list` shows them).
+        name: String,
+    },
     /// Give up on one parked event (it is counted as skipped).
-    Skip { name: String, position: u64 },
+    Skip {
+        /// The projection's name.
+        name: String,
+        /// The parked event's global position.
+        position: u64,
+    },
     /// Drop a rebuild that was stopped before its swap (`--no-swap`, a
     /// crash, Ctrl-C); the active version is untouched.
-    Discard { name: String },
+    Discard {
+        /// The projection's name (`factline projections list` shows them).
+        name: String,
+    },
 }
 
 #[derive(Args, Debug, Default)]
 pub struct RebuildArgs {
+    /// The projection to rebuild (one the binary has the code of).
     pub name: String,
     /// Apply at most this many events per second (the rebuild shares the
     /// database with live traffic).

@@ -1066,6 +1066,8 @@ fn terminate(child: &mut std::process::Child) {
 struct Served {
     child: std::process::Child,
     base: String,
+    /// Everything it wrote to stderr so far.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     runtime: tokio::runtime::Runtime,
     client: reqwest::Client,
 }
@@ -1081,8 +1083,11 @@ impl Served {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                kept.lock().unwrap().push(line.clone());
                 let _ = tx.send(line);
             }
         });
@@ -1099,6 +1104,7 @@ impl Served {
         Served {
             child,
             base,
+            log,
             runtime: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -1108,12 +1114,26 @@ impl Served {
     }
 
     fn call(&self, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, Value) {
+        self.call_with(method, path, token, body, &[])
+    }
+
+    fn call_with(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        body: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
         self.runtime.block_on(async {
             let url = format!("{}{path}", self.base);
             let mut request = match method {
                 "POST" => self.client.post(url).body(body.unwrap_or("").to_owned()),
                 _ => self.client.get(url),
             };
+            for (name, value) in headers {
+                request = request.header(*name, *value);
+            }
             if !token.is_empty() {
                 request = request.bearer_auth(token);
             }
@@ -1196,6 +1216,10 @@ fn the_server_runs_the_api_the_admin_api_and_the_relay(db: Db) {
             "--projections",
             "--relay",
             &sink,
+            "--log-format",
+            "json",
+            "--log",
+            "info,tower_http=debug",
         ],
     );
     assert!(
@@ -1215,8 +1239,44 @@ fn the_server_runs_the_api_the_admin_api_and_the_relay(db: Db) {
     );
     assert_eq!(status, 401);
     let placed = r#"{"type":"OrderPlaced","metadata":{"schema_version":2},"data":{"customer_id":"c-http","region":"eu-west","lines":[{"sku":"SKU-MOUSE","quantity":1,"unit_price_cents":3900}],"total_cents":3900,"currency":"EUR"}}"#;
-    let (status, appended) = served.call("POST", "/streams/Order-http-1", writer, Some(placed));
+    let (status, appended) = served.call_with(
+        "POST",
+        "/streams/Order-http-1",
+        writer,
+        Some(placed),
+        &[("Correlation-Id", "corr-http-1")],
+    );
     assert_eq!(status, 201, "{appended}");
+    // The request's log lines are JSON and carry its correlation id; no
+    // line shows a token.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = served.log.lock().unwrap().clone();
+        let tagged = log
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .any(|l| {
+                l["span"]["correlation_id"] == "corr-http-1"
+                    && l["span"]["path"] == "/streams/Order-http-1"
+            });
+        assert!(
+            !log.iter().any(|l| l.contains(writer) || l.contains(ops)),
+            "a token was logged"
+        );
+        if tagged {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no log line carries the correlation id: {log:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (_, stored) = served.call("GET", "/streams/Order-http-1", writer, None);
+    assert_eq!(
+        stored["events"][0]["metadata"]["correlation_id"],
+        "corr-http-1"
+    );
     let head = appended["last_position"].as_u64().unwrap();
     let list = served.until("/admin/projections", ops, |l| {
         l["projections"].as_array().is_some_and(|ps| {
