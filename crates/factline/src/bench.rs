@@ -57,6 +57,23 @@ impl Backend {
 pub(crate) const BENCH_SCHEMA: &str = "factline_bench";
 const BASELINE_SCHEMA: &str = "factline_bench_baseline";
 
+/// A fresh store of `backend` for a bench: a SQLite file in `dir`, a new
+/// in-memory store, or the bench schema (emptied) of the PostgreSQL
+/// server at `location`.
+pub(crate) async fn fresh_store(
+    backend: Backend,
+    location: &Location,
+    dir: &std::path::Path,
+) -> anyhow::Result<Arc<dyn EventStore>> {
+    Ok(match backend {
+        Backend::Sqlite => Arc::new(SqliteStore::open_with(SqliteConfig::new(
+            dir.join("factline.db"),
+        ))?),
+        Backend::Memory => Arc::new(InMemoryStore::new()),
+        Backend::Postgres => Arc::new(fresh_postgres_store(postgres_url(location)?).await?),
+    })
+}
+
 /// The PostgreSQL URL a bench runs against.
 pub(crate) fn postgres_url(location: &Location) -> anyhow::Result<&str> {
     match location {

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use factline::sqlite::{SqliteConfig, SqliteStore};
 use factline::{EventStore, ExpectedVersion, Location, StreamId};
 use factline_orders::history::{self, HistoryConfig};
 use factline_orders::read_models::RevenueByRegionDay;
@@ -15,9 +14,7 @@ use factline_orders::OrderEvent;
 use factline_projections::{Portable, PostgresSink, Runner, Sink, SqliteSink};
 use tokio::sync::watch;
 
-use crate::bench::{
-    fresh_postgres_store, percentile_ms, postgres_url, round, Backend, BENCH_SCHEMA,
-};
+use crate::bench::{percentile_ms, postgres_url, round, Backend, BENCH_SCHEMA};
 use crate::usage;
 
 #[derive(Args, Debug)]
@@ -151,15 +148,12 @@ pub async fn run(args: DashboardBench, location: &Location) -> anyhow::Result<()
     }
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("factline.db");
-    let store: Arc<dyn EventStore> = match args.backend {
-        Backend::Sqlite => Arc::new(SqliteStore::open_with(SqliteConfig::new(&path))?),
-        Backend::Postgres => Arc::new(fresh_postgres_store(postgres_url(location)?).await?),
-        Backend::Memory => {
-            return Err(usage(
-                "bench dashboard compares SQL queries: --backend sqlite or postgres",
-            ))
-        }
-    };
+    if args.backend == Backend::Memory {
+        return Err(usage(
+            "bench dashboard compares SQL queries: --backend sqlite or postgres",
+        ));
+    }
+    let store = crate::bench::fresh_store(args.backend, location, dir.path()).await?;
     let built = Instant::now();
     history::fill(
         store.clone(),

@@ -11,16 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use factline::sqlite::{SqliteConfig, SqliteStore};
-use factline::{EventStore, InMemoryStore, Location};
+use factline::{EventStore, Location};
 use factline_server::sse::SseParser;
 use factline_server::{InstrumentedStore, Server, ServerConfig};
 use futures_util::StreamExt;
 use tokio::sync::watch;
 
-use crate::bench::{
-    fresh_postgres_store, percentile_ms, postgres_url, round, Backend, BENCH_SCHEMA,
-};
+use crate::bench::{percentile_ms, postgres_url, round, Backend, BENCH_SCHEMA};
 use crate::usage;
 
 #[derive(Args, Debug)]
@@ -76,13 +73,7 @@ pub async fn run(args: HttpBench, location: &Location) -> anyhow::Result<()> {
         ));
     }
     let dir = tempfile::tempdir()?;
-    let store: Arc<dyn EventStore> = match args.backend {
-        Backend::Sqlite => Arc::new(SqliteStore::open_with(SqliteConfig::new(
-            dir.path().join("factline.db"),
-        ))?),
-        Backend::Memory => Arc::new(InMemoryStore::new()),
-        Backend::Postgres => Arc::new(fresh_postgres_store(postgres_url(location)?).await?),
-    };
+    let store = crate::bench::fresh_store(args.backend, location, dir.path()).await?;
     let store: Arc<dyn EventStore> = Arc::new(InstrumentedStore::new(store));
     let (stop, stopped) = watch::channel(false);
     let router = Server::new(store.clone(), ServerConfig::default())

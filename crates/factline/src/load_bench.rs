@@ -2,17 +2,15 @@
 //! takes with snapshots (every N events) and without, on the same stream in
 //! the same run; the ratio is the time without ÷ the time with.
 
-use std::sync::Arc;
 use std::time::Instant;
 
 use clap::Args;
 use factline::aggregate::{tagged, Aggregate, CommandContext, CommandHandler, DomainEvent};
-use factline::sqlite::{SqliteConfig, SqliteStore};
-use factline::{EventStore, InMemoryStore, JsonText, Location};
+use factline::{JsonText, Location};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::bench::{fresh_postgres_store, median, postgres_url, round, Backend, BENCH_SCHEMA};
+use crate::bench::{median, postgres_url, round, Backend, BENCH_SCHEMA};
 use crate::usage;
 
 #[derive(Args, Debug)]
@@ -124,13 +122,7 @@ pub async fn run(args: LoadBench, location: &Location) -> anyhow::Result<()> {
         ));
     }
     let dir = tempfile::tempdir()?;
-    let store: Arc<dyn EventStore> = match args.backend {
-        Backend::Sqlite => Arc::new(SqliteStore::open_with(SqliteConfig::new(
-            dir.path().join("factline.db"),
-        ))?),
-        Backend::Memory => Arc::new(InMemoryStore::new()),
-        Backend::Postgres => Arc::new(fresh_postgres_store(postgres_url(location)?).await?),
-    };
+    let store = crate::bench::fresh_store(args.backend, location, dir.path()).await?;
     let plain = CommandHandler::<Ledger>::new(store.clone());
     let snapshotting =
         CommandHandler::<Ledger>::new(store.clone()).with_snapshots(args.snapshot_every);
