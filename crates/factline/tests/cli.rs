@@ -1180,6 +1180,15 @@ fn the_server_runs_the_api_the_admin_api_and_the_relay(db: Db) {
     let out = run(db, &["serve", "--listen", "0.0.0.0:0"]);
     assert_eq!(code(&out), 2);
     assert!(stderr(&out).contains("--tokens"), "{}", stderr(&out));
+    // ...and with it, everyone may.
+    let open = Served::start(db, &["--listen", "0.0.0.0:0", "--allow-anonymous"]);
+    let open = Served {
+        base: open.base.replace("0.0.0.0", "127.0.0.1"),
+        ..open
+    };
+    assert_eq!(open.call("GET", "/all", "", None).0, 200);
+    let Served { mut child, .. } = open;
+    terminate(&mut child);
     let tokens = dir.path().join("tokens.json");
     std::fs::write(&tokens, r#"{"tokens":[{"name":"short","token":"abc"}]}"#).unwrap();
     let out = run(db, &["serve", "--tokens", tokens.to_str().unwrap()]);
