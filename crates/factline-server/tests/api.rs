@@ -14,7 +14,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 fn config() -> ServerConfig {
     ServerConfig {
-        body_limit: 64 * 1024,
+        body_limit: 256 * 1024,
         heartbeat: Duration::from_millis(200),
         max_page: 50,
         ..ServerConfig::default()
