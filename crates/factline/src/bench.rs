@@ -74,6 +74,32 @@ pub(crate) async fn fresh_store(
     })
 }
 
+/// Fills `store` with an orders history of at least `events` events (32
+/// writers), says so under the bench's name, and returns the head.
+pub(crate) async fn fill_history(
+    store: &Arc<dyn EventStore>,
+    events: u64,
+    bench: &str,
+    backend: Backend,
+) -> anyhow::Result<u64> {
+    let built = std::time::Instant::now();
+    factline_orders::history::fill(
+        store.clone(),
+        factline_orders::history::HistoryConfig {
+            events,
+            writers: 32,
+        },
+    )
+    .await?;
+    let head = store.head_position().await?;
+    println!(
+        "factline bench {bench}: {}, history of {head} events built in {:.1} s",
+        backend.name(),
+        built.elapsed().as_secs_f64()
+    );
+    Ok(head)
+}
+
 /// The PostgreSQL URL a bench runs against.
 pub(crate) fn postgres_url(location: &Location) -> anyhow::Result<&str> {
     match location {

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use factline::{EventStore, ExpectedVersion, Location, StreamId};
-use factline_orders::history::{self, HistoryConfig};
+use factline_orders::history;
 use factline_orders::read_models::RevenueByRegionDay;
 use factline_orders::OrderEvent;
 use factline_projections::{Portable, PostgresSink, Runner, Sink, SqliteSink};
@@ -154,21 +154,7 @@ pub async fn run(args: DashboardBench, location: &Location) -> anyhow::Result<()
         ));
     }
     let store = crate::bench::fresh_store(args.backend, location, dir.path()).await?;
-    let built = Instant::now();
-    history::fill(
-        store.clone(),
-        HistoryConfig {
-            events: args.events,
-            writers: 32,
-        },
-    )
-    .await?;
-    let head = store.head_position().await?;
-    println!(
-        "factline bench dashboard: {}, {head} events stored in {:.1} s",
-        args.backend.name(),
-        built.elapsed().as_secs_f64()
-    );
+    let head = crate::bench::fill_history(&store, args.events, "dashboard", args.backend).await?;
 
     let (stop, stopped) = watch::channel(false);
     let (projection, mut queries) = match args.backend {

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use clap::Args;
 use factline::sqlite::{SqliteConfig, SqliteStore};
 use factline::{EventStore, ExpectedVersion, Location, StreamId};
-use factline_orders::history::{self, HistoryConfig};
+use factline_orders::history;
 use factline_orders::read_models::{OrderList, RevenueByRegionDay};
 use factline_projections::{Portable, PostgresSink, Runner, Sink, SqliteSink};
 
@@ -87,21 +87,7 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
             "bench projections needs a database for its read models: --backend sqlite or postgres",
         )),
     };
-    let built = Instant::now();
-    history::fill(
-        store.clone(),
-        HistoryConfig {
-            events: args.events,
-            writers: 32,
-        },
-    )
-    .await?;
-    let head = store.head_position().await?;
-    println!(
-        "factline bench projections: {}, history of {head} events built in {:.1} s",
-        args.backend.name(),
-        built.elapsed().as_secs_f64()
-    );
+    let head = crate::bench::fill_history(&store, args.events, "projections", args.backend).await?;
 
     let mut rebuild_rates = Vec::new();
     let mut read_rates = Vec::new();
