@@ -29,6 +29,6 @@ pub use error::{IdempotencyMismatch, StorageError, StoreError};
 pub use event::{new_event_id, EventData, JsonText, Metadata, RecordedEvent};
 pub use memory::InMemoryStore;
 pub use store::{Direction, EventStore, ReadStream, StreamFilter};
-pub use stream_id::{category_of, InvalidStreamId, StreamId};
+pub use stream_id::{category_of, check_category, InvalidCategory, InvalidStreamId, StreamId};
 pub use subscription::{Subscription, TypedError};
 pub use version::{AppendResult, ExpectedVersion, ParseExpectedVersionError};

@@ -64,6 +64,32 @@ pub fn category_of(id: &str) -> &str {
     id.split('-').next().unwrap_or(id)
 }
 
+/// Why a string is not a category.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{shown:?} is not a category: {reason}")]
+pub struct InvalidCategory {
+    pub shown: String,
+    pub reason: String,
+}
+
+/// Checks that `name` is a category: what a valid stream id has before
+/// its first `-` (so it holds no `-` itself).
+pub fn check_category(name: &str) -> Result<(), InvalidCategory> {
+    let reject = |reason: String| {
+        Err(InvalidCategory {
+            shown: name.chars().take(64).collect(),
+            reason,
+        })
+    };
+    if name.contains('-') {
+        return reject("a category is the part of a stream id before its first '-'".into());
+    }
+    match StreamId::new(name) {
+        Ok(_) => Ok(()),
+        Err(e) => reject(e.reason.into()),
+    }
+}
+
 impl fmt::Display for StreamId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
@@ -100,6 +126,23 @@ impl AsRef<str> for StreamId {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn categories_are_stream_ids_without_a_dash() {
+        assert!(check_category("Order").is_ok());
+        for (bad, says) in [
+            ("Order-1", "before its first '-'"),
+            ("", "empty"),
+            ("$all", "reserved"),
+            ("a\u{7}b", "control"),
+        ] {
+            let err = check_category(bad).unwrap_err().to_string();
+            assert!(
+                err.contains("is not a category") && err.contains(says),
+                "{bad:?}: {err}"
+            );
+        }
+    }
 
     #[test]
     fn category_is_prefix_before_first_dash() {

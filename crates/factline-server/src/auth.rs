@@ -66,10 +66,9 @@ impl CategorySet {
         for entry in entries {
             if entry == "*" {
                 set.every = true;
-            } else if entry.is_empty() || entry.contains('-') || entry.chars().any(char::is_control)
-            {
+            } else if let Err(e) = factline_core::check_category(&entry) {
                 return Err(TokensError::Invalid(format!(
-                    "token {token:?}: {scope} scope {entry:?} is not a category (the part of a stream id before its first '-') or \"*\""
+                    "token {token:?}: {scope} scope: {e} (or \"*\" for every category)"
                 )));
             } else {
                 set.named.insert(entry);

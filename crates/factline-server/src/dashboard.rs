@@ -76,7 +76,7 @@ impl RateSampler {
                 loop {
                     tokio::select! {
                         _ = tick.tick() => {}
-                        _ = stop.wait_for(|s| *s) => return,
+                        _ = crate::shut_down(&mut stop) => return,
                     }
                     if let Ok(head) = store.head_position().await {
                         shared.record(chrono::Utc::now().timestamp_millis(), head);

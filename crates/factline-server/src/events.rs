@@ -10,7 +10,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use factline_core::{
-    category_of, CommandKey, Direction, EventData, ExpectedVersion, ReadStream, RecordedEvent,
+    check_category, CommandKey, Direction, EventData, ExpectedVersion, ReadStream, RecordedEvent,
     StreamFilter, StreamId,
 };
 use serde::Serialize;
@@ -43,12 +43,7 @@ pub(crate) fn parse_stream_id(raw: &str) -> Result<StreamId, ApiError> {
 }
 
 pub(crate) fn parse_category(raw: &str) -> Result<String, ApiError> {
-    if raw.contains('-') {
-        return Err(ApiError::bad_request(format!(
-            "{raw:?} is not a category: a category is the part of a stream id before its first '-'"
-        )));
-    }
-    parse_stream_id(raw)?;
+    check_category(raw).map_err(|e| ApiError::bad_request(e.to_string()))?;
     Ok(raw.to_owned())
 }
 
@@ -292,7 +287,7 @@ pub async fn read_category(
     RawQuery(query): RawQuery,
 ) -> Result<Json<Events>, ApiError> {
     let category = parse_category(&category)?;
-    caller.may_read(category_of(&category))?;
+    caller.may_read(&category)?;
     read_filtered(&state, StreamFilter::Category(category), query).await
 }
 

@@ -220,6 +220,21 @@ pub async fn serve(
     .await
 }
 
+/// Resolves when `shutdown` turns true. A watch whose sender is gone
+/// never turns: this then waits forever (a server given no shutdown watch
+/// keeps its subscriptions open instead of ending them all at once).
+pub(crate) async fn shut_down(shutdown: &mut watch::Receiver<bool>) {
+    if shutdown.wait_for(|stop| *stop).await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+/// The `shutdown` future of [`serve`] for a stop watch: it completes when
+/// the watch turns true.
+pub async fn stopped_by(mut stop: watch::Receiver<bool>) {
+    shut_down(&mut stop).await
+}
+
 /// The caller of a request, checked against the configured tokens.
 pub(crate) struct Authenticated(pub Caller);
 

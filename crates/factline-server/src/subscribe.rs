@@ -64,7 +64,7 @@ fn frame(follow: Follow) -> impl Stream<Item = Result<Event, Infallible>> {
         }
         let next = tokio::select! {
             next = follow.subscription.next() => next,
-            _ = follow.shutdown.wait_for(|stop| *stop) => return None,
+            _ = crate::shut_down(&mut follow.shutdown) => return None,
         };
         let event = match next {
             Ok(event) => match serde_json::to_string(&event) {

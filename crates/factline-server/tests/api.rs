@@ -376,3 +376,29 @@ async fn the_openapi_document_lists_every_route() {
     assert!(schemas.contains_key("AppendResultDoc") && schemas.contains_key("ErrorDoc"));
     server.stop().await;
 }
+
+/// A server built without a shutdown watch keeps its subscriptions open
+/// (and follows live) until the client leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_stay_open_without_a_shutdown_watch() {
+    let router = factline_server::Server::new(Arc::new(InMemoryStore::new()), config()).router();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let served = tokio::spawn(factline_server::serve(
+        listener,
+        router,
+        std::future::pending(),
+    ));
+    let client = reqwest::Client::new();
+    let mut live = SseReader::open(&client, &format!("{base}/subscribe/all"), None).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let appended = client
+        .post(format!("{base}/streams/Order-1"))
+        .body(r#"{"type":"OrderPlaced"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(appended.status(), 201);
+    assert_eq!(live.event(WAIT).await["position"], 1);
+    served.abort();
+}

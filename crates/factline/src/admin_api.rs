@@ -108,12 +108,7 @@ impl CatalogAdmin {
 
     fn rebuild_view(&self, name: &str) -> Option<RebuildView> {
         let rebuild = lock(&self.rebuilds).get(name).cloned()?;
-        // Every partition passes every position: the slowest says how far.
-        let progress = rebuild
-            .statuses
-            .iter()
-            .filter_map(|s| s.progress())
-            .min_by_key(|p| p.done);
+        let progress = projections_cli::slowest_progress(&rebuild.statuses);
         let (state, error) = match &rebuild.outcome {
             None => ("running", None),
             Some(Ok(())) => ("swapped", None),
@@ -203,13 +198,23 @@ impl ProjectionsAdmin for CatalogAdmin {
 
     async fn rebuild(&self, name: &str) -> Result<RebuildView, AdminError> {
         catalog::find(name).map_err(classify)?;
-        if lock(&self.rebuilds)
-            .get(name)
-            .is_some_and(|r| r.outcome.is_none())
         {
-            return Err(AdminError::Refused(format!(
-                "a rebuild of {name} is already running"
-            )));
+            // Checked and claimed under one lock, so two requests cannot
+            // both start one.
+            let mut rebuilds = lock(&self.rebuilds);
+            if rebuilds.get(name).is_some_and(|r| r.outcome.is_none()) {
+                return Err(AdminError::Refused(format!(
+                    "a rebuild of {name} is already running"
+                )));
+            }
+            rebuilds.insert(
+                name.to_owned(),
+                Rebuild {
+                    version: 0,
+                    statuses: Vec::new(),
+                    outcome: None,
+                },
+            );
         }
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let (db, store, rebuilds) = (self.db.clone(), self.store.clone(), self.rebuilds.clone());
@@ -217,7 +222,7 @@ impl ProjectionsAdmin for CatalogAdmin {
         tokio::spawn(async move {
             let args = RebuildArgs {
                 name: key.clone(),
-                // The partitions the active version runs as.
+                // No partitions given: as many as the active version.
                 samples: 5,
                 quiet: true,
                 ..RebuildArgs::default()
@@ -249,20 +254,9 @@ impl ProjectionsAdmin for CatalogAdmin {
                     Err(format!("{e:#}"))
                 }
             };
-            let mut all = lock(&rebuilds);
-            match all.get_mut(&args.name) {
-                Some(r) => r.outcome = Some(outcome),
-                // It failed before it started building.
-                None => {
-                    all.insert(
-                        args.name.clone(),
-                        Rebuild {
-                            version: 0,
-                            statuses: Vec::new(),
-                            outcome: Some(outcome),
-                        },
-                    );
-                }
+            // The entry was claimed before the task started.
+            if let Some(r) = lock(&rebuilds).get_mut(&args.name) {
+                r.outcome = Some(outcome);
             }
         });
         match started_rx.await {

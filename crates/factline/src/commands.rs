@@ -226,13 +226,7 @@ pub async fn read_category(location: &Location, args: ReadCategoryArgs) -> anyho
 }
 
 fn parse_category(category: &str) -> anyhow::Result<String> {
-    // A category is a stream id without its `-…` part.
-    if category.contains('-') {
-        return Err(usage(format!(
-            "{category:?} is not a category: a category is the part of a stream id before the first '-'"
-        )));
-    }
-    parse_stream(category)?;
+    factline::check_category(category).map_err(|e| usage(e.to_string()))?;
     Ok(category.to_string())
 }
 

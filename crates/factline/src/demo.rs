@@ -156,7 +156,8 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
     .await?;
     let store = stack.store.clone();
     let start = store.head_position().await? + 1;
-    let (stop_load, load_stopped) = watch::channel(false);
+    // Ctrl-C or --duration: the load stops, and so does --keep-serving.
+    let (stop, mut stopped) = watch::channel(false);
     let rate = match (args.rate, args.orders) {
         (Some(rate), _) => Some(rate),
         (None, None) => Some(DEFAULT_RATE),
@@ -180,9 +181,8 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
         concurrency: args.concurrency as usize,
         seed: args.seed,
         snapshot_every: Some(100),
-        stop: Some(load_stopped),
+        stop: Some(stopped.clone()),
     };
-    let (stop_demo, mut demo_stopped) = watch::channel(false);
     let until = args
         .duration
         .map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
@@ -196,8 +196,7 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
             }
             None => outbox_cli::shutdown_signal().await,
         }
-        stop_load.send_replace(true);
-        stop_demo.send_replace(true);
+        stop.send_replace(true);
     });
     let report = load::run(store.clone(), &config).await?;
     if args.keep_serving {
@@ -211,7 +210,7 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
                 ""
             }
         );
-        let _ = demo_stopped.wait_for(|s| *s).await;
+        let _ = stopped.wait_for(|s| *s).await;
     }
     stopper.abort();
     // The read models follow live, here or (on PostgreSQL) in another

@@ -82,10 +82,11 @@ pub async fn run(args: HttpBench, location: &Location) -> anyhow::Result<()> {
     // Loopback only: the load never leaves the machine.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
-    let mut until = stopped.clone();
-    let server = tokio::spawn(factline_server::serve(listener, router, async move {
-        let _ = until.wait_for(|s| *s).await;
-    }));
+    let server = tokio::spawn(factline_server::serve(
+        listener,
+        router,
+        factline_server::stopped_by(stopped.clone()),
+    ));
     println!(
         "factline bench http: {}, {} clients appending for {} s, {} subscribers on $all, at {base}",
         args.backend.name(),

@@ -13,8 +13,8 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use factline::{EventStore, Location};
 use factline_projections::{
-    BatchPolicy, Parking, Partition, Portable, PostgresSink, ProjectionInfo, ProjectionStatus,
-    RetryReport, Runner, SqliteSink, VersionedSink,
+    BatchPolicy, Parking, Partition, Portable, PostgresSink, Progress, ProjectionInfo,
+    ProjectionStatus, RetryReport, Runner, SqliteSink, VersionedSink,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
@@ -539,16 +539,21 @@ fn progress_bar(name: &str, version: u32, partitions: u32) -> ProgressBar {
     bar
 }
 
+/// How far the partitions of a rebuild have come together: each passes
+/// every position of the log, so the slowest one says.
+pub fn slowest_progress(statuses: &[ProjectionStatus]) -> Option<Progress> {
+    statuses
+        .iter()
+        .filter_map(|s| s.progress())
+        .min_by_key(|p| p.done)
+}
+
 /// Shows the runners' progress (events of the log passed, rate, ETA),
 /// until aborted. Each partition passes every position of the log: the
 /// slowest one says how far the rebuild is.
 async fn show_progress(bar: ProgressBar, statuses: Vec<ProjectionStatus>) {
     loop {
-        let slowest = statuses
-            .iter()
-            .filter_map(|s| s.progress())
-            .min_by_key(|p| p.done);
-        if let Some(p) = slowest {
+        if let Some(p) = slowest_progress(&statuses) {
             bar.set_length(p.total);
             bar.set_position(p.done);
             let eta = p.eta.map_or_else(

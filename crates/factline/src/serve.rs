@@ -199,10 +199,11 @@ pub async fn start(
     }
 
     let router = server.router();
-    let mut until = stopped;
-    let server = tokio::spawn(factline_server::serve(listener, router, async move {
-        let _ = until.wait_for(|s| *s).await;
-    }));
+    let server = tokio::spawn(factline_server::serve(
+        listener,
+        router,
+        factline_server::stopped_by(stopped),
+    ));
     tracing::info!(url = %url, db = %location.describe(), "serving");
     Ok(Stack {
         url,

@@ -28,10 +28,11 @@ impl TestServer {
         let router = server.with_shutdown(stopped.clone()).router();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let mut until = stopped;
-        let task = tokio::spawn(factline_server::serve(listener, router, async move {
-            let _ = until.wait_for(|s| *s).await;
-        }));
+        let task = tokio::spawn(factline_server::serve(
+            listener,
+            router,
+            factline_server::stopped_by(stopped),
+        ));
         TestServer {
             base,
             client: reqwest::Client::new(),
