@@ -611,6 +611,22 @@ fn postgres_tables(s: &str) -> String {
          );
          CREATE INDEX IF NOT EXISTS outbox_unpublished ON {s}.outbox (position) WHERE published_at IS NULL;
          CREATE INDEX IF NOT EXISTS outbox_published ON {s}.outbox (published_at) WHERE published_at IS NOT NULL;
+         -- Published records leave the outbox for this log, one row per
+         -- mark: deleting a record and appending one row per batch costs
+         -- the database less than updating every record, and retention
+         -- then deletes a few rows instead of many records.
+         CREATE TABLE IF NOT EXISTS {s}.outbox_done (
+             id           bigserial   PRIMARY KEY,
+             positions    bigint[]    NOT NULL,
+             published_at timestamptz NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS outbox_done_at ON {s}.outbox_done (published_at);
+         -- Records marked by an earlier version, moved once.
+         WITH moved AS (DELETE FROM {s}.outbox WHERE published_at IS NOT NULL
+                        RETURNING position, published_at)
+         INSERT INTO {s}.outbox_done (positions, published_at)
+         SELECT array_agg(position ORDER BY position), date_trunc('second', published_at)
+         FROM moved GROUP BY 2;
          CREATE TABLE IF NOT EXISTS {s}.outbox_lanes (
              lane       integer     PRIMARY KEY,
              holder     text,
@@ -966,15 +982,22 @@ impl OutboxDb for PostgresOutbox {
         let client = self.client.lock().await;
         let mark_sql = prepared(&self.mark_sql, &client, || {
             format!(
-                "UPDATE {s}.outbox SET published_at = now()
-                 WHERE position = ANY($1) AND published_at IS NULL
-                   AND lane IN (SELECT lane FROM {s}.outbox_lanes WHERE holder = $2)"
+                "WITH done AS (
+                     DELETE FROM {s}.outbox
+                     WHERE position = ANY($1) AND published_at IS NULL
+                       AND lane IN (SELECT lane FROM {s}.outbox_lanes WHERE holder = $2)
+                     RETURNING position)
+                 INSERT INTO {s}.outbox_done (positions, published_at)
+                 SELECT array_agg(position ORDER BY position), now() FROM done
+                 HAVING count(*) > 0
+                 RETURNING cardinality(positions)::bigint"
             )
         })
         .await?;
-        Ok(client
-            .execute(mark_sql, &[&pg_positions(positions), &relay])
-            .await?)
+        let logged = client
+            .query_opt(mark_sql, &[&pg_positions(positions), &relay])
+            .await?;
+        Ok(logged.map_or(0, |row| row.get::<_, i64>(0) as u64))
     }
 
     async fn record_failure(&self, positions: &[u64], error: &str) -> Result<(), OutboxError> {
@@ -1001,7 +1024,7 @@ impl OutboxDb for PostgresOutbox {
             .query_one(
                 &format!(
                     "SELECT count(*), min(created_at), count(*) FILTER (WHERE attempts > 0),
-                            (SELECT count(*) FROM {s}.outbox WHERE published_at IS NOT NULL),
+                            (SELECT coalesce(sum(cardinality(positions)), 0)::bigint FROM {s}.outbox_done),
                             (SELECT last_error FROM {s}.outbox
                              WHERE published_at IS NULL AND last_error IS NOT NULL
                              ORDER BY position DESC LIMIT 1)
@@ -1043,18 +1066,28 @@ impl OutboxDb for PostgresOutbox {
 
     async fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<u64, OutboxError> {
         let s = &self.schema;
+        // The oldest rows, until they hold `limit` records (at least one
+        // row, however many it holds).
         Ok(self
             .client
             .lock()
             .await
-            .execute(
+            .query_one(
                 &format!(
-                    "DELETE FROM {s}.outbox WHERE position IN
-                         (SELECT position FROM {s}.outbox
-                          WHERE published_at IS NOT NULL AND published_at < $1 LIMIT $2)"
+                    "WITH gone AS (
+                         DELETE FROM {s}.outbox_done WHERE id IN (
+                             SELECT id FROM (
+                                 SELECT id, sum(cardinality(positions)) OVER (ORDER BY id)
+                                            - cardinality(positions) AS before
+                                 FROM {s}.outbox_done WHERE published_at < $1
+                                 ORDER BY id LIMIT $2) oldest
+                             WHERE before < $2)
+                         RETURNING cardinality(positions) AS records)
+                     SELECT coalesce(sum(records), 0)::bigint FROM gone"
                 ),
                 &[&cutoff, &(limit as i64)],
             )
-            .await?)
+            .await?
+            .get::<_, i64>(0) as u64)
     }
 }

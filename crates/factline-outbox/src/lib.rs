@@ -26,7 +26,7 @@ pub use db::{OutboxDb, OutboxStatus, PostgresOutbox, SqliteOutbox};
 pub use message::Message;
 pub use nats::{NatsSink, NatsSinkConfig};
 pub use publication::{Publication, DEFAULT_KEY, DEFAULT_SUBJECT};
-pub use relay::{Relay, RelayConfig, RelayStats, RelayStatsSnapshot, Round};
+pub use relay::{Relay, RelayConfig, RelayStats, RelayStatsSnapshot, Round, WAVES_IN_FLIGHT};
 pub use sink::{FileSink, Sink, SinkError, StdoutSink, WebhookSink};
 
 /// Lanes the outbox is split into by stream (`stream_no % LANES`): the

@@ -2,7 +2,7 @@
 //! holds, in per-stream order, and marks them published once the sink
 //! acknowledged them.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::{Message, OutboxDb, OutboxError, Sink};
+use crate::{Message, OutboxDb, OutboxError, Sink, SinkError};
 
 /// How a relay works; the defaults suit most deployments.
 #[derive(Clone, Debug)]
@@ -126,20 +126,72 @@ async fn joined<T>(task: Task<T>) -> Result<T, OutboxError> {
         .map_err(|e| OutboxError::Database(format!("an outbox task failed: {e}")))?
 }
 
-/// What a relay has in flight between rounds.
+/// A wave out at the sink: its records, then the sink's answers for them.
+type Wave = tokio::task::JoinHandle<(Vec<Message>, Vec<Result<(), SinkError>>)>;
+
+/// Waves out at the sink at once. Their streams are disjoint, so per-stream
+/// order holds, and the relay prepares the next wave while the sink
+/// acknowledges the last instead of each waiting for the other.
+pub const WAVES_IN_FLIGHT: usize = 2;
+
+/// Marks in flight at most: marks touch disjoint records, so a few run
+/// beside the waves instead of holding them up.
+const MARKS_IN_FLIGHT: usize = 4;
+
+/// What a relay has in flight while it pumps records to the sink.
 #[derive(Default)]
 struct Flow {
     /// The last position fetched: the next fetch starts after it.
     after: u64,
-    prefetch: Option<Task<Vec<Message>>>,
+    fetching: Option<Task<Vec<Message>>>,
+    /// Fetched and not yet sent, in position order.
+    queued: VecDeque<Message>,
+    waves: VecDeque<Wave>,
+    /// Streams with a record in a wave.
+    busy: HashSet<String>,
+    /// Streams whose record failed: nothing more of theirs goes out until
+    /// the next pump starts again from the oldest pending record.
+    blocked: HashSet<String>,
+    /// Acknowledged, not yet being marked.
+    acked: Vec<u64>,
     /// Marks in flight, oldest first.
     marking: VecDeque<Task<u64>>,
 }
 
-/// Marks in flight at most: a mark costs the database about as long as
-/// publishing a wave costs the broker, so waiting for each one before
-/// the next wave would halve the rate.
-const MARKS_IN_FLIGHT: usize = 4;
+impl Flow {
+    /// The next wave: the oldest queued record of each stream that has
+    /// nothing out, at most `limit` of them.
+    fn next_wave(&mut self, limit: usize) -> Vec<Message> {
+        let mut passed: HashSet<String> = HashSet::new();
+        let mut wave = Vec::new();
+        let mut rest = VecDeque::with_capacity(self.queued.len());
+        for record in self.queued.drain(..) {
+            let first_of_stream = passed.insert(record.stream_id.clone());
+            if first_of_stream && wave.len() < limit && !self.busy.contains(&record.stream_id) {
+                self.busy.insert(record.stream_id.clone());
+                wave.push(record);
+            } else {
+                rest.push_back(record);
+            }
+        }
+        self.queued = rest;
+        wave
+    }
+}
+
+/// When a pump stops taking new work.
+struct PumpUntil<'a> {
+    deadline: Instant,
+    stop: Option<&'a watch::Receiver<bool>>,
+    /// Fetch once only (a [`Relay::round`]).
+    once: bool,
+}
+
+impl PumpUntil<'_> {
+    fn reached(&self) -> bool {
+        Instant::now() >= self.deadline || self.stop.is_some_and(|stop| *stop.borrow())
+    }
+}
 
 /// Publishes the outbox of one database to one sink.
 pub struct Relay {
@@ -189,38 +241,31 @@ impl Relay {
     }
 
     /// One round, complete before it returns: fetch the oldest pending
-    /// records of the held lanes and publish them in waves of at most one
-    /// record per stream. A stream whose record fails publishes nothing
-    /// more this round, so its order holds; the others go on.
+    /// records of the held lanes (one batch) and publish them in waves of
+    /// at most one record per stream. A stream whose record fails
+    /// publishes nothing more this round, so its order holds; the others
+    /// go on.
     pub async fn round(&self) -> Result<Round, OutboxError> {
-        let mut flow = Flow::default();
-        let round = self.flowing_round(&mut flow, false).await;
-        let settled = self.settle(&mut flow).await;
-        let mut round = round?;
-        round.published += settled?;
-        Ok(round)
+        let until = PumpUntil {
+            deadline: far_future(),
+            stop: None,
+            once: true,
+        };
+        self.pump(&until).await
     }
 
-    /// Publishes until nothing is pending, fetching the next batch and
-    /// marking the last wave while a wave is out, and renewing the leases
-    /// every heartbeat. Returns the records published.
+    /// Publishes until nothing is pending, renewing the leases every
+    /// heartbeat. Returns the records published.
     pub async fn drain(&self) -> Result<u64, OutboxError> {
-        let mut flow = Flow::default();
         let (mut published, mut stuck) = (0, 0);
-        let mut next_heartbeat = Instant::now();
         loop {
-            if Instant::now() >= next_heartbeat {
-                published += self.settle(&mut flow).await?;
-                self.heartbeat().await?;
-                next_heartbeat = Instant::now() + self.config.heartbeat;
-            }
-            let round = match self.flowing_round(&mut flow, true).await {
-                Ok(round) => round,
-                Err(e) => {
-                    let _ = self.settle(&mut flow).await;
-                    return Err(e);
-                }
+            self.heartbeat().await?;
+            let until = PumpUntil {
+                deadline: Instant::now() + self.config.heartbeat,
+                stop: None,
+                once: false,
             };
+            let round = self.pump(&until).await?;
             published += round.published;
             stuck = if round.failed > 0 && round.published == 0 {
                 stuck + 1
@@ -228,28 +273,185 @@ impl Relay {
                 0
             };
             if stuck >= 100 {
-                self.settle(&mut flow).await?;
-                return Err(OutboxError::Sink(crate::SinkError(format!(
+                return Err(OutboxError::Sink(SinkError(format!(
                     "the sink refused 100 rounds in a row: {}",
                     self.stats.snapshot().last_error.unwrap_or_default()
                 ))));
             }
             if round.pending == 0 {
-                return Ok(published + self.settle(&mut flow).await?);
+                return Ok(published);
             }
         }
     }
 
-    /// Waits for the mark in flight and drops a prefetched batch, so the
-    /// next fetch starts from the oldest pending record. Returns how many
-    /// the mark marked.
-    async fn settle(&self, flow: &mut Flow) -> Result<u64, OutboxError> {
-        if let Some(prefetch) = flow.prefetch.take() {
-            prefetch.abort();
+    /// Publishes pending records until nothing is left, a record failed,
+    /// or `until` is reached, keeping the next batch fetched and
+    /// [`WAVES_IN_FLIGHT`] waves out; then waits for what is out and for
+    /// the marks. Leaves nothing in flight.
+    async fn pump(&self, until: &PumpUntil<'_>) -> Result<Round, OutboxError> {
+        let mut flow = Flow::default();
+        let pumped = self.pumping(&mut flow, until).await;
+        let settled = self.settle(&mut flow).await;
+        let mut round = pumped?;
+        round.published += settled?;
+        Ok(round)
+    }
+
+    async fn pumping(&self, flow: &mut Flow, until: &PumpUntil<'_>) -> Result<Round, OutboxError> {
+        let batch = self.config.batch.max(1);
+        let mut round = Round::default();
+        // No more fetches: the outbox is empty, a record failed, or `once`.
+        let mut done_fetching = false;
+        // The last fetch was short: fetch again only once all is out, so
+        // an outbox being filled is not polled in a tight loop.
+        let mut short = false;
+        loop {
+            let taking = !until.reached();
+            while taking && flow.waves.len() < WAVES_IN_FLIGHT {
+                let wave = flow.next_wave(batch);
+                if wave.is_empty() {
+                    break;
+                }
+                let sink = self.sink.clone();
+                flow.waves.push_back(tokio::spawn(async move {
+                    let results = sink.publish(&wave).await;
+                    (wave, results)
+                }));
+            }
+            // After the waves went out: the next batch is fetched while
+            // they are at the sink, and one more is kept ready, so the
+            // database and the sink both always have work.
+            if taking
+                && !done_fetching
+                && flow.fetching.is_none()
+                && flow.queued.len() < 2 * batch
+                && (!short || (flow.waves.is_empty() && flow.queued.is_empty()))
+            {
+                let (db, relay, after) =
+                    (self.db.clone(), self.config.relay_id.clone(), flow.after);
+                flow.fetching = Some(tokio::spawn(async move {
+                    db.pending(&relay, after, batch).await
+                }));
+            }
+            if flow.waves.is_empty() && (flow.fetching.is_none() || !taking) {
+                break;
+            }
+            tokio::select! {
+                biased;
+                fetched = async { flow.fetching.as_mut().expect("checked").await },
+                    if flow.fetching.is_some() => {
+                    flow.fetching = None;
+                    let fetched = fetched
+                        .map_err(|e| OutboxError::Database(format!("an outbox task failed: {e}")))??;
+                    round.pending += fetched.len();
+                    short = fetched.len() < batch;
+                    done_fetching = fetched.is_empty() || until.once;
+                    if let Some(last) = fetched.last() {
+                        flow.after = last.position;
+                    }
+                    let blocked = &flow.blocked;
+                    flow.queued
+                        .extend(fetched.into_iter().filter(|m| !blocked.contains(&m.stream_id)));
+                }
+                answered = async { flow.waves.front_mut().expect("checked").await },
+                    if !flow.waves.is_empty() => {
+                    flow.waves.pop_front();
+                    let (wave, results) = answered
+                        .map_err(|e| OutboxError::Database(format!("a sink task failed: {e}")))?;
+                    if self.answered(flow, wave, results, &mut round).await? {
+                        done_fetching = true;
+                    }
+                }
+            }
         }
-        flow.after = 0;
-        let mut marked = 0;
+        Ok(round)
+    }
+
+    /// Takes a wave's answers: marks what was acknowledged (in batches),
+    /// blocks the streams that failed. Returns whether any failed.
+    async fn answered(
+        &self,
+        flow: &mut Flow,
+        wave: Vec<Message>,
+        results: Vec<Result<(), SinkError>>,
+        round: &mut Round,
+    ) -> Result<bool, OutboxError> {
+        let mut failed = Vec::new();
+        let mut error = None;
+        for (message, result) in wave.into_iter().zip(results) {
+            flow.busy.remove(&message.stream_id);
+            match result {
+                Ok(()) => flow.acked.push(message.position),
+                Err(e) => {
+                    failed.push(message.position);
+                    error.get_or_insert(e.0);
+                    flow.blocked.insert(message.stream_id);
+                }
+            }
+        }
+        if flow.acked.len() >= self.config.batch.max(1) {
+            let acked = std::mem::take(&mut flow.acked);
+            self.start_mark(flow, acked, round).await?;
+        }
+        let Some(error) = error else {
+            return Ok(false);
+        };
+        let blocked = &flow.blocked;
+        flow.queued.retain(|m| !blocked.contains(&m.stream_id));
+        round.failed += failed.len() as u64;
+        self.stats.failed_with(failed.len() as u64, &error);
+        self.db.record_failure(&failed, &error).await?;
+        Ok(true)
+    }
+
+    async fn start_mark(
+        &self,
+        flow: &mut Flow,
+        acked: Vec<u64>,
+        round: &mut Round,
+    ) -> Result<(), OutboxError> {
+        if flow.marking.len() >= MARKS_IN_FLIGHT {
+            if let Some(oldest) = flow.marking.pop_front() {
+                round.published += self.marked(oldest).await?;
+            }
+        }
+        let (db, relay) = (self.db.clone(), self.config.relay_id.clone());
+        flow.marking.push_back(tokio::spawn(async move {
+            db.mark_published(&relay, &acked).await
+        }));
+        Ok(())
+    }
+
+    /// Waits for the waves and marks in flight and drops what was fetched
+    /// and not sent (it is still pending). Returns how many records the
+    /// marks marked.
+    async fn settle(&self, flow: &mut Flow) -> Result<u64, OutboxError> {
+        if let Some(fetching) = flow.fetching.take() {
+            fetching.abort();
+        }
         let mut first_error = None;
+        // What the sink took after a failure is still marked.
+        let mut round = Round::default();
+        while let Some(wave) = flow.waves.pop_front() {
+            match wave.await {
+                Ok((wave, results)) => {
+                    if let Err(e) = self.answered(flow, wave, results, &mut round).await {
+                        first_error.get_or_insert(e);
+                    }
+                }
+                Err(e) => {
+                    first_error
+                        .get_or_insert(OutboxError::Database(format!("a sink task failed: {e}")));
+                }
+            }
+        }
+        if !flow.acked.is_empty() {
+            let acked = std::mem::take(&mut flow.acked);
+            if let Err(e) = self.start_mark(flow, acked, &mut round).await {
+                first_error.get_or_insert(e);
+            }
+        }
+        let mut marked = round.published;
         // Every mark is waited for, even after one failed.
         while let Some(marking) = flow.marking.pop_front() {
             match self.marked(marking).await {
@@ -269,86 +471,6 @@ impl Relay {
         let marked = joined(marking).await?;
         self.stats.published.fetch_add(marked, Ordering::Relaxed);
         Ok(marked)
-    }
-
-    /// A round that may leave work in flight in `flow`: the next batch
-    /// (fetched after this one's last position while this one is
-    /// published) and the mark of its last wave.
-    async fn flowing_round(&self, flow: &mut Flow, prefetch: bool) -> Result<Round, OutboxError> {
-        let relay = &self.config.relay_id;
-        let pending = match flow.prefetch.take() {
-            Some(prefetched) => joined(prefetched).await?,
-            None => {
-                self.db
-                    .pending(relay, flow.after, self.config.batch)
-                    .await?
-            }
-        };
-        let mut round = Round {
-            pending: pending.len(),
-            ..Round::default()
-        };
-        let Some(last) = pending.last().map(|m| m.position) else {
-            // From the start next time, once nothing is being marked (a
-            // record being marked is still pending in the table).
-            round.published += self.settle(flow).await?;
-            return Ok(round);
-        };
-        flow.after = last;
-        if prefetch && pending.len() == self.config.batch {
-            let (db, relay, batch) = (self.db.clone(), relay.clone(), self.config.batch);
-            flow.prefetch = Some(tokio::spawn(async move {
-                db.pending(&relay, last, batch).await
-            }));
-        }
-        let mut blocked: HashSet<String> = HashSet::new();
-        for wave in waves(pending) {
-            let wave: Vec<Message> = wave
-                .into_iter()
-                .filter(|m| !blocked.contains(&m.stream_id))
-                .collect();
-            if wave.is_empty() {
-                continue;
-            }
-            let results = self.sink.publish(&wave).await;
-            let mut acked = Vec::with_capacity(wave.len());
-            let mut failed = Vec::new();
-            let mut error = None;
-            for (message, result) in wave.iter().zip(results) {
-                match result {
-                    Ok(()) => acked.push(message.position),
-                    Err(e) => {
-                        blocked.insert(message.stream_id.clone());
-                        failed.push(message.position);
-                        error.get_or_insert(e.0);
-                    }
-                }
-            }
-            if !acked.is_empty() {
-                // Marks touch disjoint records, so their order does not
-                // matter; a few run beside the next waves.
-                if flow.marking.len() >= MARKS_IN_FLIGHT {
-                    if let Some(oldest) = flow.marking.pop_front() {
-                        round.published += self.marked(oldest).await?;
-                    }
-                }
-                let (db, relay) = (self.db.clone(), relay.clone());
-                flow.marking.push_back(tokio::spawn(async move {
-                    db.mark_published(&relay, &acked).await
-                }));
-            }
-            if let Some(error) = error {
-                round.failed += failed.len() as u64;
-                self.stats.failed_with(failed.len() as u64, &error);
-                self.db.record_failure(&failed, &error).await?;
-            }
-        }
-        if round.failed > 0 {
-            // A prefetched batch may hold later records of a stream that
-            // failed: start again from the oldest pending record.
-            round.published += self.settle(flow).await?;
-        }
-        Ok(round)
     }
 
     /// Deletes published records older than the retention, in small
@@ -380,13 +502,10 @@ impl Relay {
         let mut backoff: Option<Duration> = None;
         let mut wake = self.wake.take();
         let mut rate_since = (Instant::now(), 0u64);
-        let mut flow = Flow::default();
         while !*stop.borrow() {
             if Instant::now() >= next_heartbeat {
-                // Nothing in flight while lanes may move to another relay.
-                if let Err(e) = self.settle(&mut flow).await {
-                    tracing::warn!(relay = %config.relay_id, error = %e, "marking published records failed");
-                }
+                // Nothing is in flight between pumps, while lanes may move
+                // to another relay.
                 match self.heartbeat().await {
                     Ok(held) => {
                         if held != lanes {
@@ -416,7 +535,12 @@ impl Relay {
             let idle_until = if lanes.is_empty() {
                 next_heartbeat
             } else {
-                match self.flowing_round(&mut flow, true).await {
+                let until = PumpUntil {
+                    deadline: next_heartbeat,
+                    stop: Some(&stop),
+                    once: false,
+                };
+                match self.pump(&until).await {
                     Ok(round) if round.failed > 0 => {
                         let delay = next_backoff(backoff, &config);
                         backoff = Some(delay);
@@ -437,7 +561,6 @@ impl Relay {
                         (Instant::now() + config.fallback_poll).min(next_heartbeat)
                     }
                     Err(e) => {
-                        let _ = self.settle(&mut flow).await;
                         let delay = next_backoff(backoff, &config);
                         backoff = Some(delay);
                         self.stats
@@ -462,9 +585,6 @@ impl Relay {
                 } => {}
             }
         }
-        if let Err(e) = self.settle(&mut flow).await {
-            tracing::warn!(relay = %config.relay_id, error = %e, "marking published records failed");
-        }
         if let Err(e) = self.db.leave(&config.relay_id).await {
             tracing::warn!(relay = %config.relay_id, error = %e, "the relay could not give its lanes back; they expire");
         }
@@ -480,21 +600,8 @@ fn next_backoff(current: Option<Duration>, config: &RelayConfig) -> Duration {
     }
 }
 
-/// Splits records (in position order) into waves: wave k holds the k-th
-/// record of every stream, so no wave has two records of one stream and
-/// each stream's records come in order across waves.
-fn waves(records: Vec<Message>) -> Vec<Vec<Message>> {
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut waves: Vec<Vec<Message>> = Vec::new();
-    for record in records {
-        let k = seen.entry(record.stream_id.clone()).or_insert(0);
-        if waves.len() <= *k {
-            waves.push(Vec::new());
-        }
-        waves[*k].push(record);
-        *k += 1;
-    }
-    waves
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(365 * 24 * 3600)
 }
 
 #[cfg(test)]
@@ -517,20 +624,37 @@ mod tests {
     }
 
     #[test]
-    fn waves_hold_one_record_per_stream_in_order() {
-        let records = vec![
-            message(1, "A"),
-            message(2, "B"),
-            message(3, "A"),
-            message(4, "A"),
-            message(5, "C"),
-            message(6, "B"),
-        ];
-        let positions: Vec<Vec<u64>> = waves(records)
-            .iter()
-            .map(|w| w.iter().map(|m| m.position).collect())
-            .collect();
-        assert_eq!(positions, vec![vec![1, 2, 5], vec![3, 6], vec![4]]);
+    fn a_wave_holds_the_oldest_record_of_each_idle_stream() {
+        let mut flow = Flow {
+            queued: [
+                (1, "A"),
+                (2, "B"),
+                (3, "A"),
+                (4, "A"),
+                (5, "C"),
+                (6, "B"),
+                (7, "D"),
+            ]
+            .into_iter()
+            .map(|(p, s)| message(p, s))
+            .collect(),
+            ..Flow::default()
+        };
+        flow.busy.insert("C".to_owned());
+        let positions = |flow: &mut Flow, limit| -> Vec<u64> {
+            flow.next_wave(limit).iter().map(|m| m.position).collect()
+        };
+        assert_eq!(positions(&mut flow, 10), vec![1, 2, 7]);
+        assert_eq!(
+            positions(&mut flow, 10),
+            Vec::<u64>::new(),
+            "A, B, C and D are out"
+        );
+        flow.busy.clear();
+        assert_eq!(positions(&mut flow, 1), vec![3]);
+        flow.busy.clear();
+        assert_eq!(positions(&mut flow, 10), vec![4, 5, 6]);
+        assert!(flow.queued.is_empty());
     }
 
     #[test]

@@ -86,6 +86,9 @@ struct Collecting {
     /// number of times it was offered before.
     fail: Option<Box<dyn Fn(u64, usize) -> bool + Send + Sync>>,
     offered: Mutex<BTreeMap<u64, usize>>,
+    /// Streams with a message being published now: the relay has waves
+    /// out at once, never two holding one stream.
+    out: Mutex<std::collections::HashSet<String>>,
 }
 
 #[async_trait]
@@ -95,7 +98,16 @@ impl Sink for Collecting {
     }
     async fn publish(&self, messages: &[Message]) -> Vec<Result<(), SinkError>> {
         let mut streams = std::collections::HashSet::new();
-        messages
+        for m in messages {
+            assert!(
+                self.out.lock().unwrap().insert(m.stream_id.clone()),
+                "{} is in two waves at once",
+                m.stream_id
+            );
+        }
+        // Another wave may be sent meanwhile.
+        tokio::task::yield_now().await;
+        let results = messages
             .iter()
             .map(|m| {
                 assert!(
@@ -113,7 +125,12 @@ impl Sink for Collecting {
                     Ok(())
                 }
             })
-            .collect()
+            .collect();
+        let mut out = self.out.lock().unwrap();
+        for m in messages {
+            out.remove(&m.stream_id);
+        }
+        results
     }
 }
 
@@ -431,6 +448,65 @@ async fn postgres_relay_keeps_per_stream_order_while_the_sink_fails() {
     let db = factline_testpg::database().await;
     let (store, outbox) = postgres(&db).await;
     order_holds_while_a_sink_fails(store, outbox).await;
+}
+
+/// Records an earlier version marked published in place are moved to the
+/// log of published records when the outbox connects; retention then
+/// deletes them with the rest, and pending records stay pending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_records_marked_in_place_move_to_the_published_log() {
+    let db = factline_testpg::database().await;
+    let (store, outbox) = postgres(&db).await;
+    outbox
+        .add_publication(Publication::everything())
+        .await
+        .unwrap();
+    for n in 0..5 {
+        append(&store, &format!("S-{n}"), vec![event("E", n)])
+            .await
+            .unwrap();
+    }
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+        .execute(
+            "UPDATE factline.outbox SET published_at = now() - interval '2 hours'
+             WHERE position <= 3",
+            &[],
+        )
+        .await
+        .unwrap();
+    drop(outbox);
+    let outbox: Arc<dyn OutboxDb> =
+        Arc::new(PostgresOutbox::connect(&db.url, "factline").await.unwrap());
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.backlog, status.published_retained), (2, 3));
+
+    let sink = Arc::new(Collecting::default());
+    let relay = Relay::new(
+        outbox.clone(),
+        sink.clone(),
+        RelayConfig {
+            retention: Duration::from_secs(3600),
+            ..quick("r1")
+        },
+    );
+    drain(&relay).await;
+    let positions: Vec<u64> = sink
+        .taken
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|m| m.position)
+        .collect();
+    assert_eq!(positions, [4, 5], "only the pending records go out");
+    assert_eq!(outbox.status().await.unwrap().published_retained, 5);
+    // Only the moved records are older than the retention.
+    assert_eq!(relay.purge().await.unwrap(), 3);
+    let status = outbox.status().await.unwrap();
+    assert_eq!((status.backlog, status.published_retained), (0, 2));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

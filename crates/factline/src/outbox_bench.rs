@@ -3,7 +3,7 @@
 //! messages in the same run, and the latency from an append to a
 //! JetStream consumer under a steady load.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use factline::{EventData, EventStore, ExpectedVersion, Location, StreamId};
 use factline_outbox::local_nats::LocalNatsServer;
 use factline_outbox::{
     Message, NatsSink, NatsSinkConfig, OutboxDb, PostgresOutbox, Publication, Relay, RelayConfig,
-    SqliteOutbox,
+    SqliteOutbox, WAVES_IN_FLIGHT,
 };
 use futures_util::StreamExt;
 
@@ -60,14 +60,16 @@ struct OutboxReport {
     rate: u64,
     p50_ms: f64,
     p99_ms: f64,
+    /// The append's own share: append call → commit returned.
+    append_p99_ms: f64,
     samples: usize,
     rounds: usize,
 }
 
 const SUBJECT: &str = "factline.bench";
 const BASELINE_SUBJECT: &str = "factline.baseline";
-/// Publishes in flight before the baseline waits for acknowledgements:
-/// the relay's round size.
+/// Messages per window of the baseline: the relay's batch (and largest
+/// wave). Both keep `WAVES_IN_FLIGHT` windows out at the broker.
 const WINDOW: usize = 500;
 
 pub async fn run(args: OutboxBench, location: &Location) -> anyhow::Result<()> {
@@ -165,8 +167,10 @@ pub async fn run(args: OutboxBench, location: &Location) -> anyhow::Result<()> {
     }
     let (rate, base) = (median(&mut relay_rates), median(&mut baseline_rates));
 
-    let mut latencies = live_latency(&store, &db, sink, &js, &args).await?;
+    let (mut latencies, mut appends) = live_latency(&store, &db, sink, &js, &args).await?;
     latencies.sort_unstable();
+    appends.sort_unstable();
+    let append_p99 = percentile_ms(&appends, 0.99);
     let (p50, p99) = (
         percentile_ms(&latencies, 0.5),
         percentile_ms(&latencies, 0.99),
@@ -176,7 +180,7 @@ pub async fn run(args: OutboxBench, location: &Location) -> anyhow::Result<()> {
         rate / base
     );
     println!(
-        "  append -> JetStream consumer at {} events/s: p50 {p50:.3} ms   p99 {p99:.3} ms ({} samples)",
+        "  append -> JetStream consumer at {} events/s: p50 {p50:.3} ms   p99 {p99:.3} ms (append alone p99 {append_p99:.3} ms; {} samples)",
         args.rate,
         latencies.len()
     );
@@ -195,6 +199,7 @@ pub async fn run(args: OutboxBench, location: &Location) -> anyhow::Result<()> {
         rate: args.rate,
         p50_ms: p50,
         p99_ms: p99,
+        append_p99_ms: append_p99,
         samples: latencies.len(),
         rounds: args.rounds,
     };
@@ -258,9 +263,12 @@ async fn drain(relay: &Relay, events: u64) -> anyhow::Result<f64> {
 }
 
 /// Seconds for a plain JetStream publisher to send `messages` (the same
-/// headers and payloads), `WINDOW` in flight at a time.
+/// headers and payloads) in windows of `WINDOW`, sending the next window
+/// before waiting for the acknowledgements of the one `WAVES_IN_FLIGHT`
+/// back, as the relay does.
 async fn publish_plainly(js: &jetstream::Context, messages: &[Message]) -> anyhow::Result<f64> {
     let started = Instant::now();
+    let mut outstanding = VecDeque::new();
     for window in messages.chunks(WINDOW) {
         let mut acks = Vec::with_capacity(window.len());
         for m in window {
@@ -273,6 +281,14 @@ async fn publish_plainly(js: &jetstream::Context, messages: &[Message]) -> anyho
                 .payload(m.payload.clone());
             acks.push(js.send_publish(m.subject.clone(), publish).await?);
         }
+        outstanding.push_back(acks);
+        if outstanding.len() >= WAVES_IN_FLIGHT {
+            for ack in outstanding.pop_front().unwrap_or_default() {
+                ack.await?;
+            }
+        }
+    }
+    for acks in outstanding {
         for ack in acks {
             ack.await?;
         }
@@ -281,14 +297,16 @@ async fn publish_plainly(js: &jetstream::Context, messages: &[Message]) -> anyho
 }
 
 /// Appends one event at a time at `rate` per second with the relay
-/// running live, and times each from its append to a JetStream consumer.
+/// running live, and times each from its append to a JetStream consumer;
+/// also returns how long each append itself took.
 async fn live_latency(
     store: &Arc<dyn EventStore>,
     db: &Arc<dyn OutboxDb>,
     sink: Arc<NatsSink>,
     js: &jetstream::Context,
     args: &OutboxBench,
-) -> anyhow::Result<Vec<Duration>> {
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let appended: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let sent: Arc<Mutex<HashMap<uuid::Uuid, Instant>>> = Arc::default();
     let stream = js.get_stream("factline").await?;
     let consumer = stream
@@ -343,16 +361,20 @@ async fn live_latency(
 
     for n in 0..total {
         tokio::time::sleep_until(started + interval * n as u32).await;
-        let (store, sent) = (store.clone(), sent.clone());
+        let (store, sent, appended) = (store.clone(), sent.clone(), appended.clone());
         appends.spawn(async move {
             let event = EventData::new("BenchEvent", serde_json::json!({ "n": n }));
             let stream = StreamId::new(format!("Bench-live-{}", n % 1_000))?;
+            let at = Instant::now();
             if let Ok(mut sent) = sent.lock() {
-                sent.insert(event.event_id, Instant::now());
+                sent.insert(event.event_id, at);
             }
             store
                 .append(&stream, ExpectedVersion::Any, vec![event])
                 .await?;
+            if let Ok(mut appended) = appended.lock() {
+                appended.push(at.elapsed());
+            }
             anyhow::Ok(())
         });
         while let Some(done) = appends.try_join_next() {
@@ -370,5 +392,10 @@ async fn live_latency(
         "the consumer got {} of {total} events",
         latencies.len()
     );
-    Ok(latencies)
+    let appended = std::mem::take(
+        &mut *appended
+            .lock()
+            .map_err(|_| anyhow::anyhow!("an append task panicked"))?,
+    );
+    Ok((latencies, appended))
 }
