@@ -980,12 +980,14 @@ impl OutboxDb for PostgresOutbox {
     async fn mark_published(&self, relay: &str, positions: &[u64]) -> Result<u64, OutboxError> {
         let s = &self.schema;
         let client = self.client.lock().await;
+        // The held lanes as an array, computed once: as a join the planner
+        // may probe every position once per lane.
         let mark_sql = prepared(&self.mark_sql, &client, || {
             format!(
                 "WITH done AS (
                      DELETE FROM {s}.outbox
                      WHERE position = ANY($1) AND published_at IS NULL
-                       AND lane IN (SELECT lane FROM {s}.outbox_lanes WHERE holder = $2)
+                       AND lane = ANY(ARRAY(SELECT lane FROM {s}.outbox_lanes WHERE holder = $2))
                      RETURNING position)
                  INSERT INTO {s}.outbox_done (positions, published_at)
                  SELECT array_agg(position ORDER BY position), now() FROM done

@@ -1,5 +1,7 @@
 //! What a sink publishes for one outbox record.
 
+use std::fmt::Write;
+
 use bytes::Bytes;
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -72,10 +74,12 @@ impl StoredEvent<'_> {
         let mut payload = String::with_capacity(self.data.len() + metadata_text.len() + 200);
         payload.push_str("{\"stream_id\":");
         payload.push_str(&text(self.stream_id));
-        payload.push_str(&format!(
+        // Writing to a String cannot fail.
+        let _ = write!(
+            payload,
             ",\"version\":{},\"position\":{},\"event_id\":\"{}\",\"event_type\":",
             self.version, self.position, self.event_id
-        ));
+        );
         payload.push_str(&text(self.event_type));
         payload.push_str(",\"data\":");
         payload.push_str(self.data);

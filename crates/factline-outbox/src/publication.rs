@@ -107,13 +107,13 @@ impl Publication {
             stream_id,
             category,
             event_type,
-            subject_token,
+            push_subject_token,
         )
     }
 
     /// The key for one event (values as they are).
     pub fn key_for(&self, stream_id: &str, category: &str, event_type: &str) -> String {
-        render(&self.key, stream_id, category, event_type, |s| s.to_owned())
+        render(&self.key, stream_id, category, event_type, String::push_str)
     }
 }
 
@@ -143,33 +143,51 @@ fn check_template(what: &str, template: &str) -> Result<(), OutboxError> {
     Ok(())
 }
 
+/// Fills a template in one pass, so a value that looks like a placeholder
+/// stays as it is.
 fn render(
     template: &str,
     stream_id: &str,
     category: &str,
     event_type: &str,
-    value: impl Fn(&str) -> String,
+    push_value: impl Fn(&mut String, &str),
 ) -> String {
-    template
-        .replace("{category}", &value(category))
-        .replace("{event_type}", &value(event_type))
-        .replace("{stream_id}", &value(stream_id))
+    let mut out = String::with_capacity(template.len() + stream_id.len() + event_type.len());
+    let mut rest = template;
+    while let Some(open) = rest.find('{') {
+        out.push_str(&rest[..open]);
+        rest = &rest[open..];
+        let value = [
+            ("{category}", category),
+            ("{event_type}", event_type),
+            ("{stream_id}", stream_id),
+        ]
+        .into_iter()
+        .find(|(placeholder, _)| rest.starts_with(placeholder));
+        match value {
+            Some((placeholder, value)) => {
+                push_value(&mut out, value);
+                rest = &rest[placeholder.len()..];
+            }
+            None => {
+                out.push('{');
+                rest = &rest[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
-fn subject_token(value: &str) -> String {
-    let token: String = value
-        .chars()
-        .map(|c| match c {
-            '.' | '*' | '>' => '_',
-            c if c.is_whitespace() || c.is_control() => '_',
-            c => c,
-        })
-        .collect();
-    if token.is_empty() {
-        "_".to_owned()
-    } else {
-        token
+fn push_subject_token(out: &mut String, value: &str) {
+    if value.is_empty() {
+        out.push('_');
     }
+    out.extend(value.chars().map(|c| match c {
+        '.' | '*' | '>' => '_',
+        c if c.is_whitespace() || c.is_control() => '_',
+        c => c,
+    }));
 }
 
 #[cfg(test)]
@@ -186,6 +204,13 @@ mod tests {
             "shop.Order.OrderPlaced.Order-a_b___"
         );
         assert_eq!(p.key_for("Order-a.b", "Order", "X"), "Order-a.b");
+        // Values are not templates: a stream id naming a placeholder stays.
+        let keyed = Publication::everything().with_key("{category}/{stream_id}/{x");
+        assert_eq!(keyed.key_for("{event_type}", "", "T"), "/{event_type}/{x");
+        assert_eq!(
+            Publication::everything().subject_for("S", "", "T"),
+            "factline._"
+        );
         assert!(p.matches("Order", "Anything"));
         assert!(!p.matches("Customer", "Anything"));
         let typed = Publication::everything().of_type("OrderPaid");
