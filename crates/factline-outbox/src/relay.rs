@@ -327,6 +327,12 @@ impl Relay {
                 && flow.queued.len() < 2 * batch
                 && (!short || (flow.waves.is_empty() && flow.queued.is_empty()))
             {
+                if short && !flow.acked.is_empty() {
+                    // Caught up: what went out is marked now, not once a
+                    // batch has gathered.
+                    let acked = std::mem::take(&mut flow.acked);
+                    self.start_mark(flow, acked, &mut round).await?;
+                }
                 let (db, relay, after) =
                     (self.db.clone(), self.config.relay_id.clone(), flow.after);
                 flow.fetching = Some(tokio::spawn(async move {
