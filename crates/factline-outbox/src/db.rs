@@ -685,7 +685,18 @@ impl PostgresOutbox {
                 "the schema {schema:?} holds no factline store"
             )));
         }
-        tx.batch_execute(&postgres_tables(&s)).await?;
+        // Once set up, nothing is taken: the setup's DDL locks the outbox
+        // tables, and against a running relay's marks that can deadlock.
+        let set_up: bool = tx
+            .query_one(
+                "SELECT to_regclass(quote_ident($1) || '.outbox_done') IS NOT NULL",
+                &[&schema],
+            )
+            .await?
+            .get(0);
+        if !set_up {
+            tx.batch_execute(&postgres_tables(&s)).await?;
+        }
         tx.commit().await?;
         // A mark lost in a crash republishes its records (which sinks
         // deduplicate), and a lost lease renewal only expires sooner: no
