@@ -122,8 +122,11 @@ pub struct Round {
 type Task<T> = tokio::task::JoinHandle<Result<T, OutboxError>>;
 
 async fn joined<T>(task: Task<T>) -> Result<T, OutboxError> {
-    task.await
-        .map_err(|e| OutboxError::Database(format!("an outbox task failed: {e}")))?
+    task.await.map_err(|e| task_failed("an outbox", e))?
+}
+
+fn task_failed(what: &str, e: tokio::task::JoinError) -> OutboxError {
+    OutboxError::Database(format!("{what} task failed: {e}"))
 }
 
 /// A wave out at the sink: its records, then the sink's answers for them.
@@ -228,6 +231,11 @@ impl Relay {
         &self.config
     }
 
+    /// Records per fetch, and per mark (at least one).
+    fn batch(&self) -> usize {
+        self.config.batch.max(1)
+    }
+
     /// Renews leases and rebalances lanes now; returns the lanes held.
     pub async fn heartbeat(&self) -> Result<Vec<i64>, OutboxError> {
         let lanes = self
@@ -298,7 +306,7 @@ impl Relay {
     }
 
     async fn pumping(&self, flow: &mut Flow, until: &PumpUntil<'_>) -> Result<Round, OutboxError> {
-        let batch = self.config.batch.max(1);
+        let batch = self.batch();
         let mut round = Round::default();
         // No more fetches: the outbox is empty, a record failed, or `once`.
         let mut done_fetching = false;
@@ -347,8 +355,7 @@ impl Relay {
                 fetched = async { flow.fetching.as_mut().expect("checked").await },
                     if flow.fetching.is_some() => {
                     flow.fetching = None;
-                    let fetched = fetched
-                        .map_err(|e| OutboxError::Database(format!("an outbox task failed: {e}")))??;
+                    let fetched = fetched.map_err(|e| task_failed("an outbox", e))??;
                     round.pending += fetched.len();
                     short = fetched.len() < batch;
                     done_fetching = fetched.is_empty() || until.once;
@@ -362,8 +369,7 @@ impl Relay {
                 answered = async { flow.waves.front_mut().expect("checked").await },
                     if !flow.waves.is_empty() => {
                     flow.waves.pop_front();
-                    let (wave, results) = answered
-                        .map_err(|e| OutboxError::Database(format!("a sink task failed: {e}")))?;
+                    let (wave, results) = answered.map_err(|e| task_failed("a sink", e))?;
                     if self.answered(flow, wave, results, &mut round).await? {
                         done_fetching = true;
                     }
@@ -395,7 +401,7 @@ impl Relay {
                 }
             }
         }
-        if flow.acked.len() >= self.config.batch.max(1) {
+        if flow.acked.len() >= self.batch() {
             let acked = std::mem::take(&mut flow.acked);
             self.start_mark(flow, acked, round).await?;
         }
@@ -446,8 +452,7 @@ impl Relay {
                     }
                 }
                 Err(e) => {
-                    first_error
-                        .get_or_insert(OutboxError::Database(format!("a sink task failed: {e}")));
+                    first_error.get_or_insert(task_failed("a sink", e));
                 }
             }
         }
