@@ -8,6 +8,7 @@
 //! with them, and every process that appends writes records, configured
 //! or not.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -48,6 +49,25 @@ pub struct RelayInfo {
     pub lanes: u64,
 }
 
+/// A pending record as a relay fetches it: its lane and its message.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PendingRecord {
+    pub lane: u32,
+    pub message: Message,
+}
+
+/// What a relay marks at once.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Mark {
+    /// Acknowledged records, and the lane of each.
+    pub positions: Vec<u64>,
+    pub lanes: Vec<u32>,
+    /// Per lane (indexed by lane): every record of the lane at or below
+    /// this position has been acknowledged (0: nothing is known). A
+    /// database may keep such a checkpoint instead of marking each record.
+    pub upto: Vec<u64>,
+}
+
 /// The outbox's tables in one database.
 #[async_trait]
 pub trait OutboxDb: Send + Sync {
@@ -64,16 +84,17 @@ pub trait OutboxDb: Send + Sync {
     /// Gives back every lane of `relay` and forgets it (a clean stop).
     async fn leave(&self, relay: &str) -> Result<(), OutboxError>;
     /// The oldest unpublished records of `relay`'s lanes after position
-    /// `after` (0: all), in position order.
+    /// `after` (0: all), in position order: every pending record of those
+    /// lanes between `after` and the last one returned.
     async fn pending(
         &self,
         relay: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Message>, OutboxError>;
+    ) -> Result<Vec<PendingRecord>, OutboxError>;
     /// Marks records published, only while `relay` still holds their lanes.
     /// Returns how many were marked.
-    async fn mark_published(&self, relay: &str, positions: &[u64]) -> Result<u64, OutboxError>;
+    async fn mark_published(&self, relay: &str, mark: &Mark) -> Result<u64, OutboxError>;
     /// Counts a failed attempt on records that stay pending.
     async fn record_failure(&self, positions: &[u64], error: &str) -> Result<(), OutboxError>;
     async fn status(&self) -> Result<OutboxStatus, OutboxError>;
@@ -409,13 +430,13 @@ impl OutboxDb for SqliteOutbox {
         relay: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Message>, OutboxError> {
+    ) -> Result<Vec<PendingRecord>, OutboxError> {
         let relay = relay.to_owned();
         self.read(move |conn| {
             let now = micros(Utc::now());
             let mut stmt = conn.prepare_cached(
                 "SELECT o.position, s.stream_id, e.version, e.event_id, e.event_type, e.data,
-                        e.metadata, e.recorded_at, p.subject, p.key
+                        e.metadata, e.recorded_at, p.subject, p.key, o.lane
                  FROM outbox o
                  JOIN events e ON e.position = o.position
                  JOIN streams s ON s.stream_no = o.stream_no
@@ -444,17 +465,22 @@ impl OutboxDb for SqliteOutbox {
                     metadata: metadata.as_deref(),
                     recorded_at: from_micros(row.get(7)?),
                 };
-                messages.push(message_of(event, &templates(row.get(8)?, row.get(9)?))?);
+                messages.push(PendingRecord {
+                    lane: row.get(10)?,
+                    message: message_of(event, &templates(row.get(8)?, row.get(9)?))?,
+                });
             }
             Ok(messages)
         })
         .await
     }
 
-    async fn mark_published(&self, relay: &str, positions: &[u64]) -> Result<u64, OutboxError> {
+    async fn mark_published(&self, relay: &str, mark: &Mark) -> Result<u64, OutboxError> {
+        // SQLite marks each record in place; the checkpoints are for
+        // PostgreSQL, whose server pays for every record a mark touches.
         let relay = relay.to_owned();
-        let positions =
-            serde_json::to_string(positions).map_err(|e| OutboxError::Database(e.to_string()))?;
+        let positions = serde_json::to_string(&mark.positions)
+            .map_err(|e| OutboxError::Database(e.to_string()))?;
         self.run(move |conn| {
             // One statement for the whole wave, the positions as a JSON array.
             let marked = conn
@@ -565,6 +591,12 @@ pub struct PostgresOutbox {
     lanes_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
     pending_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
     mark_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
+    streams_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
+    /// Stream ids by number and publications by id, for the fetches: both
+    /// never change once written, and joining them in cost the server
+    /// more than the rest of the fetch.
+    stream_ids: Mutex<HashMap<i64, String>>,
+    templates: Mutex<HashMap<i64, Publication>>,
     schema: String,
     connections: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -609,8 +641,6 @@ fn postgres_tables(s: &str) -> String {
              attempts     integer     NOT NULL DEFAULT 0,
              last_error   text
          );
-         CREATE INDEX IF NOT EXISTS outbox_unpublished ON {s}.outbox (position) WHERE published_at IS NULL;
-         CREATE INDEX IF NOT EXISTS outbox_published ON {s}.outbox (published_at) WHERE published_at IS NOT NULL;
          -- Published records leave the outbox for this log, one row per
          -- mark: deleting a record and appending one row per batch costs
          -- the database less than updating every record, and retention
@@ -656,6 +686,33 @@ fn postgres_tables(s: &str) -> String {
     )
 }
 
+/// Lane checkpoints, added to the tables above (and to those of earlier
+/// versions): `upto` is the position at or below which every record of
+/// the lane is published. Marking a batch then updates a few lane rows
+/// instead of every record, and records under the checkpoint stay in
+/// the outbox until retention. Positions come in commit order without
+/// holes, so a relay that fetched and was acknowledged everything of a
+/// lane up to a position knows nothing below it can still turn up.
+fn postgres_checkpoints(s: &str) -> String {
+    format!(
+        "ALTER TABLE {s}.outbox_lanes ADD COLUMN IF NOT EXISTS upto bigint NOT NULL DEFAULT 0;
+         -- One row per mark that moved checkpoints: retention finds what
+         -- was published before its cutoff here.
+         CREATE TABLE IF NOT EXISTS {s}.outbox_marks (
+             id           bigserial   PRIMARY KEY,
+             lanes        integer[]   NOT NULL,
+             uptos        bigint[]    NOT NULL,
+             published_at timestamptz NOT NULL
+         );
+         CREATE INDEX IF NOT EXISTS outbox_marks_at ON {s}.outbox_marks (published_at);
+         CREATE INDEX IF NOT EXISTS outbox_lane_position ON {s}.outbox (lane, position);
+         -- Every record in the outbox is unpublished or under a checkpoint:
+         -- these indexes of the mark-in-place days only cost the appends.
+         DROP INDEX IF EXISTS {s}.outbox_unpublished;
+         DROP INDEX IF EXISTS {s}.outbox_published;"
+    )
+}
+
 pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
@@ -687,15 +744,21 @@ impl PostgresOutbox {
         }
         // Once set up, nothing is taken: the setup's DDL locks the outbox
         // tables, and against a running relay's marks that can deadlock.
-        let set_up: bool = tx
-            .query_one(
-                "SELECT to_regclass(quote_ident($1) || '.outbox_done') IS NOT NULL",
-                &[&schema],
-            )
-            .await?
-            .get(0);
-        if !set_up {
+        let set_up: (bool, bool) = {
+            let row = tx
+                .query_one(
+                    "SELECT to_regclass(quote_ident($1) || '.outbox_done') IS NOT NULL,
+                            to_regclass(quote_ident($1) || '.outbox_marks') IS NOT NULL",
+                    &[&schema],
+                )
+                .await?;
+            (row.get(0), row.get(1))
+        };
+        if !set_up.0 {
             tx.batch_execute(&postgres_tables(&s)).await?;
+        }
+        if !set_up.0 || !set_up.1 {
+            tx.batch_execute(&postgres_checkpoints(&s)).await?;
         }
         tx.commit().await?;
         // A mark lost in a crash republishes its records (which sinks
@@ -709,6 +772,9 @@ impl PostgresOutbox {
             lanes_sql: tokio::sync::OnceCell::new(),
             pending_sql: tokio::sync::OnceCell::new(),
             mark_sql: tokio::sync::OnceCell::new(),
+            streams_sql: tokio::sync::OnceCell::new(),
+            stream_ids: Mutex::default(),
+            templates: Mutex::default(),
             schema: s,
             connections: vec![connection, reader_connection],
         })
@@ -747,6 +813,74 @@ async fn prepared<'a>(
 ) -> Result<&'a tokio_postgres::Statement, tokio_postgres::Error> {
     cell.get_or_try_init(|| async { client.prepare(&sql()).await })
         .await
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, OutboxError> {
+    mutex
+        .lock()
+        .map_err(|_| OutboxError::Database("an outbox cache was poisoned".to_owned()))
+}
+
+/// Entries a cache holds before it starts over.
+const CACHE_LIMIT: usize = 100_000;
+
+impl PostgresOutbox {
+    /// Reads the ids of the streams in `rows` (column 1) not yet known.
+    async fn learn_streams(
+        &self,
+        client: &tokio_postgres::Client,
+        rows: &[tokio_postgres::Row],
+    ) -> Result<(), OutboxError> {
+        let unknown: Vec<i64> = {
+            let known = lock(&self.stream_ids)?;
+            let mut unknown: Vec<i64> = rows
+                .iter()
+                .map(|r| r.get::<_, i64>(1))
+                .filter(|no| !known.contains_key(no))
+                .collect();
+            unknown.sort_unstable();
+            unknown.dedup();
+            unknown
+        };
+        if unknown.is_empty() {
+            return Ok(());
+        }
+        let s = &self.schema;
+        let streams_sql = prepared(&self.streams_sql, client, || {
+            format!("SELECT stream_no, stream_id FROM {s}.streams WHERE stream_no = ANY($1)")
+        })
+        .await?;
+        let found = client.query(streams_sql, &[&unknown]).await?;
+        let mut known = lock(&self.stream_ids)?;
+        if known.len() + found.len() > CACHE_LIMIT {
+            known.clear();
+        }
+        for row in &found {
+            known.insert(row.get(0), row.get(1));
+        }
+        Ok(())
+    }
+
+    /// Reloads the publications when `rows` (column 3) name one not known.
+    async fn learn_templates(
+        &self,
+        client: &tokio_postgres::Client,
+        rows: &[tokio_postgres::Row],
+    ) -> Result<(), OutboxError> {
+        let complete = {
+            let known = lock(&self.templates)?;
+            rows.iter().all(|r| known.contains_key(&r.get::<_, i64>(3)))
+        };
+        if complete {
+            return Ok(());
+        }
+        let publications = Self::publications_in(client, &self.schema).await?;
+        let mut known = lock(&self.templates)?;
+        for publication in publications {
+            known.insert(publication.id, publication);
+        }
+        Ok(())
+    }
 }
 
 fn pg_positions(positions: &[u64]) -> Vec<i64> {
@@ -932,85 +1066,130 @@ impl OutboxDb for PostgresOutbox {
         relay: &str,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<Message>, OutboxError> {
+    ) -> Result<Vec<PendingRecord>, OutboxError> {
         let s = &self.schema;
         let client = self.reader.lock().await;
-        // The lanes as a list, not a join: with `= ANY` the planner walks
-        // the pending index in position order and stops at the limit.
         let lanes_sql = prepared(&self.lanes_sql, &client, || {
             format!(
-                "SELECT coalesce(array_agg(lane), '{{}}') FROM {s}.outbox_lanes
-                 WHERE holder = $1 AND expires_at >= now()"
+                "SELECT lane, upto FROM {s}.outbox_lanes WHERE holder = $1 AND expires_at >= now()"
             )
         })
         .await?;
-        let lanes: Vec<i32> = client.query_one(lanes_sql, &[&relay]).await?.get(0);
-        if lanes.is_empty() {
+        let held = client.query(lanes_sql, &[&relay]).await?;
+        // Each lane's records start above its checkpoint; lanes not held
+        // start nowhere.
+        let mut bounds = vec![i64::MAX; LANES as usize];
+        let mut lowest = i64::MAX;
+        for row in &held {
+            let (lane, upto): (i32, i64) = (row.get(0), row.get(1));
+            let bound = upto.max(after as i64);
+            if let Some(slot) = usize::try_from(lane).ok().and_then(|l| bounds.get_mut(l)) {
+                *slot = bound;
+                lowest = lowest.min(bound);
+            }
+        }
+        if lowest == i64::MAX {
             return Ok(Vec::new());
         }
         // The records first, then their events: joining before the LIMIT
         // would read every pending record's event.
         let pending_sql = prepared(&self.pending_sql, &client, || {
-                format!(
-                    "WITH picked AS MATERIALIZED (
-                         SELECT o.position, o.stream_no, o.publication FROM {s}.outbox o
-                         WHERE o.published_at IS NULL AND o.position > $3 AND o.lane = ANY($1)
-                         ORDER BY o.position LIMIT $2)
-                     SELECT o.position, st.stream_id, e.version, e.event_id, e.event_type, e.data::text,
-                            e.metadata::text, e.recorded_at, p.subject, p.key
-                     FROM picked o
-                     JOIN {s}.events e ON e.position = o.position
-                     JOIN {s}.streams st ON st.stream_no = o.stream_no
-                     LEFT JOIN {s}.outbox_publications p ON p.id = o.publication
-                     ORDER BY o.position"
-                )
-            })
-            .await?;
-        let rows = client
-            .query(pending_sql, &[&lanes, &(limit as i64), &(after as i64)])
-            .await?;
-        let mut messages = Vec::with_capacity(rows.len());
-        for row in &rows {
-            let (stream_id, event_type, data): (&str, &str, &str) =
-                (row.get(1), row.get(4), row.get(5));
-            let event = StoredEvent {
-                position: row.get::<_, i64>(0) as u64,
-                stream_id,
-                version: row.get::<_, i64>(2) as u64,
-                event_id: row.get(3),
-                event_type,
-                data,
-                metadata: row.get(6),
-                recorded_at: row.get(7),
-            };
-            messages.push(message_of(event, &templates(row.get(8), row.get(9)))?);
-        }
-        Ok(messages)
-    }
-
-    async fn mark_published(&self, relay: &str, positions: &[u64]) -> Result<u64, OutboxError> {
-        let s = &self.schema;
-        let client = self.client.lock().await;
-        // The held lanes as an array, computed once: as a join the planner
-        // may probe every position once per lane.
-        let mark_sql = prepared(&self.mark_sql, &client, || {
             format!(
-                "WITH done AS (
-                     DELETE FROM {s}.outbox
-                     WHERE position = ANY($1) AND published_at IS NULL
-                       AND lane = ANY(ARRAY(SELECT lane FROM {s}.outbox_lanes WHERE holder = $2))
-                     RETURNING position)
-                 INSERT INTO {s}.outbox_done (positions, published_at)
-                 SELECT array_agg(position ORDER BY position), now() FROM done
-                 HAVING count(*) > 0
-                 RETURNING cardinality(positions)::bigint"
+                "WITH picked AS MATERIALIZED (
+                     SELECT o.position, o.stream_no, o.lane, o.publication FROM {s}.outbox o
+                     WHERE o.position > $2 AND o.position > ($1::bigint[])[o.lane + 1]
+                     ORDER BY o.position LIMIT $3)
+                 SELECT o.position, o.stream_no, o.lane, o.publication, e.version, e.event_id,
+                        e.event_type, e.data::text, e.metadata::text, e.recorded_at
+                 FROM picked o JOIN {s}.events e ON e.position = o.position
+                 ORDER BY o.position"
             )
         })
         .await?;
-        let logged = client
-            .query_opt(mark_sql, &[&pg_positions(positions), &relay])
+        let rows = client
+            .query(pending_sql, &[&bounds, &lowest, &(limit as i64)])
             .await?;
-        Ok(logged.map_or(0, |row| row.get::<_, i64>(0) as u64))
+        self.learn_streams(&client, &rows).await?;
+        self.learn_templates(&client, &rows).await?;
+        let stream_ids = lock(&self.stream_ids)?;
+        let templates = lock(&self.templates)?;
+        let fallback = Publication::everything();
+        let mut records = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let stream_no: i64 = row.get(1);
+            let stream_id = stream_ids.get(&stream_no).ok_or_else(|| {
+                OutboxError::Database(format!("the outbox names an unknown stream {stream_no}"))
+            })?;
+            let (event_type, data): (&str, &str) = (row.get(6), row.get(7));
+            let event = StoredEvent {
+                position: row.get::<_, i64>(0) as u64,
+                stream_id,
+                version: row.get::<_, i64>(4) as u64,
+                event_id: row.get(5),
+                event_type,
+                data,
+                metadata: row.get(8),
+                recorded_at: row.get(9),
+            };
+            // A removed publication's records still go out, as the default
+            // publication would send them.
+            let publication = templates.get(&row.get::<_, i64>(3)).unwrap_or(&fallback);
+            records.push(PendingRecord {
+                lane: row.get::<_, i32>(2) as u32,
+                message: message_of(event, publication)?,
+            });
+        }
+        Ok(records)
+    }
+
+    async fn mark_published(&self, relay: &str, mark: &Mark) -> Result<u64, OutboxError> {
+        let s = &self.schema;
+        let client = self.client.lock().await;
+        // The checkpoints of the lanes still leased move up (a lane whose
+        // lease ran out mid-pump was left out of the later fetches, so the
+        // relay's checkpoint may pass records it never saw); acknowledged
+        // records above them, behind a record that failed, leave the
+        // outbox for the log.
+        let mark_sql = prepared(&self.mark_sql, &client, || {
+            format!(
+                "WITH held AS MATERIALIZED (
+                     UPDATE {s}.outbox_lanes SET upto = greatest(upto, coalesce(($3::bigint[])[lane + 1], 0))
+                     WHERE holder = $2 AND expires_at >= now()
+                     RETURNING lane, upto),
+                 acked AS MATERIALIZED (
+                     SELECT a.position, a.position <= h.upto AS covered
+                     FROM unnest($1::bigint[], $4::integer[]) a(position, lane)
+                     JOIN held h ON h.lane = a.lane),
+                 done AS (
+                     DELETE FROM {s}.outbox
+                     WHERE position = ANY(ARRAY(SELECT position FROM acked WHERE NOT covered))
+                     RETURNING position),
+                 logged AS (
+                     INSERT INTO {s}.outbox_done (positions, published_at)
+                     SELECT array_agg(position ORDER BY position), now() FROM done
+                     HAVING count(*) > 0),
+                 checkpointed AS (
+                     INSERT INTO {s}.outbox_marks (lanes, uptos, published_at)
+                     SELECT array_agg(lane ORDER BY lane), array_agg(upto ORDER BY lane), now() FROM held
+                     HAVING count(*) > 0)
+                 SELECT (SELECT count(*) FROM acked WHERE covered) + (SELECT count(*) FROM done)"
+            )
+        })
+        .await?;
+        let lanes: Vec<i32> = mark.lanes.iter().map(|&l| l as i32).collect();
+        let marked: i64 = client
+            .query_one(
+                mark_sql,
+                &[
+                    &pg_positions(&mark.positions),
+                    &relay,
+                    &pg_positions(&mark.upto),
+                    &lanes,
+                ],
+            )
+            .await?
+            .get(0);
+        Ok(marked as u64)
     }
 
     async fn record_failure(&self, positions: &[u64], error: &str) -> Result<(), OutboxError> {
@@ -1036,12 +1215,17 @@ impl OutboxDb for PostgresOutbox {
         let row = client
             .query_one(
                 &format!(
-                    "SELECT count(*), min(created_at), count(*) FILTER (WHERE attempts > 0),
-                            (SELECT coalesce(sum(cardinality(positions)), 0)::bigint FROM {s}.outbox_done),
-                            (SELECT last_error FROM {s}.outbox
-                             WHERE published_at IS NULL AND last_error IS NOT NULL
+                    "WITH pending AS (
+                         SELECT o.position, o.created_at, o.attempts, o.last_error
+                         FROM {s}.outbox_lanes l
+                         JOIN {s}.outbox o ON o.lane = l.lane AND o.position > l.upto)
+                     SELECT count(*), min(created_at), count(*) FILTER (WHERE attempts > 0),
+                            (SELECT coalesce(sum(cardinality(positions)), 0)::bigint FROM {s}.outbox_done)
+                            + (SELECT count(*) FROM {s}.outbox_lanes l
+                               JOIN {s}.outbox o ON o.lane = l.lane AND o.position <= l.upto),
+                            (SELECT last_error FROM pending WHERE last_error IS NOT NULL
                              ORDER BY position DESC LIMIT 1)
-                     FROM {s}.outbox WHERE published_at IS NULL"
+                     FROM pending"
                 ),
                 &[],
             )
@@ -1079,12 +1263,45 @@ impl OutboxDb for PostgresOutbox {
 
     async fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<u64, OutboxError> {
         let s = &self.schema;
-        // The oldest rows, until they hold `limit` records (at least one
-        // row, however many it holds).
-        Ok(self
-            .client
-            .lock()
-            .await
+        let client = self.client.lock().await;
+        // Records under a checkpoint that marks older than the cutoff had
+        // reached, lane by lane, with no order to sort: a batch stops at
+        // its limit.
+        let under_checkpoints: i64 = client
+            .query_one(
+                &format!(
+                    "WITH horizon AS MATERIALIZED (
+                         SELECT m.lane, max(m.upto) AS upto
+                         FROM {s}.outbox_marks, unnest(lanes, uptos) m(lane, upto)
+                         WHERE published_at < $1 GROUP BY m.lane),
+                     gone AS (
+                         DELETE FROM {s}.outbox WHERE position = ANY(ARRAY(
+                             SELECT o.position FROM horizon h
+                             JOIN {s}.outbox o ON o.lane = h.lane AND o.position <= h.upto
+                             LIMIT $2))
+                         RETURNING 1)
+                     SELECT count(*) FROM gone"
+                ),
+                &[&cutoff, &(limit as i64)],
+            )
+            .await?
+            .get(0);
+        let mut purged = under_checkpoints as u64;
+        if purged >= limit as u64 {
+            return Ok(purged);
+        }
+        // Nothing is left under those marks: they are done with.
+        client
+            .execute(
+                &format!("DELETE FROM {s}.outbox_marks WHERE published_at < $1"),
+                &[&cutoff],
+            )
+            .await?;
+        // Then the log of records published one by one: the oldest rows,
+        // until they hold the rest of the batch (at least one row,
+        // however many it holds).
+        let left = limit as i64 - purged as i64;
+        purged += client
             .query_one(
                 &format!(
                     "WITH gone AS (
@@ -1098,9 +1315,10 @@ impl OutboxDb for PostgresOutbox {
                          RETURNING cardinality(positions) AS records)
                      SELECT coalesce(sum(records), 0)::bigint FROM gone"
                 ),
-                &[&cutoff, &(limit as i64)],
+                &[&cutoff, &left],
             )
             .await?
-            .get::<_, i64>(0) as u64)
+            .get::<_, i64>(0) as u64;
+        Ok(purged)
     }
 }

@@ -22,7 +22,7 @@ mod publication;
 mod relay;
 mod sink;
 
-pub use db::{OutboxDb, OutboxStatus, PostgresOutbox, SqliteOutbox};
+pub use db::{Mark, OutboxDb, OutboxStatus, PendingRecord, PostgresOutbox, SqliteOutbox};
 pub use message::Message;
 pub use nats::{NatsSink, NatsSinkConfig};
 pub use publication::{Publication, DEFAULT_KEY, DEFAULT_SUBJECT};

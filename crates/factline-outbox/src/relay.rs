@@ -2,7 +2,7 @@
 //! holds, in per-stream order, and marks them published once the sink
 //! acknowledged them.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::{Message, OutboxDb, OutboxError, Sink, SinkError};
+use crate::{Mark, Message, OutboxDb, OutboxError, PendingRecord, Sink, SinkError, LANES};
 
 /// How a relay works; the defaults suit most deployments.
 #[derive(Clone, Debug)]
@@ -146,7 +146,7 @@ const MARKS_IN_FLIGHT: usize = 4;
 struct Flow {
     /// The last position fetched: the next fetch starts after it.
     after: u64,
-    fetching: Option<Task<Vec<Message>>>,
+    fetching: Option<Task<Vec<PendingRecord>>>,
     /// Fetched and not yet sent, in position order.
     queued: VecDeque<Message>,
     waves: VecDeque<Wave>,
@@ -155,13 +155,43 @@ struct Flow {
     /// Streams whose record failed: nothing more of theirs goes out until
     /// the next pump starts again from the oldest pending record.
     blocked: HashSet<String>,
-    /// Acknowledged, not yet being marked.
-    acked: Vec<u64>,
+    /// Fetched and not acknowledged (queued, out, failed), with its lane:
+    /// the lowest of a lane bounds the lane's checkpoint.
+    outstanding: BTreeMap<u64, u32>,
+    /// Acknowledged, not yet being marked, with their lanes.
+    acked: Vec<(u64, u32)>,
     /// Marks in flight, oldest first.
     marking: VecDeque<Task<u64>>,
 }
 
 impl Flow {
+    /// What marking `acked` tells the database: per lane, the position up
+    /// to which every record of the lane is acknowledged. The fetches of a
+    /// pump cover every pending record of its lanes up to `after`, so
+    /// that is the checkpoint of a lane with nothing outstanding.
+    fn mark(&self, acked: Vec<(u64, u32)>) -> Mark {
+        let lanes = LANES as usize;
+        let mut upto = vec![self.after; lanes];
+        let mut bounded = vec![false; lanes];
+        let mut left = lanes;
+        for (&position, &lane) in &self.outstanding {
+            if let Some(seen) = bounded.get_mut(lane as usize).filter(|seen| !**seen) {
+                *seen = true;
+                upto[lane as usize] = self.after.min(position.saturating_sub(1));
+                left -= 1;
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        let (positions, lanes) = acked.into_iter().unzip();
+        Mark {
+            positions,
+            lanes,
+            upto,
+        }
+    }
+
     /// The next wave: the oldest queued record of each stream that has
     /// nothing out, at most `limit` of them.
     fn next_wave(&mut self, limit: usize) -> Vec<Message> {
@@ -360,11 +390,16 @@ impl Relay {
                     short = fetched.len() < batch;
                     done_fetching = fetched.is_empty() || until.once;
                     if let Some(last) = fetched.last() {
-                        flow.after = last.position;
+                        flow.after = last.message.position;
                     }
-                    let blocked = &flow.blocked;
-                    flow.queued
-                        .extend(fetched.into_iter().filter(|m| !blocked.contains(&m.stream_id)));
+                    // A blocked stream's records stay outstanding behind
+                    // the one that failed.
+                    for record in fetched {
+                        if !flow.blocked.contains(&record.message.stream_id) {
+                            flow.outstanding.insert(record.message.position, record.lane);
+                            flow.queued.push_back(record.message);
+                        }
+                    }
                 }
                 answered = async { flow.waves.front_mut().expect("checked").await },
                     if !flow.waves.is_empty() => {
@@ -393,7 +428,11 @@ impl Relay {
         for (message, result) in wave.into_iter().zip(results) {
             flow.busy.remove(&message.stream_id);
             match result {
-                Ok(()) => flow.acked.push(message.position),
+                Ok(()) => {
+                    if let Some(lane) = flow.outstanding.remove(&message.position) {
+                        flow.acked.push((message.position, lane));
+                    }
+                }
                 Err(e) => {
                     failed.push(message.position);
                     error.get_or_insert(e.0);
@@ -419,7 +458,7 @@ impl Relay {
     async fn start_mark(
         &self,
         flow: &mut Flow,
-        acked: Vec<u64>,
+        acked: Vec<(u64, u32)>,
         round: &mut Round,
     ) -> Result<(), OutboxError> {
         if flow.marking.len() >= MARKS_IN_FLIGHT {
@@ -427,9 +466,13 @@ impl Relay {
                 round.published += self.marked(oldest).await?;
             }
         }
-        let (db, relay) = (self.db.clone(), self.config.relay_id.clone());
+        let (db, relay, mark) = (
+            self.db.clone(),
+            self.config.relay_id.clone(),
+            flow.mark(acked),
+        );
         flow.marking.push_back(tokio::spawn(async move {
-            db.mark_published(&relay, &acked).await
+            db.mark_published(&relay, &mark).await
         }));
         Ok(())
     }

@@ -132,10 +132,10 @@ pub async fn run(args: OutboxBench, location: &Location) -> anyhow::Result<()> {
             .pending(&relay.config().relay_id, 0, args.events as usize)
             .await?
             .into_iter()
-            .map(|m| Message {
+            .map(|record| Message {
                 event_id: uuid::Uuid::now_v7(),
                 subject: BASELINE_SUBJECT.to_owned(),
-                ..m
+                ..record.message
             })
             .collect();
         anyhow::ensure!(
