@@ -1092,17 +1092,30 @@ impl OutboxDb for PostgresOutbox {
             return Ok(Vec::new());
         }
         // The records first, then their events: joining before the LIMIT
-        // would read every pending record's event.
+        // would read every pending record's event. When the records are
+        // dense among the events (most events published), one scan of the
+        // events' key over the records' span reads a few pages where a
+        // lookup per record descends the index every time; sparse records
+        // are looked up one by one.
         let pending_sql = prepared(&self.pending_sql, &client, || {
+            let columns = "o.position, o.stream_no, o.lane, o.publication, e.version, e.event_id,
+                           e.event_type, e.data::text, e.metadata::text, e.recorded_at";
             format!(
                 "WITH picked AS MATERIALIZED (
                      SELECT o.position, o.stream_no, o.lane, o.publication FROM {s}.outbox o
                      WHERE o.position > $2 AND o.position > ($1::bigint[])[o.lane + 1]
-                     ORDER BY o.position LIMIT $3)
-                 SELECT o.position, o.stream_no, o.lane, o.publication, e.version, e.event_id,
-                        e.event_type, e.data::text, e.metadata::text, e.recorded_at
-                 FROM picked o JOIN {s}.events e ON e.position = o.position
-                 ORDER BY o.position"
+                     ORDER BY o.position LIMIT $3),
+                 span AS MATERIALIZED (
+                     SELECT min(position) AS low, max(position) AS high,
+                            max(position) - min(position) < 4 * count(*) AS dense
+                     FROM picked)
+                 SELECT {columns} FROM picked o JOIN {s}.events e ON e.position = o.position
+                 WHERE (SELECT dense FROM span)
+                   AND e.position >= (SELECT low FROM span) AND e.position <= (SELECT high FROM span)
+                 UNION ALL
+                 SELECT {columns} FROM picked o JOIN {s}.events e ON e.position = o.position
+                 WHERE NOT (SELECT dense FROM span)
+                 ORDER BY 1"
             )
         })
         .await?;
@@ -1144,12 +1157,25 @@ impl OutboxDb for PostgresOutbox {
 
     async fn mark_published(&self, relay: &str, mark: &Mark) -> Result<u64, OutboxError> {
         let s = &self.schema;
+        // Records at or below their lane's new checkpoint need no row of
+        // their own: only their number, per lane, is kept here, and only
+        // the others (behind a record that failed) go to the database.
+        let mut covered = vec![0u64; LANES as usize];
+        let (mut above, mut above_lanes): (Vec<i64>, Vec<i32>) = (Vec::new(), Vec::new());
+        for (&position, &lane) in mark.positions.iter().zip(&mark.lanes) {
+            match (mark.upto.get(lane as usize), covered.get_mut(lane as usize)) {
+                (Some(&upto), Some(count)) if position <= upto => *count += 1,
+                _ => {
+                    above.push(position as i64);
+                    above_lanes.push(lane as i32);
+                }
+            }
+        }
         let client = self.client.lock().await;
         // The checkpoints of the lanes still leased move up (a lane whose
         // lease ran out mid-pump was left out of the later fetches, so the
         // relay's checkpoint may pass records it never saw); acknowledged
-        // records above them, behind a record that failed, leave the
-        // outbox for the log.
+        // records above them leave the outbox for the log.
         let mark_sql = prepared(&self.mark_sql, &client, || {
             format!(
                 "WITH held AS MATERIALIZED (
@@ -1172,24 +1198,23 @@ impl OutboxDb for PostgresOutbox {
                      INSERT INTO {s}.outbox_marks (lanes, uptos, published_at)
                      SELECT array_agg(lane ORDER BY lane), array_agg(upto ORDER BY lane), now() FROM held
                      HAVING count(*) > 0)
-                 SELECT (SELECT count(*) FROM acked WHERE covered) + (SELECT count(*) FROM done)"
+                 SELECT ARRAY(SELECT lane FROM held),
+                        (SELECT count(*) FROM acked WHERE covered) + (SELECT count(*) FROM done)"
             )
         })
         .await?;
-        let lanes: Vec<i32> = mark.lanes.iter().map(|&l| l as i32).collect();
-        let marked: i64 = client
+        let row = client
             .query_one(
                 mark_sql,
-                &[
-                    &pg_positions(&mark.positions),
-                    &relay,
-                    &pg_positions(&mark.upto),
-                    &lanes,
-                ],
+                &[&above, &relay, &pg_positions(&mark.upto), &above_lanes],
             )
-            .await?
-            .get(0);
-        Ok(marked as u64)
+            .await?;
+        let (held, marked_above): (Vec<i32>, i64) = (row.get(0), row.get(1));
+        let marked_below: u64 = held
+            .iter()
+            .filter_map(|&lane| covered.get(usize::try_from(lane).ok()?))
+            .sum();
+        Ok(marked_below + marked_above as u64)
     }
 
     async fn record_failure(&self, positions: &[u64], error: &str) -> Result<(), OutboxError> {

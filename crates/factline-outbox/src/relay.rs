@@ -195,12 +195,26 @@ impl Flow {
     /// The next wave: the oldest queued record of each stream that has
     /// nothing out, at most `limit` of them.
     fn next_wave(&mut self, limit: usize) -> Vec<Message> {
-        let mut passed: HashSet<String> = HashSet::new();
+        // Chosen first over borrowed ids, so only the records sent have
+        // their stream id copied (into `busy`).
+        let chosen: Vec<bool> = {
+            let mut passed: HashSet<&str> = HashSet::with_capacity(self.queued.len());
+            let mut taken = 0;
+            self.queued
+                .iter()
+                .map(|record| {
+                    let first_of_stream = passed.insert(&record.stream_id);
+                    let take =
+                        first_of_stream && taken < limit && !self.busy.contains(&record.stream_id);
+                    taken += usize::from(take);
+                    take
+                })
+                .collect()
+        };
         let mut wave = Vec::new();
         let mut rest = VecDeque::with_capacity(self.queued.len());
-        for record in self.queued.drain(..) {
-            let first_of_stream = passed.insert(record.stream_id.clone());
-            if first_of_stream && wave.len() < limit && !self.busy.contains(&record.stream_id) {
+        for (record, take) in self.queued.drain(..).zip(chosen) {
+            if take {
                 self.busy.insert(record.stream_id.clone());
                 wave.push(record);
             } else {

@@ -151,6 +151,33 @@ pub async fn drop_schema(url: &str, schema: &str) -> Result<(), StoreError> {
         .map_err(|e| pg_error("dropping a schema", e))
 }
 
+/// Vacuums and analyzes every table of `schema`, so that a measurement
+/// after a bulk load does not share the machine with the autovacuum that
+/// the load set off (nor run on the planner's estimates from before it).
+pub async fn vacuum_schema(url: &str, schema: &str) -> Result<(), StoreError> {
+    validate_schema_name(schema)?;
+    let client = connect(url).await?;
+    let tables = client
+        .query(
+            "SELECT tablename FROM pg_tables WHERE schemaname = $1 ORDER BY tablename",
+            &[&schema],
+        )
+        .await
+        .map_err(|e| pg_error("listing a schema's tables", e))?;
+    for table in tables {
+        let table: String = table.get(0);
+        client
+            .batch_execute(&format!(
+                "VACUUM (ANALYZE) {}.{}",
+                quote_ident(schema),
+                quote_ident(&table)
+            ))
+            .await
+            .map_err(|e| pg_error("vacuuming", e))?;
+    }
+    Ok(())
+}
+
 /// Runs a CHECKPOINT so that a measurement does not pay for the previous
 /// one's dirty pages and full-page writes. Best effort: without the right
 /// (superuser or `pg_checkpoint`) it does nothing and says so.
