@@ -766,6 +766,12 @@ impl PostgresOutbox {
         // commit of this connection needs to wait for the disk.
         client.batch_execute("SET synchronous_commit = off").await?;
         let (reader, reader_connection) = pg_connect(url).await?;
+        // The reader's statements are prepared once and their best plans do
+        // not depend on the values bound: planning the fetch afresh on every
+        // call (PostgreSQL's custom plans) cost a third of its execution.
+        reader
+            .batch_execute("SET plan_cache_mode = force_generic_plan")
+            .await?;
         Ok(PostgresOutbox {
             client: tokio::sync::Mutex::new(client),
             reader: tokio::sync::Mutex::new(reader),
@@ -1096,7 +1102,9 @@ impl OutboxDb for PostgresOutbox {
         // dense among the events (most events published), one scan of the
         // events' key over the records' span reads a few pages where a
         // lookup per record descends the index every time; sparse records
-        // are looked up one by one.
+        // are looked up one by one. The rows come back unsorted: a sort
+        // here costs the server as much as the rest of the fetch, and the
+        // relay's is a linear check of rows that are almost always in order.
         let pending_sql = prepared(&self.pending_sql, &client, || {
             let columns = "o.position, o.stream_no, o.lane, o.publication, e.version, e.event_id,
                            e.event_type, e.data::text, e.metadata::text, e.recorded_at";
@@ -1114,8 +1122,7 @@ impl OutboxDb for PostgresOutbox {
                    AND e.position >= (SELECT low FROM span) AND e.position <= (SELECT high FROM span)
                  UNION ALL
                  SELECT {columns} FROM picked o JOIN {s}.events e ON e.position = o.position
-                 WHERE NOT (SELECT dense FROM span)
-                 ORDER BY 1"
+                 WHERE NOT (SELECT dense FROM span)"
             )
         })
         .await?;
@@ -1152,6 +1159,7 @@ impl OutboxDb for PostgresOutbox {
                 message: message_of(event, publication)?,
             });
         }
+        records.sort_by_key(|record| record.message.position);
         Ok(records)
     }
 
