@@ -1494,3 +1494,38 @@ fn the_server_holds_up_under_load() {
     assert_eq!(report["events"], report["requests"], "{report}");
     eprintln!("{report}");
 }
+
+/// `factline bench outbox` on a small load: the last line is its JSON
+/// report, every relayed and every live event was counted, and the ratio is
+/// the median of the rounds' paired ratios.
+#[test]
+fn the_outbox_bench_reports_paired_ratios_and_latency() {
+    let out = factline("memory:")
+        .args(["bench", "outbox", "--backend", "sqlite", "--events", "3000"])
+        .args(["--rounds", "3", "--rate", "500", "--seconds", "2"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["bench"], "outbox", "{report}");
+    assert_eq!(report["events"], 3000, "{report}");
+    assert_eq!(report["samples"], 1000, "{report}");
+    let mut ratios: Vec<f64> = report["round_ratios"]
+        .as_array()
+        .expect("round_ratios is an array")
+        .iter()
+        .map(|r| r.as_f64().expect("a ratio is a number"))
+        .collect();
+    assert_eq!(ratios.len(), 3, "{report}");
+    assert!(ratios.iter().all(|&r| r > 0.0), "{report}");
+    ratios.sort_by(f64::total_cmp);
+    assert_eq!(report["ratio"].as_f64(), Some(ratios[1]), "{report}");
+    let (p50, p99) = (report["p50_ms"].as_f64(), report["p99_ms"].as_f64());
+    assert!(p50 > Some(0.0) && p50 <= p99, "{report}");
+    assert!(report["events_per_s"].as_f64() > Some(0.0), "{report}");
+    assert!(
+        report["baseline_events_per_s"].as_f64() > Some(0.0),
+        "{report}"
+    );
+}
