@@ -164,6 +164,19 @@ fn quick(relay_id: &str) -> RelayConfig {
 }
 
 /// Runs rounds until a round finds nothing pending.
+/// A relay that purges every published record, `batch` at a time.
+fn purger(db: &Arc<dyn OutboxDb>, batch: usize) -> Relay {
+    Relay::new(
+        db.clone(),
+        Arc::new(Collecting::default()),
+        RelayConfig {
+            retention: Duration::ZERO,
+            purge_batch: batch,
+            ..quick("r2")
+        },
+    )
+}
+
 async fn drain(relay: &Relay) {
     relay.heartbeat().await.unwrap();
     for _ in 0..10_000 {
@@ -280,15 +293,7 @@ async fn captured_in_the_append_transaction(store: Arc<dyn EventStore>, db: Arc<
     )
     .await
     .unwrap();
-    let purger = Relay::new(
-        db.clone(),
-        Arc::new(Collecting::default()),
-        RelayConfig {
-            retention: Duration::ZERO,
-            purge_batch: 2,
-            ..quick("r2")
-        },
-    );
+    let purger = purger(&db, 2);
     assert_eq!(purger.purge().await.unwrap(), 3);
     let status = db.status().await.unwrap();
     assert_eq!((status.backlog, status.published_retained), (1, 0));
@@ -330,15 +335,7 @@ async fn order_holds_while_a_sink_fails(store: Arc<dyn EventStore>, db: Arc<dyn 
     // checkpoint are all counted once, and retention removes them all.
     let status = db.status().await.unwrap();
     assert_eq!((status.backlog, status.published_retained), (0, published));
-    let purger = Relay::new(
-        db.clone(),
-        Arc::new(Collecting::default()),
-        RelayConfig {
-            retention: Duration::ZERO,
-            purge_batch: 7,
-            ..quick("r2")
-        },
-    );
+    let purger = purger(&db, 7);
     assert_eq!(purger.purge().await.unwrap(), published);
     let status = db.status().await.unwrap();
     assert_eq!((status.backlog, status.published_retained), (0, 0));
