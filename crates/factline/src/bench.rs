@@ -446,9 +446,16 @@ async fn drive_appends(
     })
 }
 
+/// The middle value, or the mean of the two middle ones (an even count of
+/// rounds that alternate their order would otherwise favour one order).
 pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
+    let middle = values.len() / 2;
+    if values.len() % 2 == 0 && middle > 0 {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    }
 }
 
 pub(crate) fn round(x: f64) -> f64 {
@@ -612,4 +619,16 @@ async fn latency(args: LatencyBench, location: &Location) -> anyhow::Result<()> 
     );
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert_eq!(median(&mut [5.0]), 5.0);
+        assert_eq!(median(&mut [3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&mut [4.0, 1.0, 3.0, 2.0]), 2.5);
+    }
 }

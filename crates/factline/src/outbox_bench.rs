@@ -32,9 +32,10 @@ pub struct OutboxBench {
     /// Records the relay publishes per round.
     #[arg(long, default_value_t = 50_000)]
     events: u64,
-    /// Rounds of relay and baseline, alternating which goes first; the
-    /// median of the rounds' ratios (and of their rates) is reported.
-    #[arg(long, default_value_t = 5)]
+    /// Rounds of relay and baseline, alternating which goes first (an even
+    /// number weighs both orders alike); the median of the rounds' ratios
+    /// (and of their rates) is reported.
+    #[arg(long, default_value_t = 6)]
     rounds: usize,
     /// Events per second appended while the latency is measured.
     #[arg(long, default_value_t = 5_000)]
