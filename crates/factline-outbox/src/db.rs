@@ -1104,7 +1104,7 @@ impl OutboxDb for PostgresOutbox {
         // lookup per record descends the index every time; sparse records
         // are looked up one by one. The rows come back unsorted: a sort
         // here costs the server as much as the rest of the fetch, and the
-        // relay's is a linear check of rows that are almost always in order.
+        // sort below is a linear check of rows that are almost always in order.
         let pending_sql = prepared(&self.pending_sql, &client, || {
             let columns = "o.position, o.stream_no, o.lane, o.publication, e.version, e.event_id,
                            e.event_type, e.data::text, e.metadata::text, e.recorded_at";

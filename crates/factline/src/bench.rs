@@ -299,7 +299,7 @@ async fn append(args: AppendBench, location: &Location) -> anyhow::Result<()> {
         bench: "append",
         events_per_s: round(rate),
         baseline_events_per_s: round(base_rate),
-        ratio: (rate / base_rate * 1000.0).round() / 1000.0,
+        ratio: thousandths(rate / base_rate),
         p50_ms: p50,
         p99_ms: p99,
         backend,
@@ -460,6 +460,10 @@ pub(crate) fn median(values: &mut [f64]) -> f64 {
 
 pub(crate) fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
+}
+
+pub(crate) fn thousandths(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
 }
 
 pub(crate) fn percentile_ms(sorted: &[Duration], q: f64) -> f64 {

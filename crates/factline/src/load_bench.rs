@@ -10,7 +10,7 @@ use factline::{JsonText, Location};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::bench::{median, postgres_url, round, Backend, BENCH_SCHEMA};
+use crate::bench::{median, postgres_url, round, thousandths, Backend, BENCH_SCHEMA};
 use crate::usage;
 
 #[derive(Args, Debug)]
@@ -198,8 +198,8 @@ pub async fn run(args: LoadBench, location: &Location) -> anyhow::Result<()> {
         events: args.events,
         snapshot_every: args.snapshot_every,
         events_after_snapshot: after_snapshot,
-        without_snapshots_ms: (without_ms * 1000.0).round() / 1000.0,
-        with_snapshots_ms: (with_ms * 1000.0).round() / 1000.0,
+        without_snapshots_ms: thousandths(without_ms),
+        with_snapshots_ms: thousandths(with_ms),
         ratio: round(without_ms / with_ms),
         rounds: args.rounds,
     };

@@ -20,7 +20,8 @@ use factline_outbox::{
 use futures_util::StreamExt;
 
 use crate::bench::{
-    fresh_postgres_store, median, percentile_ms, postgres_url, round, Backend, BENCH_SCHEMA,
+    fresh_postgres_store, median, percentile_ms, postgres_url, round, thousandths, Backend,
+    BENCH_SCHEMA,
 };
 use crate::usage;
 
@@ -221,10 +222,6 @@ pub async fn run(args: OutboxBench, location: &Location) -> anyhow::Result<()> {
     };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
-}
-
-fn thousandths(x: f64) -> f64 {
-    (x * 1000.0).round() / 1000.0
 }
 
 /// After a load, lets the database catch up before anything is timed: on

@@ -14,7 +14,8 @@ use factline_orders::read_models::{OrderList, RevenueByRegionDay};
 use factline_projections::{Portable, PostgresSink, Runner, Sink, SqliteSink};
 
 use crate::bench::{
-    fresh_postgres_store, median, percentile_ms, postgres_url, round, Backend, BENCH_SCHEMA,
+    fresh_postgres_store, median, percentile_ms, postgres_url, round, thousandths, Backend,
+    BENCH_SCHEMA,
 };
 use crate::usage;
 
@@ -156,7 +157,7 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
         events: head,
         events_per_s: round(rate),
         baseline_events_per_s: round(base),
-        ratio: (rate / base * 1000.0).round() / 1000.0,
+        ratio: thousandths(rate / base),
         p50_ms: p50,
         p99_ms: p99,
         rounds: args.rounds,
