@@ -92,7 +92,10 @@ fn assert_round_trips<E: DomainEvent + PartialEq + Debug>(event: &E) {
     let (event_type, data) = event
         .encode()
         .unwrap_or_else(|e| panic!("{event:?} cannot be encoded: {e}"));
-    let decoded = E::decode(&event_type, &data.to_value()).unwrap_or_else(|e| {
+    let value = data
+        .to_value()
+        .unwrap_or_else(|e| panic!("{event:?} stored as {event_type} {data} is not readable: {e}"));
+    let decoded = E::decode(&event_type, &value).unwrap_or_else(|e| {
         panic!("{event:?} stored as {event_type} {data} cannot be decoded: {e}")
     });
     assert_eq!(

@@ -81,10 +81,19 @@ pub fn validate_append(
 }
 
 /// Checks one event and serialises its metadata; its data is JSON text
-/// already.
+/// already. Metadata is typed, so what serialises from it reads back.
 fn encode_event(event: &EventData, limits: &Limits) -> Result<EncodedEvent, StoreError> {
     validate_event_type(&event.event_type)?;
     let data = event.data.as_str();
+    // Syntax alone is not enough: every reader parses the data, so what
+    // it cannot parse must not be stored.
+    crate::check_readable(data).map_err(|e| {
+        StoreError::invalid_input(format!(
+            "event {} data cannot be read back as JSON: {e} (numbers must fit a 64-bit float, \
+             nesting stay under 128 levels, and \\u escapes pair surrogates)",
+            event.event_id
+        ))
+    })?;
     let metadata = if event.metadata == Metadata::default() {
         None
     } else {

@@ -172,7 +172,12 @@ pub trait DomainEvent: Sized + Send + Sync + 'static {
     /// stored in, then decoded. Every typed read goes through here.
     fn from_recorded(event: &RecordedEvent) -> Result<Self, DecodeError> {
         let stored = event.metadata.schema_version;
-        let data = Self::upcasters().upcast(&event.event_type, stored, &event.data)?;
+        let value = event.data.to_value().map_err(|source| DecodeError::Json {
+            event_type: event.event_type.clone(),
+            schema_version: stored,
+            source,
+        })?;
+        let data = Self::upcasters().upcast(&event.event_type, stored, &value)?;
         Self::decode(&event.event_type, &data).map_err(|source| DecodeError::Json {
             event_type: event.event_type.clone(),
             schema_version: Self::upcasters().current_version(&event.event_type),

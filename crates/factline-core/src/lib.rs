@@ -13,6 +13,7 @@ mod command;
 mod domain;
 mod error;
 mod event;
+mod json;
 pub mod memory;
 mod store;
 mod stream_id;
@@ -26,7 +27,8 @@ pub use command::{
 };
 pub use domain::{tagged, DecodeError, DomainEvent, UpcastError, UpcastStep, Upcasters};
 pub use error::{IdempotencyMismatch, StorageError, StoreError};
-pub use event::{new_event_id, EventData, JsonText, Metadata, RecordedEvent};
+pub use event::{new_event_id, EventData, Metadata, RecordedEvent};
+pub use json::{check_readable, JsonText};
 pub use memory::InMemoryStore;
 pub use store::{Direction, EventStore, ReadStream, StreamFilter};
 pub use stream_id::{category_of, check_category, InvalidCategory, InvalidStreamId, StreamId};

@@ -165,7 +165,9 @@ impl EventStore for InMemoryStore {
                 stream_id: stream_id.clone(),
                 version,
                 snapshot_version,
-                data: data.to_value(),
+                data: data.to_value().map_err(|e| {
+                    StoreError::invalid_input(format!("the snapshot of {stream_id}: {e}"))
+                })?,
                 recorded_at: Utc::now(),
             },
         );
@@ -293,7 +295,7 @@ impl State {
                 position: index as u64 + 1,
                 event_id: event.event_id,
                 event_type: event.event_type,
-                data: event.data.to_value(),
+                data: event.data,
                 metadata: event.metadata,
                 recorded_at,
             });

@@ -134,7 +134,7 @@ mod tests {
         assert_eq!(event.position, 9);
         assert_eq!(event.version, 2);
         assert_eq!(event.recorded_at, recorded_at);
-        assert_eq!(event.data["amount_cents"], 5);
+        assert_eq!(event.data.to_value().unwrap()["amount_cents"], 5);
         assert_eq!(event.metadata.headers["a"], "b");
 
         let plain = StoredEvent {

@@ -312,7 +312,7 @@ fn decode_event(row: &Row) -> Result<RecordedEvent, StoreError> {
         position,
         event_id: row.get(3),
         event_type: row.get(4),
-        data: serde_json::from_str(data).map_err(|e| corrupt(format!("data: {e}")))?,
+        data: JsonText::parse(data).map_err(|e| corrupt(format!("data: {e}")))?,
         metadata: match metadata {
             None => Metadata::default(),
             Some(text) => {

@@ -30,7 +30,10 @@ fn append_of(writer: u64, k: u64) -> Vec<EventData> {
 }
 
 fn tag(e: &RecordedEvent) -> String {
-    e.data["tag"].as_str().unwrap().to_string()
+    e.data.to_value().unwrap()["tag"]
+        .as_str()
+        .unwrap()
+        .to_string()
 }
 
 struct WriterLog {
@@ -91,7 +94,7 @@ async fn server_crash_and_restart_under_load() {
                 for e in &page {
                     *counts.entry(tag(e)).or_default() += 1;
                 }
-                for e in page.iter().filter(|e| e.data["i"] == 0) {
+                for e in page.iter().filter(|e| e.data.to_value().unwrap()["i"] == 0) {
                     assert_eq!(
                         counts[&tag(e)],
                         EVENTS_PER_APPEND,

@@ -162,7 +162,9 @@ fn sixteen_writers_in_three_processes_and_a_subscriber_agree_on_all() {
         // Every writer's events are all there.
         let mut per_writer: HashMap<u64, u64> = HashMap::new();
         for e in &all {
-            *per_writer.entry(e.data["w"].as_u64().unwrap()).or_insert(0) += 1;
+            *per_writer
+                .entry(e.data.to_value().unwrap()["w"].as_u64().unwrap())
+                .or_insert(0) += 1;
         }
         assert_eq!(per_writer.len(), WRITERS as usize);
         assert!(per_writer.values().all(|&n| n == PER_WRITER));

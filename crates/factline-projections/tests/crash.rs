@@ -51,7 +51,10 @@ impl SqliteProjection for Sums {
                  ON CONFLICT (event_type) DO UPDATE SET total = total + excluded.total, n = n + 1",
                 tables.get("sums")
             ),
-            rusqlite::params![e.event_type, e.data["k"].as_i64().unwrap_or(0)],
+            rusqlite::params![
+                e.event_type,
+                e.data.to_value().unwrap()["k"].as_i64().unwrap_or(0)
+            ],
         )?;
         Ok(())
     }
@@ -88,7 +91,7 @@ impl PostgresProjection for Sums {
                  ON CONFLICT (event_type) DO UPDATE SET total = s.total + excluded.total, n = s.n + 1",
                 tables.get("sums")
             ),
-            &[&e.event_type, &e.data["k"].as_i64().unwrap_or(0)],
+            &[&e.event_type, &e.data.to_value().unwrap()["k"].as_i64().unwrap_or(0)],
         )
         .await?;
         Ok(())

@@ -40,7 +40,8 @@ impl SqliteProjection for UserNames {
         if event.event_type != "UserRegistered" {
             return Ok(());
         }
-        let name = event.data["name"].as_str().unwrap_or_default();
+        let data = event.data.to_value().unwrap();
+        let name = data["name"].as_str().unwrap_or_default();
         let inserted = tx.execute(
             &format!(
                 "INSERT INTO {} (name, stream_id) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
@@ -240,7 +241,10 @@ impl SqlProjection for UserNamesSql {
         if event.event_type != "UserRegistered" {
             return Ok(Vec::new());
         }
-        let name = event.data["name"].as_str().unwrap_or_default().to_owned();
+        let name = event.data.to_value().unwrap()["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         Ok(vec![Statement::new(
             format!(
                 "INSERT INTO {} (name, stream_id) VALUES ($1, $2)",

@@ -14,20 +14,22 @@ pub struct SseMessage {
 /// are chunked; comment lines (heartbeats) are counted.
 #[derive(Default)]
 pub struct SseParser {
-    pending: String,
+    /// Bytes, not text: a chunk may end inside a multi-byte character.
+    pending: Vec<u8>,
     /// Comment lines seen so far.
     pub comments: usize,
 }
 
 impl SseParser {
     pub fn push(&mut self, chunk: &[u8]) {
-        self.pending.push_str(&String::from_utf8_lossy(chunk));
+        self.pending.extend_from_slice(chunk);
     }
 
     /// The next complete message, if one has arrived.
     pub fn next_message(&mut self) -> Option<SseMessage> {
-        while let Some(end) = self.pending.find("\n\n") {
-            let block: String = self.pending.drain(..end + 2).collect();
+        while let Some(end) = self.pending.windows(2).position(|w| w == b"\n\n") {
+            let block: Vec<u8> = self.pending.drain(..end + 2).collect();
+            let block = String::from_utf8_lossy(&block);
             let mut message = SseMessage::default();
             let mut has_field = false;
             for line in block.lines().filter(|l| !l.is_empty()) {
@@ -64,7 +66,9 @@ mod tests {
 
     #[test]
     fn messages_are_whole_however_the_bytes_are_split() {
-        let stream = b":heartbeat\n\nid: 1\ndata: {\"a\":1}\n\nevent: error\ndata: x\ndata: y\n\n";
+        let stream =
+            ":heartbeat\n\nid: 1\ndata: {\"a\":\"é😀\"}\n\nevent: error\ndata: x\ndata: y\n\n"
+                .as_bytes();
         for split in 1..stream.len() {
             let mut parser = SseParser::default();
             let mut got = Vec::new();
@@ -81,7 +85,7 @@ mod tests {
                     SseMessage {
                         id: Some("1".into()),
                         event: None,
-                        data: "{\"a\":1}".into()
+                        data: "{\"a\":\"é😀\"}".into()
                     },
                     SseMessage {
                         id: None,

@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use chrono::DateTime;
 use factline_core::{
-    Direction, Metadata, ReadStream, RecordedEvent, StorageError, StoreError, StreamFilter,
-    StreamId,
+    Direction, JsonText, Metadata, ReadStream, RecordedEvent, StorageError, StoreError,
+    StreamFilter, StreamId,
 };
 use rusqlite::{params, Connection, Row};
 use uuid::Uuid;
@@ -200,7 +200,7 @@ impl RawEvent {
             position: self.position as u64,
             event_id: Uuid::from_slice(&self.event_id).map_err(|_| corrupt("event id"))?,
             event_type: self.event_type,
-            data: serde_json::from_str(&self.data).map_err(|_| corrupt("data"))?,
+            data: JsonText::parse(self.data).map_err(|_| corrupt("data"))?,
             metadata: match self.metadata {
                 Some(text) => serde_json::from_str(&text).map_err(|_| corrupt("metadata"))?,
                 None => Metadata::default(),

@@ -151,7 +151,9 @@ fn sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one() {
             );
             assert_eq!(events[0].position, ack["first_position"].as_u64().unwrap());
             assert!(
-                events.iter().all(|e| e.data["append"] == ack["tag"]),
+                events
+                    .iter()
+                    .all(|e| e.data.to_value().unwrap()["append"] == ack["tag"]),
                 "append {ack} was overwritten"
             );
         }
@@ -162,7 +164,10 @@ fn sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one() {
         for e in &all {
             let key = (
                 e.stream_id.to_string(),
-                e.data["append"].as_str().unwrap().to_string(),
+                e.data.to_value().unwrap()["append"]
+                    .as_str()
+                    .unwrap()
+                    .to_string(),
             );
             per_append.entry(key).or_default().push(e.version);
         }
@@ -202,7 +207,7 @@ fn sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one() {
             let record = store.find_command(tag).await.unwrap();
             let stored: Vec<_> = all
                 .iter()
-                .filter(|e| e.data["append"].as_str() == Some(tag.as_str()))
+                .filter(|e| e.data.to_value().unwrap()["append"].as_str() == Some(tag.as_str()))
                 .collect();
             match record {
                 Some(record) => {

@@ -556,7 +556,8 @@ async fn latency(args: LatencyBench, location: &Location) -> anyhow::Result<()> 
             let event = tokio::time::timeout(Duration::from_secs(30), sub.next())
                 .await
                 .map_err(|_| anyhow::anyhow!("the subscriber received nothing for 30 s"))??;
-            let sent = Duration::from_nanos(event.data["sent_ns"].as_u64().unwrap_or(0));
+            let sent =
+                Duration::from_nanos(event.data.to_value()?["sent_ns"].as_u64().unwrap_or(0));
             delays.push(clock.elapsed().saturating_sub(sent));
         }
         anyhow::Ok(delays)

@@ -275,7 +275,7 @@ mod tests {
         let ok = "{\"type\":\"A\"}\n\n{\"type\":\"B\",\"data\":{\"x\":1}}\n";
         let events = read_batch(ok.as_bytes()).unwrap();
         assert_eq!(events.len(), 2);
-        assert_eq!(events[1].data.to_value()["x"], 1);
+        assert_eq!(events[1].data.to_value().unwrap()["x"], 1);
         let err = read_batch("{\"type\":\"A\"}\nnot json\n".as_bytes()).unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
         assert!(read_batch("\n".as_bytes()).is_err());

@@ -3,50 +3,15 @@
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-/// A `--db` value and whatever keeps it alive for the test.
-struct Db {
-    spec: String,
-    _guard: Box<dyn std::any::Any>,
-}
-
-fn sqlite_db() -> Db {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("nested/dir/factline.db");
-    Db {
-        spec: path.to_str().expect("temp paths are UTF-8").to_string(),
-        _guard: Box::new(dir),
-    }
-}
-
-fn postgres_db() -> Db {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let db = runtime.block_on(factline_testpg::database());
-    Db {
-        spec: db.url.clone(),
-        _guard: Box::new(db),
-    }
-}
-
-/// Runs each named test (a `fn(Db)`) against both backends.
-macro_rules! on_every_backend {
-    ($($test:ident),* $(,)?) => {
-        mod sqlite {
-            $( #[test] fn $test() { super::$test(super::sqlite_db()) } )*
-        }
-        mod postgres {
-            $( #[test] fn $test() { super::$test(super::postgres_db()) } )*
-        }
-    };
-}
+#[macro_use]
+mod common;
+use common::*;
 
 on_every_backend!(
     append_prints_the_result_contract,
@@ -66,48 +31,6 @@ on_every_backend!(
     the_server_runs_the_api_the_admin_api_and_the_relay,
     the_demo_runs_until_interrupted_and_continues_from_its_data,
 );
-
-fn factline(db: impl AsRef<OsStr>) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_factline"));
-    cmd.arg("--db").arg(db).env_remove("FACTLINE_DB");
-    cmd
-}
-
-fn run(db: impl AsRef<OsStr>, args: &[&str]) -> Output {
-    factline(db).args(args).output().unwrap()
-}
-
-fn run_with_stdin(db: impl AsRef<OsStr>, args: &[&str], stdin: &str) -> Output {
-    let mut child = factline(db)
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
-}
-
-fn code(out: &Output) -> i32 {
-    out.status.code().expect("exited normally")
-}
-
-fn json_lines(out: &Output) -> Vec<Value> {
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
-        .collect()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
 
 fn count_all(db: impl AsRef<OsStr>) -> usize {
     json_lines(&run(db, &["read-all"])).len()
@@ -1047,130 +970,6 @@ fn the_outbox_is_configured_and_relayed_through_the_cli(db: Db) {
     let id = publication["id"].to_string();
     assert_eq!(code(&run(db, &["outbox", "unpublish", &id])), 0);
     assert_eq!(code(&run(db, &["outbox", "unpublish", &id])), 2);
-}
-
-/// Sends SIGTERM and checks the process stops cleanly.
-fn terminate(child: &mut std::process::Child) {
-    let term = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(term.success());
-    assert!(
-        child.wait().unwrap().success(),
-        "it stops cleanly on SIGTERM"
-    );
-}
-
-/// A `factline serve` child and what it printed when it came up.
-struct Served {
-    child: std::process::Child,
-    base: String,
-    /// Everything it wrote to stderr so far.
-    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    runtime: tokio::runtime::Runtime,
-    client: reqwest::Client,
-}
-
-impl Served {
-    fn start(db: &str, args: &[&str]) -> Served {
-        let mut child = factline(db)
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                kept.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let base = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-                .expect("factline serve says where it serves");
-            if let Some(at) = line.find(" on http://") {
-                let rest = &line[at + 4..];
-                break rest[..rest.find(' ').unwrap_or(rest.len())].to_owned();
-            }
-        };
-        Served {
-            child,
-            base,
-            log,
-            runtime: tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-            client: reqwest::Client::new(),
-        }
-    }
-
-    fn call(&self, method: &str, path: &str, token: &str, body: Option<&str>) -> (u16, Value) {
-        self.call_with(method, path, token, body, &[])
-    }
-
-    fn call_with(
-        &self,
-        method: &str,
-        path: &str,
-        token: &str,
-        body: Option<&str>,
-        headers: &[(&str, &str)],
-    ) -> (u16, Value) {
-        self.runtime.block_on(async {
-            let url = format!("{}{path}", self.base);
-            let mut request = match method {
-                "POST" => self.client.post(url).body(body.unwrap_or("").to_owned()),
-                _ => self.client.get(url),
-            };
-            for (name, value) in headers {
-                request = request.header(*name, *value);
-            }
-            if !token.is_empty() {
-                request = request.bearer_auth(token);
-            }
-            let response = request.send().await.unwrap();
-            let status = response.status().as_u16();
-            let text = response.text().await.unwrap();
-            (
-                status,
-                serde_json::from_str(&text).unwrap_or(Value::String(text)),
-            )
-        })
-    }
-
-    /// Polls `path` until `done` holds of its answer.
-    fn until(&self, path: &str, token: &str, done: impl Fn(&Value) -> bool) -> Value {
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let (status, body) = self.call("GET", path, token, None);
-            if status == 200 && done(&body) {
-                return body;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "{path} never got there: {body}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-fn projection<'a>(list: &'a Value, name: &str) -> &'a Value {
-    list["projections"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .unwrap_or_else(|| panic!("{name} in {list}"))
 }
 
 fn the_server_runs_the_api_the_admin_api_and_the_relay(db: Db) {

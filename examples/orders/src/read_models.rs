@@ -421,12 +421,9 @@ fn field<T: serde::de::DeserializeOwned>(
 ) -> Result<T, ApplyError> {
     let refused =
         |e: String| ApplyError::new(format!("{} at {}: {e}", event.event_type, event.position));
+    let stored = event.data.to_value().map_err(|e| refused(e.to_string()))?;
     let data = crate::order::ORDER_UPCASTERS
-        .upcast(
-            &event.event_type,
-            event.metadata.schema_version,
-            &event.data,
-        )
+        .upcast(&event.event_type, event.metadata.schema_version, &stored)
         .map_err(|e| refused(e.to_string()))?;
     let value = data
         .get(name)

@@ -241,7 +241,7 @@ fn recorded(data: serde_json::Value, schema_version: u32) -> RecordedEvent {
         position: 1,
         event_id: uuid::Uuid::nil(),
         event_type: "OrderPlaced".into(),
-        data,
+        data: data.into(),
         metadata,
         recorded_at: chrono::Utc::now(),
     }
@@ -251,7 +251,7 @@ fn recorded(data: serde_json::Value, schema_version: u32) -> RecordedEvent {
 fn order_placed_v1_reads_as_v2() {
     let v1 = legacy_order_placed("c7", &[("SKU-DOCK", 2, 155.0), ("SKU-CABLE", 1, 12.005)]);
     assert_eq!(v1.metadata.schema_version, 1);
-    let event = OrderEvent::from_recorded(&recorded(v1.data.to_value(), 1)).unwrap();
+    let event = OrderEvent::from_recorded(&recorded(v1.data.to_value().unwrap(), 1)).unwrap();
     assert_eq!(
         event,
         OrderEvent::OrderPlaced {
