@@ -239,6 +239,68 @@ pub async fn idempotent_retry_returns_original_and_writes_nothing<S: EventStore>
     assert_eq!(all_events(&store).await.len(), 6);
 }
 
+/// A retry repeats its events: the same id with another type, data or
+/// metadata is a mismatch, not a success that drops the new payload. Data
+/// and metadata compare as JSON, so spacing and key order do not count.
+pub async fn idempotent_retry_with_changed_content_is_a_mismatch<S: EventStore + Clone>(store: S) {
+    let s = sid("Order-1");
+    let original = EventData::new("Placed", JsonText::parse(r#"{"a":1,"b":[2]}"#).unwrap())
+        .with_metadata(Metadata {
+            correlation_id: Some("c-1".into()),
+            ..Metadata::default()
+        });
+    let stored = store.append(&s, ANY, vec![original.clone()]).await.unwrap();
+    let changed = |f: &dyn Fn(&mut EventData)| {
+        let mut e = original.clone();
+        f(&mut e);
+        e
+    };
+    let variants = [
+        changed(&|e| e.event_type = "Paid".into()),
+        changed(&|e| e.data = json!({"a": 2, "b": [2]}).into()),
+        changed(&|e| e.metadata.correlation_id = None),
+        changed(&|e| e.metadata.schema_version = 2),
+        changed(&|e| {
+            e.metadata.headers.insert("h".into(), "v".into());
+        }),
+    ];
+    for variant in variants {
+        let result = store.append(&s, ANY, vec![variant.clone()]).await;
+        assert!(
+            matches!(
+                &result,
+                Err(StoreError::IdempotencyMismatch {
+                    reason: IdempotencyMismatch::DifferentContent { event_id },
+                    ..
+                }) if *event_id == original.event_id
+            ),
+            "{variant:?}: {result:?}"
+        );
+    }
+    let respaced = changed(&|e| e.data = JsonText::parse(r#"{ "b": [2], "a": 1 }"#).unwrap());
+    assert_eq!(store.append(&s, ANY, vec![respaced]).await.unwrap(), stored);
+    // Sent at once, one payload wins and the others are refused.
+    let id = uuid::Uuid::now_v7();
+    let tasks: Vec<_> = (0..6)
+        .map(|n| {
+            let store = store.clone();
+            let e = EventData::new("Racing", json!({ "n": n % 2 })).with_event_id(id);
+            tokio::spawn(async move { store.append(&sid("Order-2"), ANY, vec![e]).await })
+        })
+        .collect();
+    let mut won = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(result) => won.push(result),
+            Err(StoreError::IdempotencyMismatch { .. }) => {}
+            Err(other) => panic!("{other:?}"),
+        }
+    }
+    assert!(!won.is_empty() && won.windows(2).all(|w| w[0] == w[1]));
+    let events = all_events(&store).await;
+    assert_eq!(events.len(), 2, "one event per id");
+}
+
 pub async fn idempotent_retry_with_incompatible_expectation_conflicts<S: EventStore>(store: S) {
     let s = sid("Order-1");
     let batch = events(0..2);

@@ -34,6 +34,7 @@ macro_rules! conformance_suite {
             conflict_in_one_append_does_not_fail_concurrent_others,
             idempotent_retry_returns_original_and_writes_nothing,
             idempotent_retry_with_incompatible_expectation_conflicts,
+            idempotent_retry_with_changed_content_is_a_mismatch,
             partial_overlap_is_refused_and_writes_nothing,
             event_id_used_in_other_stream_is_refused,
             duplicate_event_id_in_one_append_is_refused,

@@ -133,26 +133,78 @@ fn validate_event_type(event_type: &str) -> Result<(), StoreError> {
     )))
 }
 
-/// Where an event id of an incoming append is already stored.
+/// Where an event id of an incoming append is already stored, and what
+/// is stored under it (a retry must repeat it exactly).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ExistingEvent {
+    /// The stream holding the stored event.
     pub stream_id: StreamId,
+    /// Its version in that stream.
     pub version: u64,
+    /// Its global position.
     pub position: u64,
+    /// Its type, JSON data text and JSON metadata text (`None`: the
+    /// default metadata), as stored.
+    pub content: StoredContent,
+}
+
+/// An event's type, data and metadata as stored, or as encoded to store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredContent {
+    /// The event type.
+    pub event_type: String,
+    /// The data's JSON text.
+    pub data: String,
+    /// The metadata's JSON text; `None` for the default metadata.
+    pub metadata: Option<String>,
+}
+
+impl StoredContent {
+    /// The content an encoded event would be stored with.
+    pub fn of(event: &EncodedEvent) -> Self {
+        StoredContent {
+            event_type: event.event_type.clone(),
+            data: event.data.clone(),
+            metadata: event.metadata.clone(),
+        }
+    }
+
+    /// Whether `event` says the same: the same type, and data and metadata
+    /// equal as JSON (so `{"a": 1}` repeats `{"a":1}`).
+    pub fn same_as(&self, event: &EncodedEvent) -> bool {
+        fn same_json(stored: &str, sent: &str) -> bool {
+            stored == sent
+                || matches!(
+                    (serde_json::from_str::<serde_json::Value>(stored), serde_json::from_str::<serde_json::Value>(sent)),
+                    (Ok(a), Ok(b)) if a == b
+                )
+        }
+        let metadata = |text: Option<&str>| match text {
+            None => Some(Metadata::default()),
+            Some(text) => serde_json::from_str::<Metadata>(text).ok(),
+        };
+        self.event_type == event.event_type
+            && same_json(&self.data, &event.data)
+            && (self.metadata == event.metadata || {
+                let stored = metadata(self.metadata.as_deref());
+                stored.is_some() && stored == metadata(event.metadata.as_deref())
+            })
+    }
 }
 
 /// Decides what an append means when some of its event ids may already be
 /// stored (S3).
 ///
-/// `existing[i]` is where `event_ids[i]` is stored, if anywhere, and
+/// `existing[i]` is where `events[i]`'s id is stored, if anywhere, and
 /// `current_version` is the stream's version now. Returns `Ok(None)` when no
-/// id is stored (a normal append), `Ok(Some(original))` for an exact retry,
-/// and an error for anything in between.
+/// id is stored (a normal append), `Ok(Some(original))` for an exact retry
+/// (the same ids, in order, with the same type, data and metadata), and an
+/// error for anything in between.
 pub fn resolve_duplicates(
     stream_id: &StreamId,
     expected: ExpectedVersion,
     current_version: u64,
-    event_ids: &[Uuid],
+    events: &[EncodedEvent],
     existing: &[Option<ExistingEvent>],
 ) -> Result<Option<AppendResult>, StoreError> {
     let stored = existing.iter().flatten().count();
@@ -163,8 +215,8 @@ pub fn resolve_duplicates(
         stream_id: stream_id.clone(),
         reason,
     };
-    let elsewhere = event_ids.iter().zip(existing).find_map(|(id, e)| match e {
-        Some(e) if &e.stream_id != stream_id => Some((*id, e.stream_id.clone())),
+    let elsewhere = events.iter().zip(existing).find_map(|(sent, e)| match e {
+        Some(e) if &e.stream_id != stream_id => Some((sent.event_id, e.stream_id.clone())),
         _ => None,
     });
     if let Some((event_id, other_stream)) = elsewhere {
@@ -188,6 +240,15 @@ pub fn resolve_duplicates(
         .all(|(i, e)| e.version == first.version + i as u64);
     if !consecutive {
         return Err(mismatch(IdempotencyMismatch::DifferentOrder));
+    }
+    let changed = events
+        .iter()
+        .zip(&run)
+        .find(|(sent, stored)| !stored.content.same_as(sent));
+    if let Some((sent, _)) = changed {
+        return Err(mismatch(IdempotencyMismatch::DifferentContent {
+            event_id: sent.event_id,
+        }));
     }
     // The retry must state an expectation the original append could have
     // met; otherwise it is a different request and gets the normal conflict.

@@ -59,6 +59,7 @@ impl StoreError {
 
 /// Why a retried append does not match what is stored.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum IdempotencyMismatch {
     /// Some of the append's event ids are stored, some are not.
     PartialOverlap { stored: usize, total: usize },
@@ -66,6 +67,9 @@ pub enum IdempotencyMismatch {
     OtherStream { event_id: Uuid, stream_id: StreamId },
     /// All ids are stored in this stream, but not as one run in this order.
     DifferentOrder,
+    /// The id is stored with another type, data or metadata: a retry must
+    /// repeat the event, not change it.
+    DifferentContent { event_id: Uuid },
 }
 
 impl fmt::Display for IdempotencyMismatch {
@@ -80,6 +84,10 @@ impl fmt::Display for IdempotencyMismatch {
             }
             IdempotencyMismatch::DifferentOrder => f.write_str(
                 "the event ids are stored, but not consecutively in this order",
+            ),
+            IdempotencyMismatch::DifferentContent { event_id } => write!(
+                f,
+                "event id {event_id} is stored with another type, data or metadata; a retry must repeat the event exactly"
             ),
         }
     }

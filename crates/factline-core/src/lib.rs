@@ -21,7 +21,9 @@ mod subscription;
 mod version;
 pub mod writer_queue;
 
-pub use append::{resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits};
+pub use append::{
+    resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits, StoredContent,
+};
 pub use command::{
     resolve_command, retention_cutoff, Appended, CommandKey, CommandRecord, Snapshot,
 };

@@ -10,7 +10,10 @@ use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 use uuid::Uuid;
 
-use crate::append::{resolve_duplicates, validate_append, ExistingEvent, Limits};
+use crate::append::{
+    resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits, StoredContent,
+};
+use crate::Metadata;
 use crate::{
     resolve_command, retention_cutoff, AppendResult, Appended, CommandKey, CommandRecord,
     Direction, EventData, EventStore, ExpectedVersion, JsonText, ReadStream, RecordedEvent,
@@ -73,10 +76,18 @@ impl State {
     fn existing(&self, id: &Uuid) -> Option<ExistingEvent> {
         self.by_event_id.get(id).map(|&i| {
             let e = &self.events[i];
+            let metadata = (e.metadata != Metadata::default())
+                .then(|| serde_json::to_string(&e.metadata).ok())
+                .flatten();
             ExistingEvent {
                 stream_id: e.stream_id.clone(),
                 version: e.version,
                 position: e.position,
+                content: StoredContent {
+                    event_type: e.event_type.clone(),
+                    data: e.data.as_str().to_owned(),
+                    metadata,
+                },
             }
         })
     }
@@ -90,9 +101,9 @@ impl EventStore for InMemoryStore {
         expected: ExpectedVersion,
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
-        validate_append(&events, &self.shared.limits)?;
+        let encoded = validate_append(&events, &self.shared.limits)?;
         let mut state = self.state()?;
-        let result = state.append(stream_id, expected, events)?;
+        let result = state.append(stream_id, expected, &encoded, events)?;
         drop(state);
         self.shared.head.send_replace(result.last_position);
         Ok(result)
@@ -106,7 +117,7 @@ impl EventStore for InMemoryStore {
         command: &CommandKey,
     ) -> Result<Appended, StoreError> {
         command.validate()?;
-        validate_append(&events, &self.shared.limits)?;
+        let encoded = validate_append(&events, &self.shared.limits)?;
         let limits = &self.shared.limits;
         let now = Utc::now();
         let mut state = self.state()?;
@@ -116,7 +127,7 @@ impl EventStore for InMemoryStore {
             return Ok(Appended::Replayed(record));
         }
         let event_ids = events.iter().map(|e| e.event_id).collect();
-        let result = state.append(stream_id, expected, events)?;
+        let result = state.append(stream_id, expected, &encoded, events)?;
         state.commands.insert(
             command.key.clone(),
             CommandRecord {
@@ -268,13 +279,15 @@ impl State {
         &mut self,
         stream_id: &StreamId,
         expected: ExpectedVersion,
+        encoded: &[EncodedEvent],
         events: Vec<EventData>,
     ) -> Result<AppendResult, StoreError> {
         let state = self;
         let current = state.streams.get(stream_id).map_or(0, |s| s.len() as u64);
-        let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-        let existing: Vec<_> = ids.iter().map(|id| state.existing(id)).collect();
-        if let Some(original) = resolve_duplicates(stream_id, expected, current, &ids, &existing)? {
+        let existing: Vec<_> = events.iter().map(|e| state.existing(&e.event_id)).collect();
+        if let Some(original) =
+            resolve_duplicates(stream_id, expected, current, encoded, &existing)?
+        {
             return Ok(original);
         }
         if !expected.is_satisfied_by(current) {

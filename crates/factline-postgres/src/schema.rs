@@ -201,7 +201,8 @@ impl Sql {
                  FROM {s}.streams s WHERE s.stream_id = ANY($1)"
             ),
             find_events: format!(
-                "SELECT e.event_id, s.stream_id, e.version, e.position
+                "SELECT e.event_id, s.stream_id, e.version, e.position,
+                        e.event_type, e.data::text, e.metadata::text
                  FROM {s}.events e JOIN {s}.streams s ON s.stream_no = e.stream_no
                  WHERE e.event_id = ANY($1)"
             ),

@@ -22,7 +22,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use factline_core::writer_queue::{drain_batch, new_command_record, AppendJob};
 use factline_core::{
     resolve_command, resolve_duplicates, retention_cutoff, AppendResult, Appended, CommandRecord,
-    ExistingEvent, Limits, StorageError, StoreError, StreamId,
+    EncodedEvent, ExistingEvent, Limits, StorageError, StoreError, StoredContent, StreamId,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;
@@ -1053,6 +1053,11 @@ async fn find_events(
                 stream_id,
                 version: row.get::<_, i64>(2) as u64,
                 position: row.get::<_, i64>(3) as u64,
+                content: StoredContent {
+                    event_type: row.get(4),
+                    data: row.get(5),
+                    metadata: row.get(6),
+                },
             },
         );
     }
@@ -1163,7 +1168,8 @@ pub(crate) fn plan_batch<'a>(
     // Events this batch writes, by id: a later append in the batch that
     // repeats them is a retry of an earlier one.
     let total_events = batch.iter().map(|j| j.events.len()).sum();
-    let mut written: HashMap<Uuid, (&StreamId, u64, u64)> = HashMap::with_capacity(total_events);
+    let mut written: HashMap<Uuid, (&StreamId, u64, u64, &EncodedEvent)> =
+        HashMap::with_capacity(total_events);
     let mut events = EventColumns::with_capacity(total_events);
     let mut outcomes = Vec::with_capacity(batch.len());
     let mut new_commands: Vec<CommandRecord> = Vec::new();
@@ -1205,15 +1211,22 @@ pub(crate) fn plan_batch<'a>(
             let existing: Vec<Option<ExistingEvent>> = ids
                 .iter()
                 .map(|id| match written.get(id) {
-                    Some(&(stream_id, version, position)) => Some(ExistingEvent {
+                    Some(&(stream_id, version, position, event)) => Some(ExistingEvent {
                         stream_id: stream_id.clone(),
                         version,
                         position,
+                        content: StoredContent::of(event),
                     }),
                     None => stored.get(id).cloned(),
                 })
                 .collect();
-            match resolve_duplicates(&job.stream_id, job.expected, current, &ids, &existing) {
+            match resolve_duplicates(
+                &job.stream_id,
+                job.expected,
+                current,
+                &job.events,
+                &existing,
+            ) {
                 Ok(Some(original)) => {
                     outcomes.push(Ok(Appended::Written(original)));
                     continue;
@@ -1268,7 +1281,7 @@ pub(crate) fn plan_batch<'a>(
             events.metadata.push(event.metadata.as_deref());
             written.insert(
                 event.event_id,
-                (&job.stream_id, state.version, next.last_position),
+                (&job.stream_id, state.version, next.last_position, event),
             );
         }
         let result = AppendResult {

@@ -219,6 +219,25 @@ async fn api_behaviour(store: Arc<dyn EventStore>) {
     assert_eq!(ready["head_position"], 6);
 
     subscriptions(&server).await;
+
+    // An event id retried with another payload is refused, not dropped.
+    let id = "0193a1b2-0000-7000-8000-0000000000aa";
+    let sent = format!(r#"{{"event_id":"{id}","type":"OrderPaid","data":{{"a":1}}}}"#);
+    let (status, first) = server.post("/streams/Order-3", &sent, &[]).await;
+    assert_eq!(status, 201, "{first}");
+    let respaced = format!(r#"{{"event_id":"{id}","type":"OrderPaid","data":{{ "a": 1 }}}}"#);
+    assert_eq!(
+        server.post("/streams/Order-3", &respaced, &[]).await,
+        (201, first)
+    );
+    let changed = format!(r#"{{"event_id":"{id}","type":"OrderPaid","data":{{"a":2}}}}"#);
+    let (status, answer) = server.post("/streams/Order-3", &changed, &[]).await;
+    assert_eq!(
+        (status, &answer["error"]),
+        (409, &json!("idempotency_mismatch")),
+        "{answer}"
+    );
+
     server.stop().await;
 }
 

@@ -9,7 +9,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use factline_core::writer_queue::{drain_batch, new_command_record, AppendJob};
 use factline_core::{
     resolve_command, resolve_duplicates, retention_cutoff, AppendResult, Appended, ExistingEvent,
-    Limits, StorageError, StoreError, StreamId,
+    Limits, StorageError, StoreError, StoredContent, StreamId,
 };
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, watch};
@@ -367,29 +367,33 @@ fn resolve_retry(
     current: u64,
 ) -> rusqlite::Result<Result<Option<AppendResult>, StoreError>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT s.stream_id, e.version, e.position
+        "SELECT s.stream_id, e.version, e.position, e.event_type, e.data, e.metadata
          FROM events e JOIN streams s ON s.stream_no = e.stream_no
          WHERE e.event_id = ?1",
     )?;
-    let mut ids = Vec::with_capacity(job.events.len());
     let mut existing = Vec::with_capacity(job.events.len());
     for event in &job.events {
-        ids.push(event.event_id);
         let found = stmt
             .query_row([event.event_id.as_bytes().as_slice()], |r| {
                 Ok((
                     r.get::<_, String>(0)?,
                     r.get::<_, i64>(1)?,
                     r.get::<_, i64>(2)?,
+                    StoredContent {
+                        event_type: r.get(3)?,
+                        data: r.get(4)?,
+                        metadata: r.get(5)?,
+                    },
                 ))
             })
             .optional()?;
         existing.push(match found {
-            Some((stream, version, position)) => match StreamId::new(stream) {
+            Some((stream, version, position, content)) => match StreamId::new(stream) {
                 Ok(stream_id) => Some(ExistingEvent {
                     stream_id,
                     version: version as u64,
                     position: position as u64,
+                    content,
                 }),
                 Err(_) => {
                     return Ok(Err(StorageError::new(format!(
@@ -405,7 +409,7 @@ fn resolve_retry(
         &job.stream_id,
         job.expected,
         current,
-        &ids,
+        &job.events,
         &existing,
     ))
 }

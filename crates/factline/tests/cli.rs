@@ -195,6 +195,17 @@ fn idempotent_retry_through_the_cli(db: Db) {
     assert_eq!((code(&first), code(&again)), (0, 0), "{}", stderr(&again));
     assert_eq!(json_lines(&first), json_lines(&again));
     assert_eq!(count_all(&db.spec), 1);
+    // The same id with another payload is not a retry: exit 4.
+    let mut changed = args.to_vec();
+    changed.extend(["--data", r#"{"other":true}"#]);
+    let out = run(&db.spec, &changed);
+    assert_eq!(code(&out), 4, "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("another type, data or metadata"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(count_all(&db.spec), 1);
 }
 
 fn batch_appends_atomically_and_refuses_bad_lines_whole(db: Db) {
