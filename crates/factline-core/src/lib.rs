@@ -13,6 +13,7 @@ mod command;
 mod domain;
 mod error;
 mod event;
+mod files;
 mod json;
 pub mod memory;
 mod store;
@@ -30,6 +31,7 @@ pub use command::{
 pub use domain::{tagged, DecodeError, DomainEvent, UpcastError, UpcastStep, Upcasters};
 pub use error::{IdempotencyMismatch, StorageError, StoreError};
 pub use event::{new_event_id, EventData, Metadata, RecordedEvent};
+pub use files::create_private_file;
 pub use json::{check_readable, JsonText};
 pub use memory::InMemoryStore;
 pub use store::{Direction, EventStore, ReadStream, StreamFilter};

@@ -147,6 +147,10 @@ impl<P: SqliteProjection> SqliteSink<P> {
             projection: name.clone(),
             message: format!("opening {}: {e}", path.display()),
         };
+        factline_core::create_private_file(&path).map_err(|e| ProjectionError::ReadModel {
+            projection: name.clone(),
+            message: format!("creating {}: {e}", path.display()),
+        })?;
         let conn = Connection::open(&path).map_err(&failed)?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(&failed)?;
@@ -632,6 +636,10 @@ impl SqliteCheckpoints {
             projection: "reactor checkpoints".into(),
             message: format!("opening {}: {e}", path.display()),
         };
+        factline_core::create_private_file(path).map_err(|e| ProjectionError::ReadModel {
+            projection: "reactor checkpoints".into(),
+            message: format!("creating {}: {e}", path.display()),
+        })?;
         let conn = Connection::open(path).map_err(&failed)?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(&failed)?;

@@ -144,7 +144,8 @@ fn parse_hex_digest(name: &str, hex: &str) -> Result<[u8; 32], TokensError> {
             "token {name:?}: sha256 must be 64 hexadecimal digits"
         ))
     };
-    if hex.len() != 64 || !hex.is_ascii() {
+    // from_str_radix alone would take a sign ("+f"), so check every digit.
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad());
     }
     let mut out = [0u8; 32];
@@ -152,6 +153,22 @@ fn parse_hex_digest(name: &str, hex: &str) -> Result<[u8; 32], TokensError> {
         *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(|_| bad())?;
     }
     Ok(out)
+}
+
+/// A secret must be sendable as `Authorization: Bearer <token>` (visible
+/// ASCII, no spaces) and long enough not to be guessed.
+fn check_secret(name: &str, token: &str) -> Result<(), TokensError> {
+    if !token.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(TokensError::Invalid(format!(
+            "token {name:?} must be visible ASCII characters without spaces, as a bearer token is sent"
+        )));
+    }
+    if token.chars().count() < MIN_TOKEN_LEN {
+        return Err(TokensError::Invalid(format!(
+            "token {name:?} is shorter than {MIN_TOKEN_LEN} characters"
+        )));
+    }
+    Ok(())
 }
 
 impl Tokens {
@@ -186,11 +203,9 @@ impl Tokens {
                 )));
             }
             let digest = match (entry.token, entry.sha256) {
-                (Some(token), None) if token.len() >= MIN_TOKEN_LEN => digest(&token),
-                (Some(_), None) => {
-                    return Err(TokensError::Invalid(format!(
-                        "token {name:?} is shorter than {MIN_TOKEN_LEN} characters"
-                    )))
+                (Some(token), None) => {
+                    check_secret(&name, &token)?;
+                    digest(&token)
                 }
                 (None, Some(hex)) => parse_hex_digest(&name, &hex)?,
                 _ => {
@@ -406,6 +421,22 @@ mod tests {
         for (text, says) in [
             (r#"{"tokens":[]}"#, "no tokens"),
             (r#"{"tokens":[{"name":"a","token":"short"}]}"#, "shorter"),
+            (
+                r#"{"tokens":[{"name":"a","token":"                "}]}"#,
+                "without spaces",
+            ),
+            (
+                r#"{"tokens":[{"name":"a","token":"ééééééééé"}]}"#,
+                "visible ASCII",
+            ),
+            (
+                r#"{"tokens":[{"name":"a","token":"0123456789 abcdef"}]}"#,
+                "without spaces",
+            ),
+            (
+                r#"{"tokens":[{"name":"a","sha256":"+fffffffffffffffffffffffffffffffffffffffffffffffffffffffffffffff"}]}"#,
+                "64 hexadecimal",
+            ),
             (
                 r#"{"tokens":[{"name":"a","token":"0123456789abcdef","sha256":"00"}]}"#,
                 "exactly one",

@@ -124,6 +124,10 @@ impl IntoResponse for ApiError {
         let status = self.status();
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
+        } else if matches!(status, StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN) {
+            // Operators watch for probing: refusals show at the default
+            // level, with the request's span (method, path), never a token.
+            tracing::info!(status = status.as_u16(), reason = %self, "request refused");
         }
         let mut response = (status, Json(self.body())).into_response();
         if status == StatusCode::UNAUTHORIZED {

@@ -31,10 +31,13 @@ async fn start_position(
     query: Option<String>,
 ) -> Result<u64, ApiError> {
     if let Some(last) = headers.get(LAST_EVENT_ID) {
+        // Positions fit an i64 on every backend; anything larger is not
+        // one (and must not wrap around to a replay from the start).
         let last = last
             .to_str()
             .ok()
             .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&last| last < i64::MAX as u64)
             .ok_or_else(|| {
                 ApiError::bad_request(
                     "Last-Event-ID must be the global position of the last event received",

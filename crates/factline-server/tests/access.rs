@@ -181,6 +181,22 @@ async fn metrics_show_appends_requests_and_subscriptions() {
     assert_eq!(status, 409);
     let _subscriber =
         common::SseReader::open(&server.client, &server.url("/subscribe/all?from=end"), None).await;
+    // Made-up methods and paths add no series: they count as `other`.
+    for (method, path) in [
+        ("BREW", "/streams/Order-0"),
+        ("FOO-1", "/made-up-path-1"),
+        ("GET", "/made-up-path-2/x"),
+        ("DELETE", "/made-up-path-3"),
+    ] {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let response = server
+            .client
+            .request(method, server.url(path))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_client_error());
+    }
     let response = server
         .client
         .get(server.url("/metrics"))
@@ -213,5 +229,14 @@ async fn metrics_show_appends_requests_and_subscriptions() {
             >= 5.0
     );
     assert!(text.contains("http_request_duration_seconds_bucket"));
+    for made_up in ["BREW", "FOO-1", "made-up-path", "unmatched"] {
+        assert!(!text.contains(made_up), "{made_up} is a label in\n{text}");
+    }
+    assert!(
+        value(r#"http_requests_total{method="other",route="/streams/{stream_id}",status="405"}"#)
+            >= 1.0
+    );
+    assert!(value(r#"http_requests_total{method="other",route="other",status="404"}"#) >= 1.0);
+    assert!(value(r#"http_requests_total{method="GET",route="other",status="404"}"#) >= 1.0);
     server.stop().await;
 }

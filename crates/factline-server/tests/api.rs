@@ -316,14 +316,17 @@ async fn subscriptions(server: &TestServer) {
     for expected in 21..=26 {
         assert_eq!(resumed.event(WAIT).await["position"], expected);
     }
-    let response = server
-        .client
-        .get(server.url("/subscribe/all"))
-        .header("Last-Event-ID", "soon")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 400);
+    // Not a position: refused, never wrapped around to a replay from 1.
+    for last in ["soon", "18446744073709551615", "9223372036854775807", "-1"] {
+        let response = server
+            .client
+            .get(server.url("/subscribe/all"))
+            .header("Last-Event-ID", last)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 400, "Last-Event-ID {last}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

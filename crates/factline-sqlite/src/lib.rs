@@ -221,6 +221,8 @@ impl SqliteStore {
         config: SqliteConfig,
         mut inline: Vec<Box<dyn InlineProjection>>,
     ) -> Result<Self, StoreError> {
+        factline_core::create_private_file(&config.path)
+            .map_err(|e| StorageError::new(format!("creating {}: {e}", config.path.display())))?;
         let mut conn = open_connection(&config, false)?;
         schema::migrate(&mut conn)?;
         // Before open returns, so reads of the models are current at once.

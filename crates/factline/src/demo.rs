@@ -119,9 +119,12 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
             "--rate must be a positive number of orders per second",
         ));
     }
-    if args.duration.is_some_and(|d| !(d > 0.0 && d.is_finite())) {
-        return Err(usage("--duration must be a positive number of seconds"));
-    }
+    // A year is longer than any demo; the bound keeps huge numbers a
+    // usage error.
+    let duration = args
+        .duration
+        .map(|d| crate::seconds("--duration", d, 0.001, 365.0 * 86_400.0))
+        .transpose()?;
     let read_models = ReadModels::for_location(location)?;
     let sink = match args.sink.as_deref() {
         Some("none") => None,
@@ -183,9 +186,7 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
         snapshot_every: Some(100),
         stop: Some(stopped.clone()),
     };
-    let until = args
-        .duration
-        .map(|d| tokio::time::Instant::now() + Duration::from_secs_f64(d));
+    let until = duration.map(|d| tokio::time::Instant::now() + d);
     let stopper = tokio::spawn(async move {
         match until {
             Some(at) => {

@@ -26,7 +26,7 @@ pub enum Location {
 
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    #[error("{0:?} is not a database location: give a file path (SQLite), a postgres:// URL, or memory:")]
+    #[error("{0:?} is not a database location: give a file path (SQLite, not a file: URI), a postgres:// URL, or memory:")]
     Invalid(String),
     #[error("cannot create the directory {path}: {source}")]
     CreateDir {
@@ -46,7 +46,9 @@ impl Location {
         if spec == "memory:" {
             return Ok(Location::Memory);
         }
-        if spec.trim().is_empty() || lower.contains("://") {
+        // `file:` URIs are SQLite's own syntax, which factline does not
+        // pass through: taken as a path it would create odd files.
+        if spec.trim().is_empty() || lower.contains("://") || lower.starts_with("file:") {
             return Err(OpenError::Invalid(spec.to_string()));
         }
         Ok(Location::Sqlite(PathBuf::from(spec)))

@@ -106,6 +106,19 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
     UsageError(message.into()).into()
 }
 
+/// A flag's number of seconds, checked to lie in `min..=max` (a usage
+/// error otherwise, never a panic on a huge or odd number).
+pub fn seconds(flag: &str, value: f64, min: f64, max: f64) -> anyhow::Result<std::time::Duration> {
+    if (min..=max).contains(&value) {
+        if let Ok(duration) = std::time::Duration::try_from_secs_f64(value) {
+            return Ok(duration);
+        }
+    }
+    Err(usage(format!(
+        "{flag} must be a number of seconds from {min} to {max}, not {value}"
+    )))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = init_logging(&cli) {

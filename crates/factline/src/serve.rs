@@ -6,7 +6,6 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clap::Args;
 use factline::{EventStore, Location};
@@ -17,7 +16,7 @@ use tokio::task::JoinHandle;
 use crate::admin_api::{CatalogAdmin, OrdersDashboard};
 use crate::catalog::{ReadModelDb, READ_SCHEMA};
 use crate::outbox_cli::{self, RelayOptions, RunningRelay};
-use crate::usage;
+use crate::{seconds, usage};
 
 /// Where `serve` listens unless told otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7480";
@@ -90,15 +89,11 @@ pub enum OnAddressInUse {
     AnyPort,
 }
 
-fn seconds(flag: &str, value: f64) -> anyhow::Result<Duration> {
-    if value > 0.0 && value.is_finite() {
-        Ok(Duration::from_secs_f64(value))
-    } else {
-        Err(usage(format!(
-            "{flag} must be a positive number of seconds"
-        )))
-    }
-}
+/// The longest request timeout accepted: a day.
+const MAX_REQUEST_TIMEOUT: f64 = 86_400.0;
+/// Heartbeats from a second (more often only loads the server and its
+/// clients) to an hour (proxies close idle connections long before).
+const HEARTBEAT_RANGE: (f64, f64) = (1.0, 3600.0);
 
 /// Starts the stack. The read models are beside the events unless
 /// `read_models` names another database (the demo's for `memory:`).
@@ -129,8 +124,18 @@ pub async fn start(
     let config = ServerConfig {
         tokens,
         body_limit: args.body_limit,
-        request_timeout: seconds("--request-timeout", args.request_timeout)?,
-        heartbeat: seconds("--heartbeat", args.heartbeat)?,
+        request_timeout: seconds(
+            "--request-timeout",
+            args.request_timeout,
+            0.001,
+            MAX_REQUEST_TIMEOUT,
+        )?,
+        heartbeat: seconds(
+            "--heartbeat",
+            args.heartbeat,
+            HEARTBEAT_RANGE.0,
+            HEARTBEAT_RANGE.1,
+        )?,
         ..ServerConfig::default()
     };
 

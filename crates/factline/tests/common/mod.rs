@@ -1,7 +1,7 @@
 //! What the binary's tests share: a `--db` for each backend, running the
 //! binary, and a `factline serve` child to talk to over HTTP.
 
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};

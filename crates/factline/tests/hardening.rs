@@ -1,0 +1,128 @@
+//! What an operator exposing a server expects of the binary: odd flag
+//! values are usage errors (never a panic), files are private, refusals
+//! are visible in the default log.
+
+use std::time::{Duration, Instant};
+
+#[macro_use]
+mod common;
+use common::*;
+
+#[test]
+fn huge_tiny_and_odd_durations_are_usage_errors() {
+    let db = sqlite_db();
+    for flags in [
+        ["--request-timeout", "1e20"],
+        ["--request-timeout", "0"],
+        ["--request-timeout", "NaN"],
+        ["--heartbeat", "1e20"],
+        ["--heartbeat", "0.001"],
+        ["--heartbeat", "-1"],
+        ["--heartbeat", "inf"],
+    ] {
+        let flag = format!("{}={}", flags[0], flags[1]);
+        let out = run(&db.spec, &["serve", "--listen", "127.0.0.1:0", &flag]);
+        assert_eq!(code(&out), 2, "{flags:?}: {}", stderr(&out));
+        assert!(stderr(&out).contains(flags[0]), "{}", stderr(&out));
+    }
+    for duration in ["1e20", "0", "-5"] {
+        let flag = format!("--duration={duration}");
+        let out = run(&db.spec, &["demo", &flag, "--sink", "none"]);
+        assert_eq!(code(&out), 2, "--duration {duration}: {}", stderr(&out));
+        assert!(stderr(&out).contains("--duration"), "{}", stderr(&out));
+    }
+}
+
+#[test]
+fn sqlite_uris_are_refused_and_create_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("x.db");
+    let uri = format!("file:{}?mode=rwc", target.display());
+    let out = factline(&uri)
+        .current_dir(dir.path())
+        .args(["append", "Order-1", "--type", "A"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 2, "{}", stderr(&out));
+    assert!(stderr(&out).contains("file: URI"), "{}", stderr(&out));
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert!(left.is_empty(), "nothing is created: {left:?}");
+}
+
+#[cfg(unix)]
+#[test]
+fn database_files_are_readable_by_their_owner_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let db = sqlite_db();
+    let out = run(&db.spec, &["demo", "--orders", "3", "--sink", "none"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let dir = std::path::Path::new(&db.spec).parent().unwrap();
+    let mut checked = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.contains(".db") {
+            continue;
+        }
+        let mode = entry.metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{name} has mode {mode:o}");
+        checked += 1;
+    }
+    assert!(checked >= 1, "the store's files were checked");
+}
+
+#[test]
+fn refused_requests_are_logged_at_the_default_level() {
+    let db = sqlite_db();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.json");
+    let secret = "reader-only-0123456789";
+    std::fs::write(
+        &tokens,
+        format!(r#"{{"tokens":[{{"name":"reader","token":"{secret}","read":["Order"]}}]}}"#),
+    )
+    .unwrap();
+    let served = Served::start(
+        &db.spec,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--tokens",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(served.call("GET", "/all", "", None).0, 401);
+    let body = Some(r#"{"type":"A"}"#);
+    assert_eq!(served.call("POST", "/streams/Order-1", secret, body).0, 403);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = served.log.lock().unwrap().clone();
+        let refused: Vec<&String> = log
+            .iter()
+            .filter(|l| l.contains("request refused"))
+            .collect();
+        assert!(
+            !log.iter().any(|l| l.contains(secret)),
+            "a token was logged"
+        );
+        if refused.len() >= 2 {
+            assert!(
+                refused
+                    .iter()
+                    .any(|l| l.contains("401") && l.contains("/all")),
+                "{refused:?}"
+            );
+            assert!(
+                refused
+                    .iter()
+                    .any(|l| l.contains("403") && l.contains("/streams/Order-1")),
+                "{refused:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "no refusal in the log: {log:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Served { mut child, .. } = served;
+    terminate(&mut child);
+}
