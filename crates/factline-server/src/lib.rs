@@ -9,16 +9,17 @@
 
 mod admin;
 mod auth;
+mod connections;
 mod dashboard;
 mod error;
 mod events;
 mod metrics;
 mod openapi;
+mod slots;
 pub mod sse;
 mod subscribe;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +36,7 @@ use tokio::sync::watch;
 
 pub use admin::{DashboardData, ProjectionView, ProjectionsAdmin, RebuildView};
 pub use auth::{Caller, CategorySet, Scopes, Token, Tokens, TokensError, MIN_TOKEN_LEN};
+pub use connections::{serve_with_limits, ConnectionLimits};
 pub use error::{AdminError, ApiError};
 pub use metrics::{install_recorder, InstrumentedStore};
 
@@ -52,6 +54,13 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// The most events one read returns.
     pub max_page: usize,
+    /// Limits on connections: the header deadline and how many at once.
+    pub connections: ConnectionLimits,
+    /// Subscriptions open at once, in all; one more is answered 503.
+    pub max_subscriptions: usize,
+    /// Subscriptions open at once per token (anonymous callers share one
+    /// count); one more is answered 429.
+    pub max_subscriptions_per_token: usize,
 }
 
 impl Default for ServerConfig {
@@ -62,6 +71,9 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(15),
             max_page: 1000,
+            connections: ConnectionLimits::default(),
+            max_subscriptions: 2048,
+            max_subscriptions_per_token: 256,
         }
     }
 }
@@ -76,6 +88,7 @@ pub(crate) struct AppState {
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Option<::metrics_exporter_prometheus::PrometheusHandle>,
     pub rates: Arc<dashboard::RateSampler>,
+    pub subscriptions: Arc<slots::Slots>,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -88,6 +101,8 @@ pub struct Server {
 impl Server {
     pub fn new(store: Arc<dyn EventStore>, config: ServerConfig) -> Self {
         let (_, shutdown) = watch::channel(false);
+        let subscriptions =
+            slots::Slots::new(config.max_subscriptions, config.max_subscriptions_per_token);
         Server {
             state: AppState {
                 store,
@@ -98,6 +113,7 @@ impl Server {
                 shutdown,
                 metrics: None,
                 rates: Arc::default(),
+                subscriptions,
             },
         }
     }
@@ -134,6 +150,19 @@ impl Server {
         self
     }
 
+    /// Serves on `listener` within the configured [`ConnectionLimits`]
+    /// until `shutdown` completes, then lets requests in flight finish.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let limits = self.state.config.connections.clone();
+        serve_with_limits(listener, self.router(), limits, shutdown).await
+    }
+
+    /// The axum router of every route, with the layers every request
+    /// passes (limits, metrics, JSON errors, tracing).
     pub fn router(self) -> Router {
         let timeout = self.state.config.request_timeout;
         let body_limit = self.state.config.body_limit;
@@ -187,6 +216,7 @@ impl Server {
             .merge(subscriptions)
             .fallback(not_found)
             .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+            .layer(axum::middleware::from_fn(error::json_errors))
             .layer(axum::middleware::from_fn(metrics::track_requests))
             .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))
             .with_state(state)
@@ -206,18 +236,13 @@ fn request_span(request: &axum::http::Request<axum::body::Body>) -> tracing::Spa
 }
 
 /// Serves `router` on `listener` until `shutdown` completes, then lets
-/// requests in flight finish.
+/// requests in flight finish; with the default [`ConnectionLimits`].
 pub async fn serve(
     listener: tokio::net::TcpListener,
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    serve_with_limits(listener, router, ConnectionLimits::default(), shutdown).await
 }
 
 /// Resolves when `shutdown` turns true. A watch whose sender is gone

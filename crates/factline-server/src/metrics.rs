@@ -29,6 +29,7 @@ pub const APPENDED_EVENTS: &str = "factline_appended_events_total";
 pub const APPEND_SECONDS: &str = "factline_append_duration_seconds";
 pub const EVENTS: &str = "factline_events";
 pub const SUBSCRIPTIONS: &str = "factline_subscriptions";
+pub const SUBSCRIPTIONS_REFUSED: &str = "factline_subscriptions_refused_total";
 pub const PROJECTION_LAG_EVENTS: &str = "factline_projection_lag_events";
 pub const PROJECTION_LAG_SECONDS: &str = "factline_projection_lag_seconds";
 pub const PROJECTION_PARKED: &str = "factline_projection_parked_events";
@@ -36,6 +37,8 @@ pub const OUTBOX_BACKLOG: &str = "factline_outbox_backlog";
 pub const OUTBOX_OLDEST_AGE: &str = "factline_outbox_oldest_age_seconds";
 pub const OUTBOX_FAILING: &str = "factline_outbox_failing";
 pub const HTTP_REQUESTS: &str = "http_requests_total";
+pub const CONNECTIONS: &str = "factline_http_connections";
+pub const CONNECTIONS_REFUSED: &str = "factline_http_connections_refused_total";
 pub const HTTP_SECONDS: &str = "http_request_duration_seconds";
 
 /// Latency buckets from 100 µs to 10 s.
@@ -74,6 +77,10 @@ fn describe() {
     );
     metrics::describe_gauge!(EVENTS, "Events in the store (the head position)");
     metrics::describe_gauge!(SUBSCRIPTIONS, "Open Server-Sent Events subscriptions");
+    metrics::describe_counter!(
+        SUBSCRIPTIONS_REFUSED,
+        "Subscriptions refused by a cap (reason: server or token)"
+    );
     metrics::describe_gauge!(
         PROJECTION_LAG_EVENTS,
         "Events committed and not yet applied, per projection"
@@ -93,27 +100,16 @@ fn describe() {
         "Unpublished outbox records that failed at least once"
     );
     metrics::describe_counter!(HTTP_REQUESTS, "HTTP requests by method, route and status");
+    metrics::describe_gauge!(CONNECTIONS, "Open HTTP connections");
+    metrics::describe_counter!(
+        CONNECTIONS_REFUSED,
+        "Connections answered 503 because the connection cap was reached"
+    );
     metrics::describe_histogram!(
         HTTP_SECONDS,
         metrics::Unit::Seconds,
         "HTTP request latency by method and route"
     );
-}
-
-/// An open subscription, counted while it lives.
-pub struct SubscriptionGauge(());
-
-impl SubscriptionGauge {
-    pub fn open() -> Self {
-        metrics::gauge!(SUBSCRIPTIONS).increment(1.0);
-        SubscriptionGauge(())
-    }
-}
-
-impl Drop for SubscriptionGauge {
-    fn drop(&mut self) {
-        metrics::gauge!(SUBSCRIPTIONS).decrement(1.0);
-    }
 }
 
 /// Records each request's count and latency by its route template (not

@@ -18,8 +18,8 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use crate::events::{parse_category, parse_stream_id, Params};
-use crate::metrics::SubscriptionGauge;
-use crate::{ApiError, Authenticated, Shared};
+use crate::slots::Slot;
+use crate::{ApiError, Authenticated, Caller, Shared};
 
 const LAST_EVENT_ID: &str = "last-event-id";
 
@@ -56,7 +56,7 @@ async fn start_position(
 struct Follow {
     subscription: Subscription,
     shutdown: watch::Receiver<bool>,
-    _gauge: SubscriptionGauge,
+    _slot: Slot,
     done: bool,
 }
 
@@ -99,15 +99,17 @@ fn error_event(message: &str) -> Event {
 
 async fn open(
     state: Shared,
+    caller: &Caller,
     filter: StreamFilter,
     headers: HeaderMap,
     query: Option<String>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let from = start_position(&state, &headers, query).await?;
+    let slot = state.subscriptions.take(caller.name())?;
     let follow = Follow {
         subscription: state.store.subscribe(filter, from),
         shutdown: state.shutdown.clone(),
-        _gauge: SubscriptionGauge::open(),
+        _slot: slot,
         done: false,
     };
     Ok(Sse::new(frame(follow)).keep_alive(
@@ -124,7 +126,7 @@ pub async fn all(
     RawQuery(query): RawQuery,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     caller.may_read_all()?;
-    open(state, StreamFilter::All, headers, query).await
+    open(state, &caller, StreamFilter::All, headers, query).await
 }
 
 pub async fn stream(
@@ -136,7 +138,14 @@ pub async fn stream(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let stream_id = parse_stream_id(&stream_id)?;
     caller.may_read(stream_id.category())?;
-    open(state, StreamFilter::Stream(stream_id), headers, query).await
+    open(
+        state,
+        &caller,
+        StreamFilter::Stream(stream_id),
+        headers,
+        query,
+    )
+    .await
 }
 
 pub async fn category(
@@ -148,5 +157,12 @@ pub async fn category(
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let category = parse_category(&category)?;
     caller.may_read(&category)?;
-    open(state, StreamFilter::Category(category), headers, query).await
+    open(
+        state,
+        &caller,
+        StreamFilter::Category(category),
+        headers,
+        query,
+    )
+    .await
 }

@@ -10,6 +10,7 @@
 pub mod baseline;
 mod checkpoint;
 mod commands;
+mod head_poll;
 mod inline;
 mod reader;
 mod schema;
@@ -17,7 +18,7 @@ mod writer;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -79,8 +80,9 @@ pub struct SqliteConfig {
     pub max_batch_events: usize,
     /// Appends that may wait for the writer before callers are held back.
     pub queue_capacity: usize,
-    /// How often an idle subscription re-reads, to see commits made by
-    /// other processes (commits of this process wake it at once).
+    /// How often the store reads its head, to see commits made by other
+    /// processes (commits of this process wake subscriptions at once). One
+    /// read per interval serves every subscription.
     pub fallback_poll: Duration,
     /// How long a connection waits for another process's write lock.
     pub busy_timeout: Duration,
@@ -126,6 +128,8 @@ struct Shared {
     /// Writes besides appends (snapshots, purges): their own connections,
     /// which wait for the writer thread's lock like another process would.
     side_writers: reader::Pool,
+    /// Whether the head poll runs (started by the first subscription).
+    head_poll: OnceLock<bool>,
 }
 
 /// Wraps a SQLite error as a storage failure. Busy/locked databases are
@@ -254,12 +258,19 @@ impl SqliteStore {
                 stats,
                 readers,
                 side_writers,
+                head_poll: OnceLock::new(),
             }),
         })
     }
 
     pub fn path(&self) -> &Path {
         &self.shared.config.path
+    }
+
+    /// How many reads this handle has run (every `read_*`, the head, a
+    /// subscription's page), for tests and metrics.
+    pub fn reads(&self) -> u64 {
+        self.shared.readers.runs()
     }
 
     pub fn stats(&self) -> WriterStats {
@@ -389,11 +400,14 @@ impl EventStore for SqliteStore {
     }
 
     fn subscribe(&self, filter: StreamFilter, from: u64) -> Subscription {
-        Subscription::new(
-            Arc::new(self.clone()),
-            filter,
-            from,
-            Some(self.shared.config.fallback_poll),
-        )
+        // Other processes' commits arrive through the one head poll; only
+        // if it cannot start does each subscription poll for itself.
+        let polled = *self.shared.head_poll.get_or_init(|| {
+            head_poll::spawn(&self.shared.config, &self.shared.head)
+                .inspect_err(|e| tracing::warn!(error = %e, "subscriptions poll one by one"))
+                .is_ok()
+        });
+        let fallback = (!polled).then_some(self.shared.config.fallback_poll);
+        Subscription::new(Arc::new(self.clone()), filter, from, fallback)
     }
 }

@@ -1,6 +1,7 @@
 //! The read side: a small pool of read connections used from
 //! `spawn_blocking`, and the queries.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use chrono::DateTime;
@@ -21,6 +22,7 @@ struct PoolInner {
     config: SqliteConfig,
     read_only: bool,
     idle: Mutex<Vec<Connection>>,
+    runs: AtomicU64,
 }
 
 impl Pool {
@@ -32,6 +34,7 @@ impl Pool {
                 config,
                 read_only,
                 idle: Mutex::new(Vec::new()),
+                runs: AtomicU64::new(0),
             }),
         }
     }
@@ -43,6 +46,7 @@ impl Pool {
         F: FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let inner = self.inner.clone();
+        inner.runs.fetch_add(1, Ordering::Relaxed);
         tokio::task::spawn_blocking(move || {
             let conn = inner.take()?;
             let result = query(&conn);
@@ -51,6 +55,13 @@ impl Pool {
         })
         .await
         .map_err(|e| StorageError::new(format!("a read task failed: {e}")))?
+    }
+}
+
+impl Pool {
+    /// How many queries this pool has run.
+    pub fn runs(&self) -> u64 {
+        self.inner.runs.load(Ordering::Relaxed)
     }
 }
 

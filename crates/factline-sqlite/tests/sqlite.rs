@@ -222,3 +222,51 @@ async fn live_subscriptions_are_woken_by_the_append_not_the_fallback_poll() {
         .unwrap();
     assert_eq!(delivered, appended);
 }
+
+/// Idle subscriptions cost no queries: one poll of the head per store
+/// serves them all, and a commit by another process still reaches every
+/// one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_subscriptions_share_one_head_poll() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.db");
+    let mut config = SqliteConfig::new(&path);
+    config.fallback_poll = std::time::Duration::from_millis(50);
+    let watched = SqliteStore::open_with(config).unwrap();
+    let other_process = SqliteStore::open(&path).unwrap();
+    let waiting: Vec<_> = (0..300)
+        .map(|_| {
+            let mut sub = watched.subscribe(factline_core::StreamFilter::All, 1);
+            tokio::spawn(async move { sub.next().await.map(|e| e.position) })
+        })
+        .collect();
+    // Every subscription has made its first read and found nothing.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while watched.reads() < 300 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "subscriptions never read"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let before = watched.reads();
+    // Ten poll intervals of idleness.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert_eq!(watched.reads(), before, "idle subscriptions ran queries");
+    other_process
+        .append(
+            &sid("Order-1"),
+            ExpectedVersion::Any,
+            vec![EventData::new("T", json!(1))],
+        )
+        .await
+        .unwrap();
+    for task in waiting {
+        let position = tokio::time::timeout(std::time::Duration::from_secs(30), task)
+            .await
+            .expect("a commit of another process did not wake a subscription")
+            .unwrap()
+            .unwrap();
+        assert_eq!(position, 1);
+    }
+}

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use clap::Args;
 use factline::{EventStore, Location};
-use factline_server::{InstrumentedStore, Server, ServerConfig, Tokens};
+use factline_server::{ConnectionLimits, InstrumentedStore, Server, ServerConfig, Tokens};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -57,6 +57,19 @@ pub struct ServeArgs {
     /// Seconds between heartbeats on idle subscriptions.
     #[arg(long, default_value_t = 15.0)]
     pub heartbeat: f64,
+    /// Seconds a client may take to send a request's headers before its
+    /// connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Connections open at once; more are answered 503.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Server-Sent Events subscriptions open at once, in all.
+    #[arg(long, default_value_t = 2048)]
+    pub max_subscriptions: usize,
+    /// Server-Sent Events subscriptions open at once per token.
+    #[arg(long, default_value_t = 256)]
+    pub max_subscriptions_per_token: usize,
 }
 
 impl ServeArgs {
@@ -94,6 +107,28 @@ const MAX_REQUEST_TIMEOUT: f64 = 86_400.0;
 /// Heartbeats from a second (more often only loads the server and its
 /// clients) to an hour (proxies close idle connections long before).
 const HEARTBEAT_RANGE: (f64, f64) = (1.0, 3600.0);
+
+fn at_least_one(flag: &str, value: usize) -> anyhow::Result<usize> {
+    if value == 0 {
+        return Err(usage(format!("{flag} must be at least 1")));
+    }
+    Ok(value)
+}
+
+/// Raises the soft limit on open files to the hard one: each connection
+/// and subscription holds a socket, and distributions start processes at
+/// 1024. Warns when even the hard limit is below the connection cap.
+fn raise_open_files_limit(max_connections: usize) {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) if limit < max_connections as u64 + 64 => tracing::warn!(
+            limit,
+            max_connections,
+            "the open-files limit is below --max-connections; raise the hard limit (ulimit -Hn)"
+        ),
+        Ok(_) => {}
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-files limit"),
+    }
+}
 
 /// Starts the stack. The read models are beside the events unless
 /// `read_models` names another database (the demo's for `memory:`).
@@ -136,8 +171,22 @@ pub async fn start(
             HEARTBEAT_RANGE.0,
             HEARTBEAT_RANGE.1,
         )?,
+        connections: ConnectionLimits::default()
+            .with_header_read_timeout(seconds(
+                "--header-timeout",
+                args.header_timeout,
+                0.1,
+                3600.0,
+            )?)
+            .with_max_connections(at_least_one("--max-connections", args.max_connections)?),
+        max_subscriptions: at_least_one("--max-subscriptions", args.max_subscriptions)?,
+        max_subscriptions_per_token: at_least_one(
+            "--max-subscriptions-per-token",
+            args.max_subscriptions_per_token,
+        )?,
         ..ServerConfig::default()
     };
+    raise_open_files_limit(config.connections.max_connections);
 
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(listener) => listener,
@@ -203,12 +252,7 @@ pub async fn start(
         ));
     }
 
-    let router = server.router();
-    let server = tokio::spawn(factline_server::serve(
-        listener,
-        router,
-        factline_server::stopped_by(stopped),
-    ));
+    let server = tokio::spawn(server.serve(listener, factline_server::stopped_by(stopped)));
     tracing::info!(url = %url, db = %location.describe(), "serving");
     Ok(Stack {
         url,

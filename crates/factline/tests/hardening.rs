@@ -19,6 +19,11 @@ fn huge_tiny_and_odd_durations_are_usage_errors() {
         ["--heartbeat", "0.001"],
         ["--heartbeat", "-1"],
         ["--heartbeat", "inf"],
+        ["--header-timeout", "0"],
+        ["--header-timeout", "1e30"],
+        ["--max-connections", "0"],
+        ["--max-subscriptions", "0"],
+        ["--max-subscriptions-per-token", "0"],
     ] {
         let flag = format!("{}={}", flags[0], flags[1]);
         let out = run(&db.spec, &["serve", "--listen", "127.0.0.1:0", &flag]);
@@ -124,5 +129,44 @@ fn refused_requests_are_logged_at_the_default_level() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let Served { mut child, .. } = served;
+    terminate(&mut child);
+}
+
+/// Each connection holds a file; the server starts with the soft limit
+/// raised to the hard one, whatever it was started with.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_server_raises_its_soft_open_files_limit() {
+    use std::io::{BufRead, BufReader};
+    let db = sqlite_db();
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", "ulimit -Sn 256 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_factline"))
+        .args(["--db", &db.spec, "serve", "--listen", "127.0.0.1:0"])
+        .env_remove("FACTLINE_DB")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (up, serving) = std::sync::mpsc::channel();
+    // Drained to the end, so the server never writes to a closed pipe.
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if line.contains(" on http://") {
+                let _ = up.send(());
+            }
+        }
+    });
+    serving
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the server comes up");
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "soft is hard: {open_files}");
+    assert_ne!(numbers[0], "256", "{open_files}");
     terminate(&mut child);
 }

@@ -25,14 +25,13 @@ impl TestServer {
 
     pub async fn start_with(server: Server) -> Self {
         let (stop, stopped) = watch::channel(false);
-        let router = server.with_shutdown(stopped.clone()).router();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let base = format!("http://{}", listener.local_addr().unwrap());
-        let task = tokio::spawn(factline_server::serve(
-            listener,
-            router,
-            factline_server::stopped_by(stopped),
-        ));
+        let task = tokio::spawn(
+            server
+                .with_shutdown(stopped.clone())
+                .serve(listener, factline_server::stopped_by(stopped)),
+        );
         TestServer {
             base,
             client: reqwest::Client::new(),
