@@ -36,6 +36,9 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     Refused(String),
+    /// The body is not in a format this route takes.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
     /// The caller holds as much of something as one caller may.
     #[error("{0}")]
     TooMany(String),
@@ -71,6 +74,9 @@ impl ApiError {
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Refused(_) => (StatusCode::CONFLICT, "refused"),
             ApiError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
+            }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Store(e) => match e {

@@ -13,6 +13,7 @@ mod connections;
 mod dashboard;
 mod error;
 mod events;
+mod guard;
 mod metrics;
 mod openapi;
 mod slots;
@@ -38,6 +39,7 @@ pub use admin::{DashboardData, ProjectionView, ProjectionsAdmin, RebuildView};
 pub use auth::{Caller, CategorySet, Scopes, Token, Tokens, TokensError, MIN_TOKEN_LEN};
 pub use connections::{serve_with_limits, ConnectionLimits};
 pub use error::{AdminError, ApiError};
+pub use guard::BrowserPolicy;
 pub use metrics::{install_recorder, InstrumentedStore};
 
 /// How the server treats requests.
@@ -61,6 +63,8 @@ pub struct ServerConfig {
     /// Subscriptions open at once per token (anonymous callers share one
     /// count); one more is answered 429.
     pub max_subscriptions_per_token: usize,
+    /// Which `Host` names and page origins are answered.
+    pub browsers: BrowserPolicy,
 }
 
 impl Default for ServerConfig {
@@ -74,6 +78,7 @@ impl Default for ServerConfig {
             connections: ConnectionLimits::default(),
             max_subscriptions: 2048,
             max_subscriptions_per_token: 256,
+            browsers: BrowserPolicy::default(),
         }
     }
 }
@@ -216,6 +221,10 @@ impl Server {
             .merge(subscriptions)
             .fallback(not_found)
             .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                guard::browsers,
+            ))
             .layer(axum::middleware::from_fn(error::json_errors))
             .layer(axum::middleware::from_fn(metrics::track_requests))
             .layer(tower_http::trace::TraceLayer::new_for_http().make_span_with(request_span))

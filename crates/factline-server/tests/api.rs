@@ -411,7 +411,7 @@ async fn subscriptions_stay_open_without_a_shutdown_watch() {
         router,
         std::future::pending(),
     ));
-    let client = reqwest::Client::new();
+    let client = common::json_client();
     let mut live = SseReader::open(&client, &format!("{base}/subscribe/all"), None).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let appended = client

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::TestServer;
 use factline_core::InMemoryStore;
-use factline_server::{ConnectionLimits, Server, ServerConfig, Tokens};
+use factline_server::{BrowserPolicy, ConnectionLimits, Server, ServerConfig, Tokens};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -41,15 +41,15 @@ async fn raw(server: &TestServer, request: &[u8]) -> (u16, Value, String) {
 async fn every_error_answer_is_json_the_parsers_own_included() {
     let server = TestServer::start(Arc::new(InMemoryStore::new()), ServerConfig::default()).await;
     let long_uri = format!(
-        "GET /all?{} HTTP/1.1\r\nhost: x\r\n\r\n",
+        "GET /all?{} HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n",
         "a".repeat(70_000)
     );
     let big_header = format!(
-        "GET /all HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
+        "GET /all HTTP/1.1\r\nhost: 127.0.0.1\r\nx-big: {}\r\n\r\n",
         "b".repeat(600_000)
     );
     let many_headers = format!(
-        "GET /all HTTP/1.1\r\nhost: x\r\n{}\r\n",
+        "GET /all HTTP/1.1\r\nhost: 127.0.0.1\r\n{}\r\n",
         (0..200)
             .map(|i| format!("x-h{i}: v\r\n"))
             .collect::<String>()
@@ -60,12 +60,12 @@ async fn every_error_answer_is_json_the_parsers_own_included() {
         (big_header.as_bytes(), 431, "headers_too_large"),
         (many_headers.as_bytes(), 431, "headers_too_large"),
         (
-            b"GET /streams/%FF%FE HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            b"GET /streams/%FF%FE HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
             400,
             "invalid_request",
         ),
         (
-            b"DELETE /all HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            b"DELETE /all HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
             405,
             "method_not_allowed",
         ),
@@ -90,7 +90,7 @@ async fn every_error_answer_is_json_the_parsers_own_included() {
     }
     let (_, _, text) = raw(
         &server,
-        b"DELETE /all HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+        b"DELETE /all HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
     )
     .await;
     assert!(text.to_ascii_lowercase().contains("allow: get"), "{text}");
@@ -109,7 +109,7 @@ async fn a_connection_that_never_finishes_its_headers_is_closed() {
         .await
         .unwrap();
     stream
-        .write_all(b"GET /health HTTP/1.1\r\nhost: x\r\n")
+        .write_all(b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n")
         .await
         .unwrap();
     let mut rest = Vec::new();
@@ -139,7 +139,8 @@ async fn connections_over_the_cap_are_answered_503_until_one_closes() {
     }
     // The server takes the idle ones before the next.
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, body, text) = raw(&server, b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let (status, body, text) =
+        raw(&server, b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n").await;
     assert_eq!(
         (status, &body["error"]),
         (503, &Value::from("unavailable")),
@@ -150,7 +151,7 @@ async fn connections_over_the_cap_are_answered_503_until_one_closes() {
     loop {
         let (status, _, _) = raw(
             &server,
-            b"GET /health HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            b"GET /health HTTP/1.1\r\nhost: 127.0.0.1\r\nconnection: close\r\n\r\n",
         )
         .await;
         if status == 200 {
@@ -223,5 +224,99 @@ async fn subscriptions_are_capped_in_all_and_per_token() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    server.stop().await;
+}
+
+/// A page on another site cannot use a local server through a visitor's
+/// browser: no form or text posts, no foreign origin, no foreign name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn browsers_cannot_be_used_against_the_server() {
+    let config = ServerConfig {
+        browsers: BrowserPolicy::default()
+            .allow_host("events.internal")
+            .allow_origin("https://ops.example.com"),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(Arc::new(InMemoryStore::new()), config).await;
+    let plain = reqwest::Client::new();
+    let event = r#"{"type":"OrderPlaced"}"#;
+    let post = |content_type: Option<&str>, path: &str| {
+        let mut request = plain.post(server.url(path)).body(event);
+        if let Some(t) = content_type {
+            request = request.header("content-type", t);
+        }
+        async move { request.send().await.unwrap() }
+    };
+    for content_type in [
+        None,
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        Some("multipart/form-data; boundary=x"),
+    ] {
+        for path in ["/streams/Order-1", "/admin/projections/p/pause"] {
+            let answer = post(content_type, path).await;
+            assert_eq!(answer.status(), 415, "{content_type:?} {path}");
+            assert_eq!(
+                answer.json::<Value>().await.unwrap()["error"],
+                "unsupported_media_type"
+            );
+        }
+    }
+    let (_, all) = server.get("/all").await;
+    assert_eq!(all["events"], serde_json::json!([]), "nothing was written");
+    assert_eq!(
+        post(Some("application/json; charset=utf-8"), "/streams/Order-1")
+            .await
+            .status(),
+        201
+    );
+
+    let own = server.base.clone();
+    let host = own.trim_start_matches("http://").to_owned();
+    let port = host.rsplit(':').next().unwrap().to_owned();
+    for (origin, status) in [
+        ("http://evil.example", 403),
+        ("null", 403),
+        (own.as_str(), 200),
+        ("https://ops.example.com", 200),
+    ] {
+        let answer = plain
+            .get(server.url("/all"))
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), status, "Origin {origin}");
+    }
+    let answer = plain
+        .post(server.url("/streams/Order-1"))
+        .header("origin", "http://evil.example")
+        .header("content-type", "application/json")
+        .body(event)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 403);
+    for (name, status) in [
+        (format!("evil.example:{port}"), 403),
+        (format!("localhost:{port}"), 200),
+        (format!("events.internal:{port}"), 200),
+        (host.clone(), 200),
+    ] {
+        let request = format!("GET /all HTTP/1.1\r\nhost: {name}\r\nconnection: close\r\n\r\n");
+        let (got, body, text) = raw(&server, request.as_bytes()).await;
+        assert_eq!(got, status, "Host {name}: {text:.300}");
+        if status == 403 {
+            assert_eq!(body["error"], "forbidden");
+        }
+    }
+    // The dashboard's own page and its data calls are same-origin.
+    let page = plain
+        .get(server.url("/"))
+        .header("origin", own.as_str())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), 200);
     server.stop().await;
 }

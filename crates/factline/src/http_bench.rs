@@ -127,6 +127,7 @@ pub async fn run(args: HttpBench, location: &Location) -> anyhow::Result<()> {
                 let asked = Instant::now();
                 let answer = client
                     .post(format!("{base}/streams/Load-c{c}s{}", k % 8))
+                    .header(reqwest::header::CONTENT_TYPE, "application/json")
                     .body(body)
                     .send()
                     .await;

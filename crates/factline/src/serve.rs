@@ -9,7 +9,9 @@ use std::sync::Arc;
 
 use clap::Args;
 use factline::{EventStore, Location};
-use factline_server::{ConnectionLimits, InstrumentedStore, Server, ServerConfig, Tokens};
+use factline_server::{
+    BrowserPolicy, ConnectionLimits, InstrumentedStore, Server, ServerConfig, Tokens,
+};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -70,6 +72,14 @@ pub struct ServeArgs {
     /// Server-Sent Events subscriptions open at once per token.
     #[arg(long, default_value_t = 256)]
     pub max_subscriptions_per_token: usize,
+    /// A host name the server answers to besides its addresses and
+    /// localhost (repeatable): the name clients and proxies use for it.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+    /// An origin whose web pages may call the server besides its own
+    /// dashboard, e.g. https://ops.example.com (repeatable).
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
 }
 
 impl ServeArgs {
@@ -107,6 +117,27 @@ const MAX_REQUEST_TIMEOUT: f64 = 86_400.0;
 /// Heartbeats from a second (more often only loads the server and its
 /// clients) to an hour (proxies close idle connections long before).
 const HEARTBEAT_RANGE: (f64, f64) = (1.0, 3600.0);
+
+fn browser_policy(args: &ServeArgs) -> anyhow::Result<BrowserPolicy> {
+    let mut policy = BrowserPolicy::default();
+    for name in &args.allowed_hosts {
+        if name.is_empty() || name.contains(['/', ':', ' ']) {
+            return Err(usage(format!(
+                "--allowed-host {name:?} must be a host name without scheme or port"
+            )));
+        }
+        policy = policy.allow_host(name);
+    }
+    for origin in &args.allowed_origins {
+        if !(origin.starts_with("http://") || origin.starts_with("https://")) {
+            return Err(usage(format!(
+                "--allowed-origin {origin:?} must be an origin like https://ops.example.com"
+            )));
+        }
+        policy = policy.allow_origin(origin);
+    }
+    Ok(policy)
+}
 
 fn at_least_one(flag: &str, value: usize) -> anyhow::Result<usize> {
     if value == 0 {
@@ -184,6 +215,7 @@ pub async fn start(
             "--max-subscriptions-per-token",
             args.max_subscriptions_per_token,
         )?,
+        browsers: browser_policy(args)?,
         ..ServerConfig::default()
     };
     raise_open_files_limit(config.connections.max_connections);

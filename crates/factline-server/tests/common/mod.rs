@@ -34,7 +34,7 @@ impl TestServer {
         );
         TestServer {
             base,
-            client: reqwest::Client::new(),
+            client: json_client(),
             stop,
             task,
         }
@@ -69,6 +69,20 @@ impl TestServer {
             .unwrap()
             .unwrap();
     }
+}
+
+/// A client that sends `Content-Type: application/json`, as the server
+/// requires of writes.
+pub fn json_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::CONTENT_TYPE,
+        reqwest::header::HeaderValue::from_static("application/json"),
+    );
+    reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap()
 }
 
 pub use factline_server::sse::{SseMessage, SseParser};

@@ -171,7 +171,11 @@ impl Served {
         self.runtime.block_on(async {
             let url = format!("{}{path}", self.base);
             let mut request = match method {
-                "POST" => self.client.post(url).body(body.unwrap_or("").to_owned()),
+                "POST" => self
+                    .client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body.unwrap_or("").to_owned()),
                 _ => self.client.get(url),
             };
             for (name, value) in headers {
