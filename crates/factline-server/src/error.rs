@@ -36,6 +36,13 @@ pub enum ApiError {
     TooLarge(String),
     #[error("{0}")]
     Refused(String),
+    /// A retried event id does not match what is stored (the store's
+    /// refusal, worded for the caller's scope).
+    #[error("{0}")]
+    IdempotencyMismatch(String),
+    /// An idempotency key of another command.
+    #[error("{0}")]
+    KeyReused(String),
     /// The body is not in a format this route takes.
     #[error("{0}")]
     UnsupportedMediaType(String),
@@ -74,6 +81,8 @@ impl ApiError {
             ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "too_large"),
             ApiError::Refused(_) => (StatusCode::CONFLICT, "refused"),
             ApiError::TooMany(_) => (StatusCode::TOO_MANY_REQUESTS, "too_many"),
+            ApiError::IdempotencyMismatch(_) => (StatusCode::CONFLICT, "idempotency_mismatch"),
+            ApiError::KeyReused(_) => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
             }

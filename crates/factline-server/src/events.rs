@@ -10,13 +10,13 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use factline_core::{
-    check_category, CommandKey, Direction, EventData, ExpectedVersion, ReadStream, RecordedEvent,
-    StreamFilter, StreamId,
+    check_category, CommandKey, Direction, EventData, ExpectedVersion, IdempotencyMismatch,
+    ReadStream, RecordedEvent, StoreError, StreamFilter, StreamId,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::{ApiError, Authenticated, Shared};
+use crate::{ApiError, Authenticated, Caller, Shared};
 
 pub const EXPECTED_VERSION: &str = "expected-version";
 pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
@@ -111,11 +111,13 @@ pub async fn append(
         }
     }
     let count = events.len();
-    let (result, replayed) = match header_text(&headers, IDEMPOTENCY_KEY)? {
-        None => (
-            state.store.append(&stream_id, expected, events).await?,
-            false,
-        ),
+    let key = header_text(&headers, IDEMPOTENCY_KEY)?;
+    let appended = match key {
+        None => state
+            .store
+            .append(&stream_id, expected, events)
+            .await
+            .map(|result| (result, false)),
         Some(key) => {
             // The same key with another stream or body is another command.
             let mut fingerprint = Sha256::new();
@@ -127,16 +129,19 @@ pub async fn append(
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect();
-            let command = CommandKey::new(key, fingerprint);
-            command.validate()?;
-            let appended = state
+            CommandKey::new(key, "").validate()?;
+            let command = CommandKey::new(scoped_key(&caller, key), fingerprint);
+            state
                 .store
                 .append_command(&stream_id, expected, events, &command)
-                .await?;
-            let replayed = matches!(appended, factline_core::Appended::Replayed(_));
-            (appended.result().clone(), replayed)
+                .await
+                .map(|appended| {
+                    let replayed = matches!(appended, factline_core::Appended::Replayed(_));
+                    (appended.result().clone(), replayed)
+                })
         }
     };
+    let (result, replayed) = appended.map_err(|e| within_scope(&caller, key, e))?;
     tracing::debug!(stream = %stream_id, events = count, caller = caller.name(), "appended");
     let mut response = (StatusCode::CREATED, Json(result)).into_response();
     if replayed {
@@ -145,6 +150,53 @@ pub async fn append(
             .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
     Ok(response)
+}
+
+/// An idempotency key as stored: a token's keys live apart from every
+/// other token's, so no client can take (squat) a key another will send.
+/// Anonymous callers (a server without tokens) share one space.
+fn scoped_key(caller: &Caller, key: &str) -> String {
+    let Caller::Token { name, .. } = caller else {
+        return key.to_owned();
+    };
+    let hex = |bytes: &[u8]| bytes.iter().map(|b| format!("{b:02x}")).collect::<String>();
+    let scope = hex(&Sha256::digest(name.as_bytes())[..8]);
+    let scoped = format!("{scope}/{key}");
+    if scoped.len() <= CommandKey::MAX_KEY_BYTES {
+        scoped
+    } else {
+        // Still unique per key, within the stored length.
+        format!("{scope}#{}", hex(&Sha256::digest(key.as_bytes())))
+    }
+}
+
+/// A store's refusal as the caller may see it: nothing about a stream of
+/// a category the caller cannot read, and the idempotency key as sent.
+fn within_scope(caller: &Caller, key: Option<&str>, error: StoreError) -> ApiError {
+    match error {
+        StoreError::IdempotencyMismatch {
+            reason:
+                IdempotencyMismatch::OtherStream {
+                    event_id,
+                    stream_id,
+                },
+            ..
+        } if caller.may_read(stream_id.category()).is_err() => {
+            ApiError::IdempotencyMismatch(format!(
+                "event id {event_id} is already used by another event; a new event needs a new id"
+            ))
+        }
+        StoreError::CommandKeyReused { stream_id, .. } => {
+            let key = key.unwrap_or_default();
+            let message = if caller.may_read(stream_id.category()).is_ok() {
+                format!("idempotency key {key:?} was already used by a different command (on stream {stream_id})")
+            } else {
+                format!("idempotency key {key:?} was already used by a different command")
+            };
+            ApiError::KeyReused(message)
+        }
+        other => ApiError::Store(other),
+    }
 }
 
 /// Query parameters, with an error naming any that is unknown or bad.

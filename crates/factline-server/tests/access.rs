@@ -122,6 +122,115 @@ async fn tokens_are_required_and_scoped_per_category() {
     server.stop().await;
 }
 
+/// What one token learns from refusals stays within its scopes: an event
+/// id or idempotency key used in a category it cannot read shows no stream,
+/// and idempotency keys are per token, so none can take another's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_reveal_nothing_outside_the_callers_scopes() {
+    const SECRETS: &str = "secrets-token-0123456789";
+    const DROP_BOX: &str = "drop-box-token-0123456789";
+    const PAYMENTS: &str = "payments-token-0123456789";
+    let tokens = Tokens::parse(&format!(
+        r#"{{"tokens":[
+            {{"name":"orders","token":"{WRITER}","read":["Order"],"write":["Order"]}},
+            {{"name":"payments","token":"{PAYMENTS}","read":["Order"],"write":["Order"]}},
+            {{"name":"secrets","token":"{SECRETS}","read":["Secret"],"write":["Secret"]}},
+            {{"name":"drop-box","token":"{DROP_BOX}","write":["Secret"]}}
+        ]}}"#
+    ))
+    .unwrap();
+    let config = ServerConfig {
+        tokens: Some(tokens),
+        ..ServerConfig::default()
+    };
+    let server = TestServer::start(Arc::new(InMemoryStore::new()), config).await;
+    let post = |token: &str, path: &str, body: &str, key: Option<&str>| {
+        let mut request = server
+            .client
+            .post(server.url(path))
+            .bearer_auth(token)
+            .body(body.to_owned());
+        if let Some(key) = key {
+            request = request.header("Idempotency-Key", key);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    // An event id taken in a category the caller cannot read.
+    let id = "0193a1b2-0000-7000-8000-00000000beef";
+    let event = format!(r#"{{"event_id":"{id}","type":"Hidden"}}"#);
+    assert_eq!(
+        post(SECRETS, "/streams/Secret-plans", &event, None).await.0,
+        201
+    );
+    let (status, answer) = post(WRITER, "/streams/Order-1", &event, None).await;
+    assert_eq!(
+        (status, &answer["error"]),
+        (409, &serde_json::json!("idempotency_mismatch"))
+    );
+    assert!(!answer.to_string().contains("Secret"), "{answer}");
+    // The owner of the category still sees where it is.
+    let (status, answer) = post(SECRETS, "/streams/Secret-other", &event, None).await;
+    assert_eq!(status, 409);
+    assert!(
+        answer["message"].as_str().unwrap().contains("Secret-plans"),
+        "{answer}"
+    );
+
+    // One key, two tokens: two commands, each replayed only to its sender.
+    let (status, first) = post(WRITER, "/streams/Order-1", r#"{"type":"A"}"#, Some("k-1")).await;
+    assert_eq!(status, 201);
+    let (status, other) = post(PAYMENTS, "/streams/Order-2", r#"{"type":"B"}"#, Some("k-1")).await;
+    assert_eq!(status, 201, "{other}");
+    assert_ne!(first["first_position"], other["first_position"]);
+    assert_eq!(
+        post(WRITER, "/streams/Order-1", r#"{"type":"A"}"#, Some("k-1")).await,
+        (201, first)
+    );
+    let long_key = "k".repeat(256);
+    let (status, _) = post(
+        PAYMENTS,
+        "/streams/Order-3",
+        r#"{"type":"C"}"#,
+        Some(&long_key),
+    )
+    .await;
+    assert_eq!(status, 201, "a key of the full length is scoped too");
+
+    // A key reused by a token that may write but not read the stream.
+    assert_eq!(
+        post(
+            DROP_BOX,
+            "/streams/Secret-box",
+            r#"{"type":"D"}"#,
+            Some("k-2")
+        )
+        .await
+        .0,
+        201
+    );
+    let (status, answer) = post(
+        DROP_BOX,
+        "/streams/Secret-box",
+        r#"{"type":"E"}"#,
+        Some("k-2"),
+    )
+    .await;
+    assert_eq!(
+        (status, &answer["error"]),
+        (422, &serde_json::json!("idempotency_key_reused"))
+    );
+    assert!(!answer.to_string().contains("Secret-box"), "{answer}");
+    assert!(
+        answer["message"].as_str().unwrap().contains("\"k-2\""),
+        "{answer}"
+    );
+    server.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_requests_time_out() {
     // A client that sends headers and then stalls its body is cut off
