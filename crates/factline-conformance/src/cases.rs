@@ -4,9 +4,9 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use factline_core::{
-    AppendResult, Appended, CommandKey, CommandRecord, EventData, EventStore, ExpectedVersion,
-    IdempotencyMismatch, JsonText, Limits, Metadata, ReadStream, RecordedEvent, StoreError,
-    StreamFilter, StreamId,
+    AppendResult, Appended, CommandKey, CommandRecord, Direction, EventData, EventStore,
+    ExpectedVersion, IdempotencyMismatch, JsonText, Limits, Metadata, ReadStream, RecordedEvent,
+    StoreError, StreamFilter, StreamId,
 };
 use serde_json::json;
 use uuid::Uuid;
@@ -468,6 +468,95 @@ pub async fn unreadable_json_is_refused_and_nothing_written<S: EventStore>(store
     let texts: Vec<&str> = read.iter().map(|e| e.data.as_str()).collect();
     assert_eq!(texts, edges, "stored as sent");
     assert!(read.iter().all(|e| e.data.to_value().is_ok()));
+}
+
+/// Bounded reads stop at the event that crosses the byte budget, keep
+/// their limit, filter and direction, and always return one event when
+/// any matches; the pages join up to the whole.
+pub async fn bounded_reads_stop_at_the_byte_budget<S: EventStore>(store: S) {
+    for i in 0..40u64 {
+        let stream = if i % 2 == 0 { "Big-1" } else { "Small-1" };
+        let size = if i % 2 == 0 { 1000 + i as usize } else { 10 };
+        let e = EventData::new("Sized", json!({ "i": i, "pad": "x".repeat(size) }));
+        store.append(&sid(stream), ANY, vec![e]).await.unwrap();
+    }
+    let all = all_events(&store).await;
+    let expected = |events: &[RecordedEvent], limit: usize, budget: usize| {
+        let mut bytes = 0;
+        let mut n = 0;
+        for e in events.iter().take(limit) {
+            n += 1;
+            bytes += e.text_len();
+            if bytes >= budget {
+                break;
+            }
+        }
+        n
+    };
+    for (limit, budget) in [
+        (100, 1),
+        (100, 2500),
+        (100, 10_000),
+        (5, 1_000_000),
+        (100, usize::MAX),
+    ] {
+        let page = store
+            .read_filtered_bounded(&StreamFilter::All, 1, limit, budget)
+            .await
+            .unwrap();
+        assert_eq!(
+            page.len(),
+            expected(&all, limit, budget),
+            "limit {limit}, budget {budget}"
+        );
+        assert_eq!(page, all[..page.len()].to_vec());
+    }
+    // Paging on from the last position reads everything exactly once.
+    let mut paged = Vec::new();
+    loop {
+        let from = paged.last().map_or(1, |e: &RecordedEvent| e.position + 1);
+        let page = store
+            .read_filtered_bounded(&StreamFilter::All, from, 1000, 3000)
+            .await
+            .unwrap();
+        if page.is_empty() {
+            break;
+        }
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    let big: Vec<_> = all
+        .iter()
+        .filter(|e| e.stream_id.as_str() == "Big-1")
+        .cloned()
+        .collect();
+    let page = store
+        .read_filtered_bounded(&StreamFilter::Category("Big".into()), 1, 100, 3500)
+        .await
+        .unwrap();
+    assert_eq!(page, big[..expected(&big, 100, 3500)].to_vec());
+    let backwards = store
+        .read_stream_bounded(
+            &sid("Big-1"),
+            ReadStream {
+                direction: Direction::Backwards,
+                from_version: None,
+                limit: 100,
+            },
+            2500,
+        )
+        .await
+        .unwrap();
+    let reversed: Vec<_> = big.iter().rev().cloned().collect();
+    assert_eq!(
+        backwards,
+        reversed[..expected(&reversed, 100, 2500)].to_vec()
+    );
+    let forwards = store
+        .read_stream_bounded(&sid("Big-1"), ReadStream::forwards(), 1)
+        .await
+        .unwrap();
+    assert_eq!(forwards, big[..1].to_vec());
 }
 
 /// Stream ids are validated when constructed, so a store can never be handed

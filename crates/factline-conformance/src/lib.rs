@@ -42,6 +42,7 @@ macro_rules! conformance_suite {
             oversized_event_is_refused_and_nothing_written,
             malformed_event_type_is_refused_and_nothing_written,
             unreadable_json_is_refused_and_nothing_written,
+            bounded_reads_stop_at_the_byte_budget,
             invalid_stream_ids_cannot_be_constructed,
             read_stream_forwards_backwards_from_and_limit,
             read_missing_stream_is_empty,

@@ -101,6 +101,27 @@ pub struct RecordedEvent {
     pub recorded_at: DateTime<Utc>,
 }
 
+impl RecordedEvent {
+    /// The bytes of its stored JSON text (data, and metadata when not the
+    /// default): what a read budget counts.
+    pub fn text_len(&self) -> usize {
+        let metadata = if self.metadata == Metadata::default() {
+            0
+        } else {
+            // Small and typed: its fields' lengths stand for its text.
+            self.metadata.correlation_id.as_ref().map_or(0, String::len)
+                + self.metadata.causation_id.as_ref().map_or(0, String::len)
+                + self
+                    .metadata
+                    .headers
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+        };
+        self.data.as_str().len() + self.event_type.len() + metadata
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

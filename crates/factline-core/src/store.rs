@@ -51,6 +51,9 @@ impl ReadStream {
     }
 }
 
+/// Events per read of the default [`EventStore::read_filtered_bounded`].
+pub const BOUNDED_CHUNK: usize = 64;
+
 /// A set of events in global order: `$all`, one category, or one stream.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum StreamFilter {
@@ -141,6 +144,81 @@ pub trait EventStore: Send + Sync + 'static {
         from: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError>;
+
+    /// [`EventStore::read_filtered`] within a memory budget: stops once the
+    /// events read hold `max_bytes` of data and metadata text, so a page of
+    /// large events takes bounded memory. The event that crosses the budget
+    /// is returned (so at least one is, when any matches); fewer than
+    /// `limit` events does not mean the end was reached.
+    ///
+    /// The default reads chunks of [`BOUNDED_CHUNK`] events; backends that
+    /// can stop reading rows part-way override it.
+    async fn read_filtered_bounded(
+        &self,
+        filter: &StreamFilter,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        let mut next = from;
+        while page.len() < limit && bytes < max_bytes {
+            let chunk = BOUNDED_CHUNK.min(limit - page.len());
+            let events = self.read_filtered(filter, next, chunk).await?;
+            let done = events.len() < chunk;
+            for event in events {
+                next = event.position + 1;
+                bytes += event.text_len();
+                page.push(event);
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            if done {
+                break;
+            }
+        }
+        Ok(page)
+    }
+
+    /// [`EventStore::read_stream`] within a memory budget, as
+    /// [`EventStore::read_filtered_bounded`].
+    async fn read_stream_bounded(
+        &self,
+        stream_id: &StreamId,
+        options: ReadStream,
+        max_bytes: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        let mut page: Vec<RecordedEvent> = Vec::new();
+        let mut bytes = 0;
+        let mut next = options.from_version;
+        while page.len() < options.limit && bytes < max_bytes {
+            let chunk = BOUNDED_CHUNK.min(options.limit - page.len());
+            let read = ReadStream {
+                direction: options.direction,
+                from_version: next,
+                limit: chunk,
+            };
+            let events = self.read_stream(stream_id, read).await?;
+            let done = events.len() < chunk;
+            for event in events {
+                next = match options.direction {
+                    Direction::Forwards => Some(event.version + 1),
+                    Direction::Backwards => Some(event.version.saturating_sub(1)),
+                };
+                bytes += event.text_len();
+                page.push(event);
+                if bytes >= max_bytes {
+                    break;
+                }
+            }
+            if done || next == Some(0) {
+                break;
+            }
+        }
+        Ok(page)
+    }
 
     /// Reads `$all` from global position `from` (inclusive).
     async fn read_all(&self, from: u64, limit: usize) -> Result<Vec<RecordedEvent>, StoreError> {

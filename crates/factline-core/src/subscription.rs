@@ -6,6 +6,11 @@ use tokio::sync::watch;
 
 use crate::{DecodeError, DomainEvent, EventStore, RecordedEvent, StoreError, StreamFilter};
 
+/// A subscription buffers at most one page, which ends at the event that
+/// brings it to this many bytes: many subscribers of large events stay
+/// small in memory.
+pub const PAGE_BYTES: usize = 4 * 1024 * 1024;
+
 /// Why [`Subscription::next_typed`] gave no typed event.
 #[derive(Debug, thiserror::Error)]
 pub enum TypedError {
@@ -101,7 +106,7 @@ impl Subscription {
             self.head.borrow_and_update();
             let page = match self
                 .store
-                .read_filtered(&self.filter, self.next_position, self.page_size)
+                .read_filtered_bounded(&self.filter, self.next_position, self.page_size, PAGE_BYTES)
                 .await
             {
                 Ok(page) => page,

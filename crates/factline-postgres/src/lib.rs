@@ -272,16 +272,42 @@ impl PostgresStore {
             .map_err(|e| pg_error(context, e))
     }
 
+    /// Runs an events query, taking rows as they arrive and stopping once
+    /// they hold `max_bytes` of text (the rest is never decoded or kept).
     async fn read_events(
         &self,
         sql: &str,
         params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+        max_bytes: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
-        self.query("reading events", sql, params)
-            .await?
-            .iter()
-            .map(decode_event)
-            .collect()
+        use futures_util::TryStreamExt;
+        const CONTEXT: &str = "reading events";
+        let client = self
+            .inner
+            .pool
+            .get()
+            .await
+            .map_err(|e| pool_error(CONTEXT, e))?;
+        let statement = client
+            .prepare_cached(sql)
+            .await
+            .map_err(|e| pg_error(CONTEXT, e))?;
+        let rows = client
+            .query_raw(&statement, params.iter().copied())
+            .await
+            .map_err(|e| pg_error(CONTEXT, e))?;
+        let mut rows = std::pin::pin!(rows);
+        let mut events = Vec::new();
+        let mut bytes = 0;
+        while let Some(row) = rows.try_next().await.map_err(|e| pg_error(CONTEXT, e))? {
+            let event = decode_event(&row)?;
+            bytes += event.text_len();
+            events.push(event);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(events)
     }
 }
 
@@ -473,6 +499,16 @@ impl EventStore for PostgresStore {
         stream_id: &StreamId,
         options: ReadStream,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read_stream_bounded(stream_id, options, usize::MAX)
+            .await
+    }
+
+    async fn read_stream_bounded(
+        &self,
+        stream_id: &StreamId,
+        options: ReadStream,
+        max_bytes: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let limit = sql_limit(options.limit);
         let sql = &self.inner.sql;
         match options.direction {
@@ -482,6 +518,7 @@ impl EventStore for PostgresStore {
                 self.read_events(
                     &sql.read_stream_forwards,
                     &[&stream_id.as_str(), &from, &limit, &until],
+                    max_bytes,
                 )
                 .await
             }
@@ -490,6 +527,7 @@ impl EventStore for PostgresStore {
                 self.read_events(
                     &sql.read_stream_backwards,
                     &[&stream_id.as_str(), &from, &limit],
+                    max_bytes,
                 )
                 .await
             }
@@ -502,17 +540,39 @@ impl EventStore for PostgresStore {
         from: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read_filtered_bounded(filter, from, limit, usize::MAX)
+            .await
+    }
+
+    async fn read_filtered_bounded(
+        &self,
+        filter: &StreamFilter,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let (from, limit) = (sql_u64(from), sql_limit(limit));
         let sql = &self.inner.sql;
         match filter {
-            StreamFilter::All => self.read_events(&sql.read_all, &[&from, &limit]).await,
-            StreamFilter::Category(category) => {
-                self.read_events(&sql.read_category, &[&category.as_str(), &from, &limit])
+            StreamFilter::All => {
+                self.read_events(&sql.read_all, &[&from, &limit], max_bytes)
                     .await
             }
+            StreamFilter::Category(category) => {
+                self.read_events(
+                    &sql.read_category,
+                    &[&category.as_str(), &from, &limit],
+                    max_bytes,
+                )
+                .await
+            }
             StreamFilter::Stream(stream_id) => {
-                self.read_events(&sql.read_one_stream, &[&stream_id.as_str(), &from, &limit])
-                    .await
+                self.read_events(
+                    &sql.read_one_stream,
+                    &[&stream_id.as_str(), &from, &limit],
+                    max_bytes,
+                )
+                .await
             }
         }
     }

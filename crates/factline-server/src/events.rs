@@ -289,7 +289,7 @@ pub async fn read_stream(
     Authenticated(caller): Authenticated,
     Path(stream_id): Path<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Events>, ApiError> {
+) -> Result<Response, ApiError> {
     let stream_id = parse_stream_id(&stream_id)?;
     caller.may_read(stream_id.category())?;
     let params = Params::parse(query, &["from", "limit", "direction"])?;
@@ -307,27 +307,60 @@ pub async fn read_stream(
         from_version: params.number("from")?,
         limit: params.limit(state.config.max_page)?,
     };
-    let events = state.store.read_stream(&stream_id, options).await?;
-    Ok(Json(Events { events }))
+    let _permit = read_permit(&state).await?;
+    let events = state
+        .store
+        .read_stream_bounded(&stream_id, options, state.config.max_page_bytes)
+        .await?;
+    page(events)
+}
+
+/// Waits for one of the reads that may run at once (the request timeout
+/// bounds the wait), so concurrent pages cannot add up without bound.
+async fn read_permit(state: &Shared) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+    state
+        .reads
+        .acquire()
+        .await
+        .map_err(|_| ApiError::Unavailable("the server is shutting down".into()))
+}
+
+/// A page as its JSON text, made while the read's permit is held: the
+/// events and their text are the memory a read takes.
+fn page(events: Vec<RecordedEvent>) -> Result<Response, ApiError> {
+    let body = serde_json::to_vec(&Events { events })
+        .map_err(|e| ApiError::Internal(format!("cannot encode the page: {e}")))?;
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        body,
+    )
+        .into_response())
 }
 
 async fn read_filtered(
     state: &Shared,
     filter: StreamFilter,
     query: Option<String>,
-) -> Result<Json<Events>, ApiError> {
+) -> Result<Response, ApiError> {
     let params = Params::parse(query, &["from", "limit"])?;
     let from = params.number("from")?.unwrap_or(1);
     let limit = params.limit(state.config.max_page)?;
-    let events = state.store.read_filtered(&filter, from, limit).await?;
-    Ok(Json(Events { events }))
+    let _permit = read_permit(state).await?;
+    let events = state
+        .store
+        .read_filtered_bounded(&filter, from, limit, state.config.max_page_bytes)
+        .await?;
+    page(events)
 }
 
 pub async fn read_all(
     State(state): State<Shared>,
     Authenticated(caller): Authenticated,
     RawQuery(query): RawQuery,
-) -> Result<Json<Events>, ApiError> {
+) -> Result<Response, ApiError> {
     caller.may_read_all()?;
     read_filtered(&state, StreamFilter::All, query).await
 }
@@ -337,7 +370,7 @@ pub async fn read_category(
     Authenticated(caller): Authenticated,
     Path(category): Path<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<Events>, ApiError> {
+) -> Result<Response, ApiError> {
     let category = parse_category(&category)?;
     caller.may_read(&category)?;
     read_filtered(&state, StreamFilter::Category(category), query).await

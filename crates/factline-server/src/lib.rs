@@ -56,6 +56,12 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// The most events one read returns.
     pub max_page: usize,
+    /// A page ends at the event that brings its data and metadata to this
+    /// many bytes (so pages of large events stay small in memory); clients
+    /// go on from the last position they got.
+    pub max_page_bytes: usize,
+    /// Reads (pages) that run at once; more wait their turn.
+    pub max_concurrent_reads: usize,
     /// Limits on connections: the header deadline and how many at once.
     pub connections: ConnectionLimits,
     /// Subscriptions open at once, in all; one more is answered 503.
@@ -75,6 +81,8 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(30),
             heartbeat: Duration::from_secs(15),
             max_page: 1000,
+            max_page_bytes: 4 * 1024 * 1024,
+            max_concurrent_reads: 16,
             connections: ConnectionLimits::default(),
             max_subscriptions: 2048,
             max_subscriptions_per_token: 256,
@@ -94,6 +102,7 @@ pub(crate) struct AppState {
     pub metrics: Option<::metrics_exporter_prometheus::PrometheusHandle>,
     pub rates: Arc<dashboard::RateSampler>,
     pub subscriptions: Arc<slots::Slots>,
+    pub reads: tokio::sync::Semaphore,
 }
 
 pub(crate) type Shared = Arc<AppState>;
@@ -108,6 +117,7 @@ impl Server {
         let (_, shutdown) = watch::channel(false);
         let subscriptions =
             slots::Slots::new(config.max_subscriptions, config.max_subscriptions_per_token);
+        let reads = tokio::sync::Semaphore::new(config.max_concurrent_reads.max(1));
         Server {
             state: AppState {
                 store,
@@ -119,6 +129,7 @@ impl Server {
                 metrics: None,
                 rates: Arc::default(),
                 subscriptions,
+                reads,
             },
         }
     }

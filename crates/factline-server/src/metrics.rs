@@ -312,6 +312,29 @@ impl EventStore for InstrumentedStore {
         self.inner.read_filtered(filter, from, limit).await
     }
 
+    async fn read_filtered_bounded(
+        &self,
+        filter: &StreamFilter,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner
+            .read_filtered_bounded(filter, from, limit, max_bytes)
+            .await
+    }
+
+    async fn read_stream_bounded(
+        &self,
+        stream_id: &StreamId,
+        options: ReadStream,
+        max_bytes: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.inner
+            .read_stream_bounded(stream_id, options, max_bytes)
+            .await
+    }
+
     async fn head_position(&self) -> Result<u64, StoreError> {
         self.inner.head_position().await
     }

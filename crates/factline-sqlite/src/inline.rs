@@ -51,7 +51,13 @@ pub(crate) fn catch_up(
             Err(message) => return refused(projection.as_ref(), message),
         };
         while from <= to {
-            let mut page = match crate::reader::read_filtered(tx, &StreamFilter::All, from, PAGE) {
+            let mut page = match crate::reader::read_filtered(
+                tx,
+                &StreamFilter::All,
+                from,
+                PAGE,
+                usize::MAX,
+            ) {
                 Ok(page) => page,
                 Err(e) => return refused(projection.as_ref(), format!("reading the events: {e}")),
             };

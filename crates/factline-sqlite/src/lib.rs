@@ -371,10 +371,20 @@ impl EventStore for SqliteStore {
         stream_id: &StreamId,
         options: ReadStream,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read_stream_bounded(stream_id, options, usize::MAX)
+            .await
+    }
+
+    async fn read_stream_bounded(
+        &self,
+        stream_id: &StreamId,
+        options: ReadStream,
+        max_bytes: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let stream_id = stream_id.clone();
         self.shared
             .readers
-            .run(move |conn| reader::read_stream(conn, &stream_id, options))
+            .run(move |conn| reader::read_stream(conn, &stream_id, options, max_bytes))
             .await
     }
 
@@ -384,10 +394,21 @@ impl EventStore for SqliteStore {
         from: u64,
         limit: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
+        self.read_filtered_bounded(filter, from, limit, usize::MAX)
+            .await
+    }
+
+    async fn read_filtered_bounded(
+        &self,
+        filter: &StreamFilter,
+        from: u64,
+        limit: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<RecordedEvent>, StoreError> {
         let filter = filter.clone();
         self.shared
             .readers
-            .run(move |conn| reader::read_filtered(conn, &filter, from, limit))
+            .run(move |conn| reader::read_filtered(conn, &filter, from, limit, max_bytes))
             .await
     }
 

@@ -108,6 +108,7 @@ pub(crate) fn read_stream(
     conn: &Connection,
     stream_id: &StreamId,
     options: ReadStream,
+    max_bytes: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
     let (sql, from) = match options.direction {
         Direction::Forwards => (
@@ -123,14 +124,19 @@ pub(crate) fn read_stream(
         conn,
         &sql,
         params![stream_id.as_str(), sql_u64(from), sql_limit(options.limit)],
+        max_bytes,
     )
 }
 
+/// The events of `filter` from `from`, at most `limit`, stopping once they
+/// hold `max_bytes` of text (rows are stepped one by one, so the rest are
+/// never read).
 pub(crate) fn read_filtered(
     conn: &Connection,
     filter: &StreamFilter,
     from: u64,
     limit: usize,
+    max_bytes: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
     let (from, limit) = (sql_u64(from), sql_limit(limit));
     match filter {
@@ -138,11 +144,13 @@ pub(crate) fn read_filtered(
             conn,
             &format!("{SELECT_EVENTS} WHERE e.position >= ?1 ORDER BY e.position LIMIT ?2"),
             params![from, limit],
+            max_bytes,
         ),
         StreamFilter::Category(category) => query_events(
             conn,
             &format!("{SELECT_EVENTS} WHERE e.category = ?1 AND e.position >= ?2 ORDER BY e.position LIMIT ?3"),
             params![category, from, limit],
+            max_bytes,
         ),
         // Within one stream version order is position order, and the
         // (stream_no, version) index serves it without a sort.
@@ -150,6 +158,7 @@ pub(crate) fn read_filtered(
             conn,
             &format!("{SELECT_EVENTS} WHERE s.stream_id = ?1 AND e.position >= ?2 ORDER BY e.version LIMIT ?3"),
             params![stream_id.as_str(), from, limit],
+            max_bytes,
         ),
     }
 }
@@ -158,6 +167,7 @@ fn query_events(
     conn: &Connection,
     sql: &str,
     params: impl rusqlite::Params,
+    max_bytes: usize,
 ) -> Result<Vec<RecordedEvent>, StoreError> {
     let read_err = db_error("reading events");
     let mut stmt = conn.prepare_cached(sql).map_err(&read_err)?;
@@ -165,8 +175,14 @@ fn query_events(
         .query_map(params, RawEvent::from_row)
         .map_err(&read_err)?;
     let mut events = Vec::new();
+    let mut bytes = 0;
     for row in rows {
-        events.push(row.map_err(&read_err)?.decode()?);
+        let event = row.map_err(&read_err)?.decode()?;
+        bytes += event.text_len();
+        events.push(event);
+        if bytes >= max_bytes {
+            break;
+        }
     }
     Ok(events)
 }

@@ -72,6 +72,13 @@ pub struct ServeArgs {
     /// Server-Sent Events subscriptions open at once per token.
     #[arg(long, default_value_t = 256)]
     pub max_subscriptions_per_token: usize,
+    /// A page of events ends at the event that brings it to this many
+    /// bytes (clients go on from its last position).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_page_bytes: usize,
+    /// Reads that run at once; more wait their turn.
+    #[arg(long, default_value_t = 16)]
+    pub max_concurrent_reads: usize,
     /// A host name the server answers to besides its addresses and
     /// localhost (repeatable): the name clients and proxies use for it.
     #[arg(long = "allowed-host", value_name = "NAME")]
@@ -216,6 +223,8 @@ pub async fn start(
             args.max_subscriptions_per_token,
         )?,
         browsers: browser_policy(args)?,
+        max_page_bytes: at_least_one("--max-page-bytes", args.max_page_bytes)?,
+        max_concurrent_reads: at_least_one("--max-concurrent-reads", args.max_concurrent_reads)?,
         ..ServerConfig::default()
     };
     raise_open_files_limit(config.connections.max_connections);

@@ -24,6 +24,8 @@ fn huge_tiny_and_odd_durations_are_usage_errors() {
         ["--max-connections", "0"],
         ["--max-subscriptions", "0"],
         ["--max-subscriptions-per-token", "0"],
+        ["--max-page-bytes", "0"],
+        ["--max-concurrent-reads", "0"],
     ] {
         let flag = format!("{}={}", flags[0], flags[1]);
         let out = run(&db.spec, &["serve", "--listen", "127.0.0.1:0", &flag]);
@@ -168,5 +170,61 @@ fn the_server_raises_its_soft_open_files_limit() {
     let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
     assert_eq!(numbers[0], numbers[1], "soft is hard: {open_files}");
     assert_ne!(numbers[0], "256", "{open_files}");
+    terminate(&mut child);
+}
+
+/// The server's peak resident memory, from the kernel.
+#[cfg(target_os = "linux")]
+fn peak_rss_mb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kb / 1024
+}
+
+/// Pages are capped by bytes and reads by number, so eight clients asking
+/// at once for a thousand 60 KB events each leave the server small.
+#[cfg(target_os = "linux")]
+#[test]
+fn concurrent_pages_of_large_events_take_bounded_memory() {
+    let db = sqlite_db();
+    let pad = "x".repeat(60 * 1024 - 100);
+    let lines: String = (0..250)
+        .map(|i| format!("{{\"type\":\"Big\",\"data\":{{\"i\":{i},\"pad\":\"{pad}\"}}}}\n"))
+        .collect();
+    for stream in ["Big-1", "Big-2", "Big-3", "Big-4"] {
+        let out = run_with_stdin(&db.spec, &["append", stream, "--batch"], &lines);
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    let served = Served::start(&db.spec, &["--listen", "127.0.0.1:0"]);
+    let pid = served.child.id();
+    let before = peak_rss_mb(pid);
+    let pages: Vec<usize> = served.runtime.block_on(async {
+        let asks = (0..8).map(|i| {
+            let client = served.client.clone();
+            let url = format!("{}/all?from={}&limit=1000", served.base, 1 + (i % 8) * 100);
+            tokio::spawn(async move {
+                let text = client.get(url).send().await.unwrap().text().await.unwrap();
+                let page: serde_json::Value = serde_json::from_str(&text).unwrap();
+                page["events"].as_array().unwrap().len()
+            })
+        });
+        let mut sizes = Vec::new();
+        for ask in asks.collect::<Vec<_>>() {
+            sizes.push(ask.await.unwrap());
+        }
+        sizes
+    });
+    assert!(
+        pages.iter().all(|&n| n > 0 && n < 1000),
+        "pages end by bytes: {pages:?}"
+    );
+    let peak = peak_rss_mb(pid);
+    eprintln!("peak resident memory: {before} MB before the reads, {peak} MB after");
+    assert!(peak < 300, "the server reached {peak} MB");
+    let Served { mut child, .. } = served;
     terminate(&mut child);
 }
