@@ -17,7 +17,7 @@ pub struct Metadata {
     #[serde(default)]
     pub causation_id: Option<String>,
     /// The version of the event type's schema this payload follows.
-    #[serde(default = "first_schema_version")]
+    #[serde(default = "first_schema_version", deserialize_with = "whole_u32")]
     pub schema_version: u32,
     /// Free-form string headers.
     #[serde(default)]
@@ -26,6 +26,27 @@ pub struct Metadata {
 
 fn first_schema_version() -> u32 {
     1
+}
+
+/// A `u32` written as an integer or as a float with no fraction (`2.0`):
+/// JSON does not tell them apart, and clients in many languages write the
+/// second.
+fn whole_u32<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    use serde::de::Error;
+    let number = serde_json::Number::deserialize(deserializer)?;
+    let whole = match (number.as_u64(), number.as_f64()) {
+        (Some(n), _) => Some(n),
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&f) => {
+            Some(f as u64)
+        }
+        _ => None,
+    };
+    whole.and_then(|n| u32::try_from(n).ok()).ok_or_else(|| {
+        D::Error::custom(format!(
+            "schema_version must be a whole number from 0 to {}, not {number}",
+            u32::MAX
+        ))
+    })
 }
 
 impl Default for Metadata {
@@ -134,5 +155,16 @@ mod tests {
         assert!(serde_json::from_str::<EventData>(r#"{"type":"X","dta":{}}"#).is_err());
         assert!(serde_json::from_str::<EventData>(r#"{"data":{}}"#).is_err());
         assert!(serde_json::from_str::<Metadata>(r#"{"correlationId":"x"}"#).is_err());
+        for (text, version) in [
+            ("2", Some(2)),
+            ("3.0", Some(3)),
+            ("1.5", None),
+            ("-1", None),
+            ("4294967296", None),
+        ] {
+            let parsed =
+                serde_json::from_str::<Metadata>(&format!(r#"{{"schema_version":{text}}}"#));
+            assert_eq!(parsed.ok().map(|m| m.schema_version), version, "{text}");
+        }
     }
 }

@@ -167,8 +167,9 @@ function render(data) {
       [c.customer_id, "", { customer: c.customer_id }], [c.name], [euros(c.net_cents), "num", { cents: c.net_cents }],
     ]);
   } else {
-    empty($("chart-revenue"), "this server has no read models");
-    empty($("chart-status"), "this server has no read models");
+    const why = data.read_models_error ? `the read models cannot be read: ${data.read_models_error}` : "this server has no read models";
+    empty($("chart-revenue"), why);
+    empty($("chart-status"), why);
   }
   fillTable("projections", data.projections, (p) => [
     [p.name, "", { projection: p.name }], [p.state, `state-${p.state}`],

@@ -13,6 +13,7 @@ use factline_projections::{ParkedEvent, RetryReport, VersionInfo};
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::guard::JsonWrite;
 use crate::{AdminError, ApiError, Authenticated, Shared};
 
 /// One projection as the admin API shows it.
@@ -110,6 +111,7 @@ pub async fn projection(
 pub async fn rebuild(
     State(state): State<Shared>,
     Authenticated(caller): Authenticated,
+    _: JsonWrite,
     Path(name): Path<String>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     caller.may_administer()?;
@@ -138,6 +140,7 @@ async fn set_paused(
 pub async fn pause(
     State(state): State<Shared>,
     Authenticated(caller): Authenticated,
+    _: JsonWrite,
     Path(name): Path<String>,
 ) -> Result<Json<ProjectionView>, ApiError> {
     set_paused(&state, &caller, &name, true).await
@@ -146,6 +149,7 @@ pub async fn pause(
 pub async fn resume(
     State(state): State<Shared>,
     Authenticated(caller): Authenticated,
+    _: JsonWrite,
     Path(name): Path<String>,
 ) -> Result<Json<ProjectionView>, ApiError> {
     set_paused(&state, &caller, &name, false).await
@@ -165,6 +169,7 @@ pub async fn parked(
 pub async fn retry_parked(
     State(state): State<Shared>,
     Authenticated(caller): Authenticated,
+    _: JsonWrite,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     caller.may_administer()?;
@@ -180,6 +185,7 @@ pub async fn retry_parked(
 pub async fn skip_parked(
     State(state): State<Shared>,
     Authenticated(caller): Authenticated,
+    _: JsonWrite,
     Path((name, position)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     caller.may_administer()?;

@@ -128,9 +128,17 @@ pub async fn data(
         ),
         None => None,
     };
-    let read_models = match &state.dashboard {
-        Some(d) => Some(d.read_models().await?),
-        None => None,
+    // Read models that cannot be read (not built yet on this store) leave
+    // the rest of the page working: it says why instead of failing whole.
+    let (read_models, read_models_error) = match &state.dashboard {
+        Some(d) => match d.read_models().await {
+            Ok(models) => (Some(models), None),
+            Err(e) => {
+                tracing::warn!(error = %e, "the dashboard's read models cannot be read");
+                (None, Some(e.to_string()))
+            }
+        },
+        None => (None, None),
     };
     let series = state.rates.series();
     // The latest sample, or nothing before the first two.
@@ -148,6 +156,7 @@ pub async fn data(
             "last_error": o.last_error,
         })),
         "read_models": read_models,
+        "read_models_error": read_models_error,
     })))
 }
 

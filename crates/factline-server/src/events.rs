@@ -16,6 +16,7 @@ use factline_core::{
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::guard::JsonWrite;
 use crate::{ApiError, Authenticated, Caller, Shared};
 
 pub const EXPECTED_VERSION: &str = "expected-version";
@@ -86,6 +87,7 @@ fn body_problem(rejection: BytesRejection, limit: usize) -> ApiError {
 pub async fn append(
     State(state): State<Shared>,
     Authenticated(caller): Authenticated,
+    _: JsonWrite,
     Path(stream_id): Path<String>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,

@@ -4,11 +4,12 @@
 //! `Host` must be an address, `localhost` or a configured name), and may
 //! not post a form or plain text (writes need `Content-Type:
 //! application/json`, which a browser sends cross-site only after a CORS
-//! preflight this server never grants).
+//! preflight this server never grants; [`JsonWrite`] checks it in every
+//! handler of a `POST`, so other methods still answer 405).
 
 use axum::extract::{Request, State};
 use axum::http::header::{CONTENT_TYPE, HOST, ORIGIN};
-use axum::http::{HeaderMap, Method};
+use axum::http::HeaderMap;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
@@ -40,7 +41,7 @@ impl BrowserPolicy {
         self
     }
 
-    fn check(&self, method: &Method, headers: &HeaderMap) -> Result<(), ApiError> {
+    fn check(&self, headers: &HeaderMap) -> Result<(), ApiError> {
         let host = headers.get(HOST).and_then(|v| v.to_str().ok());
         if let Some(host) = host {
             if !self.host_allowed(host) {
@@ -57,13 +58,6 @@ impl BrowserPolicy {
                     "requests from pages of {origin:?} are refused: only the server's own pages (or --allowed-origin) may call it"
                 )));
             }
-        }
-        // POST is the one write a page may send cross-site without a
-        // preflight (other methods always ask first, and nothing grants it).
-        if *method == Method::POST && !is_json(headers) {
-            return Err(ApiError::UnsupportedMediaType(
-                "send the body as JSON with `Content-Type: application/json`".into(),
-            ));
         }
         Ok(())
     }
@@ -103,17 +97,34 @@ fn is_json(headers: &HeaderMap) -> bool {
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
 }
 
+/// A write's proof that its body is declared JSON: every `POST` handler
+/// takes it, so a form or plain-text post is 415 and writes nothing.
+pub(crate) struct JsonWrite;
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for JsonWrite {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, ApiError> {
+        if is_json(&parts.headers) {
+            Ok(JsonWrite)
+        } else {
+            Err(ApiError::UnsupportedMediaType(
+                "send the body as JSON with `Content-Type: application/json`".into(),
+            ))
+        }
+    }
+}
+
 /// The layer: refuses before any route or token is looked at.
 pub(crate) async fn browsers(
     State(state): State<Shared>,
     request: Request,
     next: Next,
 ) -> Response {
-    match state
-        .config
-        .browsers
-        .check(request.method(), request.headers())
-    {
+    match state.config.browsers.check(request.headers()) {
         Ok(()) => next.run(request).await,
         Err(refusal) => refusal.into_response(),
     }
@@ -155,22 +166,16 @@ mod tests {
     }
 
     #[test]
-    fn only_own_or_configured_origins_and_json_writes_pass() {
+    fn only_own_or_configured_origins_and_json_bodies_pass() {
         let policy = BrowserPolicy::default().allow_origin("https://ops.example.com/");
-        let own = headers(&[
-            ("host", "127.0.0.1:7480"),
-            ("origin", "http://127.0.0.1:7480"),
-        ]);
-        assert!(policy.check(&Method::GET, &own).is_ok());
-        let ops = headers(&[
-            ("host", "127.0.0.1:7480"),
-            ("origin", "https://ops.example.com"),
-        ]);
-        assert!(policy.check(&Method::GET, &ops).is_ok());
+        for origin in ["http://127.0.0.1:7480", "https://ops.example.com"] {
+            let h = headers(&[("host", "127.0.0.1:7480"), ("origin", origin)]);
+            assert!(policy.check(&h).is_ok(), "{origin}");
+        }
         for origin in ["http://evil.example", "null", "http://127.0.0.1:7481"] {
             let h = headers(&[("host", "127.0.0.1:7480"), ("origin", origin)]);
             assert!(
-                matches!(policy.check(&Method::GET, &h), Err(ApiError::Forbidden(_))),
+                matches!(policy.check(&h), Err(ApiError::Forbidden(_))),
                 "{origin}"
             );
         }
@@ -180,22 +185,15 @@ mod tests {
             Some("application/x-www-form-urlencoded"),
             Some("application/jsonx"),
         ] {
-            let mut h = headers(&[("host", "127.0.0.1:7480")]);
+            let mut h = HeaderMap::new();
             if let Some(t) = content_type {
                 h.insert(CONTENT_TYPE, t.parse().unwrap());
             }
-            assert!(
-                matches!(
-                    policy.check(&Method::POST, &h),
-                    Err(ApiError::UnsupportedMediaType(_))
-                ),
-                "{content_type:?}"
-            );
+            assert!(!is_json(&h), "{content_type:?}");
         }
-        let h = headers(&[
-            ("host", "127.0.0.1:7480"),
-            ("content-type", "Application/JSON; charset=utf-8"),
-        ]);
-        assert!(policy.check(&Method::POST, &h).is_ok());
+        assert!(is_json(&headers(&[(
+            "content-type",
+            "Application/JSON; charset=utf-8"
+        )])));
     }
 }

@@ -3,14 +3,18 @@
 //!
 //! The functions here are never called: each one carries the description
 //! of one operation, so the handlers stay plain and the document is one
-//! place. `openapi_lists_every_route` (tests/api.rs) checks it against the
-//! router.
+//! place. [`spec`] then adds what the types cannot say: the limits of
+//! every parameter and body, the bearer scheme on protected operations and
+//! every status each operation can answer. `openapi_lists_every_route`
+//! (tests/api.rs) checks it against the router, and a schema-driven fuzzer
+//! against a live server (crates/factline/tests/api_fuzz.rs).
 
 #![allow(dead_code)]
 
 use axum::response::IntoResponse;
 use axum::Json;
 use serde::Serialize;
+use serde_json::{json, Value};
 use utoipa::{OpenApi, ToSchema};
 
 /// An event to append. A missing `event_id` gets a fresh UUIDv7; repeating
@@ -111,6 +115,12 @@ struct ProjectionsDoc {
     projections: Vec<ProjectionDoc>,
 }
 
+/// The body of an admin `POST`: an empty JSON object (the operation is in
+/// the path; the body's JSON content type shows a browser form did not
+/// send it).
+#[derive(Serialize, ToSchema)]
+struct AdminBody {}
+
 #[derive(Serialize, ToSchema)]
 struct OutboxDoc {
     backlog: u64,
@@ -131,9 +141,8 @@ struct OutboxDoc {
     request_body = AppendBody,
     responses(
         (status = 201, description = "Appended (or repeated)", body = AppendResultDoc),
-        (status = 400, description = "Invalid input", body = ErrorDoc),
-        (status = 409, description = "Version conflict", body = ErrorDoc),
-        (status = 413, description = "Over the size limit", body = ErrorDoc),
+        (status = 409, description = "Version conflict, or an event id stored with another payload (`idempotency_mismatch`)", body = ErrorDoc),
+        (status = 422, description = "The idempotency key belongs to another command, or an inline projection refused the events", body = ErrorDoc),
     ))]
 fn append() {}
 
@@ -171,7 +180,7 @@ const SSE: &str = "Server-Sent Events: each event's `id` is its global position 
         ("from" = Option<String>, Query, description = "First global position, or `end` for new events only; default 1"),
         ("Last-Event-ID" = Option<u64>, Header),
     ),
-    responses((status = 200, description = SSE, content_type = "text/event-stream", body = String)))]
+    responses((status = 200, description = SSE, content_type = "text/event-stream", body = String), (status = 429, description = "The token has as many subscriptions open as one token may", body = ErrorDoc)))]
 fn subscribe_all() {}
 
 #[utoipa::path(get, path = "/subscribe/streams/{stream_id}", tag = "subscriptions",
@@ -180,7 +189,7 @@ fn subscribe_all() {}
         ("from" = Option<String>, Query, description = "First global position, or `end`"),
         ("Last-Event-ID" = Option<u64>, Header),
     ),
-    responses((status = 200, description = SSE, content_type = "text/event-stream", body = String)))]
+    responses((status = 200, description = SSE, content_type = "text/event-stream", body = String), (status = 429, description = "The token has as many subscriptions open as one token may", body = ErrorDoc)))]
 fn subscribe_stream() {}
 
 #[utoipa::path(get, path = "/subscribe/categories/{category}", tag = "subscriptions",
@@ -189,27 +198,36 @@ fn subscribe_stream() {}
         ("from" = Option<String>, Query, description = "First global position, or `end`"),
         ("Last-Event-ID" = Option<u64>, Header),
     ),
-    responses((status = 200, description = SSE, content_type = "text/event-stream", body = String)))]
+    responses((status = 200, description = SSE, content_type = "text/event-stream", body = String), (status = 429, description = "The token has as many subscriptions open as one token may", body = ErrorDoc)))]
 fn subscribe_category() {}
 
-#[utoipa::path(get, path = "/health", tag = "operations",
-    responses((status = 200, description = "The process is up")))]
+/// `/health` and `/ready`: `status`, and for `/ready` the head position
+/// or the store's error.
+#[derive(Serialize, ToSchema)]
+struct StatusDoc {
+    status: String,
+    head_position: Option<u64>,
+    error: Option<String>,
+}
+
+#[utoipa::path(get, path = "/health", tag = "operations", security(()),
+    responses((status = 200, description = "The process is up", body = StatusDoc)))]
 fn health() {}
 
-#[utoipa::path(get, path = "/ready", tag = "operations",
-    responses((status = 200, description = "The store answers"), (status = 503, description = "It does not")))]
+#[utoipa::path(get, path = "/ready", tag = "operations", security(()),
+    responses((status = 200, description = "The store answers", body = StatusDoc), (status = 503, description = "It does not", body = StatusDoc)))]
 fn ready() {}
 
 #[utoipa::path(get, path = "/metrics", tag = "operations",
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain", body = String)))]
 fn metrics() {}
 
-#[utoipa::path(get, path = "/openapi.json", tag = "operations",
-    responses((status = 200, description = "This document")))]
+#[utoipa::path(get, path = "/openapi.json", tag = "operations", security(()),
+    responses((status = 200, description = "This document", body = Object)))]
 fn openapi() {}
 
 #[utoipa::path(get, path = "/admin/projections", tag = "admin",
-    responses((status = 200, body = ProjectionsDoc)))]
+    responses((status = 200, body = ProjectionsDoc), (status = 404, body = ErrorDoc)))]
 fn projections() {}
 
 #[utoipa::path(get, path = "/admin/projections/{name}", tag = "admin",
@@ -217,42 +235,42 @@ fn projections() {}
     responses((status = 200, body = ProjectionDoc), (status = 404, body = ErrorDoc)))]
 fn projection() {}
 
-#[utoipa::path(post, path = "/admin/projections/{name}/rebuild", tag = "admin",
+#[utoipa::path(post, path = "/admin/projections/{name}/rebuild", tag = "admin", request_body = AdminBody,
     params(("name" = String, Path)),
-    responses((status = 202, description = "Started; progress shows under `rebuild` of the projection"), (status = 409, body = ErrorDoc)))]
+    responses((status = 202, description = "Started; progress shows under `rebuild` of the projection", body = Object), (status = 404, body = ErrorDoc), (status = 409, body = ErrorDoc)))]
 fn rebuild() {}
 
-#[utoipa::path(post, path = "/admin/projections/{name}/pause", tag = "admin",
-    params(("name" = String, Path)), responses((status = 200, body = ProjectionDoc)))]
+#[utoipa::path(post, path = "/admin/projections/{name}/pause", tag = "admin", request_body = AdminBody,
+    params(("name" = String, Path)), responses((status = 200, body = ProjectionDoc), (status = 404, body = ErrorDoc), (status = 409, body = ErrorDoc)))]
 fn pause() {}
 
-#[utoipa::path(post, path = "/admin/projections/{name}/resume", tag = "admin",
-    params(("name" = String, Path)), responses((status = 200, body = ProjectionDoc)))]
+#[utoipa::path(post, path = "/admin/projections/{name}/resume", tag = "admin", request_body = AdminBody,
+    params(("name" = String, Path)), responses((status = 200, body = ProjectionDoc), (status = 404, body = ErrorDoc), (status = 409, body = ErrorDoc)))]
 fn resume() {}
 
 #[utoipa::path(get, path = "/admin/projections/{name}/parked", tag = "admin",
-    params(("name" = String, Path)), responses((status = 200, description = "`{projection, parked: [...]}`")))]
+    params(("name" = String, Path)), responses((status = 200, description = "`{projection, parked: [...]}`", body = Object), (status = 404, body = ErrorDoc)))]
 fn parked() {}
 
-#[utoipa::path(post, path = "/admin/projections/{name}/parked/retry", tag = "admin",
-    params(("name" = String, Path)), responses((status = 200, description = "`{projection, applied, still_parked}`")))]
+#[utoipa::path(post, path = "/admin/projections/{name}/parked/retry", tag = "admin", request_body = AdminBody,
+    params(("name" = String, Path)), responses((status = 200, description = "`{projection, applied, still_parked}`", body = Object), (status = 404, body = ErrorDoc), (status = 409, body = ErrorDoc)))]
 fn retry_parked() {}
 
-#[utoipa::path(post, path = "/admin/projections/{name}/parked/{position}/skip", tag = "admin",
+#[utoipa::path(post, path = "/admin/projections/{name}/parked/{position}/skip", tag = "admin", request_body = AdminBody,
     params(("name" = String, Path), ("position" = u64, Path)),
-    responses((status = 200, description = "`{projection, skipped}`"), (status = 404, body = ErrorDoc)))]
+    responses((status = 200, description = "`{projection, skipped}`", body = Object), (status = 404, body = ErrorDoc), (status = 409, body = ErrorDoc)))]
 fn skip_parked() {}
 
 #[utoipa::path(get, path = "/admin/outbox", tag = "admin",
-    responses((status = 200, body = OutboxDoc)))]
+    responses((status = 200, body = OutboxDoc), (status = 404, body = ErrorDoc)))]
 fn outbox() {}
 
-#[utoipa::path(get, path = "/", tag = "dashboard",
+#[utoipa::path(get, path = "/", tag = "dashboard", security(()),
     responses((status = 200, description = "The dashboard page", content_type = "text/html", body = String)))]
 fn dashboard() {}
 
 #[utoipa::path(get, path = "/dashboard/data", tag = "dashboard",
-    responses((status = 200, description = "What the dashboard shows: head_position, append_rate {events_per_second, series}, parked_total, projections, outbox, read_models")))]
+    responses((status = 200, description = "What the dashboard shows: head_position, append_rate {events_per_second, series}, parked_total, projections, outbox, read_models", body = Object)))]
 fn dashboard_data() {}
 
 #[derive(OpenApi)]
@@ -270,6 +288,7 @@ fn dashboard_data() {}
         (name = "subscriptions", description = "Catch-up then live, as Server-Sent Events"),
         (name = "admin", description = "Needs admin scope \"*\" when tokens are configured"),
     ),
+    security(("bearer" = [])),
     modifiers(&BearerAuth),
 )]
 struct ApiDoc;
@@ -287,11 +306,190 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The document as a JSON value.
-pub fn spec() -> serde_json::Value {
-    serde_json::to_value(ApiDoc::openapi()).unwrap_or_default()
+/// The document as a JSON value, for a server whose pages hold at most
+/// `max_page` events.
+pub fn spec(max_page: usize) -> Value {
+    let mut doc = serde_json::to_value(ApiDoc::openapi()).unwrap_or_default();
+    if let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) {
+        for (path, item) in paths.iter_mut() {
+            let Some(item) = item.as_object_mut() else {
+                continue;
+            };
+            for (method, operation) in item.iter_mut() {
+                complete_operation(path, method, operation, max_page);
+            }
+        }
+    }
+    if let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    {
+        schemas.insert("JsonValue".into(), json_value_schema());
+        schemas.insert("NewEvent".into(), new_event_schema());
+        schemas.insert(
+            "AppendBody".into(),
+            json!({
+                "description": "One event or an array of events, appended atomically.",
+                "oneOf": [
+                    {"$ref": "#/components/schemas/NewEvent"},
+                    {"type": "array", "minItems": 1, "maxItems": 10000,
+                     "items": {"$ref": "#/components/schemas/NewEvent"}},
+                ],
+            }),
+        );
+        schemas.insert(
+            "AdminBody".into(),
+            json!({"type": "object", "maxProperties": 0, "description": "An empty object."}),
+        );
+    }
+    doc
 }
 
-pub async fn document() -> impl IntoResponse {
-    Json(spec())
+/// A stream id: at most 256 bytes (documented as 64 characters, which
+/// always fit), no control characters, not starting with `$` or `-`.
+const STREAM_ID: &str = r"^[^$\x00-\x1f\x7f-\x9f-][^\x00-\x1f\x7f-\x9f]{0,63}$";
+/// A category: a stream id without `-`.
+const CATEGORY: &str = r"^[^$\x00-\x1f\x7f-\x9f-][^\x00-\x1f\x7f-\x9f-]{0,63}$";
+/// A header value the server reads: visible ASCII.
+const HEADER_TEXT: &str = r"^[\x21-\x7e]{1,64}$";
+/// Positions fit an i64 on every backend.
+const MAX_POSITION: u64 = i64::MAX as u64;
+
+/// Sets each parameter's limits, and the bearer scheme and the statuses
+/// every operation can answer besides its own.
+fn complete_operation(path: &str, method: &str, operation: &mut Value, max_page: usize) {
+    let subscription = path.starts_with("/subscribe");
+    if let Some(parameters) = operation
+        .get_mut("parameters")
+        .and_then(Value::as_array_mut)
+    {
+        for parameter in parameters.iter_mut() {
+            let name = parameter["name"].as_str().unwrap_or_default().to_owned();
+            let schema = match name.as_str() {
+                "stream_id" => json!({"type": "string", "pattern": STREAM_ID}),
+                "category" => json!({"type": "string", "pattern": CATEGORY}),
+                "name" => json!({"type": "string", "minLength": 1, "maxLength": 64}),
+                "position" => json!({"type": "integer", "minimum": 0, "maximum": MAX_POSITION}),
+                "limit" => json!({"type": "integer", "minimum": 1, "maximum": max_page}),
+                "direction" => json!({"type": "string", "enum": ["forwards", "backwards"]}),
+                "from" if subscription => {
+                    json!({"type": "string", "pattern": "^(end|[0-9]{1,18})$"})
+                }
+                "from" => json!({"type": "integer", "minimum": 0, "maximum": MAX_POSITION}),
+                "Last-Event-ID" => json!({"type": "string", "pattern": "^[0-9]{1,18}$"}),
+                "Expected-Version" => json!({
+                    "type": "string",
+                    "pattern": "^(any|no_stream|stream_exists|[0-9]{1,18})$",
+                }),
+                "Idempotency-Key" | "Correlation-Id" => {
+                    json!({"type": "string", "pattern": HEADER_TEXT})
+                }
+                _ => continue,
+            };
+            parameter["schema"] = schema;
+        }
+    }
+    let open = operation
+        .get("security")
+        .and_then(Value::as_array)
+        .is_some_and(|s| {
+            s.iter()
+                .all(|r| r.as_object().is_some_and(|o| o.is_empty()))
+        });
+    let Some(responses) = operation
+        .get_mut("responses")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    let error = |description: &str| {
+        json!({
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorDoc"}}},
+        })
+    };
+    let mut add = |status: &str, description: &str| {
+        responses
+            .entry(status.to_owned())
+            .or_insert_with(|| error(description));
+    };
+    add(
+        "400",
+        "Invalid input: a parameter, header or body, or a request that is not valid HTTP",
+    );
+    add(
+        "403",
+        "The token lacks the scope, or the request's Host or Origin is not this server's",
+    );
+    add("414", "The URI is longer than the server reads");
+    add("431", "The headers are larger than the server reads");
+    add("500", "The server failed");
+    add(
+        "503",
+        "The store is unavailable, or the server is at its connection or subscription limit",
+    );
+    if !open {
+        add("401", "No bearer token, or one the server does not accept");
+    }
+    if !subscription {
+        add(
+            "408",
+            "The request took longer than the server's request timeout",
+        );
+    }
+    if method == "post" {
+        add("413", "The body, or one event, is over the size limit");
+        add(
+            "415",
+            "The body is not declared `Content-Type: application/json`",
+        );
+    }
+}
+
+/// Any JSON value that every reader can read back: numbers within a
+/// 64-bit float (nesting under 128 levels and paired surrogates, which a
+/// schema cannot say, are also required).
+fn json_value_schema() -> Value {
+    let number = json!({"type": "number", "minimum": -1.7976931348623157e308, "maximum": 1.7976931348623157e308});
+    json!({
+        "description": "Any JSON value whose numbers fit a 64-bit float, nested under 128 levels, without lone surrogate escapes",
+        "anyOf": [
+            {"type": "null"}, {"type": "boolean"}, {"type": "string"}, number,
+            {"type": "array", "items": {"$ref": "#/components/schemas/JsonValue"}},
+            {"type": "object", "additionalProperties": {"$ref": "#/components/schemas/JsonValue"}},
+        ],
+    })
+}
+
+/// An event to append, with the limits the server checks.
+fn new_event_schema() -> Value {
+    let text = json!({"type": ["string", "null"]});
+    json!({
+        "type": "object",
+        "description": "An event to append. A missing `event_id` gets a fresh UUIDv7; repeating an append with the same event ids and events returns the original result. Type, data and metadata together may be at most the server's event size limit (64 KiB by default).",
+        "required": ["type"],
+        "additionalProperties": false,
+        "properties": {
+            "event_id": {"type": "string", "format": "uuid",
+                "pattern": "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"},
+            "type": {"type": "string", "pattern": "^[^\\x00-\\x1f\\x7f-\\x9f]{1,64}$"},
+            "data": {"$ref": "#/components/schemas/JsonValue"},
+            "metadata": {
+                "type": "object",
+                "additionalProperties": false,
+                "properties": {
+                    "correlation_id": text,
+                    "causation_id": text,
+                    "schema_version": {"type": "integer", "minimum": 0, "maximum": u32::MAX},
+                    "headers": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+        },
+    })
+}
+
+pub async fn document(
+    axum::extract::State(state): axum::extract::State<crate::Shared>,
+) -> impl IntoResponse {
+    Json(spec(state.config.max_page))
 }

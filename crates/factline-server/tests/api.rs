@@ -396,6 +396,48 @@ async fn the_openapi_document_lists_every_route() {
     }
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     assert!(schemas.contains_key("AppendResultDoc") && schemas.contains_key("ErrorDoc"));
+    // The bearer scheme, and 401/403 on every protected operation only.
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_eq!(doc["security"], json!([{"bearer": []}]));
+    for (route, item) in paths {
+        for (method, operation) in item.as_object().unwrap() {
+            let open = operation["security"] == json!([{}]);
+            let responses = operation["responses"].as_object().unwrap();
+            assert_eq!(
+                open,
+                ["/health", "/ready", "/openapi.json", "/"].contains(&route.as_str()),
+                "{method} {route}"
+            );
+            assert_eq!(responses.contains_key("401"), !open, "{method} {route}");
+            for status in ["400", "403", "500", "503"] {
+                assert!(responses.contains_key(status), "{method} {route} {status}");
+            }
+            if method == "post" {
+                assert!(responses.contains_key("415") && responses.contains_key("413"));
+            }
+        }
+    }
+    // The limits: this server's page size, directions, expected versions.
+    let parameter = |route: &str, name: &str| {
+        paths[route]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap()["schema"]
+            .clone()
+    };
+    assert_eq!(parameter("/all", "limit")["maximum"], config().max_page);
+    assert_eq!(parameter("/all", "limit")["minimum"], 1);
+    assert_eq!(parameter("/streams/{stream_id}", "direction")["enum"], json!(["forwards", "backwards"]));
+    let expected = paths["/streams/{stream_id}"]["post"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "Expected-Version")
+        .unwrap()["schema"]["pattern"]
+        .clone();
+    assert!(expected.as_str().unwrap().contains("no_stream"));
     server.stop().await;
 }
 

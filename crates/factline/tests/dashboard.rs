@@ -257,6 +257,9 @@ async fn the_dashboard_shows_what_the_api_says() {
         || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../target/dashboard.png"),
         PathBuf::from,
     );
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     std::fs::write(&path, &png).unwrap();
     eprintln!("screenshot saved to {}", path.display());
     browser.close().await.unwrap();
