@@ -250,12 +250,12 @@ impl PostgresStore {
         }
     }
 
-    async fn query(
+    /// A pooled connection and `sql` prepared on it.
+    async fn prepared(
         &self,
         context: &str,
         sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<Row>, StoreError> {
+    ) -> Result<(deadpool_postgres::Object, tokio_postgres::Statement), StoreError> {
         let client = self
             .inner
             .pool
@@ -266,6 +266,16 @@ impl PostgresStore {
             .prepare_cached(sql)
             .await
             .map_err(|e| pg_error(context, e))?;
+        Ok((client, statement))
+    }
+
+    async fn query(
+        &self,
+        context: &str,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        let (client, statement) = self.prepared(context, sql).await?;
         client
             .query(&statement, params)
             .await
@@ -282,16 +292,7 @@ impl PostgresStore {
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         use futures_util::TryStreamExt;
         const CONTEXT: &str = "reading events";
-        let client = self
-            .inner
-            .pool
-            .get()
-            .await
-            .map_err(|e| pool_error(CONTEXT, e))?;
-        let statement = client
-            .prepare_cached(sql)
-            .await
-            .map_err(|e| pg_error(CONTEXT, e))?;
+        let (client, statement) = self.prepared(CONTEXT, sql).await?;
         let rows = client
             .query_raw(&statement, params.iter().copied())
             .await

@@ -397,7 +397,10 @@ async fn the_openapi_document_lists_every_route() {
     let schemas = doc["components"]["schemas"].as_object().unwrap();
     assert!(schemas.contains_key("AppendResultDoc") && schemas.contains_key("ErrorDoc"));
     // The bearer scheme, and 401/403 on every protected operation only.
-    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    assert_eq!(
+        doc["components"]["securitySchemes"]["bearer"]["scheme"],
+        "bearer"
+    );
     assert_eq!(doc["security"], json!([{"bearer": []}]));
     for (route, item) in paths {
         for (method, operation) in item.as_object().unwrap() {
@@ -429,7 +432,10 @@ async fn the_openapi_document_lists_every_route() {
     };
     assert_eq!(parameter("/all", "limit")["maximum"], config().max_page);
     assert_eq!(parameter("/all", "limit")["minimum"], 1);
-    assert_eq!(parameter("/streams/{stream_id}", "direction")["enum"], json!(["forwards", "backwards"]));
+    assert_eq!(
+        parameter("/streams/{stream_id}", "direction")["enum"],
+        json!(["forwards", "backwards"])
+    );
     let expected = paths["/streams/{stream_id}"]["post"]["parameters"]
         .as_array()
         .unwrap()

@@ -184,7 +184,7 @@ async fn subscriptions_are_capped_in_all_and_per_token() {
     const A: &str = "token-a-0123456789abcdef";
     const B: &str = "token-b-0123456789abcdef";
     let tokens = Tokens::parse(&format!(
-        r#"{{"tokens":[{{"name":"a","token":"{A}","read":["*"]}},{{"name":"b","token":"{B}","read":["*"]}}]}}"#
+        r#"{{"tokens":[{{"name":"a","token":"{A}","read":["*"],"admin":["*"]}},{{"name":"b","token":"{B}","read":["*"]}}]}}"#
     ))
     .unwrap();
     let config = ServerConfig {
@@ -193,7 +193,11 @@ async fn subscriptions_are_capped_in_all_and_per_token() {
         max_subscriptions_per_token: 2,
         ..ServerConfig::default()
     };
-    let server = TestServer::start(Arc::new(InMemoryStore::new()), config).await;
+    let handle = factline_server::install_recorder().unwrap();
+    let server = TestServer::start_with(
+        Server::new(Arc::new(InMemoryStore::new()), config).with_metrics(handle),
+    )
+    .await;
     let open = |token: &'static str| {
         let request = server
             .client
@@ -223,6 +227,20 @@ async fn subscriptions_are_capped_in_all_and_per_token() {
             "a closed subscription kept its slot"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .bearer_auth(A)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["token", "server"] {
+        let series = format!("factline_subscriptions_refused_total{{reason=\"{reason}\"}}");
+        assert!(metrics.contains(&series), "{series} in\n{metrics}");
     }
     server.stop().await;
 }

@@ -34,14 +34,12 @@ fn a_schema_driven_fuzzer_finds_the_document_true() {
     assert_eq!(code(&out), 0, "{}", stderr(&out));
     let dir = tempfile::tempdir().unwrap();
     let secret = "fuzzing-token-0123456789abcdef";
-    let tokens = dir.path().join("tokens.json");
-    std::fs::write(
-        &tokens,
-        format!(
-            r#"{{"tokens":[{{"name":"fuzzer","token":"{secret}","read":["*"],"write":["*"],"admin":["*"]}}]}}"#
-        ),
-    )
-    .unwrap();
+    let tokens = one_token_file(
+        dir.path(),
+        "fuzzer",
+        secret,
+        r#""read":["*"],"write":["*"],"admin":["*"]"#,
+    );
     // An idempotency key reused with another body is refused by contract
     // (422), so a schema-valid request may get it.
     let config = dir.path().join("schemathesis.toml");

@@ -82,13 +82,8 @@ fn database_files_are_readable_by_their_owner_only() {
 fn refused_requests_are_logged_at_the_default_level() {
     let db = sqlite_db();
     let dir = tempfile::tempdir().unwrap();
-    let tokens = dir.path().join("tokens.json");
     let secret = "reader-only-0123456789";
-    std::fs::write(
-        &tokens,
-        format!(r#"{{"tokens":[{{"name":"reader","token":"{secret}","read":["Order"]}}]}}"#),
-    )
-    .unwrap();
+    let tokens = one_token_file(dir.path(), "reader", secret, r#""read":["Order"]"#);
     let served = Served::start(
         &db.spec,
         &[

@@ -50,6 +50,23 @@ macro_rules! on_every_backend {
     };
 }
 
+/// Writes a tokens file of one token with these scopes (JSON arrays of
+/// categories) in `dir`; its path.
+pub fn one_token_file(
+    dir: &std::path::Path,
+    name: &str,
+    secret: &str,
+    scopes: &str,
+) -> std::path::PathBuf {
+    let path = dir.join("tokens.json");
+    std::fs::write(
+        &path,
+        format!(r#"{{"tokens":[{{"name":"{name}","token":"{secret}",{scopes}}}]}}"#),
+    )
+    .unwrap();
+    path
+}
+
 pub fn factline(db: impl AsRef<OsStr>) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_factline"));
     cmd.arg("--db").arg(db).env_remove("FACTLINE_DB");
