@@ -87,7 +87,7 @@ fn encode_event(event: &EventData, limits: &Limits) -> Result<EncodedEvent, Stor
     let data = event.data.as_str();
     // Syntax alone is not enough: every reader parses the data, so what
     // it cannot parse must not be stored.
-    crate::check_readable(data).map_err(|e| {
+    event.data.check_readable().map_err(|e| {
         StoreError::invalid_input(format!(
             "event {} data cannot be read back as JSON: {e} (numbers must fit a 64-bit float, \
              nesting stay under 128 levels, and \\u escapes pair surrogates)",

@@ -16,9 +16,28 @@ use serde_json::Value;
 /// example on a number out of `f64` range in an event that an earlier
 /// version stored. Appends accept only text that does decode (see
 /// [`check_readable`]).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct JsonText(Box<RawValue>);
+#[derive(Clone, Debug)]
+pub struct JsonText {
+    raw: Box<RawValue>,
+    /// Made from a [`Value`]: its strings are Rust strings and its numbers
+    /// finite, so only its nesting can be unreadable.
+    serialised: bool,
+}
+
+impl Serialize for JsonText {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.raw.serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for JsonText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(|raw| JsonText {
+            raw,
+            serialised: false,
+        })
+    }
+}
 
 impl JsonText {
     /// Checks `text` for JSON syntax and keeps it (without surrounding
@@ -32,27 +51,55 @@ impl JsonText {
     /// assert!(JsonText::parse("{").is_err());
     /// ```
     pub fn parse(text: impl Into<String>) -> Result<Self, serde_json::Error> {
-        RawValue::from_string(text.into()).map(JsonText)
+        RawValue::from_string(text.into()).map(|raw| JsonText {
+            raw,
+            serialised: false,
+        })
     }
 
     /// Serialises `value` straight to text, with no [`Value`] in between.
     pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Self, serde_json::Error> {
-        serde_json::value::to_raw_value(value).map(JsonText)
+        // A value may carry raw JSON text of its own (a `JsonText` or
+        // `RawValue` field), so this text gets the full look on append.
+        serde_json::value::to_raw_value(value).map(|raw| JsonText {
+            raw,
+            serialised: false,
+        })
     }
 
     /// The empty object, `{}`.
     pub fn empty_object() -> Self {
-        JsonText(RawValue::from_string("{}".to_owned()).expect("{} is JSON"))
+        JsonText {
+            raw: RawValue::from_string("{}".to_owned()).expect("{} is JSON"),
+            serialised: true,
+        }
     }
 
     /// The text.
     pub fn as_str(&self) -> &str {
-        self.0.get()
+        self.raw.get()
     }
 
     /// The text parsed into a [`Value`].
     pub fn to_value(&self) -> Result<Value, serde_json::Error> {
         serde_json::from_str(self.as_str())
+    }
+
+    /// [`check_readable`] for text whose syntax is known good: most text
+    /// passes a quick look, and only the rest is parsed.
+    pub fn check_readable(&self) -> Result<(), serde_json::Error> {
+        let text = self.as_str().as_bytes();
+        // Nesting 128 deep takes 256 bytes of brackets.
+        let shallow = text.len() < 2 * MAX_DEPTH;
+        let plain = if self.serialised {
+            shallow || nesting_below_limit(text)
+        } else {
+            plainly_readable(text)
+        };
+        if plain {
+            return Ok(());
+        }
+        check_readable(self.as_str())
     }
 
     /// The text decoded into any deserialisable type.
@@ -69,8 +116,13 @@ impl From<Value> for JsonText {
 
 impl From<&Value> for JsonText {
     fn from(value: &Value) -> Self {
-        // A Value has string keys and finite numbers only, so it serialises.
-        JsonText::encode(value).expect("a Value always serialises")
+        // A Value has string keys and finite numbers only, so it serialises,
+        // and its text can be unreadable only by its nesting.
+        let raw = serde_json::value::to_raw_value(value).expect("a Value always serialises");
+        JsonText {
+            raw,
+            serialised: true,
+        }
     }
 }
 
@@ -113,6 +165,102 @@ pub fn check_readable(text: &str) -> Result<(), serde_json::Error> {
     let mut deserializer = serde_json::Deserializer::from_str(text);
     de::DeserializeSeed::deserialize(Walk, &mut deserializer)?;
     deserializer.end()
+}
+
+/// Nesting the parser refuses, as `serde_json` counts it.
+const MAX_DEPTH: usize = 128;
+
+/// Whether JSON text of good syntax nests under the parser's limit.
+fn nesting_below_limit(text: &[u8]) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut i = 0;
+    while i < text.len() {
+        match (in_string, text[i]) {
+            (true, b'"') => in_string = false,
+            (true, b'\\') => i += 1,
+            (false, b'"') => in_string = true,
+            (false, b'[' | b'{') => {
+                depth += 1;
+                if depth >= MAX_DEPTH {
+                    return false;
+                }
+            }
+            (false, b']' | b'}') => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    true
+}
+
+/// A quick look at JSON text of good syntax for what only a full parse can
+/// judge: true
+/// when nothing in it can be unreadable (nesting under the limit, no
+/// surrogate escape, no number with an exponent or hundreds of digits).
+/// Anything else goes to the full parse, so this only has to be right
+/// when it says true; appends mostly carry text like that, and this
+/// costs a fraction of the parse.
+fn plainly_readable(text: &[u8]) -> bool {
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut i = 0;
+    while i < text.len() {
+        let byte = text[i];
+        if in_string {
+            // Most bytes of event data are plain string bytes: one compare
+            // each, and the rare quote or backslash below.
+            if byte == b'"' {
+                in_string = false;
+            } else if byte == b'\\' {
+                // `\uD800`–`\uDFFF` are halves of a pair: the parser judges
+                // those.
+                if text.get(i + 1) == Some(&b'u')
+                    && matches!(text.get(i + 2), Some(b'd' | b'D'))
+                    && matches!(
+                        text.get(i + 3),
+                        Some(b'8'..=b'9' | b'a'..=b'f' | b'A'..=b'F')
+                    )
+                {
+                    return false;
+                }
+                i += 2;
+                continue;
+            }
+            i += 1;
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth >= MAX_DEPTH {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            b'e' | b'E' => {
+                // Outside strings, `e` is in an exponent or in `true`/`false`.
+                if i > 0 && (text[i - 1].is_ascii_digit() || text[i - 1] == b'.') {
+                    return false;
+                }
+            }
+            b'0'..=b'9' => {
+                let start = i;
+                while i < text.len() && text[i].is_ascii_digit() {
+                    i += 1;
+                }
+                // 300 digits stay well under f64::MAX (about 1.8e308).
+                if i - start > 300 {
+                    return false;
+                }
+                continue;
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    !in_string
 }
 
 /// Visits every value through `deserialize_any`, as a [`Value`] parse
@@ -186,6 +334,59 @@ impl<'de> de::DeserializeSeed<'de> for Key {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// JSON text with the pieces a quick look could misjudge.
+    fn tricky_json() -> impl Strategy<Value = String> {
+        let leaf = prop_oneof![
+            prop::sample::select(vec![
+                "1e400",
+                "-1e-400",
+                "1.5E3",
+                "0",
+                "-0.0",
+                "123456789012345678901234567890"
+            ])
+            .prop_map(str::to_owned),
+            (1usize..400).prop_map(|n| "9".repeat(n)),
+            prop::sample::select(vec![
+                r#""\ud800""#,
+                r#""\udc00\ud800""#,
+                r#""\ud83d\ude00""#,
+                r#""\u0041\\u""#,
+                r#""a\"b""#,
+                r#""\\""#
+            ])
+            .prop_map(str::to_owned),
+        ];
+        let tree = leaf.prop_recursive(4, 32, 4, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..4)
+                    .prop_map(|v| format!("[{}]", v.join(","))),
+                prop::collection::vec(inner, 0..4).prop_map(|v| {
+                    let fields: Vec<String> = v
+                        .iter()
+                        .enumerate()
+                        .map(|(i, v)| format!("\"k{i}\":{v}"))
+                        .collect();
+                    format!("{{{}}}", fields.join(","))
+                }),
+            ]
+        });
+        (tree, 0usize..140)
+            .prop_map(|(tree, depth)| format!("{}{tree}{}", "[".repeat(depth), "]".repeat(depth)))
+    }
+
+    proptest! {
+        /// Whatever path it takes, the check agrees with a strict parse.
+        #[test]
+        fn the_check_agrees_with_a_strict_parse(text in tricky_json()) {
+            let strict = serde_json::from_str::<Value>(&text).is_ok();
+            prop_assert_eq!(check_readable(&text).is_ok(), strict);
+            let json = JsonText::parse(text.as_str()).unwrap();
+            prop_assert_eq!(json.check_readable().is_ok(), strict);
+        }
+    }
 
     #[test]
     fn json_text_keeps_its_text_as_given() {
@@ -243,6 +444,24 @@ mod tests {
         for text in &cases {
             let strict = serde_json::from_str::<Value>(text).is_ok();
             assert_eq!(check_readable(text).is_ok(), strict, "{text:.40}");
+            if let Ok(json) = JsonText::parse(text.as_str()) {
+                assert_eq!(json.check_readable().is_ok(), strict, "{text:.40}");
+            }
+        }
+        let long = |digits: usize| "9".repeat(digits);
+        assert!(plainly_readable(br#"{"a":[1,-2.5,"x\"y\u00e9"],"b":{}}"#));
+        for (text, readable) in [
+            (long(308), true),
+            (long(309), false),
+            (format!("[{}]", long(400)), false),
+        ] {
+            assert_eq!(
+                JsonText::parse(text.as_str())
+                    .unwrap()
+                    .check_readable()
+                    .is_ok(),
+                readable
+            );
         }
         assert!(check_readable(&deep(127)).is_ok());
         assert!(check_readable(&deep(128)).is_err());
