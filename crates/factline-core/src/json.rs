@@ -239,11 +239,9 @@ fn plainly_readable(text: &[u8]) -> bool {
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
-            b'e' | b'E' => {
-                // Outside strings, `e` is in an exponent or in `true`/`false`.
-                if i > 0 && (text[i - 1].is_ascii_digit() || text[i - 1] == b'.') {
-                    return false;
-                }
+            // Outside strings, `e` is in an exponent or in `true`/`false`.
+            b'e' | b'E' if i > 0 && (text[i - 1].is_ascii_digit() || text[i - 1] == b'.') => {
+                return false;
             }
             b'0'..=b'9' => {
                 let start = i;
