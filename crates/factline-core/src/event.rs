@@ -85,7 +85,7 @@ pub fn new_event_id() -> Uuid {
 
 impl EventData {
     /// A new event with a fresh event id and default metadata. `data` is a
-    /// [`Value`] or [`JsonText`].
+    /// [`serde_json::Value`] or [`JsonText`].
     pub fn new(event_type: impl Into<String>, data: impl Into<JsonText>) -> Self {
         EventData {
             event_id: new_event_id(),

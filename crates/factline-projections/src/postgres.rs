@@ -179,7 +179,7 @@ impl<P: PostgresProjection> PostgresSink<P> {
     /// The lease is a session advisory lock on the connection the batches
     /// are written through: only the owner's session can write, and when
     /// the owner dies its connection closes, the server releases the lock
-    /// at once, and a standby takes over within [`LEASE_POLL`]. A lost
+    /// at once, and a standby takes over within `LEASE_POLL`. A lost
     /// connection loses the lease and fails the runner, never two owners.
     pub fn with_lease(mut self) -> Self {
         self.lease = Lease::Wanted;

@@ -1,7 +1,7 @@
 //! factline's HTTP server: the event API (append, read, Server-Sent Events
 //! subscriptions), the admin API, Prometheus metrics, health checks,
 //! bearer-token access control and the dashboard, over any
-//! [`EventStore`](factline_core::EventStore).
+//! [`factline_core::EventStore`].
 //!
 //! The server knows no projection's code and no read model: what it shows
 //! of them comes through [`ProjectionsAdmin`] and [`DashboardData`], which
