@@ -92,9 +92,9 @@ impl JsonText {
         // Nesting 128 deep takes 256 bytes of brackets.
         let shallow = text.len() < 2 * MAX_DEPTH;
         let plain = if self.serialised {
-            shallow || nesting_below_limit(text)
+            shallow || quick_look(text, false)
         } else {
-            plainly_readable(text)
+            quick_look(text, true)
         };
         if plain {
             return Ok(());
@@ -170,38 +170,13 @@ pub fn check_readable(text: &str) -> Result<(), serde_json::Error> {
 /// Nesting the parser refuses, as `serde_json` counts it.
 const MAX_DEPTH: usize = 128;
 
-/// Whether JSON text of good syntax nests under the parser's limit.
-fn nesting_below_limit(text: &[u8]) -> bool {
-    let mut depth = 0usize;
-    let mut in_string = false;
-    let mut i = 0;
-    while i < text.len() {
-        match (in_string, text[i]) {
-            (true, b'"') => in_string = false,
-            (true, b'\\') => i += 1,
-            (false, b'"') => in_string = true,
-            (false, b'[' | b'{') => {
-                depth += 1;
-                if depth >= MAX_DEPTH {
-                    return false;
-                }
-            }
-            (false, b']' | b'}') => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-        i += 1;
-    }
-    true
-}
-
 /// A quick look at JSON text of good syntax for what only a full parse can
-/// judge: true
-/// when nothing in it can be unreadable (nesting under the limit, no
-/// surrogate escape, no number with an exponent or hundreds of digits).
-/// Anything else goes to the full parse, so this only has to be right
-/// when it says true; appends mostly carry text like that, and this
-/// costs a fraction of the parse.
-fn plainly_readable(text: &[u8]) -> bool {
+/// judge: true when nothing in it can be unreadable. It always looks at the
+/// nesting; with `values` also at surrogate escapes and at numbers with an
+/// exponent or hundreds of digits. Anything else goes to the full parse,
+/// so this only has to be right when it says true; appends mostly carry
+/// text like that, and this costs a fraction of the parse.
+fn quick_look(text: &[u8], values: bool) -> bool {
     let mut depth = 0usize;
     let mut in_string = false;
     let mut i = 0;
@@ -215,7 +190,8 @@ fn plainly_readable(text: &[u8]) -> bool {
             } else if byte == b'\\' {
                 // `\uD800`–`\uDFFF` are halves of a pair: the parser judges
                 // those.
-                if text.get(i + 1) == Some(&b'u')
+                if values
+                    && text.get(i + 1) == Some(&b'u')
                     && matches!(text.get(i + 2), Some(b'd' | b'D'))
                     && matches!(
                         text.get(i + 3),
@@ -240,10 +216,12 @@ fn plainly_readable(text: &[u8]) -> bool {
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
             // Outside strings, `e` is in an exponent or in `true`/`false`.
-            b'e' | b'E' if i > 0 && (text[i - 1].is_ascii_digit() || text[i - 1] == b'.') => {
+            b'e' | b'E'
+                if values && i > 0 && (text[i - 1].is_ascii_digit() || text[i - 1] == b'.') =>
+            {
                 return false;
             }
-            b'0'..=b'9' => {
+            b'0'..=b'9' if values => {
                 let start = i;
                 while i < text.len() && text[i].is_ascii_digit() {
                     i += 1;
@@ -447,7 +425,8 @@ mod tests {
             }
         }
         let long = |digits: usize| "9".repeat(digits);
-        assert!(plainly_readable(br#"{"a":[1,-2.5,"x\"y\u00e9"],"b":{}}"#));
+        assert!(quick_look(br#"{"a":[1,-2.5,"x\"y\u00e9"],"b":{}}"#, true));
+        assert!(!quick_look(b"[1e5]", true) && quick_look(b"[1e5]", false));
         for (text, readable) in [
             (long(308), true),
             (long(309), false),

@@ -54,6 +54,38 @@ impl ReadStream {
 /// Events per read of the default [`EventStore::read_filtered_bounded`].
 pub const BOUNDED_CHUNK: usize = 64;
 
+/// What a bounded read has taken of its byte budget. Every bounded read
+/// counts through this, so all stop at the same event: the one that
+/// spends the budget, which is still kept.
+#[derive(Clone, Copy, Debug)]
+pub struct ReadBudget {
+    left: usize,
+    spent: bool,
+}
+
+impl ReadBudget {
+    /// A budget of `max_bytes` of stored text.
+    pub fn new(max_bytes: usize) -> Self {
+        ReadBudget {
+            left: max_bytes,
+            spent: false,
+        }
+    }
+
+    /// Counts `event` (keep it); true once the budget is spent, so the read
+    /// stops after it.
+    pub fn take(&mut self, event: &RecordedEvent) -> bool {
+        self.left = self.left.saturating_sub(event.text_len());
+        self.spent = self.left == 0;
+        self.spent
+    }
+
+    /// Whether the read must stop.
+    pub fn is_spent(&self) -> bool {
+        self.spent
+    }
+}
+
 /// A set of events in global order: `$all`, one category, or one stream.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum StreamFilter {
@@ -161,17 +193,17 @@ pub trait EventStore: Send + Sync + 'static {
         max_bytes: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let mut page = Vec::new();
-        let mut bytes = 0;
+        let mut budget = ReadBudget::new(max_bytes);
         let mut next = from;
-        while page.len() < limit && bytes < max_bytes {
+        while page.len() < limit && !budget.is_spent() {
             let chunk = BOUNDED_CHUNK.min(limit - page.len());
             let events = self.read_filtered(filter, next, chunk).await?;
             let done = events.len() < chunk;
             for event in events {
                 next = event.position + 1;
-                bytes += event.text_len();
+                let spent = budget.take(&event);
                 page.push(event);
-                if bytes >= max_bytes {
+                if spent {
                     break;
                 }
             }
@@ -191,9 +223,9 @@ pub trait EventStore: Send + Sync + 'static {
         max_bytes: usize,
     ) -> Result<Vec<RecordedEvent>, StoreError> {
         let mut page: Vec<RecordedEvent> = Vec::new();
-        let mut bytes = 0;
+        let mut budget = ReadBudget::new(max_bytes);
         let mut next = options.from_version;
-        while page.len() < options.limit && bytes < max_bytes {
+        while page.len() < options.limit && !budget.is_spent() {
             let chunk = BOUNDED_CHUNK.min(options.limit - page.len());
             let read = ReadStream {
                 direction: options.direction,
@@ -207,9 +239,9 @@ pub trait EventStore: Send + Sync + 'static {
                     Direction::Forwards => Some(event.version + 1),
                     Direction::Backwards => Some(event.version.saturating_sub(1)),
                 };
-                bytes += event.text_len();
+                let spent = budget.take(&event);
                 page.push(event);
-                if bytes >= max_bytes {
+                if spent {
                     break;
                 }
             }

@@ -299,12 +299,12 @@ impl PostgresStore {
             .map_err(|e| pg_error(CONTEXT, e))?;
         let mut rows = std::pin::pin!(rows);
         let mut events = Vec::new();
-        let mut bytes = 0;
+        let mut budget = factline_core::ReadBudget::new(max_bytes);
         while let Some(row) = rows.try_next().await.map_err(|e| pg_error(CONTEXT, e))? {
             let event = decode_event(&row)?;
-            bytes += event.text_len();
+            let spent = budget.take(&event);
             events.push(event);
-            if bytes >= max_bytes {
+            if spent {
                 break;
             }
         }

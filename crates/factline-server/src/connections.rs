@@ -19,6 +19,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::metrics::{CONNECTIONS, CONNECTIONS_REFUSED};
+use crate::ApiError;
 
 /// Limits on connections, before any request is read.
 #[derive(Clone, Debug)]
@@ -65,6 +66,7 @@ pub async fn serve_with_limits(
     let permits = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
     let mut shutdown = pin!(shutdown);
+    let busy = Router::new().fallback(at_capacity);
     let mut http = http1::Builder::new();
     http.timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout);
@@ -97,9 +99,10 @@ pub async fn serve_with_limits(
             }
             Err(_) => {
                 metrics::counter!(CONNECTIONS_REFUSED).increment(1);
-                let mut busy = http.clone();
-                busy.keep_alive(false);
-                let connection = busy.serve_connection(io, hyper::service::service_fn(at_capacity));
+                let mut over_cap = http.clone();
+                over_cap.keep_alive(false);
+                let connection =
+                    over_cap.serve_connection(io, TowerToHyperService::new(busy.clone()));
                 tokio::spawn(async move {
                     // Bounded: the header deadline applies here too.
                     let _ = tokio::time::timeout(Duration::from_secs(30), connection).await;
@@ -112,21 +115,14 @@ pub async fn serve_with_limits(
     Ok(())
 }
 
-async fn at_capacity(
-    _: hyper::Request<hyper::body::Incoming>,
-) -> Result<hyper::Response<String>, std::convert::Infallible> {
-    let body = serde_json::json!({
-        "error": "unavailable",
-        "message": "the server has as many connections open as it allows; try again shortly",
-    })
-    .to_string();
-    let response = hyper::Response::builder()
-        .status(503)
-        .header("content-type", "application/json")
-        .header("retry-after", "1")
-        .body(body)
-        .unwrap_or_default();
-    Ok(response)
+/// The answer on a connection over the cap: the usual error shape.
+async fn at_capacity() -> impl axum::response::IntoResponse {
+    (
+        [(axum::http::header::RETRY_AFTER, "1")],
+        ApiError::Unavailable(
+            "the server has as many connections open as it allows; try again shortly".into(),
+        ),
+    )
 }
 
 /// A connection whose writes pass through, except the bodiless error

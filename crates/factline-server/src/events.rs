@@ -131,6 +131,8 @@ pub async fn append(
                 .iter()
                 .map(|b| format!("{b:02x}"))
                 .collect();
+            // The key as sent is what the limits are about; the scoped
+            // one below stays within them.
             CommandKey::new(key, "").validate()?;
             let command = CommandKey::new(scoped_key(&caller, key), fingerprint);
             state

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use chrono::DateTime;
 use factline_core::{
-    Direction, JsonText, Metadata, ReadStream, RecordedEvent, StorageError, StoreError,
+    Direction, JsonText, Metadata, ReadBudget, ReadStream, RecordedEvent, StorageError, StoreError,
     StreamFilter, StreamId,
 };
 use rusqlite::{params, Connection, Row};
@@ -175,12 +175,12 @@ fn query_events(
         .query_map(params, RawEvent::from_row)
         .map_err(&read_err)?;
     let mut events = Vec::new();
-    let mut bytes = 0;
+    let mut budget = ReadBudget::new(max_bytes);
     for row in rows {
         let event = row.map_err(&read_err)?.decode()?;
-        bytes += event.text_len();
+        let spent = budget.take(&event);
         events.push(event);
-        if bytes >= max_bytes {
+        if spent {
             break;
         }
     }
