@@ -187,15 +187,16 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
         stop: Some(stopped.clone()),
     };
     let until = duration.map(|d| tokio::time::Instant::now() + d);
+    let signalled = outbox_cli::shutdown_signal();
     let stopper = tokio::spawn(async move {
         match until {
             Some(at) => {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {}
-                    _ = outbox_cli::shutdown_signal() => {}
+                    _ = signalled => {}
                 }
             }
-            None => outbox_cli::shutdown_signal().await,
+            None => signalled.await,
         }
         stop.send_replace(true);
     });

@@ -216,10 +216,16 @@ pub fn relay_config(args: &RelayOptions) -> anyhow::Result<RelayConfig> {
 /// `factline relay`: runs until Ctrl-C (or SIGTERM), then gives its lanes
 /// back.
 pub async fn relay(args: RelayArgs, location: &Location) -> anyhow::Result<()> {
-    let (store, db) = open(location).await?;
+    let mut signalled = std::pin::pin!(shutdown_signal());
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let running = start_relay(location, &store, db, &args.sink, &args.options, stopped).await?;
-    shutdown_signal().await;
+    let running = tokio::select! {
+        running = async {
+            let (store, db) = open(location).await?;
+            start_relay(location, &store, db, &args.sink, &args.options, stopped).await
+        } => running?,
+        () = &mut signalled => return Ok(()),
+    };
+    signalled.await;
     stop.send_replace(true);
     running.await??;
     Ok(())
@@ -258,25 +264,37 @@ pub async fn start_relay(
     Ok(tokio::spawn(relay.run(stop)))
 }
 
-/// Ctrl-C, or SIGTERM where there is one.
-pub async fn shutdown_signal() {
+/// Ctrl-C, or SIGTERM where there is one. The handlers are installed when
+/// this is called, not when the future is first awaited: a signal sent as
+/// soon as the process says it is up then stops it cleanly instead of
+/// killing it.
+pub fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
+        use tokio::signal::unix::{signal, Signal, SignalKind};
+        async fn received(signal: Option<Signal>) {
+            match signal {
+                Some(mut signal) => {
+                    signal.recv().await;
                 }
+                None => std::future::pending().await,
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
+        }
+        let term = signal(SignalKind::terminate()).ok();
+        let interrupt = signal(SignalKind::interrupt()).ok();
+        let fallback = interrupt.is_none();
+        async move {
+            tokio::select! {
+                _ = received(term) => {}
+                _ = received(interrupt) => {}
+                _ = tokio::signal::ctrl_c(), if fallback => {}
             }
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }

@@ -323,7 +323,14 @@ impl Stack {
 }
 
 pub async fn run(location: &Location, args: ServeArgs) -> anyhow::Result<()> {
-    let stack = start(location, &args, OnAddressInUse::Fail, None).await?;
+    // Installed before the "serving" line, so a SIGTERM right after it
+    // drains cleanly; a signal while starting (an unreachable database)
+    // ends the start.
+    let mut signalled = std::pin::pin!(outbox_cli::shutdown_signal());
+    let stack = tokio::select! {
+        stack = start(location, &args, OnAddressInUse::Fail, None) => stack?,
+        () = &mut signalled => return Ok(()),
+    };
     eprintln!(
         "factline is serving {} on {} (dashboard: {}/ , API: {}/openapi.json); Ctrl-C stops it",
         location.describe(),
@@ -331,7 +338,7 @@ pub async fn run(location: &Location, args: ServeArgs) -> anyhow::Result<()> {
         stack.url,
         stack.url
     );
-    outbox_cli::shutdown_signal().await;
+    signalled.await;
     eprintln!("stopping");
     stack.stop().await
 }

@@ -223,3 +223,14 @@ fn concurrent_pages_of_large_events_take_bounded_memory() {
     let Served { mut child, .. } = served;
     terminate(&mut child);
 }
+
+/// A SIGTERM sent as soon as the server says it serves stops it cleanly:
+/// its signal handlers are in place before that line.
+#[test]
+fn sigterm_right_after_the_serving_line_stops_cleanly() {
+    let db = sqlite_db();
+    for _ in 0..10 {
+        let Served { mut child, .. } = Served::start(&db.spec, &["--listen", "127.0.0.1:0"]);
+        terminate(&mut child);
+    }
+}
