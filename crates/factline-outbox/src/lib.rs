@@ -13,21 +13,39 @@
 //! consumer side: it records processed event ids so redeliveries are
 //! ignored.
 
+// The shared helpers serve the backends; a build with neither uses only
+// the contract.
+#[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 mod db;
 pub mod inbox;
+#[cfg(feature = "nats")]
 pub mod local_nats;
 mod message;
+#[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod publication;
 mod relay;
 mod sink;
+#[cfg(feature = "sqlite")]
+mod sqlite;
+#[cfg(feature = "webhook")]
+mod webhook;
 
-pub use db::{Mark, OutboxDb, OutboxStatus, PendingRecord, PostgresOutbox, SqliteOutbox};
+pub use db::{Mark, OutboxDb, OutboxStatus, PendingRecord};
 pub use message::Message;
+#[cfg(feature = "nats")]
 pub use nats::{NatsSink, NatsSinkConfig};
+#[cfg(feature = "postgres")]
+pub use postgres::PostgresOutbox;
 pub use publication::{Publication, DEFAULT_KEY, DEFAULT_SUBJECT};
 pub use relay::{Relay, RelayConfig, RelayStats, RelayStatsSnapshot, Round, WAVES_IN_FLIGHT};
-pub use sink::{FileSink, Sink, SinkError, StdoutSink, WebhookSink};
+pub use sink::{FileSink, Sink, SinkError, StdoutSink};
+#[cfg(feature = "sqlite")]
+pub use sqlite::SqliteOutbox;
+#[cfg(feature = "webhook")]
+pub use webhook::WebhookSink;
 
 /// Lanes the outbox is split into by stream (`stream_no % LANES`): the
 /// unit a relay holds a lease on, so at most this many relays share work.
@@ -47,12 +65,14 @@ pub enum OutboxError {
     Sink(#[from] SinkError),
 }
 
+#[cfg(feature = "sqlite")]
 impl From<rusqlite::Error> for OutboxError {
     fn from(e: rusqlite::Error) -> Self {
         OutboxError::Database(e.to_string())
     }
 }
 
+#[cfg(feature = "postgres")]
 impl From<tokio_postgres::Error> for OutboxError {
     fn from(e: tokio_postgres::Error) -> Self {
         // The server's own message says most (which constraint, which table).

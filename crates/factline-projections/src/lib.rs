@@ -12,14 +12,23 @@
 //! A [`Runner`] follows `$all` from the checkpoint and hands the projection
 //! batches (500 events or 100 ms, whichever comes first, by default).
 
+// A build without either backend keeps the shared engine, whose helpers
+// only the backends call.
+#![cfg_attr(
+    not(any(feature = "sqlite", feature = "postgres")),
+    allow(dead_code, unused_imports)
+)]
+
 mod admin;
 mod diff;
 mod parking;
 mod partitioned;
 mod portable;
+#[cfg(feature = "postgres")]
 pub mod postgres;
 mod reactor;
 mod runner;
+#[cfg(feature = "sqlite")]
 pub mod sqlite;
 mod status;
 mod tables;
@@ -29,11 +38,13 @@ pub use diff::{DiffReport, TableDiff};
 pub use parking::{ParkedEvent, Parking, PoisonPolicy, RetryPolicy, RetryReport};
 pub use partitioned::Partitioned;
 pub use portable::{Dialect, Portable, SqlProjection, SqlValue, Statement};
+#[cfg(feature = "postgres")]
 pub use postgres::{
     PostgresAdmin, PostgresCheckpoints, PostgresInline, PostgresProjection, PostgresSink,
 };
 pub use reactor::{effect_key, Checkpoints, Reactor, ReactorRunner};
 pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};
+#[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteAdmin, SqliteCheckpoints, SqliteInline, SqliteProjection, SqliteSink};
 pub use status::{Answer, Freshness, Lag, NotYet, OnTimeout, Progress, ProjectionStatus};
 pub use tables::{partition_of, Mode, Partition, Tables};
@@ -117,12 +128,14 @@ impl ApplyError {
     }
 }
 
+#[cfg(feature = "sqlite")]
 impl From<rusqlite::Error> for ApplyError {
     fn from(e: rusqlite::Error) -> Self {
         ApplyError::new(e.to_string())
     }
 }
 
+#[cfg(feature = "postgres")]
 impl From<tokio_postgres::Error> for ApplyError {
     fn from(e: tokio_postgres::Error) -> Self {
         ApplyError {

@@ -1,18 +1,14 @@
 //! Projections written once for both databases: a [`SqlProjection`] turns
 //! each event into SQL statements (with `$1`, `$2`… parameters and types
 //! both databases know: `TEXT`, `BIGINT`), and [`Portable`] runs it as a
-//! [`SqliteProjection`] or a [`PostgresProjection`].
+//! `SqliteProjection` or a `PostgresProjection` (each backend's half is in
+//! its own module, `sqlite/portable.rs` and `postgres/portable.rs`).
 
 use std::collections::HashMap;
-use std::error::Error;
 
-use async_trait::async_trait;
-use bytes::BytesMut;
 use factline_core::RecordedEvent;
-use futures_util::future::try_join_all;
-use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 
-use crate::{ApplyError, PostgresProjection, SqliteProjection, Tables};
+use crate::{ApplyError, Tables};
 
 /// A statement parameter.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -153,43 +149,26 @@ impl SqlProjection for Box<dyn SqlProjection> {
 
 /// Runs a [`SqlProjection`] on either database.
 pub struct Portable<P> {
-    projection: P,
+    pub(crate) projection: P,
     /// PostgreSQL statements prepared on the sink's connection, by SQL.
-    prepared: HashMap<String, tokio_postgres::Statement>,
+    #[cfg(feature = "postgres")]
+    pub(crate) prepared: HashMap<String, tokio_postgres::Statement>,
     /// The version to build instead of the code's own (see
     /// [`Portable::at_version`]).
-    version: Option<u32>,
+    pub(crate) version: Option<u32>,
     /// SQLite spellings of the statements seen, by their `$n` spelling.
-    sqlite_sql: HashMap<String, String>,
+    #[cfg(feature = "sqlite")]
+    pub(crate) sqlite_sql: HashMap<String, String>,
 }
 
 impl<P: SqlProjection> Portable<P> {
-    fn run_sqlite(
-        &mut self,
-        tx: &rusqlite::Transaction<'_>,
-        statements: &[Statement],
-    ) -> Result<(), ApplyError> {
-        for statement in statements {
-            // The same few statements come back for every event: convert
-            // each once.
-            let sql = match self.sqlite_sql.get(&statement.sql) {
-                Some(sql) => sql,
-                None => self
-                    .sqlite_sql
-                    .entry(statement.sql.clone())
-                    .or_insert_with(|| sqlite_sql(&statement.sql)),
-            };
-            tx.prepare_cached(sql)?
-                .execute(rusqlite::params_from_iter(&statement.params))?;
-        }
-        Ok(())
-    }
-
     pub fn new(projection: P) -> Self {
         Portable {
             projection,
+            #[cfg(feature = "postgres")]
             prepared: HashMap::new(),
             version: None,
+            #[cfg(feature = "sqlite")]
             sqlite_sql: HashMap::new(),
         }
     }
@@ -206,212 +185,5 @@ impl<P: SqlProjection> Portable<P> {
 
     pub fn projection(&self) -> &P {
         &self.projection
-    }
-}
-
-/// `$n` parameters as SQLite's numbered `?n` (the same numbers, so a
-/// parameter may appear twice or out of order).
-fn sqlite_sql(sql: &str) -> String {
-    let mut out = String::with_capacity(sql.len());
-    let mut chars = sql.chars().peekable();
-    while let Some(c) = chars.next() {
-        if c == '$' && chars.peek().is_some_and(char::is_ascii_digit) {
-            out.push('?');
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-impl rusqlite::ToSql for SqlValue {
-    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
-        use rusqlite::types::{ToSqlOutput, Value, ValueRef};
-        Ok(match self {
-            SqlValue::Int(v) => ToSqlOutput::Owned(Value::Integer(*v)),
-            SqlValue::Text(v) => ToSqlOutput::Borrowed(ValueRef::Text(v.as_bytes())),
-            SqlValue::Null => ToSqlOutput::Owned(Value::Null),
-        })
-    }
-}
-
-impl ToSql for SqlValue {
-    fn to_sql(
-        &self,
-        ty: &Type,
-        out: &mut BytesMut,
-    ) -> Result<IsNull, Box<dyn Error + Sync + Send>> {
-        match self {
-            SqlValue::Null => Ok(IsNull::Yes),
-            SqlValue::Text(v) => v.to_sql(ty, out),
-            SqlValue::Int(v) if *ty == Type::INT4 => i32::try_from(*v)?.to_sql(ty, out),
-            SqlValue::Int(v) if *ty == Type::INT2 => i16::try_from(*v)?.to_sql(ty, out),
-            SqlValue::Int(v) => v.to_sql(ty, out),
-        }
-    }
-
-    fn accepts(_: &Type) -> bool {
-        // Checked value by value in `to_sql`.
-        true
-    }
-
-    to_sql_checked!();
-}
-
-impl<P: SqlProjection> SqliteProjection for Portable<P> {
-    fn name(&self) -> &str {
-        self.projection.name()
-    }
-    fn version(&self) -> u32 {
-        self.version.unwrap_or_else(|| self.projection.version())
-    }
-    fn tables(&self) -> &[&str] {
-        self.projection.tables()
-    }
-    fn setup(&mut self, tx: &rusqlite::Transaction<'_>, tables: &Tables) -> rusqlite::Result<()> {
-        for ddl in self.projection.create_tables_for(Dialect::Sqlite, tables) {
-            tx.execute(&sqlite_sql(&ddl), [])?;
-        }
-        Ok(())
-    }
-    fn apply(
-        &mut self,
-        tx: &rusqlite::Transaction<'_>,
-        tables: &Tables,
-        event: &RecordedEvent,
-    ) -> Result<(), ApplyError> {
-        let statements = self.projection.statements(tables, event)?;
-        self.run_sqlite(tx, &statements)
-    }
-
-    fn apply_all(
-        &mut self,
-        tx: &rusqlite::Transaction<'_>,
-        tables: &Tables,
-        events: &[RecordedEvent],
-    ) -> Result<(), (u64, ApplyError)> {
-        let first = events.first().map_or(0, |e| e.position);
-        match self
-            .projection
-            .batch_statements(Dialect::Sqlite, tables, events)
-        {
-            Some(statements) => statements
-                .and_then(|statements| self.run_sqlite(tx, &statements))
-                .map_err(|e| (first, e)),
-            None => {
-                for event in events {
-                    SqliteProjection::apply(self, tx, tables, event)
-                        .map_err(|e| (event.position, e))?;
-                }
-                Ok(())
-            }
-        }
-    }
-}
-
-#[async_trait]
-impl<P: SqlProjection> PostgresProjection for Portable<P> {
-    fn name(&self) -> &str {
-        self.projection.name()
-    }
-    fn version(&self) -> u32 {
-        self.version.unwrap_or_else(|| self.projection.version())
-    }
-    fn tables(&self) -> &[&str] {
-        self.projection.tables()
-    }
-    async fn setup(
-        &mut self,
-        tx: &tokio_postgres::Transaction<'_>,
-        tables: &Tables,
-    ) -> Result<(), tokio_postgres::Error> {
-        for ddl in self.projection.create_tables_for(Dialect::Postgres, tables) {
-            tx.batch_execute(&ddl).await?;
-        }
-        Ok(())
-    }
-    async fn apply(
-        &mut self,
-        tx: &tokio_postgres::Transaction<'_>,
-        tables: &Tables,
-        event: &RecordedEvent,
-    ) -> Result<(), ApplyError> {
-        PostgresProjection::apply_all(self, tx, tables, std::slice::from_ref(event))
-            .await
-            .map_err(|(_, e)| e)
-    }
-
-    /// Every statement of the run goes out at once, prepared once per
-    /// connection: one round trip for the whole batch instead of one per
-    /// statement.
-    async fn apply_all(
-        &mut self,
-        tx: &tokio_postgres::Transaction<'_>,
-        tables: &Tables,
-        events: &[RecordedEvent],
-    ) -> Result<(), (u64, ApplyError)> {
-        let first = events.first().map_or(0, |e| e.position);
-        let mut statements = Vec::new();
-        match self
-            .projection
-            .batch_statements(Dialect::Postgres, tables, events)
-        {
-            Some(made) => {
-                let made = made.map_err(|e| (first, e))?;
-                statements.extend(made.into_iter().map(|s| (first, s)));
-            }
-            None => {
-                for event in events {
-                    let made = self
-                        .projection
-                        .statements(tables, event)
-                        .map_err(|e| (event.position, e))?;
-                    statements.extend(made.into_iter().map(|s| (event.position, s)));
-                }
-            }
-        }
-        let mut missing: Vec<&str> = statements
-            .iter()
-            .map(|(_, s)| s.sql.as_str())
-            .filter(|sql| !self.prepared.contains_key(*sql))
-            .collect();
-        missing.sort_unstable();
-        missing.dedup();
-        let prepared = try_join_all(missing.iter().map(|sql| tx.prepare(sql)))
-            .await
-            .map_err(|e| (first, ApplyError::from(e)))?;
-        for (sql, statement) in missing.into_iter().zip(prepared) {
-            self.prepared.insert(sql.to_owned(), statement);
-        }
-        let runs = statements.iter().map(|(position, statement)| {
-            let prepared = &self.prepared[&statement.sql];
-            let params: Vec<&(dyn ToSql + Sync)> = statement
-                .params
-                .iter()
-                .map(|p| p as &(dyn ToSql + Sync))
-                .collect();
-            async move {
-                tx.execute(prepared, &params)
-                    .await
-                    .map_err(|e| (*position, ApplyError::from(e)))
-            }
-        });
-        // Answers come back in order, so the first error is the statement
-        // that failed; the ones after it only report the aborted
-        // transaction.
-        try_join_all(runs).await.map(|_| ())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn dollar_parameters_become_numbered_sqlite_ones() {
-        assert_eq!(
-            sqlite_sql("UPDATE t SET a = $2 WHERE k = $1 AND b = $2 AND c = '$'"),
-            "UPDATE t SET a = ?2 WHERE k = ?1 AND b = ?2 AND c = '$'"
-        );
     }
 }

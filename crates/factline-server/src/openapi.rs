@@ -7,7 +7,7 @@
 //! every parameter and body, the bearer scheme on protected operations and
 //! every status each operation can answer. `openapi_lists_every_route`
 //! (tests/api.rs) checks it against the router, and a schema-driven fuzzer
-//! against a live server (crates/factline/tests/api_fuzz.rs).
+//! against a live server (crates/factline-cli/tests/api_fuzz.rs).
 
 #![allow(dead_code)]
 

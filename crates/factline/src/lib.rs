@@ -1,13 +1,25 @@
 //! factline: an event store and projection engine for event-sourced CQRS
 //! systems. This facade re-exports the pieces an application embeds and
 //! knows how to open a store from a `--db` style location.
+//!
+//! Cargo features choose the heavy parts: `sqlite` (default, the embedded
+//! store), `postgres`, `server` (the HTTP API), `outbox`, `outbox-nats` and
+//! `outbox-webhook`. The command side ([`aggregate`]) and the projection
+//! engine ([`projections`]) are always there.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 pub use factline_aggregate as aggregate;
 pub use factline_core::*;
+#[cfg(feature = "outbox")]
+pub use factline_outbox as outbox;
+#[cfg(feature = "postgres")]
 pub use factline_postgres as postgres;
+pub use factline_projections as projections;
+#[cfg(feature = "server")]
+pub use factline_server as server;
+#[cfg(feature = "sqlite")]
 pub use factline_sqlite as sqlite;
 
 /// Where the CLI keeps its data when neither `--db` nor `FACTLINE_DB` is set.
@@ -35,6 +47,12 @@ pub enum OpenError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The location names a backend this build left out.
+    #[error("{location} needs factline built with the `{feature}` feature")]
+    NotBuiltIn {
+        location: String,
+        feature: &'static str,
+    },
 }
 
 impl Location {
@@ -59,11 +77,21 @@ impl Location {
     pub async fn open(&self) -> Result<Arc<dyn EventStore>, OpenError> {
         match self {
             Location::Memory => Ok(Arc::new(InMemoryStore::new())),
+            #[cfg(feature = "sqlite")]
             Location::Sqlite(path) => {
                 create_parent(path)?;
                 Ok(Arc::new(sqlite::SqliteStore::open(path)?))
             }
+            #[cfg(feature = "postgres")]
             Location::Postgres(url) => Ok(Arc::new(postgres::PostgresStore::connect(url).await?)),
+            #[allow(unreachable_patterns)]
+            other => Err(OpenError::NotBuiltIn {
+                location: other.describe(),
+                feature: match other {
+                    Location::Postgres(_) => "postgres",
+                    _ => "sqlite",
+                },
+            }),
         }
     }
 
@@ -97,6 +125,7 @@ fn redact_password(url: &str) -> String {
     }
 }
 
+#[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
 fn create_parent(path: &Path) -> Result<(), OpenError> {
     match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() && !dir.exists() => std::fs::create_dir_all(dir)

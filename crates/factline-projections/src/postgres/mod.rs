@@ -1,5 +1,7 @@
 //! Read models in PostgreSQL: the events' database or another.
 
+mod portable;
+
 use std::collections::HashSet;
 use std::sync::Arc;
 

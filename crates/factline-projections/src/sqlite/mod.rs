@@ -1,5 +1,7 @@
 //! Read models in a SQLite file: the same file as the events or another.
 
+mod portable;
+
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

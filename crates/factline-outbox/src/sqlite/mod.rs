@@ -1,0 +1,6 @@
+//! The outbox and inbox on SQLite.
+
+pub mod inbox;
+mod outbox;
+
+pub use outbox::SqliteOutbox;

@@ -1,0 +1,472 @@
+//! The outbox in a SQLite store's file (see `db.rs` for the trigger and the
+//! contract both backends keep).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+use crate::db::*;
+use crate::message::StoredEvent;
+use crate::{OutboxError, Publication, DEFAULT_KEY, DEFAULT_SUBJECT, LANES};
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+/// The outbox in a SQLite store's file, on connections of its own: one
+/// that reads records, one that writes marks and leases. A mark waiting
+/// for the store's write lock never holds up the next fetch.
+pub struct SqliteOutbox {
+    reader: Arc<Mutex<Connection>>,
+    writer: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+fn sqlite_connection(path: &Path) -> Result<Connection, OutboxError> {
+    factline_core::create_private_file(path)
+        .map_err(|e| OutboxError::Database(format!("creating {}: {e}", path.display())))?;
+    let mut conn = Connection::open(path)?;
+    // SQLite's own busy handler backs off to 100 ms sleeps; under a busy
+    // writer a mark or heartbeat would stall the relay that long. Look
+    // again every millisecond instead, for up to 10 s.
+    conn.busy_handler(Some(|attempt: i32| {
+        std::thread::sleep(Duration::from_millis(1));
+        attempt < 10_000
+    }))?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
+    // A lost last mark republishes a record, which sinks deduplicate.
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
+}
+
+const SQLITE_TABLES: &str = "
+    CREATE TABLE IF NOT EXISTS outbox_publications (
+        id         INTEGER PRIMARY KEY,
+        category   TEXT,
+        event_type TEXT,
+        subject    TEXT    NOT NULL,
+        key        TEXT    NOT NULL,
+        created_at INTEGER NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS outbox (
+        position     INTEGER PRIMARY KEY,
+        stream_no    INTEGER NOT NULL,
+        lane         INTEGER NOT NULL,
+        publication  INTEGER NOT NULL,
+        created_at   INTEGER NOT NULL,
+        published_at INTEGER,
+        attempts     INTEGER NOT NULL DEFAULT 0,
+        last_error   TEXT
+    );
+    CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox (position) WHERE published_at IS NULL;
+    CREATE INDEX IF NOT EXISTS outbox_published ON outbox (published_at) WHERE published_at IS NOT NULL;
+    CREATE TABLE IF NOT EXISTS outbox_lanes (
+        lane       INTEGER PRIMARY KEY,
+        holder     TEXT,
+        expires_at INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE IF NOT EXISTS outbox_relays (
+        relay   TEXT    PRIMARY KEY,
+        seen_at INTEGER NOT NULL
+    );";
+
+/// Runs inside the append's statement: the first matching publication
+/// (lowest id) decides the record.
+fn sqlite_trigger() -> String {
+    format!(
+        "CREATE TRIGGER IF NOT EXISTS outbox_capture AFTER INSERT ON events
+         BEGIN
+             INSERT INTO outbox (position, stream_no, lane, publication, created_at)
+             SELECT NEW.position, NEW.stream_no, NEW.stream_no % {LANES}, p.id, NEW.recorded_at
+             FROM outbox_publications p
+             WHERE (p.category IS NULL OR p.category = NEW.category)
+               AND (p.event_type IS NULL OR p.event_type = NEW.event_type)
+             ORDER BY p.id LIMIT 1;
+         END;"
+    )
+}
+
+impl SqliteOutbox {
+    /// Opens the outbox of the store at `path` (which must exist: the
+    /// store creates its events table), creating its tables if needed.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, OutboxError> {
+        let path = path.as_ref().to_path_buf();
+        if !path.exists() {
+            return Err(OutboxError::InvalidInput(format!(
+                "{} does not exist: open the store there first",
+                path.display()
+            )));
+        }
+        let mut conn = sqlite_connection(&path)?;
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let has_events: bool = tx.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events')",
+            [],
+            |r| r.get(0),
+        )?;
+        if !has_events {
+            return Err(OutboxError::InvalidInput(format!(
+                "{} holds no factline store",
+                path.display()
+            )));
+        }
+        tx.execute_batch(SQLITE_TABLES)?;
+        tx.execute(
+            &format!(
+                "WITH RECURSIVE n(lane) AS (SELECT 0 UNION ALL SELECT lane + 1 FROM n WHERE lane < {})
+                 INSERT OR IGNORE INTO outbox_lanes (lane) SELECT lane FROM n",
+                LANES - 1
+            ),
+            [],
+        )?;
+        tx.commit()?;
+        Ok(SqliteOutbox {
+            reader: Arc::new(Mutex::new(sqlite_connection(&path)?)),
+            writer: Arc::new(Mutex::new(conn)),
+            path,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` on the writing connection.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        Self::on(self.writer.clone(), work).await
+    }
+
+    /// Runs `work` on the reading connection.
+    async fn read<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        Self::on(self.reader.clone(), work).await
+    }
+
+    async fn on<T: Send + 'static>(
+        conn: Arc<Mutex<Connection>>,
+        work: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
+    ) -> Result<T, OutboxError> {
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn
+                .lock()
+                .map_err(|_| OutboxError::Database("the outbox connection was poisoned".into()))?;
+            work(&mut conn)
+        })
+        .await
+        .map_err(|e| OutboxError::Database(format!("an outbox task failed: {e}")))?
+    }
+}
+
+fn sqlite_publications(conn: &Connection) -> rusqlite::Result<Vec<Publication>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, category, event_type, subject, key FROM outbox_publications ORDER BY id",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        Ok(Publication {
+            id: r.get(0)?,
+            category: r.get(1)?,
+            event_type: r.get(2)?,
+            subject: r.get(3)?,
+            key: r.get(4)?,
+        })
+    })?;
+    rows.collect()
+}
+
+#[async_trait]
+impl OutboxDb for SqliteOutbox {
+    async fn publications(&self) -> Result<Vec<Publication>, OutboxError> {
+        self.read(|conn| Ok(sqlite_publications(conn)?)).await
+    }
+
+    async fn add_publication(&self, publication: Publication) -> Result<Publication, OutboxError> {
+        publication.validate()?;
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "INSERT INTO outbox_publications (category, event_type, subject, key, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    publication.category,
+                    publication.event_type,
+                    publication.subject,
+                    publication.key,
+                    micros(Utc::now())
+                ],
+            )?;
+            let id = tx.last_insert_rowid();
+            tx.execute_batch(&sqlite_trigger())?;
+            tx.commit()?;
+            Ok(Publication { id, ..publication })
+        })
+        .await
+    }
+
+    async fn remove_publication(&self, id: i64) -> Result<bool, OutboxError> {
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let removed = tx.execute("DELETE FROM outbox_publications WHERE id = ?1", [id])? > 0;
+            let left: i64 =
+                tx.query_row("SELECT count(*) FROM outbox_publications", [], |r| r.get(0))?;
+            if left == 0 {
+                tx.execute_batch("DROP TRIGGER IF EXISTS outbox_capture")?;
+            }
+            tx.commit()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn heartbeat(&self, relay: &str, ttl: Duration) -> Result<Vec<i64>, OutboxError> {
+        let relay = relay.to_owned();
+        let ttl_us = ttl.as_micros() as i64;
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let now = micros(Utc::now());
+            tx.execute(
+                "INSERT INTO outbox_relays (relay, seen_at) VALUES (?1, ?2)
+                 ON CONFLICT (relay) DO UPDATE SET seen_at = excluded.seen_at",
+                params![relay, now],
+            )?;
+            tx.execute(
+                "DELETE FROM outbox_relays WHERE seen_at < ?1",
+                [now - 3 * ttl_us],
+            )?;
+            let live: i64 = tx.query_row(
+                "SELECT count(*) FROM outbox_relays WHERE seen_at >= ?1",
+                [now - ttl_us],
+                |r| r.get(0),
+            )?;
+            let share = fair_share(live);
+            tx.execute(
+                "UPDATE outbox_lanes SET expires_at = ?2 WHERE holder = ?1 AND expires_at >= ?3",
+                params![relay, now + ttl_us, now],
+            )?;
+            // A lease that ran out while this relay was away is not its own.
+            tx.execute(
+                "UPDATE outbox_lanes SET holder = NULL WHERE holder = ?1 AND expires_at < ?2",
+                params![relay, now],
+            )?;
+            let held: i64 = tx.query_row(
+                "SELECT count(*) FROM outbox_lanes WHERE holder = ?1",
+                [&relay],
+                |r| r.get(0),
+            )?;
+            if held > share {
+                tx.execute(
+                    "UPDATE outbox_lanes SET holder = NULL, expires_at = 0 WHERE lane IN
+                         (SELECT lane FROM outbox_lanes WHERE holder = ?1 ORDER BY lane DESC LIMIT ?2)",
+                    params![relay, held - share],
+                )?;
+            } else if held < share {
+                tx.execute(
+                    "UPDATE outbox_lanes SET holder = ?1, expires_at = ?2 WHERE lane IN
+                         (SELECT lane FROM outbox_lanes WHERE holder IS NULL OR expires_at < ?3
+                          ORDER BY lane LIMIT ?4)",
+                    params![relay, now + ttl_us, now, share - held],
+                )?;
+            }
+            let lanes = {
+                let mut stmt =
+                    tx.prepare("SELECT lane FROM outbox_lanes WHERE holder = ?1 ORDER BY lane")?;
+                let lanes = stmt.query_map([&relay], |r| r.get(0))?;
+                lanes.collect::<rusqlite::Result<Vec<i64>>>()?
+            };
+            tx.commit()?;
+            Ok(lanes)
+        })
+        .await
+    }
+
+    async fn leave(&self, relay: &str) -> Result<(), OutboxError> {
+        let relay = relay.to_owned();
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            tx.execute(
+                "UPDATE outbox_lanes SET holder = NULL, expires_at = 0 WHERE holder = ?1",
+                [&relay],
+            )?;
+            tx.execute("DELETE FROM outbox_relays WHERE relay = ?1", [&relay])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn pending(
+        &self,
+        relay: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<PendingRecord>, OutboxError> {
+        let relay = relay.to_owned();
+        self.read(move |conn| {
+            let now = micros(Utc::now());
+            let mut stmt = conn.prepare_cached(
+                "SELECT o.position, s.stream_id, e.version, e.event_id, e.event_type, e.data,
+                        e.metadata, e.recorded_at, p.subject, p.key, o.lane
+                 FROM outbox o
+                 JOIN events e ON e.position = o.position
+                 JOIN streams s ON s.stream_no = o.stream_no
+                 LEFT JOIN outbox_publications p ON p.id = o.publication
+                 WHERE o.published_at IS NULL AND o.position > ?4
+                   AND o.lane IN (SELECT lane FROM outbox_lanes WHERE holder = ?1 AND expires_at >= ?2)
+                 ORDER BY o.position LIMIT ?3",
+            )?;
+            let mut rows = stmt.query(params![relay, now, limit as i64, after as i64])?;
+            let mut messages = Vec::new();
+            while let Some(row) = rows.next()? {
+                let id: Vec<u8> = row.get(3)?;
+                let event_id = Uuid::from_slice(&id).map_err(|e| {
+                    OutboxError::Database(format!("a stored event id is not a UUID: {e}"))
+                })?;
+                let (stream_id, event_type, data): (String, String, String) =
+                    (row.get(1)?, row.get(4)?, row.get(5)?);
+                let metadata: Option<String> = row.get(6)?;
+                let event = StoredEvent {
+                    position: row.get::<_, i64>(0)? as u64,
+                    stream_id: &stream_id,
+                    version: row.get::<_, i64>(2)? as u64,
+                    event_id,
+                    event_type: &event_type,
+                    data: &data,
+                    metadata: metadata.as_deref(),
+                    recorded_at: from_micros(row.get(7)?),
+                };
+                messages.push(PendingRecord {
+                    lane: row.get(10)?,
+                    message: message_of(event, &templates(row.get(8)?, row.get(9)?))?,
+                });
+            }
+            Ok(messages)
+        })
+        .await
+    }
+
+    async fn mark_published(&self, relay: &str, mark: &Mark) -> Result<u64, OutboxError> {
+        // SQLite marks each record in place; the checkpoints are for
+        // PostgreSQL, whose server pays for every record a mark touches.
+        let relay = relay.to_owned();
+        let positions = serde_json::to_string(&mark.positions)
+            .map_err(|e| OutboxError::Database(e.to_string()))?;
+        self.run(move |conn| {
+            // One statement for the whole wave, the positions as a JSON array.
+            let marked = conn
+                .prepare_cached(
+                    "UPDATE outbox SET published_at = ?2
+                     WHERE position IN (SELECT value FROM json_each(?1)) AND published_at IS NULL
+                       AND lane IN (SELECT lane FROM outbox_lanes WHERE holder = ?3)",
+                )?
+                .execute(params![positions, micros(Utc::now()), relay])?;
+            Ok(marked as u64)
+        })
+        .await
+    }
+
+    async fn record_failure(&self, positions: &[u64], error: &str) -> Result<(), OutboxError> {
+        let (positions, error) = (positions.to_vec(), error.to_owned());
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "UPDATE outbox SET attempts = attempts + 1, last_error = ?2 WHERE position = ?1",
+                )?;
+                for position in positions {
+                    stmt.execute(params![position as i64, error])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn status(&self) -> Result<OutboxStatus, OutboxError> {
+        self.read(|conn| {
+            let publications = sqlite_publications(conn)?;
+            let (backlog, oldest, failing): (i64, Option<i64>, i64) = conn.query_row(
+                "SELECT count(*), min(created_at), count(*) FILTER (WHERE attempts > 0)
+                 FROM outbox WHERE published_at IS NULL",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?;
+            let published: i64 = conn.query_row(
+                "SELECT count(*) FROM outbox WHERE published_at IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )?;
+            let last_error: Option<String> = conn
+                .query_row(
+                    "SELECT last_error FROM outbox WHERE published_at IS NULL AND last_error IS NOT NULL
+                     ORDER BY position DESC LIMIT 1",
+                    [],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let now = micros(Utc::now());
+            let mut stmt = conn.prepare(
+                "SELECT r.relay, r.seen_at,
+                        (SELECT count(*) FROM outbox_lanes l WHERE l.holder = r.relay AND l.expires_at >= ?1)
+                 FROM outbox_relays r ORDER BY r.relay",
+            )?;
+            let relays = stmt
+                .query_map([now], |r| {
+                    Ok(RelayInfo {
+                        relay: r.get(0)?,
+                        seen_at: from_micros(r.get(1)?),
+                        lanes: r.get::<_, i64>(2)? as u64,
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            let oldest_pending_at = oldest.map(from_micros);
+            Ok(OutboxStatus {
+                publications,
+                backlog: backlog as u64,
+                oldest_pending_at,
+                oldest_age_s: age_s(oldest_pending_at),
+                published_retained: published as u64,
+                failing: failing as u64,
+                last_error,
+                relays,
+            })
+        })
+        .await
+    }
+
+    async fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<u64, OutboxError> {
+        self.run(move |conn| {
+            let deleted = conn.execute(
+                "DELETE FROM outbox WHERE position IN
+                     (SELECT position FROM outbox WHERE published_at IS NOT NULL AND published_at < ?1
+                      LIMIT ?2)",
+                params![micros(cutoff), limit as i64],
+            )?;
+            Ok(deleted as u64)
+        })
+        .await
+    }
+}
+
+fn micros(at: DateTime<Utc>) -> i64 {
+    at.timestamp_micros()
+}
+
+fn from_micros(us: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(us).unwrap_or_default()
+}
+
+fn templates(subject: Option<String>, key: Option<String>) -> Publication {
+    Publication {
+        id: 0,
+        category: None,
+        event_type: None,
+        subject: subject.unwrap_or_else(|| DEFAULT_SUBJECT.to_owned()),
+        key: key.unwrap_or_else(|| DEFAULT_KEY.to_owned()),
+    }
+}
