@@ -291,7 +291,9 @@ impl ProjectionsAdmin for CatalogAdmin {
     }
 }
 
-/// The orders read models, for the dashboard's charts.
+/// The orders read models, for the dashboard's charts: only on a store
+/// where they are registered and built (on any other store the dashboard
+/// shows what every store has).
 pub struct OrdersDashboard {
     db: ReadModelDb,
 }
@@ -304,7 +306,17 @@ impl OrdersDashboard {
 
 #[async_trait]
 impl DashboardData for OrdersDashboard {
-    async fn read_models(&self) -> Result<Value, AdminError> {
+    async fn read_models(&self) -> Result<Option<Value>, AdminError> {
+        let admin = self.db.admin().await.map_err(failed)?;
+        let registered = admin.projections().await.map_err(failed)?;
+        let built = catalog::known().iter().all(|p| {
+            registered
+                .iter()
+                .any(|r| r.name == p.name() && r.active_version.is_some())
+        });
+        if !built {
+            return Ok(None);
+        }
         let summary = match &self.db {
             ReadModelDb::Sqlite(path) => {
                 let path = path.clone();
@@ -317,7 +329,7 @@ impl DashboardData for OrdersDashboard {
                 .await
                 .map_err(failed)?,
         };
-        Ok(json!({
+        Ok(Some(json!({
             "orders_by_status": summary.statuses.iter()
                 .map(|(status, count)| json!({ "status": status, "orders": count }))
                 .collect::<Vec<_>>(),
@@ -330,6 +342,6 @@ impl DashboardData for OrdersDashboard {
             "top_customers": summary.top_customers.iter()
                 .map(|(id, name, cents)| json!({ "customer_id": id, "name": name, "net_cents": cents }))
                 .collect::<Vec<_>>(),
-        }))
+        })))
     }
 }

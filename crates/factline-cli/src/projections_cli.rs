@@ -345,7 +345,7 @@ pub async fn status_at(
 
 fn print_table(reports: &[StatusReport]) {
     if reports.is_empty() {
-        println!("no projections yet (run `factline demo` to start the orders read models)");
+        println!("no projections are registered in this store");
         return;
     }
     println!(

@@ -48,6 +48,7 @@ macro_rules! conformance_suite {
             read_missing_stream_is_empty,
             read_all_positions_strictly_increase_with_from_and_limit,
             read_category_returns_only_that_category,
+            tally_counts_events_by_category_and_type_in_bounded_steps,
             metadata_and_data_round_trip,
             any_valid_json_round_trips,
             simultaneous_identical_appends_write_once,

@@ -34,7 +34,9 @@ pub use event::{new_event_id, EventData, Metadata, RecordedEvent};
 pub use files::create_private_file;
 pub use json::{check_readable, JsonText};
 pub use memory::InMemoryStore;
-pub use store::{Direction, EventStore, ReadBudget, ReadStream, StreamFilter, BOUNDED_CHUNK};
+pub use store::{
+    Direction, EventStore, ReadBudget, ReadStream, StreamFilter, Tally, TallyRow, BOUNDED_CHUNK,
+};
 pub use stream_id::{category_of, check_category, InvalidCategory, InvalidStreamId, StreamId};
 pub use subscription::{Subscription, TypedError};
 pub use version::{AppendResult, ExpectedVersion, ParseExpectedVersionError};

@@ -104,6 +104,62 @@ impl StreamFilter {
     }
 }
 
+/// Event counts over a range of positions (see [`EventStore::tally`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Tally {
+    /// The last position counted: ask again from here for what came after.
+    pub upto: u64,
+    /// One row per category and event type seen in the range.
+    pub rows: Vec<TallyRow>,
+}
+
+/// Events of one category and type within a [`Tally`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TallyRow {
+    /// The category of the events' streams.
+    pub category: String,
+    /// The event type.
+    pub event_type: String,
+    /// How many events.
+    pub events: u64,
+    /// How many of them were the first event of their stream: streams
+    /// started in the range.
+    pub streams_started: u64,
+}
+
+impl Tally {
+    /// An empty tally that counted up to `upto`.
+    pub fn new(upto: u64) -> Self {
+        Tally {
+            upto,
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds `events` of `event_type` in `category`, `streams_started` of
+    /// them first in their stream.
+    pub fn count(&mut self, category: &str, event_type: &str, events: u64, streams_started: u64) {
+        match self
+            .rows
+            .iter_mut()
+            .find(|r| r.category == category && r.event_type == event_type)
+        {
+            Some(row) => {
+                row.events += events;
+                row.streams_started += streams_started;
+            }
+            None => self.rows.push(TallyRow {
+                category: category.to_owned(),
+                event_type: event_type.to_owned(),
+                events,
+                streams_started,
+            }),
+        }
+    }
+}
+
 /// The operations every event store backend provides.
 ///
 /// Implementations are cheap-to-clone handles; clones share one store.
@@ -270,6 +326,41 @@ pub trait EventStore: Send + Sync + 'static {
 
     /// The global position of the last committed event (0 when empty).
     async fn head_position(&self) -> Result<u64, StoreError>;
+
+    /// Counts the committed events after position `after`, at most
+    /// `max_events` positions of them, by category and event type, with the
+    /// streams they started. A caller keeps a running total by asking again
+    /// from [`Tally::upto`]; each call costs at most `max_events` rows, so a
+    /// dashboard over a large store catches up in steps. Backends with SQL
+    /// count in the database; this default reads the events.
+    async fn tally(&self, after: u64, max_events: u64) -> Result<Tally, StoreError> {
+        let head = self.head_position().await?;
+        let upto = head.min(after.saturating_add(max_events));
+        let mut tally = Tally {
+            upto,
+            rows: Vec::new(),
+        };
+        let mut from = after + 1;
+        while from <= upto {
+            let limit = usize::try_from(upto - from + 1)
+                .unwrap_or(usize::MAX)
+                .min(BOUNDED_CHUNK);
+            let page = self.read_all(from, limit).await?;
+            let Some(last) = page.last().map(|e| e.position) else {
+                break;
+            };
+            for event in page.iter().filter(|e| e.position <= upto) {
+                tally.count(
+                    event.stream_id.category(),
+                    &event.event_type,
+                    1,
+                    u64::from(event.version == 1),
+                );
+            }
+            from = last + 1;
+        }
+        Ok(tally)
+    }
 
     /// A receiver that changes whenever this process commits an append; its
     /// value is the head position after that commit.

@@ -29,7 +29,7 @@ use factline_core::writer_queue::{submit_append, submit_command, AppendJob};
 use factline_core::{
     retention_cutoff, AppendResult, Appended, CommandKey, CommandRecord, Direction, EventData,
     EventStore, ExpectedVersion, JsonText, Limits, Metadata, ReadStream, RecordedEvent, Snapshot,
-    StorageError, StoreError, StreamFilter, StreamId, Subscription,
+    StorageError, StoreError, StreamFilter, StreamId, Subscription, Tally,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Row;
@@ -583,6 +583,24 @@ impl EventStore for PostgresStore {
             .query("reading the head position", &self.inner.sql.head, &[])
             .await?;
         Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0) as u64))
+    }
+
+    async fn tally(&self, after: u64, max_events: u64) -> Result<Tally, StoreError> {
+        let head = self.head_position().await?;
+        let mut tally = Tally::new(head.min(after.saturating_add(max_events)));
+        let rows = self
+            .query(
+                "counting events",
+                &self.inner.sql.tally,
+                &[&(after as i64), &(tally.upto as i64)],
+            )
+            .await?;
+        for row in rows {
+            let events: i64 = row.get(2);
+            let started: i64 = row.get(3);
+            tally.count(row.get(0), row.get(1), events as u64, started as u64);
+        }
+        Ok(tally)
     }
 
     fn watch_head(&self) -> watch::Receiver<u64> {

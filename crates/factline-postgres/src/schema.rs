@@ -173,6 +173,7 @@ pub(crate) struct Sql {
     pub purge_commands: String,
     pub save_snapshot: String,
     pub load_snapshot: String,
+    pub tally: String,
     /// The LISTEN/NOTIFY channel commits are announced on.
     pub channel: String,
 }
@@ -188,6 +189,10 @@ impl Sql {
         );
         Sql {
             head: format!("SELECT last_position FROM {s}.head"),
+            tally: format!(
+                "SELECT category, event_type, count(*), count(*) FILTER (WHERE version = 1)
+                 FROM {s}.events WHERE position > $1 AND position <= $2 GROUP BY 1, 2"
+            ),
             lock_head: format!("SELECT last_position, last_stream_no FROM {s}.head FOR UPDATE"),
             // The notification goes out when the transaction commits, and
             // not at all if it rolls back.

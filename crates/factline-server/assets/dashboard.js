@@ -151,6 +151,17 @@ function fillTable(id, rows, cells) {
 function render(data) {
   $("events-total").textContent = count(data.head_position);
   $("events-total").dataset.value = data.head_position;
+  const events = data.events;
+  $("streams-total").textContent = count(events.streams);
+  $("streams-total").dataset.value = events.streams;
+  // On a large store the counts catch up over a few answers.
+  $("counted").textContent = events.counted_to < data.head_position ? `counting… ${count(events.counted_to)}` : "";
+  fillTable("categories", events.categories, (c) => [
+    [c.category, "", { category: c.category }], [count(c.streams), "num", { streams: c.streams }], [count(c.events), "num", { events: c.events }],
+  ]);
+  fillTable("event-types", events.event_types, (t) => [
+    [t.event_type, "", { type: t.event_type }], [count(t.events), "num", { events: t.events }],
+  ]);
   $("append-rate").textContent = count(Math.round(data.append_rate.events_per_second));
   const outbox = data.outbox;
   $("outbox-backlog").textContent = outbox ? count(outbox.backlog) : "off";
@@ -160,17 +171,23 @@ function render(data) {
   $("parked-total").dataset.value = data.parked_total;
   drawRate(data.append_rate.series);
   const models = data.read_models;
+  $("domain").hidden = !models;
   if (models) {
     drawRevenue(models.revenue_by_region_day, new Date(data.generated_at));
     drawStatuses(models.orders_by_status);
     fillTable("top-customers", models.top_customers, (c) => [
       [c.customer_id, "", { customer: c.customer_id }], [c.name], [euros(c.net_cents), "num", { cents: c.net_cents }],
     ]);
-  } else {
-    const why = data.read_models_error ? `the read models cannot be read: ${data.read_models_error}` : "this server has no read models";
-    empty($("chart-revenue"), why);
-    empty($("chart-status"), why);
   }
+  $("notice").hidden = !data.read_models_error;
+  $("notice").textContent = data.read_models_error ? `The read models cannot be read: ${data.read_models_error}` : "";
+  $("projections-empty").hidden = data.projections.length > 0;
+  const relays = outbox ? outbox.relays : [];
+  $("relays-empty").hidden = relays.length > 0;
+  $("relays-empty").textContent = outbox ? "no relay is running" : "this server has no outbox";
+  fillTable("relays", relays, (r) => [
+    [r.relay, "", { relay: r.relay }], [count(r.lanes), "num", { lanes: r.lanes }], [new Date(r.seen_at).toLocaleTimeString()],
+  ]);
   fillTable("projections", data.projections, (p) => [
     [p.name, "", { projection: p.name }], [p.state, `state-${p.state}`],
     [p.active_version ?? "–", "num"], [count(p.checkpoint), "num"],

@@ -66,10 +66,13 @@ pub trait ProjectionsAdmin: Send + Sync {
     async fn skip(&self, name: &str, position: u64) -> Result<bool, AdminError>;
 }
 
-/// The read models the dashboard charts, as JSON the dashboard page knows.
+/// Domain read models the dashboard charts, as JSON the dashboard page
+/// knows.
 #[async_trait]
 pub trait DashboardData: Send + Sync {
-    async fn read_models(&self) -> Result<Value, AdminError>;
+    /// The figures, or `None` when this store has none of these read
+    /// models: the page then shows only what every store has.
+    async fn read_models(&self) -> Result<Option<Value>, AdminError>;
 }
 
 fn projections_of(state: &Shared) -> Result<&dyn ProjectionsAdmin, ApiError> {

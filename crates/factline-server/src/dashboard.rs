@@ -2,7 +2,7 @@
 //! script are compiled in) that polls `/dashboard/data` and draws the
 //! figures as SVG, and the sampler behind its append-rate chart.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -109,6 +109,57 @@ impl RateSampler {
     }
 }
 
+/// Most positions one dashboard answer counts: on a large store the
+/// counts catch up over several answers instead of one slow one.
+const COUNT_STEP: u64 = 250_000;
+
+/// Events by category and type, kept as a running total: each answer
+/// counts only what was appended since the last (see
+/// [`EventStore::tally`]).
+#[derive(Default)]
+pub struct EventCounts {
+    totals: tokio::sync::Mutex<Totals>,
+}
+
+#[derive(Default)]
+struct Totals {
+    upto: u64,
+    /// Streams and events per category.
+    categories: BTreeMap<String, (u64, u64)>,
+    types: BTreeMap<String, u64>,
+}
+
+impl EventCounts {
+    /// Counts what was appended since the last call (at most
+    /// [`COUNT_STEP`] positions) and answers the totals as JSON.
+    async fn advance(&self, store: &dyn EventStore) -> Result<Value, ApiError> {
+        // One counter at a time: two answers must not count a range twice.
+        let mut totals = self.totals.lock().await;
+        let tally = store.tally(totals.upto, COUNT_STEP).await?;
+        for row in &tally.rows {
+            let category = totals.categories.entry(row.category.clone()).or_default();
+            category.0 += row.streams_started;
+            category.1 += row.events;
+            *totals.types.entry(row.event_type.clone()).or_default() += row.events;
+        }
+        totals.upto = tally.upto.max(totals.upto);
+        let mut categories: Vec<_> = totals.categories.iter().collect();
+        categories.sort_by(|a, b| b.1 .1.cmp(&a.1 .1).then(a.0.cmp(b.0)));
+        let mut types: Vec<_> = totals.types.iter().collect();
+        types.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+        Ok(json!({
+            "counted_to": totals.upto,
+            "streams": totals.categories.values().map(|c| c.0).sum::<u64>(),
+            "categories": categories.iter()
+                .map(|(name, (streams, events))| json!({ "category": name, "streams": streams, "events": events }))
+                .collect::<Vec<_>>(),
+            "event_types": types.iter()
+                .map(|(name, events)| json!({ "event_type": name, "events": events }))
+                .collect::<Vec<_>>(),
+        }))
+    }
+}
+
 /// `GET /dashboard/data`: everything the page shows, in one answer.
 pub async fn data(
     State(state): State<Shared>,
@@ -132,7 +183,7 @@ pub async fn data(
     // the rest of the page working: it says why instead of failing whole.
     let (read_models, read_models_error) = match &state.dashboard {
         Some(d) => match d.read_models().await {
-            Ok(models) => (Some(models), None),
+            Ok(models) => (models, None),
             Err(e) => {
                 tracing::warn!(error = %e, "the dashboard's read models cannot be read");
                 (None, Some(e.to_string()))
@@ -140,12 +191,14 @@ pub async fn data(
         },
         None => (None, None),
     };
+    let counts = state.counts.advance(state.store.as_ref()).await?;
     let series = state.rates.series();
     // The latest sample, or nothing before the first two.
     let rate = series.last().map_or(0.0, |p| p.events_per_second);
     Ok(Json(json!({
         "generated_at": chrono::Utc::now(),
         "head_position": head,
+        "events": counts,
         "append_rate": { "events_per_second": rate, "series": series },
         "parked_total": projections.iter().map(|p| p.parked).sum::<u64>(),
         "projections": projections,
@@ -154,6 +207,7 @@ pub async fn data(
             "oldest_age_s": o.oldest_age_s,
             "failing": o.failing,
             "last_error": o.last_error,
+            "relays": o.relays,
         })),
         "read_models": read_models,
         "read_models_error": read_models_error,

@@ -101,6 +101,7 @@ pub(crate) struct AppState {
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Option<::metrics_exporter_prometheus::PrometheusHandle>,
     pub rates: Arc<dashboard::RateSampler>,
+    pub counts: dashboard::EventCounts,
     pub subscriptions: Arc<slots::Slots>,
     pub reads: tokio::sync::Semaphore,
 }
@@ -128,6 +129,7 @@ impl Server {
                 shutdown,
                 metrics: None,
                 rates: Arc::default(),
+                counts: dashboard::EventCounts::default(),
                 subscriptions,
                 reads,
             },

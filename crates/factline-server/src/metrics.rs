@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use factline_core::{
     AppendResult, Appended, CommandKey, CommandRecord, EventData, EventStore, ExpectedVersion,
     JsonText, ReadStream, RecordedEvent, Snapshot, StoreError, StreamFilter, StreamId,
-    Subscription,
+    Subscription, Tally,
 };
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::sync::watch;
@@ -337,6 +337,10 @@ impl EventStore for InstrumentedStore {
 
     async fn head_position(&self) -> Result<u64, StoreError> {
         self.inner.head_position().await
+    }
+
+    async fn tally(&self, after: u64, max_events: u64) -> Result<Tally, StoreError> {
+        self.inner.tally(after, max_events).await
     }
 
     fn watch_head(&self) -> watch::Receiver<u64> {

@@ -270,7 +270,7 @@ fn outbox() {}
 fn dashboard() {}
 
 #[utoipa::path(get, path = "/dashboard/data", tag = "dashboard",
-    responses((status = 200, description = "What the dashboard shows: head_position, append_rate {events_per_second, series}, parked_total, projections, outbox, read_models", body = Object)))]
+    responses((status = 200, description = "What the dashboard shows: head_position, events {counted_to, streams, categories, event_types}, append_rate {events_per_second, series}, parked_total, projections, outbox {backlog, oldest_age_s, failing, last_error, relays}, read_models (a domain's panels, null where the store has none), read_models_error", body = Object)))]
 fn dashboard_data() {}
 
 #[derive(OpenApi)]

@@ -27,7 +27,7 @@ use factline_core::writer_queue::{submit_append, submit_command, AppendJob};
 use factline_core::{
     retention_cutoff, AppendResult, Appended, CommandKey, CommandRecord, EventData, EventStore,
     ExpectedVersion, JsonText, Limits, ReadStream, RecordedEvent, Snapshot, StorageError,
-    StoreError, StreamFilter, StreamId, Subscription,
+    StoreError, StreamFilter, StreamId, Subscription, Tally,
 };
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, watch};
@@ -414,6 +414,13 @@ impl EventStore for SqliteStore {
 
     async fn head_position(&self) -> Result<u64, StoreError> {
         self.shared.readers.run(reader::head_position).await
+    }
+
+    async fn tally(&self, after: u64, max_events: u64) -> Result<Tally, StoreError> {
+        self.shared
+            .readers
+            .run(move |conn| reader::tally(conn, after, max_events))
+            .await
     }
 
     fn watch_head(&self) -> watch::Receiver<u64> {

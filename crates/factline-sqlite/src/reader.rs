@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use chrono::DateTime;
 use factline_core::{
     Direction, JsonText, Metadata, ReadBudget, ReadStream, RecordedEvent, StorageError, StoreError,
-    StreamFilter, StreamId,
+    StreamFilter, StreamId, Tally,
 };
 use rusqlite::{params, Connection, Row};
 use uuid::Uuid;
@@ -102,6 +102,31 @@ pub(crate) fn head_position(conn: &Connection) -> Result<u64, StoreError> {
     })
     .map(|p| p as u64)
     .map_err(db_error("reading the head position"))
+}
+
+/// Counts by category and type of the events in `(after, after + max]`,
+/// up to the head: one range scan of the primary key.
+pub(crate) fn tally(conn: &Connection, after: u64, max_events: u64) -> Result<Tally, StoreError> {
+    let failed = db_error("counting events");
+    let head = head_position(conn)?;
+    let mut tally = Tally::new(head.min(after.saturating_add(max_events)));
+    let mut statement = conn
+        .prepare_cached(
+            "SELECT category, event_type, count(*), sum(version = 1) FROM events
+             WHERE position > ?1 AND position <= ?2 GROUP BY category, event_type",
+        )
+        .map_err(&failed)?;
+    let mut rows = statement
+        .query([after as i64, tally.upto as i64])
+        .map_err(&failed)?;
+    while let Some(row) = rows.next().map_err(&failed)? {
+        let category: String = row.get(0).map_err(&failed)?;
+        let event_type: String = row.get(1).map_err(&failed)?;
+        let events: i64 = row.get(2).map_err(&failed)?;
+        let started: i64 = row.get(3).map_err(&failed)?;
+        tally.count(&category, &event_type, events as u64, started as u64);
+    }
+    Ok(tally)
 }
 
 pub(crate) fn read_stream(

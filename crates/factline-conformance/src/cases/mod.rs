@@ -14,7 +14,7 @@ use std::time::Duration;
 use factline_core::{
     AppendResult, Appended, CommandKey, CommandRecord, Direction, EventData, EventStore,
     ExpectedVersion, IdempotencyMismatch, JsonText, Limits, Metadata, ReadStream, RecordedEvent,
-    StoreError, StreamFilter, StreamId,
+    StoreError, StreamFilter, StreamId, Tally, TallyRow,
 };
 use serde_json::json;
 use uuid::Uuid;

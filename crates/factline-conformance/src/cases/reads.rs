@@ -425,3 +425,63 @@ pub async fn bounded_reads_stop_at_the_byte_budget<S: EventStore>(store: S) {
         .unwrap();
     assert_eq!(forwards, big[..1].to_vec());
 }
+
+pub async fn tally_counts_events_by_category_and_type_in_bounded_steps<S: EventStore>(store: S) {
+    let empty = store.tally(0, 100).await.unwrap();
+    assert_eq!((empty.upto, empty.rows.len()), (0, 0));
+    let typed = |t: &str, n: u64| EventData::new(t, json!({ "n": n }));
+    let shared = &store;
+    let append = |id: &str, evs: Vec<EventData>| {
+        let id = sid(id);
+        async move { shared.append(&id, ANY, evs).await.unwrap() }
+    };
+    append("Invoice-1", vec![typed("Issued", 1), typed("Paid", 2)]).await;
+    append("Invoice-2", vec![typed("Issued", 3)]).await;
+    append("Ticket-9", vec![typed("Opened", 4), typed("Closed", 5)]).await;
+    append("Invoice-1", vec![typed("Refunded", 6)]).await;
+    append("standalone", vec![typed("Issued", 7)]).await;
+
+    // Counted whole, and in steps of two positions that add up to the same.
+    let sorted = |mut rows: Vec<TallyRow>| {
+        rows.sort_by(|a, b| (&a.category, &a.event_type).cmp(&(&b.category, &b.event_type)));
+        rows.into_iter()
+            .map(|r| (r.category, r.event_type, r.events, r.streams_started))
+            .collect::<Vec<_>>()
+    };
+    let whole = store.tally(0, u64::MAX).await.unwrap();
+    assert_eq!(whole.upto, 7);
+    let expected = vec![
+        ("Invoice".to_owned(), "Issued".to_owned(), 2, 2),
+        ("Invoice".to_owned(), "Paid".to_owned(), 1, 0),
+        ("Invoice".to_owned(), "Refunded".to_owned(), 1, 0),
+        ("Ticket".to_owned(), "Closed".to_owned(), 1, 0),
+        ("Ticket".to_owned(), "Opened".to_owned(), 1, 1),
+        ("standalone".to_owned(), "Issued".to_owned(), 1, 1),
+    ];
+    assert_eq!(sorted(whole.rows), expected);
+
+    let mut running = Tally::new(0);
+    let mut steps = 0;
+    while running.upto < 7 {
+        let step = store.tally(running.upto, 2).await.unwrap();
+        assert!(
+            step.upto <= running.upto + 2,
+            "a step counts at most two positions"
+        );
+        assert!(step.rows.iter().map(|r| r.events).sum::<u64>() <= 2);
+        for row in &step.rows {
+            running.count(
+                &row.category,
+                &row.event_type,
+                row.events,
+                row.streams_started,
+            );
+        }
+        running.upto = step.upto;
+        steps += 1;
+    }
+    assert_eq!(steps, 4);
+    assert_eq!(sorted(running.rows), expected);
+    let done = store.tally(7, 100).await.unwrap();
+    assert_eq!((done.upto, done.rows.len()), (7, 0));
+}

@@ -132,35 +132,50 @@ pub struct Served {
     pub client: reqwest::Client,
 }
 
+/// Starts `factline serve` with `args` and waits for its serving line:
+/// the child, its base URL, and its stderr lines so far (kept up to date).
+#[allow(clippy::type_complexity)]
+pub fn spawn_serving(
+    db: &str,
+    args: &[&str],
+) -> (
+    std::process::Child,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let mut child = factline(db)
+        .arg("serve")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            kept.lock().unwrap().push(line.clone());
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let base = loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .expect("factline serve says where it serves");
+        if let Some(at) = line.find(" on http://") {
+            let rest = &line[at + 4..];
+            break rest[..rest.find(' ').unwrap_or(rest.len())].to_owned();
+        }
+    };
+    (child, base, log)
+}
+
 impl Served {
     pub fn start(db: &str, args: &[&str]) -> Served {
-        let mut child = factline(db)
-            .arg("serve")
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stderr = child.stderr.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let kept = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                kept.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let base = loop {
-            let line = rx
-                .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-                .expect("factline serve says where it serves");
-            if let Some(at) = line.find(" on http://") {
-                let rest = &line[at + 4..];
-                break rest[..rest.find(' ').unwrap_or(rest.len())].to_owned();
-            }
-        };
+        let (child, base, log) = spawn_serving(db, args);
         Served {
             child,
             base,
@@ -251,4 +266,33 @@ pub fn projection<'a>(list: &'a Value, name: &str) -> &'a Value {
         .iter()
         .find(|p| p["name"] == name)
         .unwrap_or_else(|| panic!("{name} in {list}"))
+}
+
+/// How many events `read-all` prints.
+pub fn count_all(db: impl AsRef<OsStr>) -> usize {
+    json_lines(&run(db, &["read-all"])).len()
+}
+
+pub fn assert_nothing_differs(diff: &Value) {
+    let tables = diff["tables"].as_array().expect("a diff report");
+    assert!(
+        !tables.is_empty()
+            && tables
+                .iter()
+                .all(|t| t["added"] == 0 && t["removed"] == 0 && t["changed"] == 0),
+        "{diff}"
+    );
+}
+
+/// The projection entry of `list --json` called `name`.
+pub fn listed(db: &str, name: &str) -> Value {
+    let out = run(db, &["projections", "list", "--json"]);
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let all = json_lines(&out).remove(0);
+    all.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == name)
+        .unwrap_or_else(|| panic!("{name} is not listed: {all}"))
+        .clone()
 }

@@ -7,9 +7,7 @@
 
 use std::process::Command;
 
-#[macro_use]
-mod common;
-use common::*;
+use crate::common::*;
 
 /// The schemathesis command: `FACTLINE_SCHEMATHESIS`, or `st` on the path.
 fn schemathesis() -> String {

@@ -19,9 +19,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
-#[macro_use]
-mod common;
-use common::*;
+use crate::common::*;
 
 /// The parts of an event every reader returns, with the data kept as the
 /// text it came in (so an event no strict parser reads still shows).

@@ -4,9 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-#[macro_use]
-mod common;
-use common::*;
+use crate::common::*;
 
 #[test]
 fn huge_tiny_and_odd_durations_are_usage_errors() {

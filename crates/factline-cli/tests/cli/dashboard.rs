@@ -14,6 +14,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use fantoccini::{ClientBuilder, Locator};
+
+use crate::common::{code, run, spawn_serving, stderr};
 use serde_json::{json, Value};
 
 const INSTALL: &str = "install Chromium and its WebDriver (Debian/Ubuntu: apt-get install -y chromium chromium-driver), or name them in FACTLINE_CHROMIUM and FACTLINE_CHROMEDRIVER";
@@ -202,6 +204,10 @@ async fn the_dashboard_shows_what_the_api_says() {
             customers: all("#top-customers tbody tr", tr => [tr.children[0].dataset.customer, Number(tr.children[2].dataset.cents)]),
             lags: all("#projections tbody tr", tr => [tr.children[0].dataset.projection, Number(tr.children[4].dataset.lag)]),
             rate_samples: Number(document.querySelector("#chart-rate polyline")?.dataset.samples ?? 0),
+            streams: Number(document.getElementById("streams-total").dataset.value),
+            categories: all("#categories tbody tr", tr => [tr.children[0].dataset.category, Number(tr.children[1].dataset.streams), Number(tr.children[2].dataset.events)]),
+            types: all("#event-types tbody tr", tr => [tr.children[0].dataset.type, Number(tr.children[1].dataset.events)]),
+            domain_shown: !document.getElementById("domain").hidden,
         };
     "##;
     eventually("the page shows the API's figures", || async {
@@ -224,6 +230,12 @@ async fn the_dashboard_shows_what_the_api_says() {
                 .map(|r| json!([r["customer_id"], r["net_cents"]])).collect::<Vec<_>>(),
             "lags": data["projections"].as_array().unwrap().iter()
                 .map(|p| json!([p["name"], p["lag_events"]])).collect::<Vec<_>>(),
+            "streams": data["events"]["streams"],
+            "categories": data["events"]["categories"].as_array().unwrap().iter()
+                .map(|c| json!([c["category"], c["streams"], c["events"]])).collect::<Vec<_>>(),
+            "types": data["events"]["event_types"].as_array().unwrap().iter()
+                .map(|t| json!([t["event_type"], t["events"]])).collect::<Vec<_>>(),
+            "domain_shown": true,
         });
         let mut shown_figures = shown.clone();
         shown_figures
@@ -248,6 +260,15 @@ async fn the_dashboard_shows_what_the_api_says() {
         .sum();
     assert_eq!(orders, 60);
 
+    // Every event is counted by category and type, whatever the domain.
+    let counted: u64 = data["events"]["event_types"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["events"].as_u64().unwrap())
+        .sum();
+    assert_eq!(Some(counted), data["head_position"].as_u64());
+
     let png = browser.screenshot().await.unwrap();
     assert!(
         png.starts_with(b"\x89PNG") && png.len() > 10_000,
@@ -262,5 +283,56 @@ async fn the_dashboard_shows_what_the_api_says() {
     }
     std::fs::write(&path, &png).unwrap();
     eprintln!("screenshot saved to {}", path.display());
+
+    // A store of another domain: the generic panels show its figures and
+    // the orders panels stay hidden.
+    let other = tempfile::tempdir().unwrap();
+    let other_db = other.path().join("invoices.db");
+    let other_db = other_db.to_str().unwrap();
+    for (stream, event_type) in [
+        ("Invoice-1", "InvoiceIssued"),
+        ("Invoice-1", "InvoicePaid"),
+        ("Invoice-2", "InvoiceIssued"),
+    ] {
+        let out = run(
+            other_db,
+            &["append", stream, "--type", event_type, "--data", "{}"],
+        );
+        assert_eq!(code(&out), 0, "{}", stderr(&out));
+    }
+    let (child, other_base, _) = spawn_serving(other_db, &["--listen", "127.0.0.1:0"]);
+    let _other_server = Killed(child);
+    browser.goto(&format!("{other_base}/")).await.unwrap();
+    const READ_GENERIC: &str = r##"
+        const all = (sel, f) => [...document.querySelectorAll(sel)].map(f);
+        return {
+            loaded: document.body.dataset.loaded === "true",
+            domain_shown: !document.getElementById("domain").hidden,
+            notice_shown: !document.getElementById("notice").hidden,
+            streams: Number(document.getElementById("streams-total").dataset.value),
+            categories: all("#categories tbody tr", tr => [tr.children[0].dataset.category, Number(tr.children[1].dataset.streams), Number(tr.children[2].dataset.events)]),
+            types: all("#event-types tbody tr", tr => [tr.children[0].dataset.type, Number(tr.children[1].dataset.events)]),
+        };
+    "##;
+    eventually("the other domain's figures are shown", || async {
+        let shown = browser
+            .execute(READ_GENERIC, vec![])
+            .await
+            .map_err(|e| e.to_string())?;
+        let expected = json!({
+            "loaded": true,
+            "domain_shown": false,
+            "notice_shown": false,
+            "streams": 2,
+            "categories": [["Invoice", 2, 3]],
+            "types": [["InvoiceIssued", 2], ["InvoicePaid", 1]],
+        });
+        if shown == expected {
+            Ok(())
+        } else {
+            Err(format!("shown {shown}\nwanted {expected}"))
+        }
+    })
+    .await;
     browser.close().await.unwrap();
 }
