@@ -1,5 +1,8 @@
 use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -35,7 +38,41 @@ pub enum TypedError {
 /// live needs no special case: the subscription always reads from the store
 /// after the last position it delivered, and only waits when a read comes
 /// back empty.
+///
+/// Take events with [`Subscription::next`], or use it as a
+/// [`futures_core::Stream`] of `Result<RecordedEvent, StoreError>` (it never
+/// ends; an item that is an error leaves the position where it was, so the
+/// next one tries again). Both are cancel-safe: a read dropped half-way is
+/// finished by the next call, and nothing is skipped or delivered twice.
+///
+/// ```
+/// # tokio::runtime::Runtime::new().unwrap().block_on(async {
+/// use factline_core::{EventData, EventStore, ExpectedVersion, InMemoryStore, StreamFilter, StreamId};
+/// use futures_util::StreamExt;
+///
+/// let store = InMemoryStore::new();
+/// let invoice = StreamId::new("Invoice-7").unwrap();
+/// let issued = EventData::new("InvoiceIssued", serde_json::json!({ "cents": 4200 }));
+/// store.append(&invoice, ExpectedVersion::NoStream, vec![issued]).await.unwrap();
+///
+/// let invoices = store.subscribe(StreamFilter::Category("Invoice".into()), 1);
+/// let first: Vec<_> = invoices.take(1).collect().await;
+/// assert_eq!(first[0].as_ref().unwrap().event_type, "InvoiceIssued");
+/// # });
+/// ```
 pub struct Subscription {
+    /// Where the subscription stands; `None` while a read is in flight.
+    cursor: Option<Cursor>,
+    /// The read in flight, which gives the cursor back when done.
+    reading: Option<Reading>,
+    /// Kept outside the cursor so they can be answered during a read.
+    filter: StreamFilter,
+    next_position: u64,
+}
+
+type Reading = Pin<Box<dyn Future<Output = (Cursor, Result<(), StoreError>)> + Send + 'static>>;
+
+struct Cursor {
     store: Arc<dyn EventStore>,
     filter: StreamFilter,
     next_position: u64,
@@ -56,22 +93,32 @@ impl Subscription {
         fallback_poll: Option<Duration>,
     ) -> Self {
         let head = store.watch_head();
+        let next_position = from.max(1);
         Subscription {
-            store,
+            cursor: Some(Cursor {
+                store,
+                filter: filter.clone(),
+                next_position,
+                buffer: VecDeque::new(),
+                head,
+                page_size: 512,
+                fallback_poll,
+            }),
+            reading: None,
             filter,
-            next_position: from.max(1),
-            buffer: VecDeque::new(),
-            head,
-            page_size: 512,
-            fallback_poll,
+            next_position,
         }
     }
 
+    /// Reads pages of at most `page_size` events (default 512).
     pub fn with_page_size(mut self, page_size: usize) -> Self {
-        self.page_size = page_size.max(1);
+        if let Some(cursor) = &mut self.cursor {
+            cursor.page_size = page_size.max(1);
+        }
         self
     }
 
+    /// What the subscription follows.
     pub fn filter(&self) -> &StreamFilter {
         &self.filter
     }
@@ -79,14 +126,18 @@ impl Subscription {
     /// Whether everything committed so far (as far as this process has
     /// heard) has been delivered: nothing is buffered and the head is
     /// behind the next position. Batching consumers commit then instead of
-    /// waiting for more.
+    /// waiting for more. `false` while a read is in flight.
     pub fn caught_up(&self) -> bool {
-        self.buffer.is_empty() && *self.head.borrow() < self.next_position
+        self.cursor
+            .as_ref()
+            .is_some_and(|c| c.buffer.is_empty() && *c.head.borrow() < c.next_position)
     }
 
     /// The position the next read starts from.
     pub fn next_position(&self) -> u64 {
-        self.next_position
+        self.cursor
+            .as_ref()
+            .map_or(self.next_position, |c| c.next_position)
     }
 
     /// Waits for and returns the next event.
@@ -96,11 +147,61 @@ impl Subscription {
     /// consumer sees neither a gap nor a duplicate; only a permanent failure
     /// is returned.
     pub async fn next(&mut self) -> Result<RecordedEvent, StoreError> {
+        std::future::poll_fn(|cx| self.poll_event(cx)).await
+    }
+
+    fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<RecordedEvent, StoreError>> {
+        loop {
+            if let Some(cursor) = &mut self.cursor {
+                // The common case: an event of the page already read.
+                if let Some(event) = cursor.buffer.pop_front() {
+                    return Poll::Ready(Ok(event));
+                }
+                if let Some(mut cursor) = self.cursor.take() {
+                    self.next_position = cursor.next_position;
+                    self.reading = Some(Box::pin(async move {
+                        let filled = cursor.fill().await;
+                        (cursor, filled)
+                    }));
+                }
+            }
+            let Some(reading) = &mut self.reading else {
+                unreachable!("a subscription holds its cursor or a read that gives it back");
+            };
+            let (cursor, filled) = ready!(reading.as_mut().poll(cx));
+            self.reading = None;
+            self.cursor = Some(cursor);
+            filled?;
+        }
+    }
+
+    /// The next event, decoded as `E` through `E`'s upcasters (C5), with the
+    /// event as recorded.
+    pub async fn next_typed<E: DomainEvent>(&mut self) -> Result<(RecordedEvent, E), TypedError> {
+        let event = self.next().await?;
+        match E::from_recorded(&event) {
+            Ok(typed) => Ok((event, typed)),
+            Err(source) => Err(TypedError::Decode {
+                position: event.position,
+                source,
+            }),
+        }
+    }
+}
+
+impl futures_core::Stream for Subscription {
+    type Item = Result<RecordedEvent, StoreError>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.get_mut().poll_event(cx).map(Some)
+    }
+}
+
+impl Cursor {
+    /// Reads until the buffer holds at least one event.
+    async fn fill(&mut self) -> Result<(), StoreError> {
         let mut backoff = Duration::from_millis(50);
         loop {
-            if let Some(event) = self.buffer.pop_front() {
-                return Ok(event);
-            }
             // Mark the current head as seen *before* reading, so a commit
             // that lands after the read still wakes the wait below.
             self.head.borrow_and_update();
@@ -121,22 +222,9 @@ impl Subscription {
             if let Some(last) = page.last() {
                 self.next_position = last.position + 1;
                 self.buffer.extend(page);
-                continue;
+                return Ok(());
             }
             self.wait_for_commit().await;
-        }
-    }
-
-    /// The next event, decoded as `E` through `E`'s upcasters (C5), with the
-    /// event as recorded.
-    pub async fn next_typed<E: DomainEvent>(&mut self) -> Result<(RecordedEvent, E), TypedError> {
-        let event = self.next().await?;
-        match E::from_recorded(&event) {
-            Ok(typed) => Ok((event, typed)),
-            Err(source) => Err(TypedError::Decode {
-                position: event.position,
-                source,
-            }),
         }
     }
 
@@ -307,5 +395,63 @@ mod tests {
         }
         // Nothing was skipped: the next call starts where it stood.
         assert_eq!(sub.next().await.unwrap().position, 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn as_a_stream_it_catches_up_goes_live_and_survives_cancelled_polls() {
+        use futures_util::StreamExt;
+
+        let store = Arc::new(InMemoryStore::new());
+        let id = StreamId::new("Invoice-1").unwrap();
+        let (shared, id) = (store.clone(), id.clone());
+        let append = move |n: u64| {
+            let (store, id) = (shared.clone(), id.clone());
+            async move {
+                store
+                    .append(
+                        &id,
+                        ExpectedVersion::Any,
+                        vec![EventData::new("E", json!({ "n": n }))],
+                    )
+                    .await
+                    .unwrap();
+            }
+        };
+        for n in 1..=3 {
+            append(n).await;
+        }
+        let mut sub = store.subscribe(StreamFilter::All, 1).with_page_size(2);
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            seen.push(sub.next().await.unwrap().position);
+        }
+        // Caught up: polls that wait for a commit are dropped half-way, as a
+        // select! with a timeout does; the next ones finish the same read.
+        for _ in 0..3 {
+            let waited = tokio::time::timeout(Duration::from_millis(20), sub.next()).await;
+            assert!(waited.is_err(), "nothing new was committed");
+            assert!(!sub.caught_up(), "a read is in flight");
+        }
+        let writer = tokio::spawn(async move {
+            for n in 4..=40 {
+                append(n).await;
+            }
+        });
+        while seen.len() < 40 {
+            match sub.next().await {
+                Ok(event) => seen.push(event.position),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        writer.await.unwrap();
+        assert_eq!(seen, (1..=40).collect::<Vec<u64>>(), "no gap, no duplicate");
+        assert!(sub.caught_up());
+        let mut more = store.subscribe(StreamFilter::All, 38);
+        let tail: Vec<u64> = (&mut more)
+            .take(3)
+            .map(|e| e.unwrap().position)
+            .collect()
+            .await;
+        assert_eq!(tail, vec![38, 39, 40]);
     }
 }
