@@ -155,7 +155,7 @@ impl std::fmt::Display for JsonText {
 /// parser as [`JsonText::to_value`], so the two cannot disagree.
 ///
 /// ```
-/// use factline_core::check_readable;
+/// use factline_core::backend::check_readable;
 /// assert!(check_readable(r#"{"a":[1,2.5,"\u00e9"]}"#).is_ok());
 /// assert!(check_readable("1e400").is_err());
 /// assert!(check_readable(r#""\ud800""#).is_err());

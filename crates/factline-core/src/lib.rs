@@ -9,6 +9,7 @@
 //! - every `from` argument is inclusive.
 
 mod append;
+pub mod backend;
 mod command;
 mod domain;
 mod error;
@@ -20,23 +21,16 @@ mod store;
 mod stream_id;
 mod subscription;
 mod version;
-pub mod writer_queue;
 
-pub use append::{
-    resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits, StoredContent,
-};
-pub use command::{
-    resolve_command, retention_cutoff, Appended, CommandKey, CommandRecord, Snapshot,
-};
+pub use append::Limits;
+pub use command::{Appended, CommandKey, CommandRecord, Snapshot};
 pub use domain::{tagged, DecodeError, DomainEvent, UpcastError, UpcastStep, Upcasters};
 pub use error::{IdempotencyMismatch, StorageError, StoreError};
 pub use event::{new_event_id, EventData, Metadata, RecordedEvent};
-pub use files::create_private_file;
-pub use json::{check_readable, JsonText};
+pub use json::JsonText;
 pub use memory::InMemoryStore;
-pub use store::{
-    Direction, EventStore, ReadBudget, ReadStream, StreamFilter, Tally, TallyRow, BOUNDED_CHUNK,
-};
+pub use store::{Direction, EventStore, ReadBudget, ReadStream, StreamFilter, Tally, TallyRow};
+
 pub use stream_id::{category_of, check_category, InvalidCategory, InvalidStreamId, StreamId};
 pub use subscription::{Subscription, TypedError};
 pub use version::{AppendResult, ExpectedVersion, ParseExpectedVersionError};

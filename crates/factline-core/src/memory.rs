@@ -13,11 +13,12 @@ use uuid::Uuid;
 use crate::append::{
     resolve_duplicates, validate_append, EncodedEvent, ExistingEvent, Limits, StoredContent,
 };
+use crate::backend::{resolve_command, retention_cutoff};
 use crate::Metadata;
 use crate::{
-    resolve_command, retention_cutoff, AppendResult, Appended, CommandKey, CommandRecord,
-    Direction, EventData, EventStore, ExpectedVersion, JsonText, ReadStream, RecordedEvent,
-    Snapshot, StorageError, StoreError, StreamFilter, StreamId, Subscription,
+    AppendResult, Appended, CommandKey, CommandRecord, Direction, EventData, EventStore,
+    ExpectedVersion, JsonText, ReadStream, RecordedEvent, Snapshot, StorageError, StoreError,
+    StreamFilter, StreamId, Subscription,
 };
 
 #[derive(Clone)]

@@ -25,11 +25,12 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use factline_core::writer_queue::{submit_append, submit_command, AppendJob};
+use factline_core::backend::retention_cutoff;
+use factline_core::backend::writer_queue::{submit_append, submit_command, AppendJob};
 use factline_core::{
-    retention_cutoff, AppendResult, Appended, CommandKey, CommandRecord, Direction, EventData,
-    EventStore, ExpectedVersion, JsonText, Limits, Metadata, ReadStream, RecordedEvent, Snapshot,
-    StorageError, StoreError, StreamFilter, StreamId, Subscription, Tally,
+    AppendResult, Appended, CommandKey, CommandRecord, Direction, EventData, EventStore,
+    ExpectedVersion, JsonText, Limits, Metadata, ReadStream, RecordedEvent, Snapshot, StorageError,
+    StoreError, StreamFilter, StreamId, Subscription, Tally,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Row;

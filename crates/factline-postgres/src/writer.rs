@@ -19,10 +19,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SubsecRound, Utc};
-use factline_core::writer_queue::{drain_batch, new_command_record, AppendJob};
+use factline_core::backend::writer_queue::{drain_batch, new_command_record, AppendJob};
+use factline_core::backend::{
+    resolve_command, resolve_duplicates, retention_cutoff, EncodedEvent, ExistingEvent,
+    StoredContent,
+};
 use factline_core::{
-    resolve_command, resolve_duplicates, retention_cutoff, AppendResult, Appended, CommandRecord,
-    EncodedEvent, ExistingEvent, Limits, StorageError, StoreError, StoredContent, StreamId,
+    AppendResult, Appended, CommandRecord, Limits, StorageError, StoreError, StreamId,
 };
 use tokio::sync::{mpsc, watch};
 use tokio_postgres::error::SqlState;

@@ -23,11 +23,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
-use factline_core::writer_queue::{submit_append, submit_command, AppendJob};
+use factline_core::backend::retention_cutoff;
+use factline_core::backend::writer_queue::{submit_append, submit_command, AppendJob};
 use factline_core::{
-    retention_cutoff, AppendResult, Appended, CommandKey, CommandRecord, EventData, EventStore,
-    ExpectedVersion, JsonText, Limits, ReadStream, RecordedEvent, Snapshot, StorageError,
-    StoreError, StreamFilter, StreamId, Subscription, Tally,
+    AppendResult, Appended, CommandKey, CommandRecord, EventData, EventStore, ExpectedVersion,
+    JsonText, Limits, ReadStream, RecordedEvent, Snapshot, StorageError, StoreError, StreamFilter,
+    StreamId, Subscription, Tally,
 };
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, watch};
@@ -225,7 +226,7 @@ impl SqliteStore {
         config: SqliteConfig,
         mut inline: Vec<Box<dyn InlineProjection>>,
     ) -> Result<Self, StoreError> {
-        factline_core::create_private_file(&config.path)
+        factline_core::backend::create_private_file(&config.path)
             .map_err(|e| StorageError::new(format!("creating {}: {e}", config.path.display())))?;
         let mut conn = open_connection(&config, false)?;
         schema::migrate(&mut conn)?;

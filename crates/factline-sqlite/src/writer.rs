@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use chrono::{DateTime, SubsecRound, Utc};
-use factline_core::writer_queue::{drain_batch, new_command_record, AppendJob};
-use factline_core::{
-    resolve_command, resolve_duplicates, retention_cutoff, AppendResult, Appended, ExistingEvent,
-    Limits, StorageError, StoreError, StoredContent, StreamId,
+use factline_core::backend::writer_queue::{drain_batch, new_command_record, AppendJob};
+use factline_core::backend::{
+    resolve_command, resolve_duplicates, retention_cutoff, ExistingEvent, StoredContent,
 };
+use factline_core::{AppendResult, Appended, Limits, StorageError, StoreError, StreamId};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, watch};
 

@@ -24,7 +24,7 @@ pub struct SqliteOutbox {
 }
 
 fn sqlite_connection(path: &Path) -> Result<Connection, OutboxError> {
-    factline_core::create_private_file(path)
+    factline_core::backend::create_private_file(path)
         .map_err(|e| OutboxError::Database(format!("creating {}: {e}", path.display())))?;
     let mut conn = Connection::open(path)?;
     // SQLite's own busy handler backs off to 100 ms sleeps; under a busy

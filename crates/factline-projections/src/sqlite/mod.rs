@@ -149,9 +149,11 @@ impl<P: SqliteProjection> SqliteSink<P> {
             projection: name.clone(),
             message: format!("opening {}: {e}", path.display()),
         };
-        factline_core::create_private_file(&path).map_err(|e| ProjectionError::ReadModel {
-            projection: name.clone(),
-            message: format!("creating {}: {e}", path.display()),
+        factline_core::backend::create_private_file(&path).map_err(|e| {
+            ProjectionError::ReadModel {
+                projection: name.clone(),
+                message: format!("creating {}: {e}", path.display()),
+            }
         })?;
         let conn = Connection::open(&path).map_err(&failed)?;
         conn.busy_timeout(Duration::from_secs(10))
@@ -638,9 +640,11 @@ impl SqliteCheckpoints {
             projection: "reactor checkpoints".into(),
             message: format!("opening {}: {e}", path.display()),
         };
-        factline_core::create_private_file(path).map_err(|e| ProjectionError::ReadModel {
-            projection: "reactor checkpoints".into(),
-            message: format!("creating {}: {e}", path.display()),
+        factline_core::backend::create_private_file(path).map_err(|e| {
+            ProjectionError::ReadModel {
+                projection: "reactor checkpoints".into(),
+                message: format!("creating {}: {e}", path.display()),
+            }
         })?;
         let conn = Connection::open(path).map_err(&failed)?;
         conn.busy_timeout(Duration::from_secs(10))

@@ -3,9 +3,10 @@
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::backend::{validate_append, EncodedEvent};
 use crate::{
-    validate_append, AppendResult, Appended, CommandKey, EncodedEvent, EventData, ExpectedVersion,
-    Limits, StorageError, StoreError, StreamId,
+    AppendResult, Appended, CommandKey, EventData, ExpectedVersion, Limits, StorageError,
+    StoreError, StreamId,
 };
 
 /// One validated append waiting for a backend's writer.
