@@ -14,6 +14,7 @@ pub trait Aggregate: Default + Send + Sync + 'static {
     /// state's serialised form changes: snapshots of another version are
     /// ignored and replaced.
     const SNAPSHOT_VERSION: u32 = 1;
+    /// The aggregate's events: a [`DomainEvent`], typically a tagged enum.
     type Event: DomainEvent;
     /// Commands serialise so that a repeated command can be told from a
     /// different one under the same idempotency key.

@@ -22,13 +22,16 @@ pub const DEFAULT_MAX_ATTEMPTS: usize = 3;
 /// given) and has the command id as its causation id (S6).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandContext {
+    /// The command's own id: the causation id of every event it produces.
     pub command_id: Uuid,
+    /// The business transaction it belongs to; a fresh one when `None`.
     pub correlation_id: Option<String>,
     /// What caused the command itself (an event id, a request id).
     pub causation_id: Option<String>,
     /// The user or service that sent the command; stored as the `actor`
     /// header.
     pub actor: Option<String>,
+    /// Further metadata headers copied onto every event.
     pub headers: BTreeMap<String, String>,
     /// With a key the command runs at most once (C3): a repeat with the
     /// same key gets the first execution's outcome and writes nothing.
@@ -49,25 +52,30 @@ impl Default for CommandContext {
 }
 
 impl CommandContext {
+    /// A context with a fresh command id and nothing else.
     pub fn new() -> Self {
         Self::default()
     }
 
+    /// Sets the correlation id.
     pub fn correlated_with(mut self, correlation_id: impl Into<String>) -> Self {
         self.correlation_id = Some(correlation_id.into());
         self
     }
 
+    /// Sets what caused the command.
     pub fn caused_by(mut self, causation_id: impl Into<String>) -> Self {
         self.causation_id = Some(causation_id.into());
         self
     }
 
+    /// Sets the user or service that sent the command.
     pub fn by(mut self, actor: impl Into<String>) -> Self {
         self.actor = Some(actor.into());
         self
     }
 
+    /// Adds a metadata header.
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name.into(), value.into());
         self
@@ -101,6 +109,7 @@ impl CommandContext {
 /// An aggregate's state as loaded, with the stream version it reflects.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Loaded<A> {
+    /// The state after applying every event up to `version`.
     pub state: A,
     /// 0 when the stream does not exist.
     pub version: u64,
@@ -113,10 +122,13 @@ pub struct Loaded<A> {
 /// What a handled command did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandOutcome {
+    /// The aggregate's stream.
     pub stream_id: StreamId,
     /// `None` when the decision emitted no events (nothing was appended).
     pub appended: Option<AppendResult>,
+    /// The ids of the events the command produced, in order.
     pub event_ids: Vec<Uuid>,
+    /// The correlation id the events carry.
     pub correlation_id: String,
     /// How many times the command was decided (1 without conflicts, 0 for
     /// a replay).
@@ -137,7 +149,10 @@ pub enum CommandError<E: std::error::Error + 'static> {
     /// The idempotency key already ran a different command; nothing was
     /// written.
     #[error("idempotency key {key:?} was already used by a different command")]
-    KeyReused { key: String },
+    KeyReused {
+        /// The idempotency key.
+        key: String,
+    },
     /// Not a business rule: the store, a conflict that outlasted the
     /// retries, or an event that cannot be encoded or decoded.
     #[error(transparent)]
@@ -148,24 +163,35 @@ pub enum CommandError<E: std::error::Error + 'static> {
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
     #[error("stream {stream_id} kept changing: {attempts} attempts all hit version conflicts")]
+    /// Every attempt found the stream changed since it was loaded.
     Conflict {
+        /// The aggregate's stream.
         stream_id: StreamId,
+        /// How many times the command was decided.
         attempts: usize,
     },
     #[error("event {version} of stream {stream_id} cannot be read: {source}")]
+    /// A stored event does not decode as the aggregate's event type.
     Decode {
+        /// The aggregate's stream.
         stream_id: StreamId,
+        /// The version of the event.
         version: u64,
+        /// Why it did not decode.
         #[source]
         source: DecodeError,
     },
     #[error("an event of stream {stream_id} cannot be encoded: {source}")]
+    /// A decided event does not serialise.
     Encode {
+        /// The aggregate's stream.
         stream_id: StreamId,
+        /// What serde_json said.
         #[source]
         source: serde_json::Error,
     },
     #[error(transparent)]
+    /// The store failed.
     Store(#[from] StoreError),
 }
 
@@ -228,6 +254,7 @@ impl<A: Aggregate + Serialize + DeserializeOwned> CommandHandler<A> {
 }
 
 impl<A: Aggregate> CommandHandler<A> {
+    /// A handler over `store`, retrying conflicts a few times and taking no snapshots.
     pub fn new(store: Arc<dyn EventStore>) -> Self {
         CommandHandler {
             store,

@@ -5,6 +5,8 @@
 //! loaded version as the expected version, deciding again on a conflict.
 //! [`testing`] runs decisions without a store (given/when/then).
 
+#![warn(missing_docs)]
+
 mod aggregate;
 mod handler;
 pub mod testing;

@@ -21,11 +21,13 @@ pub fn given<A: Aggregate>(history: impl IntoIterator<Item = A::Event>) -> Given
     Given { state }
 }
 
+/// An aggregate's state after the given events; see [`given`].
 pub struct Given<A> {
     state: A,
 }
 
 impl<A: Aggregate> Given<A> {
+    /// Decides `command` against that state.
     pub fn when(self, command: &A::Command) -> Then<A> {
         Then {
             decided: self.state.decide(command),

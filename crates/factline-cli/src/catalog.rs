@@ -68,7 +68,7 @@ impl ReadModelDb {
                 url: url.clone(),
                 schema: schema.to_owned(),
             }),
-            Location::Memory => Err(usage(
+            _ => Err(usage(
                 "an in-memory store keeps no read models between runs: give --db a SQLite file or a postgres:// URL",
             )),
         }

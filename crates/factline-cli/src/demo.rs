@@ -100,7 +100,7 @@ fn default_sink(location: &Location) -> Option<String> {
             Some(format!("file://{}", file.display()))
         }
         // A shared database has no directory of its own to write to.
-        Location::Postgres(_) | Location::Memory => None,
+        _ => None,
     }
 }
 

@@ -106,7 +106,7 @@ pub async fn open_db(location: &Location) -> anyhow::Result<Arc<dyn OutboxDb>> {
         match location {
             Location::Sqlite(path) => Arc::new(SqliteOutbox::open(path)?),
             Location::Postgres(url) => Arc::new(PostgresOutbox::connect(url, STORE_SCHEMA).await?),
-            Location::Memory => return Err(usage(
+            _ => return Err(usage(
                 "the outbox lives in the store's database: use a SQLite file or a postgres:// URL",
             )),
         };

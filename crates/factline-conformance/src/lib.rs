@@ -15,6 +15,11 @@
 //! The calling crate needs `tokio` (with `macros` and `rt-multi-thread`) as a
 //! dev-dependency.
 
+#![warn(missing_docs)]
+
+// Each case is named for the behaviour it checks: the name is its
+// documentation.
+#[allow(missing_docs)]
 pub mod cases;
 
 pub use factline_core::Limits;

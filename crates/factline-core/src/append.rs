@@ -24,8 +24,11 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The default for [`Limits::max_event_bytes`]: 64 KiB.
     pub const DEFAULT_MAX_EVENT_BYTES: usize = 64 * 1024;
+    /// The longest event type accepted, in bytes.
     pub const MAX_EVENT_TYPE_BYTES: usize = 256;
+    /// The default for [`Limits::command_retention`]: seven days.
     pub const DEFAULT_COMMAND_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 }
 
@@ -43,8 +46,11 @@ impl Default for Limits {
 /// An event after validation, with its JSON already serialised.
 #[derive(Clone, Debug)]
 pub struct EncodedEvent {
+    /// The event's id (given, or new).
     pub event_id: Uuid,
+    /// The event's type, checked.
     pub event_type: String,
+    /// The data as JSON text, checked readable.
     pub data: String,
     /// `None` when the metadata is the default, so stores can skip it.
     pub metadata: Option<String>,

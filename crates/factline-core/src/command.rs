@@ -15,14 +15,19 @@ use crate::{AppendResult, StoreError, StreamId};
 /// key, which is refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CommandKey {
+    /// The caller's idempotency key.
     pub key: String,
+    /// A digest of the command, so a reused key with another command is told apart.
     pub fingerprint: String,
 }
 
 impl CommandKey {
+    /// The longest key accepted, in bytes.
     pub const MAX_KEY_BYTES: usize = 256;
+    /// The longest fingerprint accepted, in bytes.
     pub const MAX_FINGERPRINT_BYTES: usize = 256;
 
+    /// A key and the fingerprint of the command it belongs to.
     pub fn new(key: impl Into<String>, fingerprint: impl Into<String>) -> Self {
         CommandKey {
             key: key.into(),
@@ -54,10 +59,15 @@ impl CommandKey {
 /// transaction as its events.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct CommandRecord {
+    /// The idempotency key.
     pub key: String,
+    /// The fingerprint of the command that used it.
     pub fingerprint: String,
+    /// What the command's append did.
     pub result: AppendResult,
+    /// The ids of the events it wrote, in order.
     pub event_ids: Vec<Uuid>,
+    /// When it was stored.
     pub recorded_at: DateTime<Utc>,
 }
 
@@ -91,6 +101,7 @@ pub enum Appended {
 }
 
 impl Appended {
+    /// What the command's append did.
     pub fn result(&self) -> &AppendResult {
         match self {
             Appended::Written(result) => result,
@@ -135,13 +146,16 @@ pub fn resolve_command(
 /// The latest snapshot of a stream: an aggregate's state as of `version`.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Snapshot {
+    /// The aggregate's stream.
     pub stream_id: StreamId,
     /// The stream version whose state this is.
     pub version: u64,
     /// The aggregate's snapshot format; a reader of another format ignores
     /// the snapshot.
     pub snapshot_version: u32,
+    /// The aggregate's state, as its snapshot format writes it.
     pub data: Value,
+    /// When it was saved.
     pub recorded_at: DateTime<Utc>,
 }
 

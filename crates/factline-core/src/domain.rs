@@ -28,23 +28,35 @@ pub struct Upcasters {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UpcastError {
     #[error("{event_type} v{stored} cannot be read: no upcaster from v{missing} towards the current v{current}")]
+    /// No upcaster leads from the stored version to the current one.
     NoPath {
+        /// The event type.
         event_type: String,
+        /// The schema version it was stored with.
         stored: u32,
+        /// The schema version this build reads.
         current: u32,
         /// The first version with no step out of it.
         missing: u32,
     },
     #[error("{event_type} v{stored} is newer than this build, which knows up to v{current}")]
+    /// The event was stored by a newer build than this one.
     FromTheFuture {
+        /// The event type.
         event_type: String,
+        /// The schema version it was stored with.
         stored: u32,
+        /// The newest schema version this build knows.
         current: u32,
     },
     #[error("upcasting {event_type} from v{from} to v{} failed: {message}", from + 1)]
+    /// An upcaster step refused the data.
     StepFailed {
+        /// The event type.
         event_type: String,
+        /// The version the failed step starts from.
         from: u32,
+        /// What the step said.
         message: String,
     },
 }
@@ -53,11 +65,16 @@ pub enum UpcastError {
 #[derive(Debug, thiserror::Error)]
 pub enum DecodeError {
     #[error(transparent)]
+    /// The stored version cannot be brought to the current one.
     Upcast(#[from] UpcastError),
     #[error("{event_type} v{schema_version} does not decode: {source}")]
+    /// The upcast data does not deserialise as the event type.
     Json {
+        /// The event type.
         event_type: String,
+        /// The schema version the data was brought to.
         schema_version: u32,
+        /// What serde_json said.
         #[source]
         source: serde_json::Error,
     },
@@ -66,6 +83,7 @@ pub enum DecodeError {
 static NO_UPCASTERS: LazyLock<Upcasters> = LazyLock::new(Upcasters::default);
 
 impl Upcasters {
+    /// No upcasters: every event must be at its type's current version.
     pub fn new() -> Self {
         Self::default()
     }
@@ -196,6 +214,7 @@ pub mod tagged {
 
     use crate::JsonText;
 
+    /// The event type and data of a `#[serde(tag = "type", content = "data")]` enum value.
     pub fn encode<E: Serialize>(event: &E) -> Result<(String, JsonText), serde_json::Error> {
         use serde::ser::Error;
         let Value::Object(mut fields) = serde_json::to_value(event)? else {
@@ -214,6 +233,7 @@ pub mod tagged {
         Ok((event_type, JsonText::from(data)))
     }
 
+    /// The enum value of a stored type and data, the inverse of [`encode`].
     pub fn decode<E: DeserializeOwned>(
         event_type: &str,
         data: &Value,

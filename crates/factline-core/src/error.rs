@@ -12,37 +12,60 @@ use crate::{ExpectedVersion, InvalidStreamId, StreamId};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("version conflict on stream {stream_id}: expected {expected}, actual {actual}")]
+    /// The stream is not at the version the append expected.
     Conflict {
+        /// The stream appended to.
         stream_id: StreamId,
+        /// What the append expected.
         expected: ExpectedVersion,
         /// The stream's current version; 0 when it does not exist.
         actual: u64,
     },
     #[error("idempotency mismatch on stream {stream_id}: {reason}")]
+    /// A retried append does not match what is stored under its event ids.
     IdempotencyMismatch {
+        /// The stream appended to.
         stream_id: StreamId,
+        /// How the retry differs.
         reason: IdempotencyMismatch,
     },
     /// The idempotency key is stored for a different command.
     #[error(
         "idempotency key {key:?} was already used by a different command (on stream {stream_id})"
     )]
-    CommandKeyReused { key: String, stream_id: StreamId },
+    CommandKeyReused {
+        /// The command's idempotency key.
+        key: String,
+        /// The stream the key's command wrote to.
+        stream_id: StreamId,
+    },
     #[error("event {event_id} is {size} bytes, over the limit of {max} bytes")]
+    /// An event is over [`crate::Limits::max_event_bytes`].
     TooLarge {
+        /// The event's id.
         event_id: Uuid,
+        /// Its size: type, data and metadata, in bytes.
         size: usize,
+        /// The limit.
         max: usize,
     },
     #[error(transparent)]
+    /// The stream id is not valid.
     InvalidStreamId(#[from] InvalidStreamId),
     #[error("invalid input: {0}")]
+    /// The request is malformed: what is wrong with it.
     InvalidInput(String),
     /// A projection updated in the append's own transaction (an inline
     /// projection, C6) refused the append's events; nothing was written.
     #[error("inline projection {projection} refused the append: {message}")]
-    InlineRefused { projection: String, message: String },
+    InlineRefused {
+        /// The inline projection's name.
+        projection: String,
+        /// What it said.
+        message: String,
+    },
     #[error(transparent)]
+    /// The database failed; see [`StorageError::is_retryable`].
     Storage(#[from] StorageError),
 }
 
@@ -52,6 +75,7 @@ impl StoreError {
         !matches!(self, StoreError::Storage(_))
     }
 
+    /// A rejection of the request with this explanation.
     pub fn invalid_input(message: impl Into<String>) -> Self {
         StoreError::InvalidInput(message.into())
     }
@@ -62,14 +86,27 @@ impl StoreError {
 #[non_exhaustive]
 pub enum IdempotencyMismatch {
     /// Some of the append's event ids are stored, some are not.
-    PartialOverlap { stored: usize, total: usize },
+    PartialOverlap {
+        /// How many of the ids are stored.
+        stored: usize,
+        /// How many events the append holds.
+        total: usize,
+    },
     /// An event id is already used by an event of another stream.
-    OtherStream { event_id: Uuid, stream_id: StreamId },
+    OtherStream {
+        /// The event id used twice.
+        event_id: Uuid,
+        /// The stream that holds it.
+        stream_id: StreamId,
+    },
     /// All ids are stored in this stream, but not as one run in this order.
     DifferentOrder,
     /// The id is stored with another type, data or metadata: a retry must
     /// repeat the event, not change it.
-    DifferentContent { event_id: Uuid },
+    DifferentContent {
+        /// The event id whose content differs.
+        event_id: Uuid,
+    },
 }
 
 impl fmt::Display for IdempotencyMismatch {
@@ -104,6 +141,7 @@ pub struct StorageError {
 }
 
 impl StorageError {
+    /// A failure that retrying will not cure.
     pub fn new(message: impl Into<String>) -> Self {
         StorageError {
             message: message.into(),
@@ -112,6 +150,7 @@ impl StorageError {
         }
     }
 
+    /// A failure caused by `source`; `retryable` says whether the same request may succeed later.
     pub fn with_source(
         message: impl Into<String>,
         source: impl std::error::Error + Send + Sync + 'static,
@@ -129,10 +168,13 @@ impl StorageError {
         self
     }
 
+    /// Whether the same request may succeed later (a lost connection, a
+    /// restarting server, a busy database).
     pub fn is_retryable(&self) -> bool {
         self.retryable
     }
 
+    /// What failed, in words.
     pub fn message(&self) -> &str {
         &self.message
     }

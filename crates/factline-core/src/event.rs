@@ -66,12 +66,16 @@ impl Default for Metadata {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EventData {
+    /// The event's id: given by the caller to make a retry idempotent, or new.
     #[serde(default = "new_event_id")]
     pub event_id: Uuid,
+    /// The event's type, such as `InvoiceIssued`.
     #[serde(rename = "type", alias = "event_type")]
     pub event_type: String,
+    /// The event's data: any JSON value.
     #[serde(default = "JsonText::empty_object")]
     pub data: JsonText,
+    /// Correlation and causation ids and custom fields.
     #[serde(default)]
     pub metadata: Metadata,
 }
@@ -95,11 +99,13 @@ impl EventData {
         }
     }
 
+    /// Sets the event id, so that retrying the append is idempotent.
     pub fn with_event_id(mut self, event_id: Uuid) -> Self {
         self.event_id = event_id;
         self
     }
 
+    /// Sets the metadata.
     pub fn with_metadata(mut self, metadata: Metadata) -> Self {
         self.metadata = metadata;
         self
@@ -109,16 +115,21 @@ impl EventData {
 /// An event as stored.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct RecordedEvent {
+    /// The stream the event belongs to.
     pub stream_id: StreamId,
     /// 1-based position of the event within its stream.
     pub version: u64,
     /// Global position in `$all`, starting at 1.
     pub position: u64,
+    /// The event's id.
     pub event_id: Uuid,
+    /// The event's type.
     pub event_type: String,
     /// The data as stored: see [`JsonText`] for typed access.
     pub data: JsonText,
+    /// Correlation and causation ids and custom fields.
     pub metadata: Metadata,
+    /// When the event was committed.
     pub recorded_at: DateTime<Utc>,
 }
 

@@ -8,6 +8,8 @@
 //! - global positions start at 1 and strictly increase in commit order;
 //! - every `from` argument is inclusive.
 
+#![warn(missing_docs)]
+
 mod append;
 pub mod backend;
 mod command;

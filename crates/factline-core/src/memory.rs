@@ -21,6 +21,9 @@ use crate::{
     StreamFilter, StreamId, Subscription,
 };
 
+/// A store in the process's memory, for tests and examples: it keeps the same
+/// contract as the durable backends (the conformance suite runs on it) and
+/// forgets everything when dropped.
 #[derive(Clone)]
 pub struct InMemoryStore {
     shared: Arc<Shared>,
@@ -51,10 +54,12 @@ impl Default for InMemoryStore {
 }
 
 impl InMemoryStore {
+    /// An empty store with the default [`Limits`].
     pub fn new() -> Self {
         Self::with_limits(Limits::default())
     }
 
+    /// An empty store with these limits.
     pub fn with_limits(limits: Limits) -> Self {
         InMemoryStore {
             shared: Arc::new(Shared {

@@ -9,22 +9,27 @@ use crate::{
 /// Which way to read a stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Direction {
+    /// From the oldest event to the newest.
     #[default]
     Forwards,
+    /// From the newest event to the oldest.
     Backwards,
 }
 
 /// How to read one stream.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReadStream {
+    /// Which way to read.
     pub direction: Direction,
     /// First version returned (inclusive). `None` starts at the first event
     /// when reading forwards and at the last one when reading backwards.
     pub from_version: Option<u64>,
+    /// At most this many events.
     pub limit: usize,
 }
 
 impl ReadStream {
+    /// The whole stream, oldest first.
     pub fn forwards() -> Self {
         ReadStream {
             direction: Direction::Forwards,
@@ -33,6 +38,7 @@ impl ReadStream {
         }
     }
 
+    /// The whole stream, newest first.
     pub fn backwards() -> Self {
         ReadStream {
             direction: Direction::Backwards,
@@ -40,11 +46,13 @@ impl ReadStream {
         }
     }
 
+    /// Starts at this stream version (inclusive), whichever the direction.
     pub fn from_version(mut self, version: u64) -> Self {
         self.from_version = Some(version);
         self
     }
 
+    /// Reads at most `limit` events.
     pub fn limit(mut self, limit: usize) -> Self {
         self.limit = limit;
         self
@@ -89,12 +97,16 @@ impl ReadBudget {
 /// A set of events in global order: `$all`, one category, or one stream.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum StreamFilter {
+    /// Every event: `$all`.
     All,
+    /// The events of every stream of one category.
     Category(String),
+    /// The events of one stream.
     Stream(StreamId),
 }
 
 impl StreamFilter {
+    /// Whether `event` is one this filter selects.
     pub fn matches(&self, event: &RecordedEvent) -> bool {
         match self {
             StreamFilter::All => true,

@@ -17,12 +17,16 @@ pub struct StreamId(String);
 pub struct InvalidStreamId {
     /// The offending id, shortened so a huge input cannot flood a log line.
     pub shown: String,
+    /// Why it is refused.
     pub reason: &'static str,
 }
 
 impl StreamId {
+    /// The longest stream id accepted, in bytes.
     pub const MAX_BYTES: usize = 256;
 
+    /// A stream id, if `id` is one: 1 to 256 bytes, no control characters, not
+    /// starting with `$` or `-`.
     pub fn new(id: impl Into<String>) -> Result<Self, InvalidStreamId> {
         let id = id.into();
         let reject = |reason| {
@@ -49,6 +53,7 @@ impl StreamId {
         Ok(StreamId(id))
     }
 
+    /// The id as text.
     pub fn as_str(&self) -> &str {
         &self.0
     }
@@ -68,7 +73,9 @@ pub fn category_of(id: &str) -> &str {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{shown:?} is not a category: {reason}")]
 pub struct InvalidCategory {
+    /// The offending name, shortened for logs.
     pub shown: String,
+    /// Why it is refused.
     pub reason: String,
 }
 

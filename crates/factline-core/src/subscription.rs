@@ -18,13 +18,16 @@ pub const PAGE_BYTES: usize = 4 * 1024 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum TypedError {
     #[error(transparent)]
+    /// Reading the store failed.
     Store(#[from] StoreError),
     /// The event at `position` did not decode (or upcast); the
     /// subscription has moved past it, so the caller decides whether to
     /// stop or go on.
     #[error("the event at position {position} cannot be read: {source}")]
     Decode {
+        /// The event's global position.
         position: u64,
+        /// Why it did not decode.
         #[source]
         source: DecodeError,
     },
@@ -47,7 +50,8 @@ pub enum TypedError {
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
-/// use factline_core::{EventData, EventStore, ExpectedVersion, InMemoryStore, StreamFilter, StreamId};
+/// use factline_core::{EventData, EventStore, ExpectedVersion, InMemoryStore,
+/// StreamFilter, StreamId};
 /// use futures_util::StreamExt;
 ///
 /// let store = InMemoryStore::new();

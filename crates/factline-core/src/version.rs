@@ -47,6 +47,7 @@ impl fmt::Display for ExpectedVersion {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid expected version {0:?}: use any, no_stream, stream_exists or a number")]
+/// An expected version that does not parse; the text says what was given.
 pub struct ParseExpectedVersionError(pub String);
 
 impl FromStr for ExpectedVersion {
@@ -78,10 +79,15 @@ impl Serialize for ExpectedVersion {
 /// Where an append landed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct AppendResult {
+    /// The stream appended to.
     pub stream_id: StreamId,
+    /// The version of the first event written.
     pub first_version: u64,
+    /// The version of the last event written.
     pub last_version: u64,
+    /// The global position of the first event written.
     pub first_position: u64,
+    /// The global position of the last event written.
     pub last_position: u64,
 }
 

@@ -20,6 +20,7 @@ use crate::{Message, OutboxError, Publication, LANES};
 /// What `factline outbox status` and the admin API show.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct OutboxStatus {
+    /// Which events leave, and where to.
     pub publications: Vec<Publication>,
     /// Records not yet published.
     pub backlog: u64,
@@ -31,7 +32,9 @@ pub struct OutboxStatus {
     pub published_retained: u64,
     /// Unpublished records that failed at least once, and the latest error.
     pub failing: u64,
+    /// The latest failure of a failing record.
     pub last_error: Option<String>,
+    /// The relays that reported recently, with the lanes they hold.
     pub relays: Vec<RelayInfo>,
 }
 
@@ -47,7 +50,9 @@ pub struct RelayInfo {
 /// A pending record as a relay fetches it: its lane and its message.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PendingRecord {
+    /// The lane the record is in.
     pub lane: u32,
+    /// The message to publish.
     pub message: Message,
 }
 
@@ -56,6 +61,7 @@ pub struct PendingRecord {
 pub struct Mark {
     /// Acknowledged records, and the lane of each.
     pub positions: Vec<u64>,
+    /// The lane of each acknowledged record, in the same order.
     pub lanes: Vec<u32>,
     /// Per lane (indexed by lane): every record of the lane at or below
     /// this position has been acknowledged (0: nothing is known). A
@@ -66,6 +72,7 @@ pub struct Mark {
 /// The outbox's tables in one database.
 #[async_trait]
 pub trait OutboxDb: Send + Sync {
+    /// The publications, in id order.
     async fn publications(&self) -> Result<Vec<Publication>, OutboxError>;
     /// Stores a publication (validated) and makes sure the trigger exists.
     async fn add_publication(&self, publication: Publication) -> Result<Publication, OutboxError>;
@@ -92,6 +99,7 @@ pub trait OutboxDb: Send + Sync {
     async fn mark_published(&self, relay: &str, mark: &Mark) -> Result<u64, OutboxError>;
     /// Counts a failed attempt on records that stay pending.
     async fn record_failure(&self, positions: &[u64], error: &str) -> Result<(), OutboxError>;
+    /// The backlog, failures and relays, for operators.
     async fn status(&self) -> Result<OutboxStatus, OutboxError>;
     /// Deletes up to `limit` records published before `cutoff`.
     async fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<u64, OutboxError>;

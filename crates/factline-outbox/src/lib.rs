@@ -15,6 +15,8 @@
 
 // The shared helpers serve the backends; a build with neither uses only
 // the contract.
+#![warn(missing_docs)]
+
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 mod db;
 pub mod inbox;

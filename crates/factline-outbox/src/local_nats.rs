@@ -57,6 +57,7 @@ impl LocalNatsServer {
         Ok(server)
     }
 
+    /// Its `nats://` URL.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
     }

@@ -13,15 +13,25 @@ use uuid::Uuid;
 /// `recorded_at`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Message {
+    /// The event's global position.
     pub position: u64,
+    /// The event's id (JetStream's `Nats-Msg-Id`, a webhook's idempotency key).
     pub event_id: Uuid,
+    /// The event's stream.
     pub stream_id: String,
+    /// The event's version in its stream.
     pub version: u64,
+    /// The event's type.
     pub event_type: String,
+    /// The subject it is published on, from its publication's template.
     pub subject: String,
+    /// Its partition key, from its publication's template.
     pub key: String,
+    /// The event's correlation id, if it has one.
     pub correlation_id: Option<String>,
+    /// The event's causation id, if it has one.
     pub causation_id: Option<String>,
+    /// The JSON envelope.
     pub payload: Bytes,
 }
 

@@ -23,6 +23,8 @@ pub struct NatsSinkConfig {
 }
 
 impl NatsSinkConfig {
+    /// The defaults for the server at `url`: a stream `factline` capturing
+    /// `factline.>`, a two-minute duplicate window.
     pub fn new(url: impl Into<String>) -> Self {
         NatsSinkConfig {
             url: url.into(),

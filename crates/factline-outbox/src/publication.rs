@@ -18,9 +18,13 @@ pub struct Publication {
     /// Assigned when stored; 0 before.
     #[serde(default)]
     pub id: i64,
+    /// The category published (every category when `None`).
     pub category: Option<String>,
+    /// The event type published (every type when `None`).
     pub event_type: Option<String>,
+    /// The subject template.
     pub subject: String,
+    /// The partition key template.
     pub key: String,
 }
 
@@ -47,16 +51,19 @@ impl Publication {
         }
     }
 
+    /// Publishes only events of this type.
     pub fn of_type(mut self, event_type: impl Into<String>) -> Self {
         self.event_type = Some(event_type.into());
         self
     }
 
+    /// Publishes on this subject template.
     pub fn on_subject(mut self, template: impl Into<String>) -> Self {
         self.subject = template.into();
         self
     }
 
+    /// Uses this partition key template.
     pub fn with_key(mut self, template: impl Into<String>) -> Self {
         self.key = template.into();
         self

@@ -32,11 +32,13 @@ pub struct RelayConfig {
     /// Backoff after a failed round: doubles from `min_backoff` up to
     /// `max_backoff`.
     pub min_backoff: Duration,
+    /// The longest backoff.
     pub max_backoff: Duration,
     /// Published records are deleted after this long (O6).
     pub retention: Duration,
     /// How often retention runs, and how many records one delete removes.
     pub purge_every: Duration,
+    /// Most records one retention delete removes.
     pub purge_batch: usize,
 }
 
@@ -86,10 +88,12 @@ pub struct RelayStatsSnapshot {
     pub consecutive_failures: u64,
     /// Records published per second between the last two heartbeats.
     pub publish_rate_per_s: f64,
+    /// The latest failure, if any.
     pub last_error: Option<String>,
 }
 
 impl RelayStats {
+    /// The counts as they are now.
     pub fn snapshot(&self) -> RelayStatsSnapshot {
         RelayStatsSnapshot {
             published: self.published.load(Ordering::Relaxed),
@@ -115,7 +119,9 @@ impl RelayStats {
 pub struct Round {
     /// Records fetched.
     pub pending: usize,
+    /// Records the sink acknowledged.
     pub published: u64,
+    /// Records the sink refused or did not answer for.
     pub failed: u64,
 }
 
@@ -250,6 +256,7 @@ pub struct Relay {
 }
 
 impl Relay {
+    /// A relay of the records in `db` to `sink`.
     pub fn new(db: Arc<dyn OutboxDb>, sink: Arc<dyn Sink>, config: RelayConfig) -> Self {
         Relay {
             db,
@@ -267,10 +274,12 @@ impl Relay {
         self
     }
 
+    /// Its counts, shared: they keep changing while it runs.
     pub fn stats(&self) -> Arc<RelayStats> {
         self.stats.clone()
     }
 
+    /// Its configuration.
     pub fn config(&self) -> &RelayConfig {
         &self.config
     }

@@ -86,6 +86,7 @@ pub struct FileSink {
 }
 
 impl FileSink {
+    /// Opens `path` for appending, creating it readable by its owner only.
     pub async fn open(path: impl AsRef<Path>) -> Result<Self, SinkError> {
         let path = path.as_ref().to_path_buf();
         let file = tokio::fs::OpenOptions::new()

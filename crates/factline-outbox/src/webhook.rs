@@ -18,6 +18,7 @@ pub struct WebhookSink {
 }
 
 impl WebhookSink {
+    /// A sink posting to `url` (http or https), waiting at most `timeout` per request.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, SinkError> {
         let url =
             reqwest::Url::parse(url).map_err(|e| SinkError(format!("webhook URL {url:?}: {e}")))?;

@@ -31,7 +31,9 @@ pub enum Method {
 /// What a baseline wrote and how long it took.
 #[derive(Clone, Copy, Debug)]
 pub struct BaselineRun {
+    /// How many events it inserted.
     pub events: u64,
+    /// How long that took.
     pub elapsed: Duration,
 }
 

@@ -11,6 +11,8 @@
 //! - A listener connection LISTENs for the notification every commit sends,
 //!   so live subscriptions in every process wake without polling.
 
+#![warn(missing_docs)]
+
 pub mod baseline;
 mod error;
 mod inline;
@@ -42,6 +44,7 @@ pub use writer::CommitGate;
 use error::{pg_error, pool_error};
 use schema::Sql;
 
+/// How to connect to PostgreSQL and size the store's writer and pool.
 #[derive(Clone)]
 pub struct PostgresConfig {
     /// A libpq-style connection string: `postgres://user:password@host:port/db`
@@ -52,6 +55,7 @@ pub struct PostgresConfig {
     /// Most connections the read pool opens. The writer and the listener
     /// have one connection each besides.
     pub pool_size: usize,
+    /// What appends may hold.
     pub limits: Limits,
     /// Most events the writer puts in one group-commit transaction.
     pub max_batch_events: usize,
@@ -80,6 +84,7 @@ impl std::fmt::Debug for PostgresConfig {
 }
 
 impl PostgresConfig {
+    /// The defaults for the database at `url`, in the `factline` schema.
     pub fn new(url: impl Into<String>) -> Self {
         PostgresConfig {
             url: url.into(),
@@ -98,7 +103,9 @@ impl PostgresConfig {
 /// Counts of the writer's work, for tests and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct WriterStats {
+    /// Transactions committed.
     pub transactions: u64,
+    /// Appends committed.
     pub appends: u64,
     /// Transactions that took the one-round-trip path (see ARCHITECTURE.md).
     pub fast_transactions: u64,
@@ -127,6 +134,7 @@ impl PostgresStore {
         Self::connect_with(PostgresConfig::new(url)).await
     }
 
+    /// Connects with this configuration, creating or upgrading the schema.
     pub async fn connect_with(config: PostgresConfig) -> Result<Self, StoreError> {
         Self::connect_with_inline(config, Vec::new()).await
     }
@@ -239,6 +247,7 @@ impl PostgresStore {
         self.inner.queue.max_capacity() - self.inner.queue.capacity()
     }
 
+    /// The writer's counts so far.
     pub fn stats(&self) -> WriterStats {
         WriterStats {
             transactions: self.inner.counters.transactions.load(Ordering::Relaxed),

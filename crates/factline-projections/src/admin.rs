@@ -11,6 +11,7 @@ use chrono::{DateTime, Utc};
 /// One projection of a read-model database.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct ProjectionInfo {
+    /// The projection's name.
     pub name: String,
     /// The version readers see; `None` before the first batch.
     pub active_version: Option<u32>,
@@ -19,20 +20,25 @@ pub struct ProjectionInfo {
     /// Every version with a checkpoint: the active one and rebuilds beside
     /// it, in version order.
     pub versions: Vec<VersionInfo>,
+    /// Whether an operator paused it.
     pub paused: bool,
     /// Parked and skipped events of the active version.
     pub parked: u64,
+    /// Events an operator skipped instead of applying.
     pub skipped: u64,
 }
 
+/// One version of a projection: the active one or a rebuild beside it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct VersionInfo {
+    /// The version number.
     pub version: u32,
     /// The lowest checkpoint of its partitions: every event up to it is
     /// applied.
     pub checkpoint: u64,
     /// How many partitions it runs as (P10).
     pub partitions: u32,
+    /// When its checkpoint last moved.
     pub updated_at: Option<DateTime<Utc>>,
 }
 

@@ -8,7 +8,9 @@ use serde_json::Value;
 pub struct DiffReport {
     /// The active version (`None` when nothing is active yet).
     pub active: Option<u32>,
+    /// The version compared with the active one.
     pub candidate: u32,
+    /// One entry per logical table.
     pub tables: Vec<TableDiff>,
 }
 
@@ -26,12 +28,17 @@ impl DiffReport {
 /// as one row removed and one added).
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct TableDiff {
+    /// The logical table name.
     pub table: String,
+    /// Rows only the candidate has.
     pub added: u64,
+    /// Rows only the active version has.
     pub removed: u64,
+    /// Rows both have, with other values.
     pub changed: u64,
     /// Up to the requested number of rows of each kind, as JSON objects.
     pub added_samples: Vec<Value>,
+    /// Rows only the active version has, up to the requested number.
     pub removed_samples: Vec<Value>,
     /// (before, after) pairs.
     pub changed_samples: Vec<(Value, Value)>,

@@ -14,6 +14,7 @@
 
 // A build without either backend keeps the shared engine, whose helpers
 // only the backends call.
+#![warn(missing_docs)]
 #![cfg_attr(
     not(any(feature = "sqlite", feature = "postgres")),
     allow(dead_code, unused_imports)
@@ -56,26 +57,42 @@ pub enum ProjectionError {
     /// back with its checkpoint.
     #[error("projection {projection} failed on the event at position {position}: {message}")]
     Apply {
+        /// The projection's name.
         projection: String,
+        /// The event's global position.
         position: u64,
+        /// What the projection said.
         message: String,
     },
     /// The read model's database failed; the batch was rolled back.
     #[error("projection {projection}: {message}")]
-    ReadModel { projection: String, message: String },
+    ReadModel {
+        /// The projection's name.
+        projection: String,
+        /// What failed.
+        message: String,
+    },
     /// The database aborted the batch for reasons of its own (a deadlock
     /// between partitions, a serialization failure) even after retries;
     /// running it again may succeed.
     #[error("projection {projection}: {message} (the database aborted the batch; retried)")]
-    Transient { projection: String, message: String },
+    Transient {
+        /// The projection's name.
+        projection: String,
+        /// What the database said.
+        message: String,
+    },
     /// This version is not the active one: another was swapped in, so it
     /// stops instead of writing.
     #[error(
         "version {version} of projection {projection} is not the active one (version {active} is)"
     )]
     NotActive {
+        /// The projection's name.
         projection: String,
+        /// The version that stopped.
         version: u32,
+        /// The version that is active.
         active: u32,
     },
     /// Another runner of the same projection (version, partition) moved
@@ -84,15 +101,22 @@ pub enum ProjectionError {
     /// several processes take a lease so this does not happen.
     #[error("another runner of projection {projection} moved its checkpoint to {found} (this one expected {expected}); nothing of this batch was applied")]
     Contended {
+        /// The projection's name.
         projection: String,
+        /// The checkpoint this runner read.
         expected: u64,
+        /// The checkpoint it found when committing.
         found: u64,
     },
     /// An operator paused the projection: its batches do not commit until
     /// it is resumed.
     #[error("projection {projection} is paused")]
-    Paused { projection: String },
+    Paused {
+        /// The projection's name.
+        projection: String,
+    },
     #[error(transparent)]
+    /// Reading the event store failed.
     Store(#[from] factline_core::StoreError),
 }
 
@@ -108,6 +132,7 @@ pub struct ApplyError {
 }
 
 impl ApplyError {
+    /// A refusal by the projection's code: the batch is rolled back and the event may be parked.
     pub fn new(message: impl Into<String>) -> Self {
         ApplyError {
             message: message.into(),
@@ -115,14 +140,18 @@ impl ApplyError {
         }
     }
 
+    /// What the projection said.
     pub fn message(&self) -> &str {
         &self.message
     }
 
+    /// What the projection said, owned.
     pub fn into_message(self) -> String {
         self.message
     }
 
+    /// Whether the database aborted the transaction for reasons of its own, so
+    /// the same batch may succeed when run again.
     pub fn is_transient(&self) -> bool {
         self.transient
     }

@@ -28,7 +28,9 @@ pub enum PoisonPolicy {
 pub struct RetryPolicy {
     /// Tries in all, the first one included.
     pub attempts: u32,
+    /// The wait before the second try.
     pub first_backoff: Duration,
+    /// The longest wait between tries; each wait doubles up to it.
     pub max_backoff: Duration,
 }
 
@@ -45,20 +47,28 @@ impl Default for RetryPolicy {
 /// An event in the dead-letter table.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ParkedEvent {
+    /// The event's global position.
     pub position: u64,
+    /// The event's stream.
     pub stream_id: String,
+    /// The event's id.
     pub event_id: String,
+    /// The event's type.
     pub event_type: String,
+    /// Why it was parked: the projection's last refusal.
     pub error: String,
     /// How often it was tried (0 for an event held back behind another).
     pub attempts: u32,
+    /// When it was parked.
     pub parked_at: DateTime<Utc>,
 }
 
 /// What a retry of the parked events did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RetryReport {
+    /// Parked events applied by the retry.
     pub applied: u64,
+    /// Parked events still refused.
     pub still_parked: u64,
 }
 

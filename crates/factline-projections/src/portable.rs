@@ -13,8 +13,11 @@ use crate::{ApplyError, Tables};
 /// A statement parameter.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SqlValue {
+    /// An integer (`BIGINT`, or `INTEGER`/`SMALLINT` where the column is one).
     Int(i64),
+    /// A text value.
     Text(String),
+    /// SQL `NULL`.
     Null,
 }
 
@@ -47,10 +50,12 @@ impl From<String> for SqlValue {
 pub struct Statement {
     /// SQL with `$1`, `$2`… for the parameters.
     pub sql: String,
+    /// The values of `$1`, `$2`, … in order.
     pub params: Vec<SqlValue>,
 }
 
 impl Statement {
+    /// A statement with its parameters.
     pub fn new(sql: impl Into<String>, params: Vec<SqlValue>) -> Self {
         Statement {
             sql: sql.into(),
@@ -63,13 +68,17 @@ impl Statement {
 /// [`SqlProjection::batch_statements`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Dialect {
+    /// SQLite.
     Sqlite,
+    /// PostgreSQL.
     Postgres,
 }
 
 /// A projection expressed as SQL both SQLite and PostgreSQL run.
 pub trait SqlProjection: Send + Sync + 'static {
+    /// The projection's name: 1 to 100 letters, digits, `_`, `-` or `.`.
     fn name(&self) -> &str;
+    /// The version of its code; raise it to rebuild the read model beside the active one.
     fn version(&self) -> u32 {
         1
     }
@@ -162,6 +171,7 @@ pub struct Portable<P> {
 }
 
 impl<P: SqlProjection> Portable<P> {
+    /// Runs `projection` at its own version.
     pub fn new(projection: P) -> Self {
         Portable {
             projection,
@@ -183,6 +193,7 @@ impl<P: SqlProjection> Portable<P> {
         self
     }
 
+    /// The projection it runs.
     pub fn projection(&self) -> &P {
         &self.projection
     }

@@ -28,7 +28,9 @@ pub trait Reactor: Send + Sync + 'static {
 /// Where reactor checkpoints are kept.
 #[async_trait]
 pub trait Checkpoints: Send + Sync {
+    /// The checkpoint of the reactor `name`, if it has one.
     async fn load(&self, name: &str) -> Result<Option<u64>, ProjectionError>;
+    /// Stores the checkpoint of the reactor `name`.
     async fn save(&self, name: &str, position: u64) -> Result<(), ProjectionError>;
 }
 
@@ -46,6 +48,7 @@ pub struct ReactorRunner<R, C> {
 }
 
 impl<R: Reactor, C: Checkpoints> ReactorRunner<R, C> {
+    /// A runner of `reactor` over `store`, with its checkpoint in `checkpoints`.
     pub fn new(store: Arc<dyn EventStore>, reactor: R, checkpoints: C) -> Self {
         ReactorRunner {
             store,
@@ -60,6 +63,7 @@ impl<R: Reactor, C: Checkpoints> ReactorRunner<R, C> {
         self.progress.subscribe()
     }
 
+    /// The reactor it runs.
     pub fn reactor(&self) -> &R {
         &self.reactor
     }

@@ -21,7 +21,9 @@ use crate::{PoisonPolicy, ProjectionError, ProjectionStatus, RetryPolicy};
 /// further event yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchPolicy {
+    /// Most events per batch.
     pub max_events: usize,
+    /// Longest a batch waits for more events after its first.
     pub max_wait: Duration,
 }
 
@@ -191,7 +193,9 @@ fn drop_aside(batch: Arc<[RecordedEvent]>) {
 /// Counts of a runner's work.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RunnerStats {
+    /// Batches committed.
     pub batches: u64,
+    /// Events applied.
     pub events: u64,
     /// The checkpoint after the last committed batch.
     pub checkpoint: u64,
@@ -218,6 +222,8 @@ pub struct Runner<S> {
 const PAUSE_POLL: Duration = Duration::from_millis(200);
 
 impl<S: Sink> Runner<S> {
+    /// A runner applying the events of `store` to `sink`, with the default
+    /// batch, retry and poison policies.
     pub fn new(store: Arc<dyn EventStore>, sink: S) -> Self {
         let status = ProjectionStatus::new(sink.name());
         Runner {
@@ -233,6 +239,7 @@ impl<S: Sink> Runner<S> {
         }
     }
 
+    /// Sets how events are grouped into transactions.
     pub fn with_policy(mut self, policy: BatchPolicy) -> Self {
         self.policy = BatchPolicy {
             max_events: policy.max_events.max(1),
@@ -272,6 +279,7 @@ impl<S: Sink> Runner<S> {
         self
     }
 
+    /// Its counts so far.
     pub fn stats(&self) -> RunnerStats {
         self.stats
     }
@@ -286,14 +294,17 @@ impl<S: Sink> Runner<S> {
         self.status.clone()
     }
 
+    /// The sink it applies to.
     pub fn sink(&self) -> &S {
         &self.sink
     }
 
+    /// The sink it applies to, to change.
     pub fn sink_mut(&mut self) -> &mut S {
         &mut self.sink
     }
 
+    /// The sink, after the runner is done with it.
     pub fn into_sink(self) -> S {
         self.sink
     }

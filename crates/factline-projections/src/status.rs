@@ -42,6 +42,7 @@ pub struct Progress {
     pub done: u64,
     /// Events it has to apply in all.
     pub total: u64,
+    /// Events applied per second so far.
     pub events_per_second: f64,
     /// Time left at the rate so far; `None` before the rate is known.
     pub eta: Option<Duration>,
@@ -50,6 +51,7 @@ pub struct Progress {
 /// How far a projection is behind the head of the log.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Lag {
+    /// The position of the last applied event.
     pub checkpoint: u64,
     /// Events committed to the log and not yet applied.
     pub events_behind: u64,
@@ -58,6 +60,7 @@ pub struct Lag {
     pub seconds_behind: f64,
     /// Events the projection skipped or parked instead of applying.
     pub skipped: u64,
+    /// Events parked in the dead-letter table.
     pub parked: u64,
 }
 
@@ -73,7 +76,9 @@ pub enum OnTimeout {
 /// How long a read waits for the projection to reach a position.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Freshness {
+    /// How long to wait.
     pub timeout: Duration,
+    /// What to do when the wait is over.
     pub on_timeout: OnTimeout,
 }
 
@@ -89,7 +94,9 @@ impl Default for Freshness {
 /// A read-model answer, and whether it may predate the position asked for.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Answer<T> {
+    /// The answer.
     pub value: T,
+    /// True when the projection had not reached the position asked for.
     pub stale: bool,
 }
 
@@ -97,9 +104,13 @@ pub struct Answer<T> {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("projection {projection} reached position {reached}, not {wanted}, within {timeout:?}")]
 pub struct NotYet {
+    /// The projection's name.
     pub projection: String,
+    /// The position waited for.
     pub wanted: u64,
+    /// The position it had reached.
     pub reached: u64,
+    /// How long it waited.
     pub timeout: Duration,
 }
 
@@ -115,6 +126,7 @@ impl ProjectionStatus {
         }
     }
 
+    /// The projection's name.
     pub fn name(&self) -> &str {
         &self.name
     }

@@ -62,6 +62,7 @@ impl Tables {
         format!("{}{logical}", self.prefix)
     }
 
+    /// The version whose tables these are.
     pub fn version(&self) -> u32 {
         self.version
     }
@@ -109,7 +110,9 @@ impl Tables {
 /// beside it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
+    /// Writes the active version, which readers see.
     Live,
+    /// Builds a new version beside the active one.
     Rebuild,
 }
 
@@ -127,6 +130,7 @@ impl Partition {
     /// At most this many partitions.
     pub const MAX: u32 = 256;
 
+    /// Partition `index` of `count` (numbered from 0; 1 to 256 partitions).
     pub fn new(index: u32, count: u32) -> Result<Self, ProjectionError> {
         if count == 0 || count > Self::MAX || index >= count {
             return Err(ProjectionError::ReadModel {
@@ -145,10 +149,12 @@ impl Partition {
         (0..count).map(|i| Partition::new(i, count)).collect()
     }
 
+    /// Its number, from 0.
     pub fn index(&self) -> u32 {
         self.index
     }
 
+    /// How many partitions there are.
     pub fn count(&self) -> u32 {
         self.count
     }

@@ -19,18 +19,24 @@ use crate::{AdminError, ApiError, Authenticated, Shared};
 /// One projection as the admin API shows it.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct ProjectionView {
+    /// The projection's name.
     pub name: String,
     /// `running`, `paused`, `rebuilding`, `stopped` (no runner in this
     /// process) or `failed`.
     pub state: String,
+    /// The version readers see; `None` before its first batch.
     pub active_version: Option<u32>,
+    /// The active version's checkpoint.
     pub checkpoint: u64,
     /// Events committed and not yet applied.
     pub lag_events: u64,
     /// How old the first unapplied event is; 0 when caught up.
     pub lag_seconds: f64,
+    /// Events parked in the dead-letter table.
     pub parked: u64,
+    /// Events an operator skipped.
     pub skipped: u64,
+    /// Every version with a checkpoint.
     pub versions: Vec<VersionInfo>,
     /// The rebuild in progress, if one is.
     pub rebuild: Option<RebuildView>,
@@ -41,13 +47,19 @@ pub struct ProjectionView {
 /// How far a rebuild has come.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RebuildView {
+    /// The version being built.
     pub version: u32,
     /// `running`, `swapped` or `failed`.
     pub state: String,
+    /// Events applied so far.
     pub done: u64,
+    /// Events to apply in all.
     pub total: u64,
+    /// Events applied per second so far.
     pub events_per_second: f64,
+    /// Seconds left at that rate, once it is known.
     pub eta_seconds: Option<f64>,
+    /// Why it failed, if it did.
     pub error: Option<String>,
 }
 
@@ -56,11 +68,14 @@ pub struct RebuildView {
 pub trait ProjectionsAdmin: Send + Sync {
     /// Every projection, with its lag behind `head`.
     async fn list(&self, head: u64) -> Result<Vec<ProjectionView>, AdminError>;
+    /// Pauses (`true`) or resumes a projection in every process that runs it.
     async fn set_paused(&self, name: &str, paused: bool) -> Result<(), AdminError>;
     /// Starts a rebuild in the background; its progress shows in
     /// [`ProjectionView::rebuild`].
     async fn rebuild(&self, name: &str) -> Result<RebuildView, AdminError>;
+    /// The parked events of a projection, oldest first.
     async fn parked(&self, name: &str) -> Result<Vec<ParkedEvent>, AdminError>;
+    /// Applies the parked events of a projection again.
     async fn retry(&self, name: &str) -> Result<RetryReport, AdminError>;
     /// Gives up on one parked event; false when there is none at `position`.
     async fn skip(&self, name: &str, position: u64) -> Result<bool, AdminError>;

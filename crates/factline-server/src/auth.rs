@@ -33,8 +33,11 @@ pub const MIN_TOKEN_LEN: usize = 16;
 /// What a token may do.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Scopes {
+    /// Categories it may read.
     pub read: CategorySet,
+    /// Categories it may append to.
     pub write: CategorySet,
+    /// Categories it may administer (projections, outbox, dashboard need every category).
     pub admin: CategorySet,
 }
 
@@ -46,6 +49,7 @@ pub struct CategorySet {
 }
 
 impl CategorySet {
+    /// Every category, `*`.
     pub fn every() -> Self {
         CategorySet {
             every: true,
@@ -53,10 +57,12 @@ impl CategorySet {
         }
     }
 
+    /// Whether `category` is in the set.
     pub fn contains(&self, category: &str) -> bool {
         self.every || self.named.contains(category)
     }
 
+    /// Whether the set is every category.
     pub fn is_every(&self) -> bool {
         self.every
     }
@@ -81,8 +87,10 @@ impl CategorySet {
 /// One configured token. Its `Debug` shows the name only.
 #[derive(Clone)]
 pub struct Token {
+    /// The token's name, for logs and metrics.
     pub name: String,
     digest: [u8; 32],
+    /// What it may do.
     pub scopes: Scopes,
 }
 
@@ -101,14 +109,19 @@ pub struct Tokens {
     tokens: Vec<Token>,
 }
 
+/// Why a tokens file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum TokensError {
     #[error("cannot read the tokens file {path}: {source}")]
+    /// The file cannot be read.
     Read {
+        /// The file's path.
         path: String,
+        /// What the system said.
         source: std::io::Error,
     },
     #[error("the tokens file is not valid: {0}")]
+    /// The file is not a valid tokens file: what is wrong.
     Invalid(String),
 }
 
@@ -172,6 +185,7 @@ fn check_secret(name: &str, token: &str) -> Result<(), TokensError> {
 }
 
 impl Tokens {
+    /// Reads and checks the tokens file at `path`.
     pub fn load(path: &Path) -> Result<Self, TokensError> {
         let text = std::fs::read_to_string(path).map_err(|source| TokensError::Read {
             path: path.display().to_string(),
@@ -180,6 +194,7 @@ impl Tokens {
         Self::parse(&text)
     }
 
+    /// Parses and checks the JSON of a tokens file.
     pub fn parse(text: &str) -> Result<Self, TokensError> {
         let file: TokensFile =
             serde_json::from_str(text).map_err(|e| TokensError::Invalid(e.to_string()))?;
@@ -233,10 +248,12 @@ impl Tokens {
         Ok(Tokens { tokens })
     }
 
+    /// How many tokens there are.
     pub fn len(&self) -> usize {
         self.tokens.len()
     }
 
+    /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.tokens.is_empty()
     }
@@ -259,8 +276,15 @@ impl Tokens {
 /// Who is calling: everyone (no tokens configured) or one token.
 #[derive(Clone, Debug)]
 pub enum Caller {
+    /// No tokens are configured: everyone may do everything.
     Anonymous,
-    Token { name: String, scopes: Scopes },
+    /// A configured token.
+    Token {
+        /// The token's name.
+        name: String,
+        /// What it may do.
+        scopes: Scopes,
+    },
 }
 
 impl Caller {
@@ -293,6 +317,7 @@ impl Caller {
         }
     }
 
+    /// [`Caller::identify`] from a request's parts.
     pub fn from_parts(tokens: Option<&Tokens>, parts: &Parts) -> Result<Caller, ApiError> {
         Self::identify(tokens, &parts.headers)
     }
@@ -320,6 +345,7 @@ impl Caller {
         }
     }
 
+    /// 403 unless the caller may read `category`.
     pub fn may_read(&self, category: &str) -> Result<(), ApiError> {
         self.check(
             |s| s.read.contains(category),
@@ -327,6 +353,7 @@ impl Caller {
         )
     }
 
+    /// 403 unless the caller may read every category (`$all`).
     pub fn may_read_all(&self) -> Result<(), ApiError> {
         self.check(
             |s| s.read.is_every(),
@@ -334,6 +361,7 @@ impl Caller {
         )
     }
 
+    /// 403 unless the caller may append to `category`.
     pub fn may_write(&self, category: &str) -> Result<(), ApiError> {
         self.check(
             |s| s.write.contains(category),
@@ -341,6 +369,7 @@ impl Caller {
         )
     }
 
+    /// 403 unless the caller may administer every category.
     pub fn may_administer(&self) -> Result<(), ApiError> {
         self.check(
             |s| s.admin.is_every(),

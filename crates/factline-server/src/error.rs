@@ -18,6 +18,7 @@ pub enum AdminError {
     #[error("{0}")]
     Refused(String),
     #[error("{0}")]
+    /// The operation failed (the database, a task): what happened.
     Failed(String),
 }
 
@@ -25,16 +26,22 @@ pub enum AdminError {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("{0}")]
+    /// 400: the request is malformed.
     BadRequest(String),
     #[error("{0}")]
+    /// 401: no token, or an unknown one.
     Unauthorized(String),
     #[error("{0}")]
+    /// 403: the token may not do this, or the browser policy refused it.
     Forbidden(String),
     #[error("{0}")]
+    /// 404: no such route, projection or parked event.
     NotFound(String),
     #[error("{0}")]
+    /// 413: the body or an event is over its limit.
     TooLarge(String),
     #[error("{0}")]
+    /// 409: the request cannot be carried out as it stands.
     Refused(String),
     /// A retried event id does not match what is stored (the store's
     /// refusal, worded for the caller's scope).
@@ -50,10 +57,13 @@ pub enum ApiError {
     #[error("{0}")]
     TooMany(String),
     #[error(transparent)]
+    /// The store's answer, mapped to its status.
     Store(#[from] StoreError),
     #[error("{0}")]
+    /// 500: something failed inside the server.
     Internal(String),
     #[error("{0}")]
+    /// 503: the server cannot answer now (shutting down, a dependency down).
     Unavailable(String),
 }
 
@@ -68,6 +78,7 @@ impl From<AdminError> for ApiError {
 }
 
 impl ApiError {
+    /// 400 with this message.
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::BadRequest(message.into())
     }
@@ -112,6 +123,7 @@ impl ApiError {
         }
     }
 
+    /// The HTTP status this error answers with.
     pub fn status(&self) -> StatusCode {
         self.status_and_code().0
     }

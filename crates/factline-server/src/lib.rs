@@ -7,6 +7,8 @@
 //! of them comes through [`ProjectionsAdmin`] and [`DashboardData`], which
 //! the embedding binary implements.
 
+#![warn(missing_docs)]
+
 mod admin;
 mod auth;
 mod connections;
@@ -114,6 +116,7 @@ pub struct Server {
 }
 
 impl Server {
+    /// A server over `store`, with no projections, outbox, dashboard data or metrics until given.
     pub fn new(store: Arc<dyn EventStore>, config: ServerConfig) -> Self {
         let (_, shutdown) = watch::channel(false);
         let subscriptions =

@@ -214,6 +214,7 @@ pub struct InstrumentedStore {
 }
 
 impl InstrumentedStore {
+    /// Wraps `inner`, timing its appends and reads.
     pub fn new(inner: Arc<dyn EventStore>) -> Self {
         InstrumentedStore { inner }
     }

@@ -4,9 +4,11 @@
 /// One message of an event stream.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SseMessage {
+    /// The `id:` field: the event's global position.
     pub id: Option<String>,
     /// The `event:` name; `None` for plain events.
     pub event: Option<String>,
+    /// The `data:` lines, joined with newlines.
     pub data: String,
 }
 
@@ -21,6 +23,7 @@ pub struct SseParser {
 }
 
 impl SseParser {
+    /// Adds bytes as they arrived.
     pub fn push(&mut self, chunk: &[u8]) {
         self.pending.extend_from_slice(chunk);
     }

@@ -13,7 +13,9 @@ use crate::{db_error, open_connection, schema, SqliteConfig, Synchronous};
 /// What the baseline inserted and how long it took.
 #[derive(Clone, Copy, Debug)]
 pub struct BaselineRun {
+    /// How many events it inserted.
     pub events: u64,
+    /// How long that took.
     pub elapsed: Duration,
 }
 

@@ -7,6 +7,8 @@
 //! so it still succeeds or fails alone. Reads run on a small pool of read
 //! connections, which WAL mode lets proceed while the writer commits.
 
+#![warn(missing_docs)]
+
 pub mod baseline;
 mod checkpoint;
 mod commands;
@@ -72,10 +74,14 @@ impl std::str::FromStr for Synchronous {
     }
 }
 
+/// Where the SQLite store lives and how its writer works.
 #[derive(Clone, Debug)]
 pub struct SqliteConfig {
+    /// The database file, created if missing.
     pub path: PathBuf,
+    /// How durable a commit is before the append returns.
     pub synchronous: Synchronous,
+    /// What appends may hold.
     pub limits: Limits,
     /// Most events the writer puts in one group-commit transaction.
     pub max_batch_events: usize,
@@ -92,6 +98,7 @@ pub struct SqliteConfig {
 }
 
 impl SqliteConfig {
+    /// The defaults for the file at `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         SqliteConfig {
             path: path.into(),
@@ -115,6 +122,8 @@ pub struct WriterStats {
     pub appends: u64,
 }
 
+/// The embedded store: one SQLite file, one writer thread that commits appends
+/// in groups, a pool of readers.
 #[derive(Clone)]
 pub struct SqliteStore {
     shared: Arc<Shared>,
@@ -264,6 +273,7 @@ impl SqliteStore {
         })
     }
 
+    /// The database file.
     pub fn path(&self) -> &Path {
         &self.shared.config.path
     }
@@ -274,6 +284,7 @@ impl SqliteStore {
         self.shared.readers.runs()
     }
 
+    /// The writer's counts so far.
     pub fn stats(&self) -> WriterStats {
         WriterStats {
             transactions: self.shared.stats.transactions.load(Ordering::Relaxed),

@@ -66,6 +66,7 @@ const MIGRATIONS: &[&str] = &[
     );",
 ];
 
+/// The schema version this build creates and reads (SQLite's `user_version`).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 /// Brings the schema up to date. Safe when several processes open the same

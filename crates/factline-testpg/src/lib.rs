@@ -5,6 +5,8 @@
 //! Nothing here skips a test: when no server can be had, the test fails
 //! with a message that says what to install.
 
+#![warn(missing_docs)]
+
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
@@ -126,6 +128,7 @@ impl PgCluster {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// The port the cluster listens on.
     pub fn port(&self) -> u16 {
         self.port
     }
@@ -371,12 +374,14 @@ pub fn with_database(url: &str, database: &str) -> String {
 
 /// A database of its own for one test.
 pub struct TestDatabase {
+    /// Its connection URL.
     pub url: String,
     name: String,
     admin_url: String,
 }
 
 impl TestDatabase {
+    /// Its name on the cluster.
     pub fn name(&self) -> &str {
         &self.name
     }

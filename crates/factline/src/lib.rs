@@ -7,6 +7,8 @@
 //! `outbox-webhook`. The command side ([`aggregate`]) and the projection
 //! engine ([`projections`]) are always there.
 
+#![warn(missing_docs)]
+
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -27,6 +29,7 @@ pub const DEFAULT_DB: &str = "./factline-data/factline.db";
 
 /// A store location as given on the command line.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Location {
     /// A file path: the embedded SQLite store.
     Sqlite(PathBuf),
@@ -36,26 +39,36 @@ pub enum Location {
     Postgres(String),
 }
 
+/// Why a store location cannot be opened.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OpenError {
     #[error("{0:?} is not a database location: give a file path (SQLite, not a file: URI), a postgres:// URL, or memory:")]
+    /// The text is not a location: it says what was given.
     Invalid(String),
     #[error("cannot create the directory {path}: {source}")]
+    /// The SQLite file's directory cannot be created.
     CreateDir {
+        /// The directory.
         path: PathBuf,
+        /// What the system said.
         source: std::io::Error,
     },
     #[error(transparent)]
+    /// The store failed to open.
     Store(#[from] StoreError),
     /// The location names a backend this build left out.
     #[error("{location} needs factline built with the `{feature}` feature")]
     NotBuiltIn {
+        /// The location, passwords hidden.
         location: String,
+        /// The cargo feature that builds its backend in.
         feature: &'static str,
     },
 }
 
 impl Location {
+    /// Parses a `--db` style location: a file path, a `postgres://` URL or `memory:`.
     pub fn parse(spec: &str) -> Result<Self, OpenError> {
         let lower = spec.to_ascii_lowercase();
         if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {

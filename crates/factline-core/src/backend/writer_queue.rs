@@ -11,11 +11,15 @@ use crate::{
 
 /// One validated append waiting for a backend's writer.
 pub struct AppendJob {
+    /// The stream appended to.
     pub stream_id: StreamId,
+    /// The version the append expects the stream at.
     pub expected: ExpectedVersion,
+    /// The validated events, in order.
     pub events: Vec<EncodedEvent>,
     /// Set for a command's append: its key is stored with the events.
     pub command: Option<CommandKey>,
+    /// Where the writer answers.
     pub reply: oneshot::Sender<Result<Appended, StoreError>>,
 }
 

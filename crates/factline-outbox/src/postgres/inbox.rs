@@ -40,6 +40,7 @@ pub async fn first_delivery(
     Ok(inserted == 1)
 }
 
+/// Deletes inbox rows processed before `cutoff`; returns how many.
 pub async fn purge(
     client: &impl GenericClient,
     schema: &str,

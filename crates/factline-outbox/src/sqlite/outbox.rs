@@ -128,6 +128,7 @@ impl SqliteOutbox {
         })
     }
 
+    /// The store file the outbox lives in.
     pub fn path(&self) -> &Path {
         &self.path
     }

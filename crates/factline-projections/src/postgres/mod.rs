@@ -228,6 +228,7 @@ impl<P: PostgresProjection> PostgresSink<P> {
         self
     }
 
+    /// The tables this sink writes.
     pub fn tables(&self) -> &Tables {
         &self.tables
     }
@@ -237,6 +238,7 @@ impl<P: PostgresProjection> PostgresSink<P> {
         &self.client
     }
 
+    /// The projection it runs.
     pub fn projection(&self) -> &P {
         &self.projection
     }
@@ -890,6 +892,7 @@ pub struct PostgresCheckpoints {
 }
 
 impl PostgresCheckpoints {
+    /// Connects to the database at `url` and keeps the checkpoints in `schema`.
     pub async fn connect(url: &str, schema: &str) -> Result<Self, ProjectionError> {
         let (client, table) = connect_with_checkpoints(url, schema, "reactor checkpoints").await?;
         Ok(PostgresCheckpoints { client, table })
@@ -1239,6 +1242,7 @@ pub struct PostgresAdmin {
 }
 
 impl PostgresAdmin {
+    /// Connects to the read-model schema `schema` of the database at `url`.
     pub async fn connect(url: &str, schema: &str) -> Result<Self, ProjectionError> {
         let (client, _) = connect_with_checkpoints(url, schema, "admin").await?;
         Ok(PostgresAdmin {
@@ -1383,6 +1387,7 @@ pub struct PostgresInline<P> {
 }
 
 impl<P: crate::SqlProjection> PostgresInline<P> {
+    /// An inline projection writing to tables in `schema`, in the append's transaction.
     pub fn new(projection: P, schema: &str) -> Result<Self, ProjectionError> {
         let name = projection.name().to_owned();
         crate::validate_name(&name)?;

@@ -188,6 +188,7 @@ impl<P: SqliteProjection> SqliteSink<P> {
         self
     }
 
+    /// The tables this sink writes.
     pub fn tables(&self) -> &Tables {
         &self.tables
     }
@@ -634,6 +635,7 @@ pub struct SqliteCheckpoints {
 }
 
 impl SqliteCheckpoints {
+    /// Opens (creating if needed) the checkpoints table in the SQLite file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ProjectionError> {
         let path = path.as_ref();
         let failed = |e: rusqlite::Error| ProjectionError::ReadModel {
@@ -995,6 +997,7 @@ pub struct SqliteInline<P> {
 }
 
 impl<P: SqliteProjection> SqliteInline<P> {
+    /// An inline projection, run by the SQLite store's writer in the append's transaction.
     pub fn new(projection: P) -> Result<Self, ProjectionError> {
         let name = projection.name().to_owned();
         crate::validate_name(&name)?;
@@ -1064,6 +1067,7 @@ impl<P: SqliteProjection> factline_sqlite::InlineProjection for SqliteInline<P> 
 pub struct SqliteAdmin(SqliteCheckpoints);
 
 impl SqliteAdmin {
+    /// Opens the read-model file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ProjectionError> {
         SqliteCheckpoints::open(path).map(SqliteAdmin)
     }
