@@ -12,6 +12,7 @@ mod handler;
 pub mod testing;
 
 pub use aggregate::{tagged, Aggregate, DomainEvent};
+pub use factline_core::tagged_events;
 pub use factline_core::{DecodeError, UpcastError, Upcasters};
 pub use handler::{
     AsOf, CommandContext, CommandError, CommandHandler, CommandOutcome, Failure, Loaded,

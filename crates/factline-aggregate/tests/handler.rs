@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use factline_aggregate::testing::given;
 use factline_aggregate::{
-    tagged, Aggregate, AsOf, CommandContext, CommandError, CommandHandler, DecodeError,
+    tagged_events, Aggregate, AsOf, CommandContext, CommandError, CommandHandler, DecodeError,
     DomainEvent, Failure, UpcastError, Upcasters,
 };
 use factline_core::{
@@ -18,7 +18,7 @@ use factline_core::{
     Subscription, TypedError,
 };
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::json;
 
 /// A small account: opened, then deposits and withdrawals that may not
 /// overdraw it.
@@ -37,17 +37,7 @@ enum AccountEvent {
     Closed,
 }
 
-impl DomainEvent for AccountEvent {
-    fn encode(&self) -> Result<(String, JsonText), serde_json::Error> {
-        tagged::encode(self)
-    }
-    fn decode(event_type: &str, data: &Value) -> Result<Self, serde_json::Error> {
-        tagged::decode(event_type, data)
-    }
-    fn upcasters() -> &'static Upcasters {
-        &ACCOUNT_UPCASTERS
-    }
-}
+tagged_events!(AccountEvent, upcasters = &ACCOUNT_UPCASTERS);
 
 /// `Deposited` v1 called its amount `sum`.
 static ACCOUNT_UPCASTERS: LazyLock<Upcasters> = LazyLock::new(|| {

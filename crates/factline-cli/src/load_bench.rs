@@ -5,10 +5,9 @@
 use std::time::Instant;
 
 use clap::Args;
-use factline::aggregate::{tagged, Aggregate, CommandContext, CommandHandler, DomainEvent};
-use factline::{JsonText, Location};
+use factline::aggregate::{tagged_events, Aggregate, CommandContext, CommandHandler};
+use factline::Location;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 use crate::bench::{median, postgres_url, round, thousandths, Backend, BENCH_SCHEMA};
 use crate::usage;
@@ -50,14 +49,7 @@ enum LedgerEvent {
     },
 }
 
-impl DomainEvent for LedgerEvent {
-    fn encode(&self) -> Result<(String, JsonText), serde_json::Error> {
-        tagged::encode(self)
-    }
-    fn decode(event_type: &str, data: &Value) -> Result<Self, serde_json::Error> {
-        tagged::decode(event_type, data)
-    }
-}
+tagged_events!(LedgerEvent);
 
 #[derive(Serialize)]
 struct Post {

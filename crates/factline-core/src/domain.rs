@@ -254,6 +254,71 @@ pub mod tagged {
     }
 }
 
+/// Implements [`DomainEvent`] for an enum serialised with
+/// `#[serde(tag = "type", content = "data")]`: each variant's name is the
+/// stored event type and its fields the data. Name the upcasters with
+/// `upcasters = …` when the events' schema changed.
+///
+/// ```
+/// use factline_core::{tagged_events, DomainEvent, Upcasters};
+/// use serde::{Deserialize, Serialize};
+///
+/// #[derive(Debug, PartialEq, Serialize, Deserialize)]
+/// #[serde(tag = "type", content = "data")]
+/// enum TicketEvent {
+///     TicketOpened { title: String },
+///     TicketClosed,
+/// }
+/// tagged_events!(TicketEvent);
+///
+/// let (event_type, data) = TicketEvent::TicketOpened { title: "Printer".into() }.encode().unwrap();
+/// assert_eq!((event_type.as_str(), data.as_str()), ("TicketOpened", r#"{"title":"Printer"}"#));
+/// let back = TicketEvent::decode("TicketClosed", &serde_json::Value::Null).unwrap();
+/// assert_eq!(back, TicketEvent::TicketClosed);
+///
+/// // With upcasters: a static set, built once.
+/// static INVOICE_UPCASTERS: std::sync::LazyLock<Upcasters> = std::sync::LazyLock::new(|| {
+///     Upcasters::new().step("InvoiceIssued", 1, |mut data| {
+///         data["currency"] = "EUR".into();
+///         Ok(data)
+///     })
+/// });
+/// #[derive(Debug, Serialize, Deserialize)]
+/// #[serde(tag = "type", content = "data")]
+/// enum InvoiceEvent {
+///     InvoiceIssued { cents: u64, currency: String },
+/// }
+/// tagged_events!(InvoiceEvent, upcasters = &INVOICE_UPCASTERS);
+/// assert_eq!(InvoiceEvent::upcasters().current_version("InvoiceIssued"), 2);
+/// ```
+#[macro_export]
+macro_rules! tagged_events {
+    ($event:ty) => {
+        $crate::tagged_events!($event, upcasters = $crate::Upcasters::none());
+    };
+    ($event:ty, upcasters = $upcasters:expr) => {
+        impl $crate::DomainEvent for $event {
+            fn encode(
+                &self,
+            ) -> ::std::result::Result<
+                (::std::string::String, $crate::JsonText),
+                $crate::__private::serde_json::Error,
+            > {
+                $crate::tagged::encode(self)
+            }
+            fn decode(
+                event_type: &str,
+                data: &$crate::__private::serde_json::Value,
+            ) -> ::std::result::Result<Self, $crate::__private::serde_json::Error> {
+                $crate::tagged::decode(event_type, data)
+            }
+            fn upcasters() -> &'static $crate::Upcasters {
+                $upcasters
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

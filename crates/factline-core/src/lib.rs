@@ -36,3 +36,9 @@ pub use store::{Direction, EventStore, ReadBudget, ReadStream, StreamFilter, Tal
 pub use stream_id::{category_of, check_category, InvalidCategory, InvalidStreamId, StreamId};
 pub use subscription::{Subscription, TypedError};
 pub use version::{AppendResult, ExpectedVersion, ParseExpectedVersionError};
+
+/// What the crate's macros refer to; not part of the API.
+#[doc(hidden)]
+pub mod __private {
+    pub use serde_json;
+}

@@ -1,9 +1,7 @@
 //! Customers, each in one region.
 
-use factline_aggregate::{tagged, Aggregate, DomainEvent};
-use factline_core::JsonText;
+use factline_aggregate::{tagged_events, Aggregate};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Customer {
@@ -19,14 +17,7 @@ pub enum CustomerEvent {
     CustomerRelocated { from: String, to: String },
 }
 
-impl DomainEvent for CustomerEvent {
-    fn encode(&self) -> Result<(String, JsonText), serde_json::Error> {
-        tagged::encode(self)
-    }
-    fn decode(event_type: &str, data: &Value) -> Result<Self, serde_json::Error> {
-        tagged::decode(event_type, data)
-    }
-}
+tagged_events!(CustomerEvent);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum CustomerCommand {

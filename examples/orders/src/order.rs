@@ -6,8 +6,8 @@
 
 use std::sync::LazyLock;
 
-use factline_aggregate::{tagged, Aggregate, DomainEvent, Upcasters};
-use factline_core::{EventData, JsonText, Metadata};
+use factline_aggregate::{tagged_events, Aggregate, Upcasters};
+use factline_core::{EventData, Metadata};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -117,17 +117,7 @@ fn order_placed_v1_to_v2(v1: Value) -> Result<Value, String> {
     }))
 }
 
-impl DomainEvent for OrderEvent {
-    fn encode(&self) -> Result<(String, JsonText), serde_json::Error> {
-        tagged::encode(self)
-    }
-    fn decode(event_type: &str, data: &Value) -> Result<Self, serde_json::Error> {
-        tagged::decode(event_type, data)
-    }
-    fn upcasters() -> &'static Upcasters {
-        &ORDER_UPCASTERS
-    }
-}
+tagged_events!(OrderEvent, upcasters = &ORDER_UPCASTERS);
 
 /// An `OrderPlaced` event in its v1 shape, as an earlier release wrote it:
 /// `items` of `(sku, qty, price in euros)`.
