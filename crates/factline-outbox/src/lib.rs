@@ -12,6 +12,34 @@
 //! once without two of them publishing one stream. [`inbox`] is the
 //! consumer side: it records processed event ids so redeliveries are
 //! ignored.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::sync::Arc;
+//!
+//! use factline_core::{EventData, EventStore, ExpectedVersion, StreamId};
+//! use factline_outbox::{FileSink, OutboxDb, Publication, Relay, RelayConfig, SqliteOutbox};
+//! use factline_sqlite::SqliteStore;
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("factline.db");
+//! let store = SqliteStore::open(&path).unwrap();
+//! let outbox = Arc::new(SqliteOutbox::open(&path).unwrap());
+//! // From now on every Invoice event gets an outbox record in its append's
+//! // own transaction, whichever process appends it.
+//! outbox.add_publication(Publication::category("Invoice")).await.unwrap();
+//! let issued = EventData::new("InvoiceIssued", serde_json::json!({ "cents": 4200 }));
+//! let invoice = StreamId::new("Invoice-1").unwrap();
+//! store.append(&invoice, ExpectedVersion::NoStream, vec![issued]).await.unwrap();
+//!
+//! let out = dir.path().join("invoices.jsonl");
+//! let sink = Arc::new(FileSink::open(&out).await.unwrap());
+//! let relay = Relay::new(outbox, sink, RelayConfig::default());
+//! assert_eq!(relay.drain().await.unwrap(), 1);
+//! let published = std::fs::read_to_string(&out).unwrap();
+//! assert!(published.contains("InvoiceIssued"));
+//! # });
+//! ```
 
 // The shared helpers serve the backends; a build with neither uses only
 // the contract.

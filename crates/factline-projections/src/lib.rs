@@ -11,10 +11,70 @@
 //! the same kind; events come from any [`EventStore`](factline_core::EventStore).
 //! A [`Runner`] follows `$all` from the checkpoint and hands the projection
 //! batches (500 events or 100 ms, whichever comes first, by default).
+//!
+//! A [`SqlProjection`] is written once for both databases:
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use std::sync::Arc;
+//!
+//! use factline_core::{EventData, EventStore, ExpectedVersion, RecordedEvent, StreamId};
+//! use factline_projections::{
+//!     ApplyError, Portable, Runner, SqlProjection, SqlValue, SqliteSink, Statement, Tables,
+//! };
+//! use factline_sqlite::SqliteStore;
+//!
+//! /// What each invoice was paid.
+//! struct PaidInvoices;
+//!
+//! impl SqlProjection for PaidInvoices {
+//!     fn name(&self) -> &str {
+//!         "paid_invoices"
+//!     }
+//!     fn tables(&self) -> &[&str] {
+//!         &["paid"]
+//!     }
+//!     fn create_tables(&self, tables: &Tables) -> Vec<String> {
+//!         let paid = tables.get("paid");
+//!         vec![format!("CREATE TABLE IF NOT EXISTS {paid} (invoice TEXT PRIMARY KEY, cents BIGINT NOT NULL)")]
+//!     }
+//!     fn statements(&mut self, tables: &Tables, event: &RecordedEvent) -> Result<Vec<Statement>, ApplyError> {
+//!         if event.event_type != "InvoicePaid" {
+//!             return Ok(Vec::new());
+//!         }
+//!         let data = event.data.to_value().map_err(|e| ApplyError::new(e.to_string()))?;
+//!         let cents = data["cents"].as_i64().ok_or_else(|| ApplyError::new("no cents"))?;
+//!         Ok(vec![Statement::new(
+//!             format!("INSERT INTO {} (invoice, cents) VALUES ($1, $2)", tables.get("paid")),
+//!             vec![SqlValue::Text(event.stream_id.to_string()), SqlValue::Int(cents)],
+//!         )])
+//!     }
+//! }
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let path = dir.path().join("invoices.db");
+//! let store: Arc<dyn EventStore> = Arc::new(SqliteStore::open(&path).unwrap());
+//! let paid = EventData::new("InvoicePaid", serde_json::json!({ "cents": 4200 }));
+//! let invoice = StreamId::new("Invoice-1").unwrap();
+//! store.append(&invoice, ExpectedVersion::NoStream, vec![paid]).await.unwrap();
+//!
+//! // The read model lives beside the events; its checkpoint commits with its rows.
+//! let sink = SqliteSink::open(&path, Portable::new(PaidInvoices)).unwrap();
+//! let mut runner = Runner::new(store.clone(), sink);
+//! runner.catch_up(store.head_position().await.unwrap()).await.unwrap();
+//!
+//! // Readers query the view named after the logical table.
+//! let conn = rusqlite::Connection::open(&path).unwrap();
+//! let cents: i64 = conn
+//!     .query_row("SELECT cents FROM paid WHERE invoice = 'Invoice-1'", [], |r| r.get(0))
+//!     .unwrap();
+//! assert_eq!(cents, 4200);
+//! # });
+//! ```
 
+#![warn(missing_docs)]
 // A build without either backend keeps the shared engine, whose helpers
 // only the backends call.
-#![warn(missing_docs)]
 #![cfg_attr(
     not(any(feature = "sqlite", feature = "postgres")),
     allow(dead_code, unused_imports)

@@ -6,6 +6,28 @@
 //! store), `postgres`, `server` (the HTTP API), `outbox`, `outbox-nats` and
 //! `outbox-webhook`. The command side ([`aggregate`]) and the projection
 //! engine ([`projections`]) are always there.
+//!
+//! ```
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! use factline::sqlite::SqliteStore;
+//! use factline::{EventData, EventStore, ExpectedVersion, ReadStream, StreamFilter, StreamId};
+//!
+//! let dir = tempfile::tempdir().unwrap();
+//! let store = SqliteStore::open(dir.path().join("invoices.db")).unwrap();
+//! let invoice = StreamId::new("Invoice-42").unwrap();
+//! let issued = EventData::new("InvoiceIssued", serde_json::json!({ "cents": 1299 }));
+//! store.append(&invoice, ExpectedVersion::NoStream, vec![issued]).await.unwrap();
+//!
+//! // Catch up from the first position, then keep following live appends.
+//! let mut invoices = store.subscribe(StreamFilter::Category("Invoice".into()), 1);
+//! assert_eq!(invoices.next().await.unwrap().event_type, "InvoiceIssued");
+//!
+//! let paid = EventData::new("InvoicePaid", serde_json::json!({ "cents": 1299 }));
+//! store.append(&invoice, ExpectedVersion::Exact(1), vec![paid]).await.unwrap();
+//! assert_eq!(invoices.next().await.unwrap().event_type, "InvoicePaid");
+//! assert_eq!(store.read_stream(&invoice, ReadStream::forwards()).await.unwrap().len(), 2);
+//! # });
+//! ```
 
 #![warn(missing_docs)]
 
