@@ -38,6 +38,13 @@ pub enum OutboxCommand {
         /// The publication's id (`factline outbox publications` lists them).
         id: i64,
     },
+    /// Records a sink refused for good (a webhook's 4xx), newest first, as
+    /// JSON lines: position, stream, type, the sink's answer, when.
+    Parked {
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -119,6 +126,11 @@ pub async fn run(args: OutboxArgs, location: &Location) -> anyhow::Result<()> {
         OutboxCommand::Status => {
             println!("{}", serde_json::to_string(&db.status().await?)?);
         }
+        OutboxCommand::Parked { limit } => {
+            for parked in db.parked(limit).await? {
+                println!("{}", serde_json::to_string(&parked)?);
+            }
+        }
         OutboxCommand::Publications => {
             for publication in db.publications().await? {
                 println!("{}", serde_json::to_string(&publication)?);
@@ -183,7 +195,7 @@ pub async fn sink(spec: &str, args: &RelayOptions) -> anyhow::Result<Arc<dyn Sin
         }
         Arc::new(
             WebhookSink::new(spec, Duration::from_secs_f64(args.webhook_timeout))
-                .map_err(|e| usage(e.0))?,
+                .map_err(|e| usage(e.message().to_owned()))?,
         )
     } else {
         return Err(usage(format!(

@@ -36,6 +36,26 @@ pub struct OutboxStatus {
     pub last_error: Option<String>,
     /// The relays that reported recently, with the lanes they hold.
     pub relays: Vec<RelayInfo>,
+    /// Records a sink refused for good, kept with why (see
+    /// [`OutboxDb::parked`]).
+    pub parked: u64,
+}
+
+/// A record a sink refused for good ([`SinkError::permanent`](crate::SinkError::permanent)):
+/// kept with the refusal instead of being retried forever, while the rest
+/// of its stream goes on.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ParkedRecord {
+    /// The event's global position.
+    pub position: u64,
+    /// The event's stream.
+    pub stream_id: String,
+    /// The event's type.
+    pub event_type: String,
+    /// What the sink said.
+    pub error: String,
+    /// When it was parked.
+    pub parked_at: DateTime<Utc>,
 }
 
 /// A relay process as the outbox tables know it.
@@ -101,6 +121,11 @@ pub trait OutboxDb: Send + Sync {
     async fn record_failure(&self, positions: &[u64], error: &str) -> Result<(), OutboxError>;
     /// The backlog, failures and relays, for operators.
     async fn status(&self) -> Result<OutboxStatus, OutboxError>;
+    /// Keeps records a sink refused for good, with why; the relay then
+    /// marks them done. Parking one again replaces its error.
+    async fn park(&self, positions: &[u64], error: &str) -> Result<(), OutboxError>;
+    /// The parked records, newest first, at most `limit`.
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedRecord>, OutboxError>;
     /// Deletes up to `limit` records published before `cutoff`.
     async fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<u64, OutboxError>;
 }
@@ -125,5 +150,5 @@ pub(crate) fn message_of(
     let key = publication.key_for(event.stream_id, category, event.event_type);
     event
         .into_message(subject, key)
-        .map_err(OutboxError::Database)
+        .map_err(OutboxError::internal)
 }

@@ -45,6 +45,8 @@
 // the contract.
 #![warn(missing_docs)]
 
+use factline_core::StorageError;
+
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 mod db;
 pub mod inbox;
@@ -63,7 +65,7 @@ mod sqlite;
 #[cfg(feature = "webhook")]
 mod webhook;
 
-pub use db::{Mark, OutboxDb, OutboxStatus, PendingRecord};
+pub use db::{Mark, OutboxDb, OutboxStatus, ParkedRecord, PendingRecord};
 pub use message::Message;
 #[cfg(feature = "nats")]
 pub use nats::{NatsSink, NatsSinkConfig};
@@ -83,32 +85,53 @@ pub const LANES: i64 = 32;
 
 /// Why an outbox operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum OutboxError {
     /// The caller's input: a bad publication, a bad sink address.
     #[error("{0}")]
     InvalidInput(String),
-    /// The database holding the outbox failed.
+    /// The database holding the outbox failed; see
+    /// [`StorageError::is_retryable`].
     #[error("outbox database: {0}")]
-    Database(String),
+    Database(#[from] StorageError),
     /// The sink could not be set up.
     #[error("sink: {0}")]
     Sink(#[from] SinkError),
 }
 
+impl OutboxError {
+    /// A failure of the outbox's own machinery (a task, a cache), not of
+    /// the caller's input.
+    pub(crate) fn internal(message: impl Into<String>) -> Self {
+        OutboxError::Database(StorageError::new(message))
+    }
+
+    /// Whether the same operation may succeed later.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            OutboxError::Database(e) => e.is_retryable(),
+            OutboxError::Sink(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
 #[cfg(feature = "sqlite")]
 impl From<rusqlite::Error> for OutboxError {
     fn from(e: rusqlite::Error) -> Self {
-        OutboxError::Database(e.to_string())
+        OutboxError::Database(factline_sqlite::sql::storage_error(
+            "the outbox's tables",
+            e,
+        ))
     }
 }
 
 #[cfg(feature = "postgres")]
 impl From<tokio_postgres::Error> for OutboxError {
     fn from(e: tokio_postgres::Error) -> Self {
-        // The server's own message says most (which constraint, which table).
-        match e.as_db_error() {
-            Some(db) => OutboxError::Database(format!("{}: {}", db.code().code(), db.message())),
-            None => OutboxError::Database(e.to_string()),
-        }
+        OutboxError::Database(factline_postgres::sql::storage_error(
+            "the outbox's tables",
+            e,
+        ))
     }
 }

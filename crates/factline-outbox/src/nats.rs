@@ -60,7 +60,9 @@ impl NatsSink {
             })
             .connect(config.url.as_str())
             .await
-            .map_err(|e| SinkError(format!("connecting to {}: {e}", config.url)))?;
+            .map_err(|e| {
+                SinkError::retryable(format!("connecting to {}: {e}", config.url)).caused_by(e)
+            })?;
         let mut jetstream = jetstream::new(client);
         jetstream.set_timeout(config.ack_timeout);
         Ok(NatsSink {
@@ -85,7 +87,9 @@ impl NatsSink {
                     ..Default::default()
                 })
                 .await
-                .map_err(|e| SinkError(format!("JetStream stream {name:?}: {e}")))?;
+                .map_err(|e| {
+                    SinkError::retryable(format!("JetStream stream {name:?}: {e}")).caused_by(e)
+                })?;
         }
         *ready = true;
         Ok(())
@@ -130,11 +134,14 @@ impl Sink for NatsSink {
         let mut results = Vec::with_capacity(messages.len());
         for ack in acks {
             results.push(match ack {
-                Ok(ack) => ack
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| SinkError(format!("JetStream did not acknowledge: {e}"))),
-                Err(e) => Err(SinkError(format!("publishing to {}: {e}", self.config.url))),
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| {
+                    SinkError::retryable(format!("JetStream did not acknowledge: {e}")).caused_by(e)
+                }),
+                Err(e) => Err(SinkError::retryable(format!(
+                    "publishing to {}: {e}",
+                    self.config.url
+                ))
+                .caused_by(e)),
             });
         }
         if results.iter().any(Result::is_err) {

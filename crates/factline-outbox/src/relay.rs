@@ -65,6 +65,7 @@ impl Default for RelayConfig {
 pub struct RelayStats {
     published: AtomicU64,
     failed: AtomicU64,
+    parked: AtomicU64,
     purged: AtomicU64,
     lanes: AtomicU64,
     consecutive_failures: AtomicU64,
@@ -80,6 +81,8 @@ pub struct RelayStatsSnapshot {
     pub published: u64,
     /// Publish attempts that failed.
     pub failed: u64,
+    /// Records the sink refused for good, parked.
+    pub parked: u64,
     /// Published records deleted by retention.
     pub purged: u64,
     /// Lanes held at the last heartbeat.
@@ -98,6 +101,7 @@ impl RelayStats {
         RelayStatsSnapshot {
             published: self.published.load(Ordering::Relaxed),
             failed: self.failed.load(Ordering::Relaxed),
+            parked: self.parked.load(Ordering::Relaxed),
             purged: self.purged.load(Ordering::Relaxed),
             lanes: self.lanes.load(Ordering::Relaxed),
             consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
@@ -121,8 +125,10 @@ pub struct Round {
     pub pending: usize,
     /// Records the sink acknowledged.
     pub published: u64,
-    /// Records the sink refused or did not answer for.
+    /// Records the sink did not take this time; they stay pending.
     pub failed: u64,
+    /// Records the sink refused for good, parked.
+    pub parked: u64,
 }
 
 type Task<T> = tokio::task::JoinHandle<Result<T, OutboxError>>;
@@ -132,7 +138,7 @@ async fn joined<T>(task: Task<T>) -> Result<T, OutboxError> {
 }
 
 fn task_failed(what: &str, e: tokio::task::JoinError) -> OutboxError {
-    OutboxError::Database(format!("{what} task failed: {e}"))
+    OutboxError::internal(format!("{what} task failed: {e}"))
 }
 
 /// A wave out at the sink: its records, then the sink's answers for them.
@@ -334,7 +340,7 @@ impl Relay {
                 0
             };
             if stuck >= 100 {
-                return Err(OutboxError::Sink(SinkError(format!(
+                return Err(OutboxError::Sink(SinkError::retryable(format!(
                     "the sink refused 100 rounds in a row: {}",
                     self.stats.snapshot().last_error.unwrap_or_default()
                 ))));
@@ -355,6 +361,13 @@ impl Relay {
         let settled = self.settle(&mut flow).await;
         let mut round = pumped?;
         round.published += settled?;
+        // Parked records are marked done like acknowledged ones, within
+        // this pump: they were not published.
+        round.published = round.published.saturating_sub(round.parked);
+        self.stats.published.fetch_sub(
+            round.parked.min(round.published + round.parked),
+            Ordering::Relaxed,
+        );
         Ok(round)
     }
 
@@ -448,6 +461,7 @@ impl Relay {
     ) -> Result<bool, OutboxError> {
         let mut failed = Vec::new();
         let mut error = None;
+        let mut refused = Vec::new();
         for (message, result) in wave.into_iter().zip(results) {
             flow.busy.remove(&message.stream_id);
             match result {
@@ -456,11 +470,25 @@ impl Relay {
                         flow.acked.push((message.position, lane));
                     }
                 }
+                // Refused for good: parked, then done like an acknowledged
+                // one, so its stream goes on.
+                Err(e) if !e.is_retryable() => refused.push((message, e)),
                 Err(e) => {
                     failed.push(message.position);
-                    error.get_or_insert(e.0);
+                    error.get_or_insert(e.message().to_owned());
                     flow.blocked.insert(message.stream_id);
                 }
+            }
+        }
+        for (message, refusal) in refused {
+            tracing::warn!(position = message.position, stream = %message.stream_id, error = %refusal, "the sink refused a message for good; parked");
+            // Parked before it is marked: a crash in between sends it
+            // again, which parks it again.
+            self.db.park(&[message.position], refusal.message()).await?;
+            self.stats.parked.fetch_add(1, Ordering::Relaxed);
+            round.parked += 1;
+            if let Some(lane) = flow.outstanding.remove(&message.position) {
+                flow.acked.push((message.position, lane));
             }
         }
         if flow.acked.len() >= self.batch() {

@@ -2,16 +2,67 @@
 //! later), and the sinks that need no broker.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use tokio::io::AsyncWriteExt;
 
 use crate::Message;
 
-/// Why a sink did not take a message; the relay keeps it and tries again.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct SinkError(pub String);
+/// Why a sink did not take a message. A retryable failure (the broker
+/// down, a timeout, a 5xx) keeps the record pending and the relay tries
+/// again with backoff; a permanent one (the destination refused this
+/// message itself, such as a webhook answering 4xx) parks the record, so
+/// one bad message does not hold its stream back forever.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct SinkError {
+    message: String,
+    permanent: bool,
+    #[source]
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl SinkError {
+    /// A failure that may pass: the record stays pending.
+    pub fn retryable(message: impl Into<String>) -> Self {
+        SinkError {
+            message: message.into(),
+            permanent: false,
+            source: None,
+        }
+    }
+
+    /// The destination refused this message for good: the record is parked.
+    pub fn permanent(message: impl Into<String>) -> Self {
+        SinkError {
+            permanent: true,
+            ..SinkError::retryable(message)
+        }
+    }
+
+    /// Keeps the error that caused this one.
+    pub fn caused_by(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        !self.permanent
+    }
+
+    /// What failed, in words.
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+}
+
+impl PartialEq for SinkError {
+    fn eq(&self, other: &Self) -> bool {
+        self.message == other.message && self.permanent == other.permanent
+    }
+}
 
 /// A destination for outbox messages.
 #[async_trait]
@@ -52,15 +103,9 @@ async fn write_lines(
         out.flush().await
     }
     .await;
-    messages
-        .iter()
-        .map(|_| {
-            written
-                .as_ref()
-                .map_err(|e| SinkError(e.to_string()))
-                .copied()
-        })
-        .collect()
+    // One write for the wave: every message gets its outcome.
+    let outcome = written.map_err(|e| SinkError::retryable(e.to_string()).caused_by(e));
+    messages.iter().map(|_| outcome.clone()).collect()
 }
 
 /// Prints each message as a JSON line on standard output, for local use.
@@ -94,7 +139,9 @@ impl FileSink {
             .append(true)
             .open(&path)
             .await
-            .map_err(|e| SinkError(format!("opening {}: {e}", path.display())))?;
+            .map_err(|e| {
+                SinkError::retryable(format!("opening {}: {e}", path.display())).caused_by(e)
+            })?;
         Ok(FileSink {
             path,
             file: tokio::sync::Mutex::new(file),

@@ -8,8 +8,9 @@ use futures_util::StreamExt;
 use crate::{Message, Sink, SinkError};
 
 /// POSTs each message's envelope to a URL. A 2xx answer acknowledges it;
-/// anything else (or no answer within the timeout) is retried a few times
-/// here, then left to the relay's backoff.
+/// a 4xx (but 408, 425 and 429) refuses it for good, so the relay parks
+/// it; anything else (a 5xx, no answer within the timeout) is retried a few
+/// times here, then left to the relay's backoff.
 pub struct WebhookSink {
     url: reqwest::Url,
     client: reqwest::Client,
@@ -20,17 +21,17 @@ pub struct WebhookSink {
 impl WebhookSink {
     /// A sink posting to `url` (http or https), waiting at most `timeout` per request.
     pub fn new(url: &str, timeout: Duration) -> Result<Self, SinkError> {
-        let url =
-            reqwest::Url::parse(url).map_err(|e| SinkError(format!("webhook URL {url:?}: {e}")))?;
+        let url = reqwest::Url::parse(url)
+            .map_err(|e| SinkError::permanent(format!("webhook URL {url:?}: {e}")).caused_by(e))?;
         if !matches!(url.scheme(), "http" | "https") {
-            return Err(SinkError(format!(
+            return Err(SinkError::permanent(format!(
                 "webhook URL {url} must be http:// or https://"
             )));
         }
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()
-            .map_err(|e| SinkError(format!("webhook client: {e}")))?;
+            .map_err(|e| SinkError::retryable(format!("webhook client: {e}")).caused_by(e))?;
         Ok(WebhookSink {
             url,
             client,
@@ -47,7 +48,7 @@ impl WebhookSink {
 
     async fn post(&self, message: &Message) -> Result<(), SinkError> {
         let mut backoff = Duration::from_millis(100);
-        let mut last = SinkError(String::new());
+        let mut last = SinkError::retryable(String::new());
         for attempt in 1..=self.attempts {
             let mut request = self
                 .client
@@ -68,9 +69,20 @@ impl WebhookSink {
             match request.body(message.payload.clone()).send().await {
                 Ok(response) if response.status().is_success() => return Ok(()),
                 Ok(response) => {
-                    last = SinkError(format!("{} answered {}", self.url, response.status()))
+                    let status = response.status();
+                    let said = format!("{} answered {status}", self.url);
+                    // A 4xx refuses this message itself: sending it again
+                    // gets the same answer. Timeouts and rate limits pass.
+                    let refused =
+                        status.is_client_error() && !matches!(status.as_u16(), 408 | 425 | 429);
+                    if refused {
+                        return Err(SinkError::permanent(said));
+                    }
+                    last = SinkError::retryable(said);
                 }
-                Err(e) => last = SinkError(format!("POST {}: {e}", self.url)),
+                Err(e) => {
+                    last = SinkError::retryable(format!("POST {}: {e}", self.url)).caused_by(e)
+                }
             }
             if attempt < self.attempts {
                 tokio::time::sleep(backoff).await;

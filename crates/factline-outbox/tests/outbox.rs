@@ -77,6 +77,9 @@ fn refuse(events: &[RecordedEvent]) -> Result<(), (u64, String)> {
     }
 }
 
+/// Says, from a message's type, whether the sink refuses it for good.
+type Refusal = Box<dyn Fn(&str) -> bool + Send + Sync>;
+
 /// Takes every message, or fails the ones `fail` says, remembering what it
 /// took in order.
 #[derive(Default)]
@@ -85,6 +88,8 @@ struct Collecting {
     /// Fails a message when this returns true for its position and the
     /// number of times it was offered before.
     fail: Option<Box<dyn Fn(u64, usize) -> bool + Send + Sync>>,
+    /// Refuses a message for good when this returns true for its type.
+    refuse: Option<Refusal>,
     offered: Mutex<BTreeMap<u64, usize>>,
     /// Streams with a message being published now: the relay has waves
     /// out at once, never two holding one stream.
@@ -118,8 +123,13 @@ impl Sink for Collecting {
                 let times = offered.entry(m.position).or_insert(0);
                 let fails = self.fail.as_ref().is_some_and(|f| f(m.position, *times));
                 *times += 1;
-                if fails {
-                    Err(SinkError("flaky".into()))
+                if self.refuse.as_ref().is_some_and(|r| r(&m.event_type)) {
+                    Err(SinkError::permanent(format!(
+                        "{} is not accepted here",
+                        m.event_type
+                    )))
+                } else if fails {
+                    Err(SinkError::retryable("flaky"))
                 } else {
                     self.taken.lock().unwrap().push(m.clone());
                     Ok(())
@@ -341,6 +351,67 @@ async fn order_holds_while_a_sink_fails(store: Arc<dyn EventStore>, db: Arc<dyn 
     assert_eq!((status.backlog, status.published_retained), (0, 0));
 }
 
+async fn refused_messages_are_parked_and_their_streams_go_on(
+    store: Arc<dyn EventStore>,
+    db: Arc<dyn OutboxDb>,
+) {
+    db.add_publication(Publication::everything()).await.unwrap();
+    for s in 0..5 {
+        let stream = format!("Invoice-{s}");
+        let kinds = ["Issued", "Poison", "Paid"];
+        let events = kinds
+            .iter()
+            .enumerate()
+            .map(|(n, k)| event(k, n as u64))
+            .collect();
+        append(&store, &stream, events).await.unwrap();
+    }
+    let sink = Arc::new(Collecting {
+        refuse: Some(Box::new(|event_type| event_type == "Poison")),
+        ..Collecting::default()
+    });
+    let relay = Relay::new(db.clone(), sink.clone(), quick("r1"));
+    relay.heartbeat().await.unwrap();
+    assert_eq!(relay.drain().await.unwrap(), 10);
+
+    // Each stream went on past its refused record, in order.
+    let taken = sink.taken.lock().unwrap().clone();
+    let streams = by_stream(&taken);
+    assert_eq!(streams.len(), 5);
+    assert!(
+        streams.values().all(|versions| versions == &vec![1, 3]),
+        "{streams:?}"
+    );
+    let status = db.status().await.unwrap();
+    assert_eq!((status.backlog, status.parked, status.failing), (0, 5, 0));
+    assert_eq!(relay.stats().snapshot().parked, 5);
+    let parked = db.parked(100).await.unwrap();
+    assert_eq!(parked.len(), 5);
+    assert!(
+        parked.windows(2).all(|w| w[0].position > w[1].position),
+        "newest first"
+    );
+    for record in &parked {
+        assert_eq!(record.event_type, "Poison");
+        assert!(record.stream_id.starts_with("Invoice-"));
+        assert_eq!(record.error, "Poison is not accepted here");
+    }
+    assert_eq!(db.parked(2).await.unwrap().len(), 2);
+
+    // Parked records are never offered again.
+    let offered_before: usize = sink.offered.lock().unwrap().values().sum();
+    append(&store, "Invoice-0", vec![event("Paid", 9)])
+        .await
+        .unwrap();
+    assert_eq!(relay.drain().await.unwrap(), 1);
+    let offered_after: usize = sink.offered.lock().unwrap().values().sum();
+    assert_eq!(offered_after, offered_before + 1);
+    // Every record is done: retention removes the parked ones' records
+    // with the rest, and the parked list keeps why.
+    assert_eq!(purger(&db, 100).purge().await.unwrap(), 16);
+    assert_eq!(db.parked(100).await.unwrap().len(), 5);
+}
+
 async fn lanes_are_shared_and_handed_over(db: Arc<dyn OutboxDb>) {
     let ttl = Duration::from_millis(600);
     let a = db.heartbeat("a", ttl).await.unwrap();
@@ -455,6 +526,20 @@ async fn postgres_records_are_written_with_the_append_and_relayed() {
     let db = factline_testpg::database().await;
     let (store, outbox) = postgres(&db).await;
     captured_in_the_append_transaction(store, outbox).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_refused_messages_are_parked_and_their_streams_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, db) = sqlite(&dir);
+    refused_messages_are_parked_and_their_streams_go_on(store, db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_refused_messages_are_parked_and_their_streams_go_on() {
+    let db = factline_testpg::database().await;
+    let (store, outbox) = postgres(&db).await;
+    refused_messages_are_parked_and_their_streams_go_on(store, outbox).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,5 +1,6 @@
 //! The webhook sink against a small HTTP server on loopback that fails,
-//! stalls past the timeout, and then accepts.
+//! stalls past the timeout, and then accepts, and that refuses one kind of
+//! event for good.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -12,8 +13,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 #[derive(Default)]
 struct Server {
-    /// Requests seen per event id.
-    offers: BTreeMap<String, usize>,
+    /// Requests seen per position.
+    offers: BTreeMap<u64, usize>,
     /// Accepted requests: headers and the event in the body.
     accepted: Vec<(BTreeMap<String, String>, RecordedEvent)>,
 }
@@ -50,7 +51,7 @@ async fn serve(listener: tokio::net::TcpListener, state: Arc<Mutex<Server>>) {
                 let event: RecordedEvent = serde_json::from_slice(&body).unwrap();
                 let (offer, position) = {
                     let mut state = state.lock().unwrap();
-                    let offers = state.offers.entry(event.event_id.to_string()).or_insert(0);
+                    let offers = state.offers.entry(event.position).or_insert(0);
                     *offers += 1;
                     (*offers, event.position)
                 };
@@ -58,7 +59,9 @@ async fn serve(listener: tokio::net::TcpListener, state: Arc<Mutex<Server>>) {
                     tokio::time::sleep(Duration::from_secs(3)).await;
                     return;
                 }
-                let status = if offer == 1 && position % 4 == 0 {
+                let status = if event.event_type == "Refused" {
+                    "422 Unprocessable Entity"
+                } else if offer == 1 && position % 4 == 0 {
                     "500 Internal Server Error"
                 } else {
                     state.lock().unwrap().accepted.push((headers, event));
@@ -74,7 +77,7 @@ async fn serve(listener: tokio::net::TcpListener, state: Arc<Mutex<Server>>) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn webhooks_get_every_event_in_order_through_failures_and_timeouts() {
+async fn webhooks_get_every_event_in_order_through_failures_and_timeouts_and_refusals_are_parked() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/events", listener.local_addr().unwrap());
     let state = Arc::new(Mutex::new(Server::default()));
@@ -85,18 +88,28 @@ async fn webhooks_get_every_event_in_order_through_failures_and_timeouts() {
     let store: Arc<dyn EventStore> = Arc::new(factline_sqlite::SqliteStore::open(&path).unwrap());
     let db: Arc<dyn OutboxDb> = Arc::new(SqliteOutbox::open(&path).unwrap());
     db.add_publication(Publication::everything()).await.unwrap();
-    let mut expected: BTreeMap<String, u64> = BTreeMap::new();
+    let mut expected: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    let mut refused = 0;
     for n in 0..40u64 {
         let stream = format!("Hook-{}", n % 5);
-        store
+        // A 4xx is the destination refusing this event: parked, not retried.
+        let event_type = if n % 10 == 3 { "Refused" } else { "Hooked" };
+        let appended = store
             .append(
                 &StreamId::new(&stream).unwrap(),
                 ExpectedVersion::Any,
-                vec![EventData::new("Hooked", json!({ "n": n }))],
+                vec![EventData::new(event_type, json!({ "n": n }))],
             )
             .await
             .unwrap();
-        *expected.entry(stream).or_default() += 1;
+        if event_type == "Refused" {
+            refused += 1;
+        } else {
+            expected
+                .entry(stream)
+                .or_default()
+                .push(appended.last_version);
+        }
     }
 
     let sink = Arc::new(
@@ -111,7 +124,12 @@ async fn webhooks_get_every_event_in_order_through_failures_and_timeouts() {
             break;
         }
     }
-    assert_eq!(db.status().await.unwrap().backlog, 0);
+    let status = db.status().await.unwrap();
+    assert_eq!((status.backlog, status.parked), (0, refused));
+    let parked = db.parked(100).await.unwrap();
+    assert!(parked.iter().all(
+        |p| p.event_type == "Refused" && p.error.ends_with("answered 422 Unprocessable Entity")
+    ));
     let stats = relay.stats().snapshot();
     assert!(
         stats.failed >= 10,
@@ -131,11 +149,14 @@ async fn webhooks_get_every_event_in_order_through_failures_and_timeouts() {
             .or_default()
             .push(event.version);
     }
-    for (stream, last) in &expected {
-        assert_eq!(
-            versions[stream],
-            (1..=*last).collect::<Vec<_>>(),
-            "stream {stream}"
-        );
+    assert_eq!(
+        versions, expected,
+        "each stream in order, past its refused events"
+    );
+    // Offered until the server answered at all (a stalled first offer is
+    // retried), then never again.
+    for p in &parked {
+        let stalled_first = usize::from(p.position % 7 == 0);
+        assert_eq!(state.offers[&p.position], 1 + stalled_first, "{p:?}");
     }
 }

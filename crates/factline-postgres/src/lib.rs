@@ -18,6 +18,7 @@ mod error;
 mod inline;
 mod listener;
 mod schema;
+pub mod sql;
 mod writer;
 
 use std::sync::atomic::Ordering;

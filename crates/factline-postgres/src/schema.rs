@@ -78,10 +78,7 @@ const MIGRATIONS: &[&str] = &[
     );",
 ];
 
-/// Quotes an identifier for SQL.
-pub(crate) fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
+pub(crate) use crate::sql::quote_ident;
 
 /// Checks a schema name before it goes into SQL text.
 pub(crate) fn validate_schema_name(name: &str) -> Result<(), StoreError> {

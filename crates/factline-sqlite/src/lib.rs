@@ -16,6 +16,7 @@ mod head_poll;
 mod inline;
 mod reader;
 mod schema;
+pub mod sql;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -145,23 +146,10 @@ struct Shared {
 /// Wraps a SQLite error as a storage failure. Busy/locked databases are
 /// transient, so they are marked retryable.
 pub(crate) fn db_error(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
-    move |e| {
-        let transient = is_transient(&e);
-        let err = StorageError::with_source(format!("{context}: {e}"), e);
-        if transient {
-            err.retryable().into()
-        } else {
-            err.into()
-        }
-    }
+    move |e| sql::storage_error(context, e).into()
 }
 
-pub(crate) fn is_transient(e: &rusqlite::Error) -> bool {
-    matches!(
-        e.sqlite_error_code(),
-        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
-    )
-}
+pub(crate) use sql::is_transient;
 
 pub(crate) fn open_connection(
     config: &SqliteConfig,

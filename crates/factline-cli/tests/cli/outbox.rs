@@ -125,6 +125,10 @@ fn the_outbox_is_configured_and_relayed_through_the_cli(db: Db) {
         "a stopped relay gives its lanes back"
     );
     assert_eq!(status["published_retained"], 3);
+    assert_eq!(status["parked"], 0, "the file sink refused nothing");
+    let parked = run(db, &["outbox", "parked", "--limit", "10"]);
+    assert_eq!(code(&parked), 0, "{}", stderr(&parked));
+    assert!(json_lines(&parked).is_empty());
 
     // The stdout sink prints the same lines.
     assert_eq!(

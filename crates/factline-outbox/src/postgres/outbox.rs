@@ -63,6 +63,11 @@ fn postgres_tables(s: &str) -> String {
              key        text        NOT NULL,
              created_at timestamptz NOT NULL DEFAULT now()
          );
+         CREATE TABLE IF NOT EXISTS {s}.outbox_parked (
+             position  bigint      PRIMARY KEY,
+             error     text        NOT NULL,
+             parked_at timestamptz NOT NULL DEFAULT now()
+         );
          CREATE TABLE IF NOT EXISTS {s}.outbox (
              position     bigint      PRIMARY KEY,
              stream_no    bigint      NOT NULL,
@@ -252,7 +257,7 @@ async fn prepared<'a>(
 fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, OutboxError> {
     mutex
         .lock()
-        .map_err(|_| OutboxError::Database("an outbox cache was poisoned".to_owned()))
+        .map_err(|_| OutboxError::internal("an outbox cache was poisoned".to_owned()))
 }
 
 /// Entries a cache holds before it starts over.
@@ -566,7 +571,7 @@ impl OutboxDb for PostgresOutbox {
         for row in &rows {
             let stream_no: i64 = row.get(1);
             let stream_id = stream_ids.get(&stream_no).ok_or_else(|| {
-                OutboxError::Database(format!("the outbox names an unknown stream {stream_no}"))
+                OutboxError::internal(format!("the outbox names an unknown stream {stream_no}"))
             })?;
             let (event_type, data): (&str, &str) = (row.get(6), row.get(7));
             let event = StoredEvent {
@@ -709,6 +714,10 @@ impl OutboxDb for PostgresOutbox {
                 lanes: r.get::<_, i64>(2) as u64,
             })
             .collect();
+        let parked: i64 = client
+            .query_one(&format!("SELECT count(*) FROM {s}.outbox_parked"), &[])
+            .await?
+            .get(0);
         let oldest_pending_at: Option<DateTime<Utc>> = row.get(1);
         Ok(OutboxStatus {
             publications,
@@ -719,7 +728,54 @@ impl OutboxDb for PostgresOutbox {
             failing: row.get::<_, i64>(2) as u64,
             last_error: row.get(4),
             relays,
+            parked: parked as u64,
         })
+    }
+
+    async fn park(&self, positions: &[u64], error: &str) -> Result<(), OutboxError> {
+        let s = &self.schema;
+        self.client
+            .lock()
+            .await
+            .execute(
+                &format!(
+                    "INSERT INTO {s}.outbox_parked (position, error)
+                     SELECT unnest($1::bigint[]), $2
+                     ON CONFLICT (position) DO UPDATE SET error = excluded.error, parked_at = now()"
+                ),
+                &[&pg_positions(positions), &error],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedRecord>, OutboxError> {
+        let s = &self.schema;
+        let rows = self
+            .client
+            .lock()
+            .await
+            .query(
+                &format!(
+                    "SELECT p.position, st.stream_id, e.event_type, p.error, p.parked_at
+                     FROM {s}.outbox_parked p
+                     JOIN {s}.events e ON e.position = p.position
+                     JOIN {s}.streams st ON st.stream_no = e.stream_no
+                     ORDER BY p.position DESC LIMIT $1"
+                ),
+                &[&(limit.min(i64::MAX as usize) as i64)],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|r| ParkedRecord {
+                position: r.get::<_, i64>(0) as u64,
+                stream_id: r.get(1),
+                event_type: r.get(2),
+                error: r.get(3),
+                parked_at: r.get(4),
+            })
+            .collect())
     }
 
     async fn purge(&self, cutoff: DateTime<Utc>, limit: usize) -> Result<u64, OutboxError> {

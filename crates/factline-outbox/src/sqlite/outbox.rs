@@ -25,7 +25,7 @@ pub struct SqliteOutbox {
 
 fn sqlite_connection(path: &Path) -> Result<Connection, OutboxError> {
     factline_core::backend::create_private_file(path)
-        .map_err(|e| OutboxError::Database(format!("creating {}: {e}", path.display())))?;
+        .map_err(|e| OutboxError::internal(format!("creating {}: {e}", path.display())))?;
     let mut conn = Connection::open(path)?;
     // SQLite's own busy handler backs off to 100 ms sleeps; under a busy
     // writer a mark or heartbeat would stall the relay that long. Look
@@ -65,6 +65,11 @@ const SQLITE_TABLES: &str = "
         lane       INTEGER PRIMARY KEY,
         holder     TEXT,
         expires_at INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE TABLE IF NOT EXISTS outbox_parked (
+        position  INTEGER PRIMARY KEY,
+        error     TEXT    NOT NULL,
+        parked_at INTEGER NOT NULL
     );
     CREATE TABLE IF NOT EXISTS outbox_relays (
         relay   TEXT    PRIMARY KEY,
@@ -156,11 +161,11 @@ impl SqliteOutbox {
         tokio::task::spawn_blocking(move || {
             let mut conn = conn
                 .lock()
-                .map_err(|_| OutboxError::Database("the outbox connection was poisoned".into()))?;
+                .map_err(|_| OutboxError::internal("the outbox connection was poisoned"))?;
             work(&mut conn)
         })
         .await
-        .map_err(|e| OutboxError::Database(format!("an outbox task failed: {e}")))?
+        .map_err(|e| OutboxError::internal(format!("an outbox task failed: {e}")))?
     }
 }
 
@@ -325,7 +330,7 @@ impl OutboxDb for SqliteOutbox {
             while let Some(row) = rows.next()? {
                 let id: Vec<u8> = row.get(3)?;
                 let event_id = Uuid::from_slice(&id).map_err(|e| {
-                    OutboxError::Database(format!("a stored event id is not a UUID: {e}"))
+                    OutboxError::internal(format!("a stored event id is not a UUID: {e}"))
                 })?;
                 let (stream_id, event_type, data): (String, String, String) =
                     (row.get(1)?, row.get(4)?, row.get(5)?);
@@ -355,7 +360,7 @@ impl OutboxDb for SqliteOutbox {
         // PostgreSQL, whose server pays for every record a mark touches.
         let relay = relay.to_owned();
         let positions = serde_json::to_string(&mark.positions)
-            .map_err(|e| OutboxError::Database(e.to_string()))?;
+            .map_err(|e| OutboxError::internal(e.to_string()))?;
         self.run(move |conn| {
             // One statement for the whole wave, the positions as a JSON array.
             let marked = conn
@@ -425,6 +430,7 @@ impl OutboxDb for SqliteOutbox {
                     })
                 })?
                 .collect::<rusqlite::Result<Vec<_>>>()?;
+            let parked: i64 = conn.query_row("SELECT count(*) FROM outbox_parked", [], |r| r.get(0))?;
             let oldest_pending_at = oldest.map(from_micros);
             Ok(OutboxStatus {
                 publications,
@@ -435,7 +441,53 @@ impl OutboxDb for SqliteOutbox {
                 failing: failing as u64,
                 last_error,
                 relays,
+                parked: parked as u64,
             })
+        })
+        .await
+    }
+
+    async fn park(&self, positions: &[u64], error: &str) -> Result<(), OutboxError> {
+        let (positions, error) = (positions.to_vec(), error.to_owned());
+        self.run(move |conn| {
+            let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            {
+                let mut stmt = tx.prepare_cached(
+                    "INSERT INTO outbox_parked (position, error, parked_at) VALUES (?1, ?2, ?3)
+                     ON CONFLICT (position) DO UPDATE SET error = excluded.error, parked_at = excluded.parked_at",
+                )?;
+                let now = micros(Utc::now());
+                for position in positions {
+                    stmt.execute(params![position as i64, error, now])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn parked(&self, limit: usize) -> Result<Vec<ParkedRecord>, OutboxError> {
+        self.read(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT p.position, s.stream_id, e.event_type, p.error, p.parked_at
+                 FROM outbox_parked p
+                 JOIN events e ON e.position = p.position
+                 JOIN streams s ON s.stream_no = e.stream_no
+                 ORDER BY p.position DESC LIMIT ?1",
+            )?;
+            let rows = stmt
+                .query_map([limit.min(i64::MAX as usize) as i64], |r| {
+                    Ok(ParkedRecord {
+                        position: r.get::<_, i64>(0)? as u64,
+                        stream_id: r.get(1)?,
+                        event_type: r.get(2)?,
+                        error: r.get(3)?,
+                        parked_at: from_micros(r.get(4)?),
+                    })
+                })?
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(rows)
         })
         .await
     }

@@ -406,22 +406,10 @@ fn failure(name: &str, context: &str, e: tokio_postgres::Error) -> ProjectionErr
     }
 }
 
-/// The server's own message ("db error" alone says nothing).
-pub(crate) fn describe(e: &tokio_postgres::Error) -> String {
-    match e.as_db_error() {
-        Some(db) => format!("{}: {}", db.code().code(), db.message()),
-        None => e.to_string(),
-    }
-}
-
+pub(crate) use factline_postgres::sql::describe;
 /// A deadlock or serialization failure: the server aborted the
 /// transaction, and the same one may succeed when run again.
-pub(crate) fn is_transient(e: &tokio_postgres::Error) -> bool {
-    use tokio_postgres::error::SqlState;
-    e.code().is_some_and(|c| {
-        *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
-    })
-}
+pub(crate) use factline_postgres::sql::is_aborted_by_server as is_transient;
 
 /// The checkpoint rows of one version (`$1`, its unpartitioned key): one,
 /// or one per partition.
