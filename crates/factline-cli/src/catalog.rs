@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use factline::{EventStore, Location};
+use factline::{EventStore, Location, StorageError};
 use factline_orders::read_models::{CustomerTotals, OrderList, RevenueByRegionDay};
 use factline_projections::{
     ParkedEvent, Partition, Partitioned, PoisonPolicy, Portable, PostgresAdmin, PostgresSink,
@@ -209,9 +209,8 @@ pub fn spawn_live(
     let (db, store, name, stop) = (db.clone(), store.clone(), name.to_owned(), stop.clone());
     let shared = status.clone();
     let task = tokio::spawn(async move {
-        let failed = |e: anyhow::Error| ProjectionError::ReadModel {
-            projection: name.clone(),
-            message: format!("{e:#}"),
+        let failed = |e: anyhow::Error| {
+            ProjectionError::read_model(name.clone(), StorageError::new(format!("{e:#}")))
         };
         loop {
             let projection = find(&name).map_err(failed)?;

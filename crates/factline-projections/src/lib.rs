@@ -80,6 +80,8 @@
     allow(dead_code, unused_imports)
 )]
 
+use factline_core::StorageError;
+
 mod admin;
 mod diff;
 mod parking;
@@ -112,6 +114,7 @@ pub use tables::{partition_of, Mode, Partition, Tables};
 
 /// Why a projection stopped.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProjectionError {
     /// The projection's own code refused an event; the batch was rolled
     /// back with its checkpoint.
@@ -124,12 +127,24 @@ pub enum ProjectionError {
         /// What the projection said.
         message: String,
     },
-    /// The read model's database failed; the batch was rolled back.
-    #[error("projection {projection}: {message}")]
+    /// The read model's database failed; the batch was rolled back. The
+    /// source says whether trying again may succeed
+    /// ([`StorageError::is_retryable`]).
+    #[error("projection {projection}: {source}")]
     ReadModel {
         /// The projection's name.
         projection: String,
-        /// What failed.
+        /// What failed, with the driver's error.
+        #[source]
+        source: StorageError,
+    },
+    /// The request does not fit the projection: a bad name, partition count
+    /// or version. Running it again gives the same answer.
+    #[error("projection {projection}: {message}")]
+    Invalid {
+        /// The projection's name.
+        projection: String,
+        /// What is wrong.
         message: String,
     },
     /// The database aborted the batch for reasons of its own (a deadlock
@@ -178,6 +193,36 @@ pub enum ProjectionError {
     #[error(transparent)]
     /// Reading the event store failed.
     Store(#[from] factline_core::StoreError),
+}
+
+impl ProjectionError {
+    /// A failure of the read model's database (or of the machinery
+    /// around it) for `projection`.
+    pub fn read_model(projection: impl Into<String>, source: StorageError) -> Self {
+        ProjectionError::ReadModel {
+            projection: projection.into(),
+            source,
+        }
+    }
+
+    /// A request that does not fit `projection`.
+    pub fn invalid(projection: impl Into<String>, message: impl Into<String>) -> Self {
+        ProjectionError::Invalid {
+            projection: projection.into(),
+            message: message.into(),
+        }
+    }
+
+    /// Whether running the same work again may succeed: a database that
+    /// was busy, unreachable or aborted the batch.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProjectionError::ReadModel { source, .. } => source.is_retryable(),
+            ProjectionError::Transient { .. } => true,
+            ProjectionError::Store(factline_core::StoreError::Storage(e)) => e.is_retryable(),
+            _ => false,
+        }
+    }
 }
 
 /// What a projection's `apply` returns when it cannot apply an event.
@@ -244,10 +289,10 @@ pub(crate) fn validate_name(name: &str) -> Result<(), ProjectionError> {
     if ok {
         Ok(())
     } else {
-        Err(ProjectionError::ReadModel {
-            projection: name.chars().take(100).collect(),
-            message: "a projection name is 1 to 100 letters, digits, '_', '-' or '.'".into(),
-        })
+        Err(ProjectionError::invalid(
+            name.chars().take(100).collect::<String>(),
+            "a projection name is 1 to 100 letters, digits, '_', '-' or '.'",
+        ))
     }
 }
 

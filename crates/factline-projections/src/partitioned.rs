@@ -74,9 +74,11 @@ impl<S: Sink + 'static> Partitioned<S> {
         let mut stats = vec![RunnerStats::default(); tasks.len()];
         let mut failure = None;
         while let Some(done) = tasks.join_next().await {
-            let (index, result) = done.map_err(|e| ProjectionError::ReadModel {
-                projection: self.status.name().to_owned(),
-                message: format!("a partition's runner panicked: {e}"),
+            let (index, result) = done.map_err(|e| {
+                ProjectionError::read_model(
+                    self.status.name(),
+                    factline_core::StorageError::with_source("a partition's runner panicked", e),
+                )
             })?;
             match result {
                 Ok(s) => stats[index] = s,

@@ -32,7 +32,7 @@ impl Tables {
                 && !t.starts_with(|c: char| c.is_ascii_digit())
         };
         if let Some(bad) = logical.iter().find(|t| !plain(t)) {
-            return Err(ProjectionError::ReadModel {
+            return Err(ProjectionError::Invalid {
                 projection: projection.to_owned(),
                 message: format!(
                     "table name {bad:?} must be 1 to 50 lower-case letters, digits or _"
@@ -133,7 +133,7 @@ impl Partition {
     /// Partition `index` of `count` (numbered from 0; 1 to 256 partitions).
     pub fn new(index: u32, count: u32) -> Result<Self, ProjectionError> {
         if count == 0 || count > Self::MAX || index >= count {
-            return Err(ProjectionError::ReadModel {
+            return Err(ProjectionError::Invalid {
                 projection: String::new(),
                 message: format!(
                     "partition {index} of {count}: a projection runs as 1 to {} partitions, numbered from 0",
@@ -214,7 +214,7 @@ pub(crate) fn check_partitions(
     for key in keys {
         let stored = crate::admin::parse_checkpoint_key(key).map_or(1, |k| k.partitions);
         if stored != wanted {
-            return Err(ProjectionError::ReadModel {
+            return Err(ProjectionError::Invalid {
                 projection: name.to_owned(),
                 message: format!(
                     "version {version} runs as {stored} partition(s), not {wanted}; the number of partitions changes with a rebuild"
@@ -266,7 +266,7 @@ pub(crate) fn may_write(
             version,
             active: a.version,
         }),
-        (Mode::Rebuild, Some(a)) if a.version == version => Err(ProjectionError::ReadModel {
+        (Mode::Rebuild, Some(a)) if a.version == version => Err(ProjectionError::Invalid {
             projection: name.to_owned(),
             message: format!(
                 "version {version} is already the active one; a rebuild needs a new version"

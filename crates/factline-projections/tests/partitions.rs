@@ -247,7 +247,7 @@ async fn partitions_split_the_streams_and_change_only_by_a_rebuild<D: Db>(db: D)
         .await
         .unwrap();
     match wrong.catch_up(u64::MAX).await {
-        Err(ProjectionError::ReadModel { message, .. }) => {
+        Err(ProjectionError::Invalid { message, .. }) => {
             assert!(
                 message.contains("partitions changes with a rebuild"),
                 "{message}"

@@ -902,3 +902,35 @@ on_every_target!(
     rebuilds_can_be_rate_limited_and_report_progress,
     diff_reports_what_a_swap_would_change,
 );
+
+/// A read model that cannot be opened is a database failure with the
+/// system's error as its source, not retryable; a bad partition count is
+/// a refusal of the request, not a database failure.
+#[test]
+fn read_model_failures_keep_their_source_and_refusals_are_told_apart() {
+    use std::error::Error as _;
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, "not a directory").unwrap();
+    let Err(failed) = SqliteSink::open(file.join("read.db"), version(1)) else {
+        panic!("a read model under a plain file cannot be created");
+    };
+    assert!(
+        matches!(&failed, ProjectionError::ReadModel { projection, .. } if projection == "counts"),
+        "{failed:?}"
+    );
+    assert!(!failed.is_retryable());
+    let source = failed.source().expect("the storage error");
+    assert!(
+        source.source().is_some(),
+        "and the system's error under it: {failed:?}"
+    );
+
+    let invalid = factline_projections::Partition::new(3, 2);
+    assert!(
+        matches!(invalid, Err(ProjectionError::Invalid { .. })),
+        "{invalid:?}"
+    );
+    assert!(!invalid.unwrap_err().is_retryable());
+}

@@ -55,10 +55,10 @@ impl Checkpoints for Flaky {
             dies
         };
         if dies {
-            return Err(ProjectionError::ReadModel {
-                projection: name.into(),
-                message: "the process died".into(),
-            });
+            return Err(ProjectionError::read_model(
+                name,
+                factline_core::StorageError::new("the process died"),
+            ));
         }
         self.inner.save(name, position).await
     }

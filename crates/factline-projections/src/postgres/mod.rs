@@ -2,6 +2,7 @@
 
 mod portable;
 
+use factline_core::StorageError;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -323,7 +324,7 @@ impl<P: PostgresProjection> VersionedSink for PostgresSink<P> {
             .await
             .map_err(|e| fail("reading the active version", e))?;
         if active.is_some_and(|a| a.version == self.tables.version()) {
-            return Err(ProjectionError::ReadModel {
+            return Err(ProjectionError::Invalid {
                 projection: name.clone(),
                 message: format!(
                     "version {} is the active one and cannot be discarded",
@@ -393,17 +394,13 @@ async fn register(
 }
 
 fn failure(name: &str, context: &str, e: tokio_postgres::Error) -> ProjectionError {
-    let (projection, message) = (name.to_owned(), format!("{context}: {}", describe(&e)));
-    match is_transient(&e) {
-        true => ProjectionError::Transient {
-            projection,
-            message,
-        },
-        false => ProjectionError::ReadModel {
-            projection,
-            message,
-        },
+    if is_transient(&e) {
+        return ProjectionError::Transient {
+            projection: name.to_owned(),
+            message: format!("{context}: {}", describe(&e)),
+        };
     }
+    ProjectionError::read_model(name, factline_postgres::sql::storage_error(context, e))
 }
 
 pub(crate) use factline_postgres::sql::describe;
@@ -501,10 +498,7 @@ async fn connect_with_checkpoints(
     schema: &str,
     name: &str,
 ) -> Result<(Client, String), ProjectionError> {
-    let failed = |message: String| ProjectionError::ReadModel {
-        projection: name.to_owned(),
-        message,
-    };
+    let failed = |message: String| ProjectionError::read_model(name, StorageError::new(message));
     let schema_ok = !schema.is_empty()
         && schema.len() <= 50
         && schema
@@ -512,18 +506,21 @@ async fn connect_with_checkpoints(
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
         && !schema.starts_with(|c: char| c.is_ascii_digit());
     if !schema_ok {
-        return Err(failed(format!(
-            "schema name {schema:?} must be 1 to 50 lower-case letters, digits or _"
-        )));
+        return Err(ProjectionError::invalid(
+            name,
+            format!("schema name {schema:?} must be 1 to 50 lower-case letters, digits or _"),
+        ));
     }
     let mut config: tokio_postgres::Config = url
         .parse()
         .map_err(|e| failed(format!("invalid PostgreSQL connection string: {e}")))?;
     config.application_name(format!("factline projection {name}"));
-    let (client, connection) = config
-        .connect(NoTls)
-        .await
-        .map_err(|e| failed(format!("connecting the read model: {e}")))?;
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        ProjectionError::read_model(
+            name,
+            factline_postgres::sql::storage_error("connecting the read model", e),
+        )
+    })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "projection connection ended");
@@ -538,7 +535,10 @@ async fn connect_with_checkpoints(
             if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
                 Ok(())
             } else {
-                Err(failed(format!("creating the checkpoint table: {e}")))
+                Err(ProjectionError::read_model(
+                    name,
+                    factline_postgres::sql::storage_error("creating the checkpoint table", e),
+                ))
             }
         })?;
     Ok((client, checkpoints))
@@ -688,14 +688,12 @@ impl<P: PostgresProjection> PostgresSink<P> {
         }
         let (name, set_up) = (self.name.clone(), self.set_up);
         let key = checkpoint_key(&name, self.tables.version(), self.partition);
-        let tx = self
-            .client
-            .transaction()
-            .await
-            .map_err(|e| ProjectionError::ReadModel {
-                projection: name.clone(),
-                message: format!("starting a batch: {e}"),
-            })?;
+        let tx = self.client.transaction().await.map_err(|e| {
+            ProjectionError::read_model(
+                name.clone(),
+                factline_postgres::sql::storage_error("starting a batch", e),
+            )
+        })?;
         let fail = |context: &str, e: tokio_postgres::Error| failure(&name, context, e);
         if !set_up {
             // Partitions set up one at a time, each seeing what the one
@@ -705,10 +703,10 @@ impl<P: PostgresProjection> PostgresSink<P> {
                 .map_err(|e| fail("waiting for the setup lock", e))?;
         }
         let Some(statements) = self.prepared.as_ref() else {
-            return Err(ProjectionError::ReadModel {
-                projection: name,
-                message: "the batch statements are not prepared".into(),
-            });
+            return Err(ProjectionError::read_model(
+                name,
+                StorageError::new("the batch statements are not prepared"),
+            ));
         };
         // Checked in every batch, under a lock on the registry row: a swap
         // by another runner or process stops this version from writing.

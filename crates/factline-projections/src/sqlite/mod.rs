@@ -2,6 +2,7 @@
 
 mod portable;
 
+use factline_core::StorageError;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -145,15 +146,16 @@ impl<P: SqliteProjection> SqliteSink<P> {
         crate::validate_name(&name)?;
         let tables = Tables::new(&name, None, projection.version(), projection.tables())?;
         let path = path.to_path_buf();
-        let failed = |e: rusqlite::Error| ProjectionError::ReadModel {
-            projection: name.clone(),
-            message: format!("opening {}: {e}", path.display()),
+        let failed = |e: rusqlite::Error| {
+            let context = format!("opening {}", path.display());
+            ProjectionError::read_model(
+                name.clone(),
+                factline_sqlite::sql::storage_error(&context, e),
+            )
         };
         factline_core::backend::create_private_file(&path).map_err(|e| {
-            ProjectionError::ReadModel {
-                projection: name.clone(),
-                message: format!("creating {}: {e}", path.display()),
-            }
+            let context = format!("creating {}", path.display());
+            ProjectionError::read_model(name.clone(), StorageError::with_source(context, e))
         })?;
         let conn = Connection::open(&path).map_err(&failed)?;
         conn.busy_timeout(Duration::from_secs(10))
@@ -203,7 +205,8 @@ impl<P: SqliteProjection> SqliteSink<P> {
         &mut self,
         query: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, ProjectionError> {
-        self.with_parts(move |conn, _| query(conn).map_err(|e| e.to_string()))
+        let failed = read_model_failure(self.name.clone());
+        self.with_parts(move |conn, _| query(conn).map_err(failed))
             .await
     }
 
@@ -211,14 +214,16 @@ impl<P: SqliteProjection> SqliteSink<P> {
     /// and takes them back.
     async fn with_parts<T: Send + 'static>(
         &mut self,
-        work: impl FnOnce(&mut Connection, &mut P) -> Result<T, String> + Send + 'static,
+        work: impl FnOnce(&mut Connection, &mut P) -> Result<T, ProjectionError> + Send + 'static,
     ) -> Result<T, ProjectionError> {
-        let lost = || ProjectionError::ReadModel {
-            projection: self.name.clone(),
-            message: format!(
-                "the connection to {} was lost when a batch panicked",
-                self.path.display()
-            ),
+        let lost = || {
+            ProjectionError::read_model(
+                self.name.clone(),
+                StorageError::new(format!(
+                    "the connection to {} was lost when a batch panicked",
+                    self.path.display()
+                )),
+            )
         };
         let (mut conn, mut projection) = self.parts.take().ok_or_else(lost)?;
         let (parts, result) = tokio::task::spawn_blocking(move || {
@@ -226,15 +231,25 @@ impl<P: SqliteProjection> SqliteSink<P> {
             ((conn, projection), result)
         })
         .await
-        .map_err(|e| ProjectionError::ReadModel {
-            projection: self.name.clone(),
-            message: format!("a batch panicked: {e}"),
+        .map_err(|e| {
+            ProjectionError::read_model(
+                self.name.clone(),
+                StorageError::with_source("a batch panicked", e),
+            )
         })?;
         self.parts = Some(parts);
-        result.map_err(|message| ProjectionError::ReadModel {
-            projection: self.name.clone(),
-            message,
-        })
+        result
+    }
+}
+
+/// Wraps a failure of the read model's SQLite database for `projection`,
+/// keeping the driver's error and whether it may pass.
+fn read_model_failure(projection: String) -> impl Fn(rusqlite::Error) -> ProjectionError {
+    move |e| {
+        ProjectionError::read_model(
+            projection.clone(),
+            factline_sqlite::sql::storage_error("the read model", e),
+        )
     }
 }
 
@@ -489,10 +504,10 @@ impl<P: SqliteProjection> SqliteSink<P> {
         let last = events.last().map(|e| e.position);
         let end = self
             .with_parts(move |conn, projection| {
-                let sql = |e: rusqlite::Error| e.to_string();
+                let sql = read_model_failure(name.clone());
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(sql)?;
+                    .map_err(&sql)?;
                 let batch = Batch {
                     name: &name,
                     mode,
@@ -505,9 +520,9 @@ impl<P: SqliteProjection> SqliteSink<P> {
                 };
                 let end = batch
                     .write(&tx, projection, &events, &handling)
-                    .map_err(sql)?;
+                    .map_err(&sql)?;
                 if matches!(end, BatchEnd::Committed(_)) {
-                    tx.commit().map_err(sql)?;
+                    tx.commit().map_err(&sql)?;
                 }
                 Ok(end)
             })
@@ -546,26 +561,26 @@ impl<P: SqliteProjection> VersionedSink for SqliteSink<P> {
         let (name, tables) = (self.name.clone(), self.tables.clone());
         let old = self
             .with_parts(move |conn, _| {
-                let sql = |e: rusqlite::Error| e.to_string();
+                let sql = read_model_failure(name.clone());
                 let tx = conn
                     .transaction_with_behavior(TransactionBehavior::Immediate)
-                    .map_err(sql)?;
-                let old = active_version(&tx, &name).map_err(sql)?;
+                    .map_err(&sql)?;
+                let old = active_version(&tx, &name).map_err(&sql)?;
                 let old_logical = old.as_ref().map_or(&[][..], |a| &a.tables[..]);
                 for statement in tables.repoint_views(old_logical) {
-                    tx.execute(&statement, []).map_err(sql)?;
+                    tx.execute(&statement, []).map_err(&sql)?;
                 }
-                register(&tx, &name, &tables).map_err(sql)?;
+                register(&tx, &name, &tables).map_err(&sql)?;
                 if let Some(old) = old.as_ref().filter(|o| o.version != tables.version()) {
                     if !keep_old {
                         let old_tables = tables.at_version(old.version, &old.tables);
                         for statement in old_tables.drop_tables() {
-                            tx.execute(&statement, []).map_err(sql)?;
+                            tx.execute(&statement, []).map_err(&sql)?;
                         }
-                        delete_checkpoints(&tx, &name, old.version).map_err(sql)?;
+                        delete_checkpoints(&tx, &name, old.version).map_err(&sql)?;
                     }
                 }
-                tx.commit().map_err(sql)?;
+                tx.commit().map_err(&sql)?;
                 Ok(old.map(|o| o.version))
             })
             .await?;
@@ -576,7 +591,7 @@ impl<P: SqliteProjection> VersionedSink for SqliteSink<P> {
     async fn diff(&mut self, samples: usize) -> Result<DiffReport, ProjectionError> {
         let (name, tables) = (self.name.clone(), self.tables.clone());
         self.with_parts(move |conn, _| {
-            diff_tables(conn, &name, &tables, samples).map_err(|e| e.to_string())
+            diff_tables(conn, &name, &tables, samples).map_err(read_model_failure(name.clone()))
         })
         .await
     }
@@ -584,22 +599,25 @@ impl<P: SqliteProjection> VersionedSink for SqliteSink<P> {
     async fn discard(&mut self) -> Result<(), ProjectionError> {
         let (name, tables) = (self.name.clone(), self.tables.clone());
         self.with_parts(move |conn, _| {
-            let sql = |e: rusqlite::Error| e.to_string();
+            let sql = read_model_failure(name.clone());
             let tx = conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(sql)?;
-            let active = active_version(&tx, &name).map_err(sql)?;
+                .map_err(&sql)?;
+            let active = active_version(&tx, &name).map_err(&sql)?;
             if active.is_some_and(|a| a.version == tables.version()) {
-                return Err(format!(
-                    "version {} is the active one and cannot be discarded",
-                    tables.version()
+                return Err(ProjectionError::invalid(
+                    name,
+                    format!(
+                        "version {} is the active one and cannot be discarded",
+                        tables.version()
+                    ),
                 ));
             }
             for statement in tables.drop_tables() {
-                tx.execute(&statement, []).map_err(sql)?;
+                tx.execute(&statement, []).map_err(&sql)?;
             }
-            delete_checkpoints(&tx, &name, tables.version()).map_err(sql)?;
-            tx.commit().map_err(sql)
+            delete_checkpoints(&tx, &name, tables.version()).map_err(&sql)?;
+            tx.commit().map_err(&sql)
         })
         .await
     }
@@ -638,15 +656,19 @@ impl SqliteCheckpoints {
     /// Opens (creating if needed) the checkpoints table in the SQLite file at `path`.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, ProjectionError> {
         let path = path.as_ref();
-        let failed = |e: rusqlite::Error| ProjectionError::ReadModel {
-            projection: "reactor checkpoints".into(),
-            message: format!("opening {}: {e}", path.display()),
+        let failed = |e: rusqlite::Error| {
+            let context = format!("opening {}", path.display());
+            ProjectionError::read_model(
+                "reactor checkpoints",
+                factline_sqlite::sql::storage_error(&context, e),
+            )
         };
         factline_core::backend::create_private_file(path).map_err(|e| {
-            ProjectionError::ReadModel {
-                projection: "reactor checkpoints".into(),
-                message: format!("creating {}: {e}", path.display()),
-            }
+            let context = format!("creating {}", path.display());
+            ProjectionError::read_model(
+                "reactor checkpoints",
+                StorageError::with_source(context, e),
+            )
         })?;
         let conn = Connection::open(path).map_err(&failed)?;
         conn.busy_timeout(Duration::from_secs(10))
@@ -665,18 +687,15 @@ impl SqliteCheckpoints {
         work: impl FnOnce(&Connection) -> rusqlite::Result<T> + Send + 'static,
     ) -> Result<T, ProjectionError> {
         let conn = self.conn.clone();
-        let failed = |message: String| ProjectionError::ReadModel {
-            projection: name.to_owned(),
-            message,
-        };
+        let failed = |source: StorageError| ProjectionError::read_model(name, source);
         tokio::task::spawn_blocking(move || {
             let conn = conn
                 .lock()
-                .map_err(|_| "the checkpoint connection was poisoned".to_owned())?;
-            work(&conn).map_err(|e| e.to_string())
+                .map_err(|_| StorageError::new("the checkpoint connection was poisoned"))?;
+            work(&conn).map_err(|e| factline_sqlite::sql::storage_error("the checkpoints", e))
         })
         .await
-        .map_err(|e| failed(e.to_string()))?
+        .map_err(|e| failed(StorageError::with_source("a checkpoint task failed", e)))?
         .map_err(failed)
     }
 }
@@ -937,7 +956,7 @@ impl<P: SqliteProjection> Parking for SqliteSink<P> {
         let (name, tables) = (self.name.clone(), self.tables.clone());
         let report = self
             .with_parts(move |conn, projection| {
-                let sql = |e: rusqlite::Error| e.to_string();
+                let sql = read_model_failure(name.clone());
                 let mut report = RetryReport::default();
                 let mut stuck: HashSet<String> = HashSet::new();
                 for event in events.iter() {
@@ -948,7 +967,7 @@ impl<P: SqliteProjection> Parking for SqliteSink<P> {
                     }
                     let tx = conn
                         .transaction_with_behavior(TransactionBehavior::Immediate)
-                        .map_err(sql)?;
+                        .map_err(&sql)?;
                     match projection.apply(&tx, &tables, event) {
                         Ok(()) => {
                             tx.execute(
@@ -956,8 +975,8 @@ impl<P: SqliteProjection> Parking for SqliteSink<P> {
                                  WHERE projection = ?1 AND version = ?2 AND position = ?3",
                                 params![name, tables.version(), event.position as i64],
                             )
-                            .map_err(sql)?;
-                            tx.commit().map_err(sql)?;
+                            .map_err(&sql)?;
+                            tx.commit().map_err(&sql)?;
                             report.applied += 1;
                         }
                         Err(refusal) => {
@@ -967,7 +986,7 @@ impl<P: SqliteProjection> Parking for SqliteSink<P> {
                                  WHERE projection = ?1 AND version = ?2 AND position = ?3",
                                 params![name, tables.version(), event.position as i64, refusal.into_message()],
                             )
-                            .map_err(sql)?;
+                            .map_err(&sql)?;
                             stuck.insert(stream);
                             report.still_parked += 1;
                         }
