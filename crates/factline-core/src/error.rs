@@ -179,3 +179,35 @@ impl StorageError {
         &self.message
     }
 }
+
+/// Why an inline projection did not apply an append's events. The inline
+/// projection traits of both backends return it, so a refusal and a
+/// failure are told apart the same way everywhere.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InlineError {
+    /// The projection refused the event at `position` (one of its rules, or
+    /// a constraint of its tables): the append fails with
+    /// [`StoreError::InlineRefused`] and nothing of it is written.
+    #[error("the event at position {position}: {message}")]
+    Refused {
+        /// The refused event's global position.
+        position: u64,
+        /// Why, in the projection's words.
+        message: String,
+    },
+    /// The database failed: the append fails with this storage error,
+    /// retryable when it is.
+    #[error(transparent)]
+    Failed(#[from] StorageError),
+}
+
+impl InlineError {
+    /// The projection refuses the event at `position`.
+    pub fn refused(position: u64, message: impl Into<String>) -> Self {
+        InlineError::Refused {
+            position,
+            message: message.into(),
+        }
+    }
+}

@@ -7,7 +7,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use factline_core::{EventData, EventStore, ExpectedVersion, RecordedEvent, StoreError, StreamId};
+use factline_core::{
+    EventData, EventStore, ExpectedVersion, InlineError, RecordedEvent, StoreError, StreamId,
+};
 use factline_outbox::{
     Message, OutboxDb, PostgresOutbox, Publication, Relay, RelayConfig, Sink, SinkError,
     SqliteOutbox, LANES,
@@ -23,7 +25,7 @@ struct Refuser {
 }
 
 impl Refuser {
-    fn apply_events(&mut self, events: &[RecordedEvent]) -> Result<(), (u64, String)> {
+    fn apply_events(&mut self, events: &[RecordedEvent]) -> Result<(), InlineError> {
         refuse(events)?;
         self.before = self.applied;
         self.applied = events.last().map_or(self.applied, |e| e.position);
@@ -35,15 +37,15 @@ impl factline_sqlite::InlineProjection for Refuser {
     fn name(&self) -> &str {
         "refuser"
     }
-    fn checkpoint(&mut self, _: &rusqlite::Transaction<'_>) -> Result<u64, String> {
+    fn checkpoint(&mut self, _: &rusqlite::Transaction<'_>) -> Result<u64, InlineError> {
         Ok(self.applied)
     }
     fn apply(
         &mut self,
         _: &rusqlite::Transaction<'_>,
         events: &[RecordedEvent],
-    ) -> Result<(), String> {
-        self.apply_events(events).map_err(|(_, m)| m)
+    ) -> Result<(), InlineError> {
+        self.apply_events(events)
     }
     fn rolled_back(&mut self) {
         self.applied = self.before;
@@ -55,14 +57,14 @@ impl factline_postgres::InlineProjection for Refuser {
     fn name(&self) -> &str {
         "refuser"
     }
-    async fn checkpoint(&mut self, _: &tokio_postgres::Client) -> Result<u64, String> {
+    async fn checkpoint(&mut self, _: &tokio_postgres::Client) -> Result<u64, InlineError> {
         Ok(self.applied)
     }
     async fn apply(
         &mut self,
         _: &tokio_postgres::Client,
         events: &[RecordedEvent],
-    ) -> Result<(), (u64, String)> {
+    ) -> Result<(), InlineError> {
         self.apply_events(events)
     }
     fn rolled_back(&mut self) {
@@ -70,9 +72,9 @@ impl factline_postgres::InlineProjection for Refuser {
     }
 }
 
-fn refuse(events: &[RecordedEvent]) -> Result<(), (u64, String)> {
+fn refuse(events: &[RecordedEvent]) -> Result<(), InlineError> {
     match events.iter().find(|e| e.event_type == "Refused") {
-        Some(e) => Err((e.position, "refused".into())),
+        Some(e) => Err(InlineError::refused(e.position, "refused")),
         None => Ok(()),
     }
 }

@@ -2,7 +2,7 @@
 //! inside the transaction that appends the events.
 
 use async_trait::async_trait;
-use factline_core::RecordedEvent;
+use factline_core::{InlineError, RecordedEvent, StoreError};
 use tokio_postgres::Client;
 
 /// A read model the PostgreSQL writer updates in the append's own
@@ -27,16 +27,15 @@ pub trait InlineProjection: Send + Sync + 'static {
     fn name(&self) -> &str;
 
     /// The last global position it has applied.
-    async fn checkpoint(&mut self, client: &Client) -> Result<u64, String>;
+    async fn checkpoint(&mut self, client: &Client) -> Result<u64, InlineError>;
 
     /// Applies `events` (in global order, the first right after the
     /// checkpoint) and moves its checkpoint to the last one, on `client`
-    /// inside the writer's transaction. A refusal names the event.
-    async fn apply(
-        &mut self,
-        client: &Client,
-        events: &[RecordedEvent],
-    ) -> Result<(), (u64, String)>;
+    /// inside the writer's transaction. [`InlineError::Refused`] names the
+    /// refused event; [`InlineError::Failed`] fails the batch as a storage
+    /// failure.
+    async fn apply(&mut self, client: &Client, events: &[RecordedEvent])
+        -> Result<(), InlineError>;
 
     /// What it wrote since the last commit was rolled back.
     fn rolled_back(&mut self) {}
@@ -66,14 +65,20 @@ pub(crate) async fn catch_up(
     const PAGE: i64 = 512;
     for projection in inline.iter_mut() {
         let name = projection.name().to_owned();
-        let refused = |position: u64, message: String| Refusal::Event {
-            position,
-            projection: name.clone(),
-            message,
+        let refused = |error: InlineError| match error {
+            InlineError::Failed(failure) => Refusal::Storage(StoreError::Storage(failure)),
+            InlineError::Refused { position, .. } => Refusal::Event {
+                position,
+                projection: name.clone(),
+                message: error.to_string(),
+            },
+            other => Refusal::Storage(StoreError::Storage(
+                factline_core::StorageError::with_source("an inline projection", other),
+            )),
         };
         let mut from = match projection.checkpoint(client).await {
             Ok(at) => at + 1,
-            Err(message) => return Err(refused(0, message)),
+            Err(error) => return Err(refused(error)),
         };
         while from <= to {
             let rows = client
@@ -93,8 +98,8 @@ pub(crate) async fn catch_up(
             let Some(last) = page.last().map(|e| e.position) else {
                 break;
             };
-            if let Err((position, message)) = projection.apply(client, &page).await {
-                return Err(refused(position, message));
+            if let Err(error) = projection.apply(client, &page).await {
+                return Err(refused(error));
             }
             from = last + 1;
         }

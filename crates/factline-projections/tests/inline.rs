@@ -330,3 +330,117 @@ async fn postgres_inline_catches_up_on_events_appended_without_it() {
     assert_eq!(names.len(), 6);
     assert!(names.contains(&("side".to_owned(), "User-side".to_owned())));
 }
+
+/// An inline projection whose database fails on events of type `Broken`:
+/// a failure, not a refusal.
+struct Failing;
+
+impl Failing {
+    fn check(events: &[RecordedEvent]) -> Result<(), factline_core::InlineError> {
+        match events.iter().any(|e| e.event_type == "Broken") {
+            true => Err(
+                factline_core::StorageError::new("the read model's disk is gone")
+                    .retryable()
+                    .into(),
+            ),
+            false => Ok(()),
+        }
+    }
+}
+
+impl factline_sqlite::InlineProjection for Failing {
+    fn name(&self) -> &str {
+        "failing"
+    }
+    fn checkpoint(
+        &mut self,
+        _: &rusqlite::Transaction<'_>,
+    ) -> Result<u64, factline_core::InlineError> {
+        Ok(0)
+    }
+    fn apply(
+        &mut self,
+        _: &rusqlite::Transaction<'_>,
+        events: &[RecordedEvent],
+    ) -> Result<(), factline_core::InlineError> {
+        Self::check(events)
+    }
+}
+
+#[async_trait::async_trait]
+impl factline_postgres::InlineProjection for Failing {
+    fn name(&self) -> &str {
+        "failing"
+    }
+    async fn checkpoint(
+        &mut self,
+        _: &tokio_postgres::Client,
+    ) -> Result<u64, factline_core::InlineError> {
+        Ok(0)
+    }
+    async fn apply(
+        &mut self,
+        _: &tokio_postgres::Client,
+        events: &[RecordedEvent],
+    ) -> Result<(), factline_core::InlineError> {
+        Self::check(events)
+    }
+}
+
+/// A failing database is a storage failure of that append (retryable when
+/// the failure is), not the projection refusing it; nothing of it is
+/// written and the other appends stand.
+async fn a_failing_inline_database_fails_the_append_as_storage(store: Arc<dyn EventStore>) {
+    let ok = StreamId::new("Ok-1").unwrap();
+    let broken = StreamId::new("Broken-1").unwrap();
+    let fine = EventData::new("Fine", json!({}));
+    store
+        .append(&ok, ExpectedVersion::NoStream, vec![fine])
+        .await
+        .unwrap();
+    let failed = store
+        .append(
+            &broken,
+            ExpectedVersion::NoStream,
+            vec![EventData::new("Broken", json!({}))],
+        )
+        .await;
+    match failed {
+        Err(StoreError::Storage(e)) => {
+            assert!(e.is_retryable(), "{e}");
+            assert!(e.to_string().contains("disk is gone"), "{e}");
+        }
+        other => panic!("a storage failure, not {other:?}"),
+    }
+    let read = store
+        .read_stream(&broken, factline_core::ReadStream::forwards())
+        .await
+        .unwrap();
+    assert!(read.is_empty(), "nothing of it was written");
+    let next = EventData::new("Fine", json!({ "n": 2 }));
+    store
+        .append(&ok, ExpectedVersion::Exact(1), vec![next])
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sqlite_a_failing_inline_database_fails_the_append_as_storage() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open_with_inline(
+        SqliteConfig::new(dir.path().join("f.db")),
+        vec![Box::new(Failing)],
+    )
+    .unwrap();
+    a_failing_inline_database_fails_the_append_as_storage(Arc::new(store)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_a_failing_inline_database_fails_the_append_as_storage() {
+    let db = factline_testpg::database().await;
+    let store =
+        PostgresStore::connect_with_inline(PostgresConfig::new(&db.url), vec![Box::new(Failing)])
+            .await
+            .unwrap();
+    a_failing_inline_database_fails_the_append_as_storage(Arc::new(store)).await;
+}

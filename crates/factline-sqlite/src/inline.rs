@@ -1,7 +1,7 @@
 //! Inline projections (C6): read models updated by the writer inside the
 //! transaction that appends the events, so they are never behind the log.
 
-use factline_core::{RecordedEvent, StreamFilter};
+use factline_core::{InlineError, RecordedEvent, StorageError, StoreError, StreamFilter};
 use rusqlite::Transaction;
 
 /// A read model the writer updates in the append's own transaction.
@@ -24,11 +24,13 @@ pub trait InlineProjection: Send + 'static {
     fn name(&self) -> &str;
 
     /// The last global position it has applied.
-    fn checkpoint(&mut self, tx: &Transaction<'_>) -> Result<u64, String>;
+    fn checkpoint(&mut self, tx: &Transaction<'_>) -> Result<u64, InlineError>;
 
     /// Applies `events` (in global order, the first right after the
     /// checkpoint) and moves its checkpoint to the last one, inside `tx`.
-    fn apply(&mut self, tx: &Transaction<'_>, events: &[RecordedEvent]) -> Result<(), String>;
+    /// [`InlineError::Refused`] refuses the append; [`InlineError::Failed`]
+    /// fails it as a storage failure.
+    fn apply(&mut self, tx: &Transaction<'_>, events: &[RecordedEvent]) -> Result<(), InlineError>;
 
     /// What it wrote since the last commit was rolled back: forget
     /// anything remembered about it (tables created, say).
@@ -36,19 +38,19 @@ pub trait InlineProjection: Send + 'static {
 }
 
 /// Brings every projection in `inline` up to `to` inside `tx`; the first
-/// refusal is returned as (projection, message).
+/// refusal or failure is returned with the projection's name.
 pub(crate) fn catch_up(
     tx: &Transaction<'_>,
     inline: &mut [Box<dyn InlineProjection>],
     to: u64,
-) -> rusqlite::Result<Result<(), (String, String)>> {
+) -> rusqlite::Result<Result<(), (String, InlineError)>> {
     const PAGE: usize = 512;
     for projection in inline.iter_mut() {
         let refused =
-            |p: &dyn InlineProjection, message: String| Ok(Err((p.name().to_owned(), message)));
+            |p: &dyn InlineProjection, error: InlineError| Ok(Err((p.name().to_owned(), error)));
         let mut from = match projection.checkpoint(tx) {
             Ok(at) => at + 1,
-            Err(message) => return refused(projection.as_ref(), message),
+            Err(error) => return refused(projection.as_ref(), error),
         };
         while from <= to {
             let mut page = match crate::reader::read_filtered(
@@ -59,14 +61,18 @@ pub(crate) fn catch_up(
                 usize::MAX,
             ) {
                 Ok(page) => page,
-                Err(e) => return refused(projection.as_ref(), format!("reading the events: {e}")),
+                Err(StoreError::Storage(e)) => return refused(projection.as_ref(), e.into()),
+                Err(other) => {
+                    let failed = StorageError::with_source("reading the events", other);
+                    return refused(projection.as_ref(), failed.into());
+                }
             };
             page.retain(|e| e.position <= to);
             let Some(last) = page.last().map(|e| e.position) else {
                 break;
             };
-            if let Err(message) = projection.apply(tx, &page) {
-                return refused(projection.as_ref(), message);
+            if let Err(error) = projection.apply(tx, &page) {
+                return refused(projection.as_ref(), error);
             }
             from = last + 1;
         }

@@ -10,7 +10,9 @@ use factline_core::backend::writer_queue::{drain_batch, new_command_record, Appe
 use factline_core::backend::{
     resolve_command, resolve_duplicates, retention_cutoff, ExistingEvent, StoredContent,
 };
-use factline_core::{AppendResult, Appended, Limits, StorageError, StoreError, StreamId};
+use factline_core::{
+    AppendResult, Appended, InlineError, Limits, StorageError, StoreError, StreamId,
+};
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, watch};
 
@@ -57,7 +59,7 @@ pub(crate) fn catch_up_inline(conn: &mut Connection, inline: &mut [Box<dyn Inlin
     })();
     let failure = match result {
         Ok(Ok(())) => return,
-        Ok(Err((projection, message))) => format!("{projection}: {message}"),
+        Ok(Err((projection, error))) => format!("{projection}: {error}"),
         Err(e) => e.to_string(),
     };
     for projection in inline.iter_mut() {
@@ -204,15 +206,18 @@ fn attempt_batch(
                 stored_up_to = result.last_position;
                 match crate::inline::catch_up(&tx, inline, result.last_position)? {
                     Ok(()) => Ok(Ok(Appended::Written(result))),
-                    Err((projection, message)) => {
+                    Err((projection, error)) => {
                         tx.execute_batch("ROLLBACK TO inline_append")?;
                         stored_up_to = written_up_to(&tx)?;
                         for projection in inline.iter_mut() {
                             projection.rolled_back();
                         }
-                        Ok(Err(StoreError::InlineRefused {
-                            projection,
-                            message,
+                        Ok(Err(match error {
+                            InlineError::Failed(failure) => StoreError::Storage(failure),
+                            refusal => StoreError::InlineRefused {
+                                projection,
+                                message: refusal.to_string(),
+                            },
                         }))
                     }
                 }

@@ -2,7 +2,7 @@
 
 mod portable;
 
-use factline_core::StorageError;
+use factline_core::{InlineError, StorageError};
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -1395,9 +1395,11 @@ impl<P: crate::SqlProjection> PostgresInline<P> {
 
     /// Creates the tables, and on the first build the views and the
     /// registry row, inside the writer's transaction.
-    async fn set_up(&mut self, client: &Client) -> Result<(), String> {
+    async fn set_up(&mut self, client: &Client) -> Result<(), InlineError> {
         let s = &self.schema;
-        let text = |e: tokio_postgres::Error| describe(&e);
+        let text = |e: tokio_postgres::Error| {
+            InlineError::Failed(factline_postgres::sql::storage_error("setting up", e))
+        };
         for ddl in self
             .projection
             .create_tables_for(crate::Dialect::Postgres, &self.tables)
@@ -1415,10 +1417,10 @@ impl<P: crate::SqlProjection> PostgresInline<P> {
         match active {
             Some(v) if v == self.tables.version() => {}
             Some(v) => {
-                return Err(format!(
+                return Err(InlineError::Failed(StorageError::new(format!(
                     "version {v} is the active one, not {}: rebuild it with the new code first",
                     self.tables.version()
-                ))
+                ))))
             }
             None => {
                 for statement in self.tables.repoint_views(&[]) {
@@ -1434,7 +1436,15 @@ impl<P: crate::SqlProjection> PostgresInline<P> {
         Ok(())
     }
 
-    async fn run(&self, client: &Client, statements: &[crate::Statement]) -> Result<(), String> {
+    /// Runs the projection's statements for the event at `position`: a
+    /// failure that may pass fails the batch, any other (a constraint of
+    /// its tables) is the projection refusing the event.
+    async fn run(
+        &self,
+        client: &Client,
+        position: u64,
+        statements: &[crate::Statement],
+    ) -> Result<(), InlineError> {
         for statement in statements {
             let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = statement
                 .params
@@ -1444,7 +1454,13 @@ impl<P: crate::SqlProjection> PostgresInline<P> {
             client
                 .execute(statement.sql.as_str(), &params)
                 .await
-                .map_err(|e| describe(&e))?;
+                .map_err(|e| match factline_postgres::sql::is_transient(&e) {
+                    true => InlineError::Failed(factline_postgres::sql::storage_error(
+                        "the inline read model",
+                        e,
+                    )),
+                    false => InlineError::refused(position, describe(&e)),
+                })?;
         }
         Ok(())
     }
@@ -1456,12 +1472,14 @@ impl<P: crate::SqlProjection> factline_postgres::InlineProjection for PostgresIn
         &self.name
     }
 
-    async fn checkpoint(&mut self, client: &Client) -> Result<u64, String> {
+    async fn checkpoint(&mut self, client: &Client) -> Result<u64, InlineError> {
+        let failed =
+            |e| InlineError::Failed(factline_postgres::sql::storage_error("the checkpoint", e));
         if !self.set_up {
             client
                 .batch_execute(&read_model_ddl(&self.schema))
                 .await
-                .map_err(|e| describe(&e))?;
+                .map_err(failed)?;
         }
         let key = checkpoint_key(&self.name, self.tables.version(), None);
         let row = client
@@ -1473,7 +1491,7 @@ impl<P: crate::SqlProjection> factline_postgres::InlineProjection for PostgresIn
                 &[&key],
             )
             .await
-            .map_err(|e| describe(&e))?;
+            .map_err(failed)?;
         let at = row.map_or(0, |r| r.get::<_, i64>(0) as u64);
         self.seen = Some(at);
         Ok(at)
@@ -1483,33 +1501,30 @@ impl<P: crate::SqlProjection> factline_postgres::InlineProjection for PostgresIn
         &mut self,
         client: &Client,
         events: &[RecordedEvent],
-    ) -> Result<(), (u64, String)> {
+    ) -> Result<(), InlineError> {
         let (Some(first), Some(last)) = (events.first(), events.last()) else {
             return Ok(());
         };
         let (first, last) = (first.position, last.position);
         if !self.set_up {
-            self.set_up(client).await.map_err(|e| (first, e))?;
+            self.set_up(client).await?;
         }
         match self
             .projection
             .batch_statements(crate::Dialect::Postgres, &self.tables, events)
         {
             Some(statements) => {
-                let statements = statements.map_err(|e| (first, e.into_message()))?;
-                self.run(client, &statements)
-                    .await
-                    .map_err(|e| (first, e))?;
+                let statements =
+                    statements.map_err(|e| InlineError::refused(first, e.into_message()))?;
+                self.run(client, first, &statements).await?;
             }
             None => {
                 for event in events {
                     let statements = self
                         .projection
                         .statements(&self.tables, event)
-                        .map_err(|e| (event.position, e.into_message()))?;
-                    self.run(client, &statements)
-                        .await
-                        .map_err(|e| (event.position, e))?;
+                        .map_err(|e| InlineError::refused(event.position, e.into_message()))?;
+                    self.run(client, event.position, &statements).await?;
                 }
             }
         }
@@ -1519,9 +1534,16 @@ impl<P: crate::SqlProjection> factline_postgres::InlineProjection for PostgresIn
         let moved = client
             .execute(&move_checkpoint_sql(&table), &[&key, &(last as i64), &seen])
             .await
-            .map_err(|e| (last, describe(&e)))?;
+            .map_err(|e| {
+                InlineError::Failed(factline_postgres::sql::storage_error(
+                    "moving the checkpoint",
+                    e,
+                ))
+            })?;
         if moved == 0 {
-            return Err((last, "its checkpoint moved outside the writer".into()));
+            return Err(InlineError::Failed(StorageError::new(
+                "its checkpoint moved outside the writer",
+            )));
         }
         self.seen = Some(last);
         Ok(())

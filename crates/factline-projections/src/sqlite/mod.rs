@@ -2,7 +2,7 @@
 
 mod portable;
 
-use factline_core::StorageError;
+use factline_core::{InlineError, StorageError};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -1036,17 +1036,19 @@ impl<P: SqliteProjection> factline_sqlite::InlineProjection for SqliteInline<P> 
         &self.name
     }
 
-    fn checkpoint(&mut self, tx: &Transaction<'_>) -> Result<u64, String> {
+    fn checkpoint(&mut self, tx: &Transaction<'_>) -> Result<u64, InlineError> {
+        let failed =
+            |e| InlineError::Failed(factline_sqlite::sql::storage_error("the checkpoint", e));
         if !self.set_up {
-            tx.execute_batch(CHECKPOINTS).map_err(|e| e.to_string())?;
+            tx.execute_batch(CHECKPOINTS).map_err(failed)?;
         }
         let key = checkpoint_key(&self.name, self.tables.version(), None);
-        let at = stored_checkpoint(tx, &key).map_err(|e| e.to_string())?;
+        let at = stored_checkpoint(tx, &key).map_err(failed)?;
         self.seen = Some(at);
         Ok(at)
     }
 
-    fn apply(&mut self, tx: &Transaction<'_>, events: &[RecordedEvent]) -> Result<(), String> {
+    fn apply(&mut self, tx: &Transaction<'_>, events: &[RecordedEvent]) -> Result<(), InlineError> {
         let batch = Batch {
             name: &self.name,
             mode: Mode::Live,
@@ -1057,6 +1059,7 @@ impl<P: SqliteProjection> factline_sqlite::InlineProjection for SqliteInline<P> 
             held: &HashSet::new(),
             inline: true,
         };
+        let failed = |message: String| InlineError::Failed(StorageError::new(message));
         match batch.write(tx, &mut self.projection, events, &Handling::Apply) {
             Ok(BatchEnd::Committed(_)) => {
                 self.set_up = true;
@@ -1064,14 +1067,17 @@ impl<P: SqliteProjection> factline_sqlite::InlineProjection for SqliteInline<P> 
                 Ok(())
             }
             Ok(BatchEnd::Refused(position, refusal)) => {
-                Err(format!("the event at position {position}: {refusal}"))
+                Err(InlineError::refused(position, refusal.into_message()))
             }
-            Ok(BatchEnd::Forbidden(e)) => Err(e.to_string()),
-            Ok(BatchEnd::Contended(found)) => Err(format!(
+            Ok(BatchEnd::Forbidden(e)) => Err(failed(e.to_string())),
+            Ok(BatchEnd::Contended(found)) => Err(failed(format!(
                 "its checkpoint moved to {found} outside the writer"
-            )),
-            Ok(BatchEnd::Paused) => Err("paused".into()),
-            Err(e) => Err(e.to_string()),
+            ))),
+            Ok(BatchEnd::Paused) => Err(failed(format!("{} is paused", self.name))),
+            Err(e) => Err(InlineError::Failed(factline_sqlite::sql::storage_error(
+                "the inline read model",
+                e,
+            ))),
         }
     }
 
