@@ -10,9 +10,13 @@ use serde_json::Value;
 
 use crate::{EventData, JsonText, Metadata, RecordedEvent};
 
+/// Why an upcaster step could not lift the data: any error (a plain
+/// message is one too), kept as the source of [`UpcastError::StepFailed`].
+pub type StepError = Box<dyn std::error::Error + Send + Sync>;
+
 /// One step of an event type's schema: the data of version `from` made into
 /// the data of version `from + 1`.
-pub type UpcastStep = Box<dyn Fn(Value) -> Result<Value, String> + Send + Sync>;
+pub type UpcastStep = Box<dyn Fn(Value) -> Result<Value, StepError> + Send + Sync>;
 
 /// The upcasters of a set of event types. Each step lifts one type's data
 /// from one schema version to the next; steps chain, so data stored as v1
@@ -25,7 +29,8 @@ pub struct Upcasters {
 }
 
 /// Why stored data cannot be brought to the current schema.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum UpcastError {
     #[error("{event_type} v{stored} cannot be read: no upcaster from v{missing} towards the current v{current}")]
     /// No upcaster leads from the stored version to the current one.
@@ -49,7 +54,7 @@ pub enum UpcastError {
         /// The newest schema version this build knows.
         current: u32,
     },
-    #[error("upcasting {event_type} from v{from} to v{} failed: {message}", from + 1)]
+    #[error("upcasting {event_type} from v{from} to v{} failed: {source}", from + 1)]
     /// An upcaster step refused the data.
     StepFailed {
         /// The event type.
@@ -57,7 +62,8 @@ pub enum UpcastError {
         /// The version the failed step starts from.
         from: u32,
         /// What the step said.
-        message: String,
+        #[source]
+        source: StepError,
     },
 }
 
@@ -95,11 +101,13 @@ impl Upcasters {
 
     /// Adds the step that lifts `event_type` data from version `from` to
     /// `from + 1`.
+    /// The step fails with any error (`?` converts one), or a message
+    /// (`Err("why".into())`).
     pub fn step(
         mut self,
         event_type: impl Into<String>,
         from: u32,
-        step: impl Fn(Value) -> Result<Value, String> + Send + Sync + 'static,
+        step: impl Fn(Value) -> Result<Value, StepError> + Send + Sync + 'static,
     ) -> Self {
         let event_type = event_type.into();
         let current = self.current.entry(event_type.clone()).or_insert(1);
@@ -151,10 +159,10 @@ impl Upcasters {
         let mut value = data.clone();
         for from in stored..current {
             let step = &self.steps[&key(from)];
-            value = step(value).map_err(|message| UpcastError::StepFailed {
+            value = step(value).map_err(|source| UpcastError::StepFailed {
                 event_type: event_type.to_owned(),
                 from,
-                message,
+                source,
             })?;
         }
         Ok(Cow::Owned(value))
@@ -384,5 +392,30 @@ mod tests {
             declared.upcast("Shipped", 1, &json!({})),
             Err(UpcastError::NoPath { missing: 1, .. })
         ));
+    }
+
+    #[test]
+    fn a_failed_step_keeps_its_error_as_the_source() {
+        let upcasters = Upcasters::new().step("Paid", 1, |v| {
+            let cents: u64 = v["cents"].as_str().ok_or("no cents")?.parse()?;
+            Ok(serde_json::json!({ "cents": cents }))
+        });
+        let failed = upcasters
+            .upcast("Paid", 1, &serde_json::json!({ "cents": "12x" }))
+            .unwrap_err();
+        assert!(
+            matches!(&failed, UpcastError::StepFailed { from: 1, .. }),
+            "{failed:?}"
+        );
+        let source = std::error::Error::source(&failed).expect("the step's error");
+        assert!(source.is::<std::num::ParseIntError>(), "{source:?}");
+        // A message is an error too.
+        let missing = upcasters
+            .upcast("Paid", 1, &serde_json::json!({}))
+            .unwrap_err();
+        assert!(
+            missing.to_string().ends_with("failed: no cents"),
+            "{missing}"
+        );
     }
 }

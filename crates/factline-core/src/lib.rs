@@ -26,7 +26,7 @@ mod version;
 
 pub use append::Limits;
 pub use command::{Appended, CommandKey, CommandRecord, Snapshot};
-pub use domain::{tagged, DecodeError, DomainEvent, UpcastError, UpcastStep, Upcasters};
+pub use domain::{tagged, DecodeError, DomainEvent, StepError, UpcastError, UpcastStep, Upcasters};
 pub use error::{IdempotencyMismatch, InlineError, StorageError, StoreError};
 pub use event::{new_event_id, EventData, Metadata, RecordedEvent};
 pub use json::JsonText;

@@ -88,7 +88,7 @@ pub enum OrderEvent {
 pub static ORDER_UPCASTERS: LazyLock<Upcasters> =
     LazyLock::new(|| Upcasters::new().step("OrderPlaced", 1, order_placed_v1_to_v2));
 
-fn order_placed_v1_to_v2(v1: Value) -> Result<Value, String> {
+fn order_placed_v1_to_v2(v1: Value) -> Result<Value, factline_core::StepError> {
     let customer = v1["customer"]
         .as_str()
         .ok_or("v1 OrderPlaced has no customer")?;
@@ -102,7 +102,7 @@ fn order_placed_v1_to_v2(v1: Value) -> Result<Value, String> {
         let quantity = item["qty"].as_u64().ok_or("a v1 item has no qty")?;
         let price = item["price"].as_f64().ok_or("a v1 item has no price")?;
         if !(0.0..=1e13).contains(&price) {
-            return Err(format!("a v1 item has an impossible price {price}"));
+            return Err(format!("a v1 item has an impossible price {price}").into());
         }
         let cents = (price * 100.0).round() as u64;
         total = total.saturating_add(quantity.saturating_mul(cents));
