@@ -142,6 +142,7 @@ pub struct CommandOutcome {
 /// reused an idempotency key, or something failed. They are apart so
 /// callers can answer "no" differently from "try again later".
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum CommandError<E: std::error::Error + 'static> {
     /// The aggregate's rules refused the command; nothing was written.
     #[error("command rejected: {0}")]
@@ -161,6 +162,7 @@ pub enum CommandError<E: std::error::Error + 'static> {
 
 /// Infrastructure and concurrency failures of command handling.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Failure {
     #[error("stream {stream_id} kept changing: {attempts} attempts all hit version conflicts")]
     /// Every attempt found the stream changed since it was loaded.

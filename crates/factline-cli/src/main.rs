@@ -194,7 +194,7 @@ fn exit_code(err: &anyhow::Error) -> u8 {
                 StoreError::TooLarge { .. }
                 | StoreError::InvalidStreamId(_)
                 | StoreError::InvalidInput(_) => 2,
-                StoreError::Storage(_) | StoreError::InlineRefused { .. } => 1,
+                _ => 1,
             };
         }
         if cause.is::<UsageError>() || cause.is::<factline::InvalidStreamId>() {

@@ -241,13 +241,12 @@ async fn settle(location: &Location, sqlite_file: Option<&Path>) -> anyhow::Resu
 }
 
 fn bench_relay(round: usize) -> RelayConfig {
-    RelayConfig {
-        relay_id: format!("bench-{round}"),
-        batch: WINDOW,
-        min_backoff: Duration::from_millis(10),
-        max_backoff: Duration::from_millis(200),
-        ..RelayConfig::default()
-    }
+    let mut config = RelayConfig::default();
+    config.relay_id = format!("bench-{round}");
+    config.batch = WINDOW;
+    config.min_backoff = Duration::from_millis(10);
+    config.max_backoff = Duration::from_millis(200);
+    config
 }
 
 /// Appends `events` more events, one per append as commands do, over
@@ -376,14 +375,11 @@ async fn live_latency(
             latencies
         })
     };
-    let relay = Relay::new(
-        db.clone(),
-        sink,
-        RelayConfig {
-            relay_id: "bench-live".into(),
-            ..bench_relay(0)
-        },
-    )
+    let relay = Relay::new(db.clone(), sink, {
+        let mut config = bench_relay(0);
+        config.relay_id = "bench-live".into();
+        config
+    })
     .woken_by(store.watch_head());
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let running = tokio::spawn(relay.run(stopped));

@@ -211,10 +211,11 @@ pub fn relay_config(args: &RelayOptions) -> anyhow::Result<RelayConfig> {
     if !(args.retention_hours >= 0.0 && args.retention_hours.is_finite()) {
         return Err(usage("--retention-hours must be 0 or more"));
     }
-    let mut config = RelayConfig {
-        batch: args.batch,
-        retention: Duration::from_secs_f64(args.retention_hours * 3600.0),
-        ..RelayConfig::default()
+    let mut config = {
+        let mut config = RelayConfig::default();
+        config.batch = args.batch;
+        config.retention = Duration::from_secs_f64(args.retention_hours * 3600.0);
+        config
     };
     if let Some(id) = &args.relay_id {
         if id.trim().is_empty() {

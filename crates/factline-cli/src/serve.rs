@@ -194,38 +194,40 @@ pub async fn start(
     if args.body_limit < 1024 {
         return Err(usage("--body-limit must be at least 1024 bytes"));
     }
-    let config = ServerConfig {
-        tokens,
-        body_limit: args.body_limit,
-        request_timeout: seconds(
+    let config = {
+        let mut config = ServerConfig::default();
+        config.tokens = tokens;
+        config.body_limit = args.body_limit;
+        config.request_timeout = seconds(
             "--request-timeout",
             args.request_timeout,
             0.001,
             MAX_REQUEST_TIMEOUT,
-        )?,
-        heartbeat: seconds(
+        )?;
+        config.heartbeat = seconds(
             "--heartbeat",
             args.heartbeat,
             HEARTBEAT_RANGE.0,
             HEARTBEAT_RANGE.1,
-        )?,
-        connections: ConnectionLimits::default()
+        )?;
+        config.connections = ConnectionLimits::default()
             .with_header_read_timeout(seconds(
                 "--header-timeout",
                 args.header_timeout,
                 0.1,
                 3600.0,
             )?)
-            .with_max_connections(at_least_one("--max-connections", args.max_connections)?),
-        max_subscriptions: at_least_one("--max-subscriptions", args.max_subscriptions)?,
-        max_subscriptions_per_token: at_least_one(
+            .with_max_connections(at_least_one("--max-connections", args.max_connections)?);
+        config.max_subscriptions = at_least_one("--max-subscriptions", args.max_subscriptions)?;
+        config.max_subscriptions_per_token = at_least_one(
             "--max-subscriptions-per-token",
             args.max_subscriptions_per_token,
-        )?,
-        browsers: browser_policy(args)?,
-        max_page_bytes: at_least_one("--max-page-bytes", args.max_page_bytes)?,
-        max_concurrent_reads: at_least_one("--max-concurrent-reads", args.max_concurrent_reads)?,
-        ..ServerConfig::default()
+        )?;
+        config.browsers = browser_policy(args)?;
+        config.max_page_bytes = at_least_one("--max-page-bytes", args.max_page_bytes)?;
+        config.max_concurrent_reads =
+            at_least_one("--max-concurrent-reads", args.max_concurrent_reads)?;
+        config
     };
     raise_open_files_limit(config.connections.max_connections);
 

@@ -11,6 +11,7 @@ use crate::{
 
 /// Guardrails applied to every append.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Limits {
     /// Largest accepted event: type + JSON data + JSON metadata, in bytes.
     pub max_event_bytes: usize,

@@ -69,6 +69,7 @@ pub enum UpcastError {
 
 /// Why a recorded event did not become a typed event.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     #[error(transparent)]
     /// The stored version cannot be brought to the current one.

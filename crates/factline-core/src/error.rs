@@ -10,6 +10,7 @@ use crate::{ExpectedVersion, InvalidStreamId, StreamId};
 /// itself: retrying the same request gives the same answer. `Storage` is an
 /// infrastructure failure, see [`StorageError::is_retryable`].
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     #[error("version conflict on stream {stream_id}: expected {expected}, actual {actual}")]
     /// The stream is not at the version the append expected.

@@ -16,6 +16,7 @@ pub const PAGE_BYTES: usize = 4 * 1024 * 1024;
 
 /// Why [`Subscription::next_typed`] gave no typed event.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TypedError {
     #[error(transparent)]
     /// Reading the store failed.

@@ -9,6 +9,7 @@ use crate::{Message, Sink, SinkError};
 
 /// Where and how the relay publishes to JetStream.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct NatsSinkConfig {
     /// `nats://host:port`.
     pub url: String,

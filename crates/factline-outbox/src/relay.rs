@@ -16,6 +16,7 @@ use crate::{Mark, Message, OutboxDb, OutboxError, PendingRecord, Sink, SinkError
 
 /// How a relay works; the defaults suit most deployments.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct RelayConfig {
     /// Names this relay in the lanes table; unique per process.
     pub relay_id: String,

@@ -91,15 +91,14 @@ fn open_sqlite(path: &std::path::Path) -> (Arc<dyn EventStore>, Arc<dyn OutboxDb
 }
 
 fn relay_config(id: &str) -> RelayConfig {
-    RelayConfig {
-        relay_id: id.into(),
-        fallback_poll: Duration::from_millis(50),
-        heartbeat: Duration::from_millis(200),
-        lease_ttl: Duration::from_secs(2),
-        min_backoff: Duration::from_millis(50),
-        max_backoff: Duration::from_millis(500),
-        ..RelayConfig::default()
-    }
+    let mut config = RelayConfig::default();
+    config.relay_id = id.into();
+    config.fallback_poll = Duration::from_millis(50);
+    config.heartbeat = Duration::from_millis(200);
+    config.lease_ttl = Duration::from_secs(2);
+    config.min_backoff = Duration::from_millis(50);
+    config.max_backoff = Duration::from_millis(500);
+    config
 }
 
 async fn wait_for_empty_backlog(db: &Arc<dyn OutboxDb>, within: Duration) {
@@ -313,9 +312,10 @@ const CHILD: &str = "FACTLINE_TEST_RELAY_CHILD";
 async fn relay_child(path: &str, url: &str) {
     let db: Arc<dyn OutboxDb> = Arc::new(SqliteOutbox::open(path).unwrap());
     let sink = Arc::new(NatsSink::connect(NatsSinkConfig::new(url)).await.unwrap());
-    let config = RelayConfig {
-        batch: 200,
-        ..relay_config("child")
+    let config = {
+        let mut config = relay_config("child");
+        config.batch = 200;
+        config
     };
     let relay = Relay::new(db, sink, config);
     loop {

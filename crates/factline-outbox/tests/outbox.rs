@@ -163,30 +163,26 @@ async fn append(
 }
 
 fn quick(relay_id: &str) -> RelayConfig {
-    RelayConfig {
-        relay_id: relay_id.into(),
-        batch: 64,
-        lease_ttl: Duration::from_secs(5),
-        heartbeat: Duration::from_millis(100),
-        fallback_poll: Duration::from_millis(50),
-        min_backoff: Duration::from_millis(5),
-        max_backoff: Duration::from_millis(20),
-        ..RelayConfig::default()
-    }
+    let mut config = RelayConfig::default();
+    config.relay_id = relay_id.into();
+    config.batch = 64;
+    config.lease_ttl = Duration::from_secs(5);
+    config.heartbeat = Duration::from_millis(100);
+    config.fallback_poll = Duration::from_millis(50);
+    config.min_backoff = Duration::from_millis(5);
+    config.max_backoff = Duration::from_millis(20);
+    config
 }
 
 /// Runs rounds until a round finds nothing pending.
 /// A relay that purges every published record, `batch` at a time.
 fn purger(db: &Arc<dyn OutboxDb>, batch: usize) -> Relay {
-    Relay::new(
-        db.clone(),
-        Arc::new(Collecting::default()),
-        RelayConfig {
-            retention: Duration::ZERO,
-            purge_batch: batch,
-            ..quick("r2")
-        },
-    )
+    Relay::new(db.clone(), Arc::new(Collecting::default()), {
+        let mut config = quick("r2");
+        config.retention = Duration::ZERO;
+        config.purge_batch = batch;
+        config
+    })
 }
 
 async fn drain(relay: &Relay) {
@@ -587,14 +583,11 @@ async fn postgres_records_marked_in_place_move_to_the_published_log() {
     assert_eq!((status.backlog, status.published_retained), (2, 3));
 
     let sink = Arc::new(Collecting::default());
-    let relay = Relay::new(
-        outbox.clone(),
-        sink.clone(),
-        RelayConfig {
-            retention: Duration::from_secs(3600),
-            ..quick("r1")
-        },
-    );
+    let relay = Relay::new(outbox.clone(), sink.clone(), {
+        let mut config = quick("r1");
+        config.retention = Duration::from_secs(3600);
+        config
+    });
     drain(&relay).await;
     let positions: Vec<u64> = sink
         .taken

@@ -220,12 +220,13 @@ async fn relay_process(db: &str, dir: &Path, id: &str) {
         file: Mutex::new(file),
     });
     let store = open_store(db).await;
-    let config = RelayConfig {
-        relay_id: id.into(),
-        batch: 50,
-        heartbeat: Duration::from_millis(300),
-        fallback_poll: Duration::from_millis(50),
-        ..RelayConfig::default()
+    let config = {
+        let mut config = RelayConfig::default();
+        config.relay_id = id.into();
+        config.batch = 50;
+        config.heartbeat = Duration::from_millis(300);
+        config.fallback_poll = Duration::from_millis(50);
+        config
     };
     let relay = Relay::new(open_outbox(db).await, sink, config).woken_by(store.watch_head());
     let (stop, stopped) = tokio::sync::watch::channel(false);

@@ -47,6 +47,7 @@ use schema::Sql;
 
 /// How to connect to PostgreSQL and size the store's writer and pool.
 #[derive(Clone)]
+#[non_exhaustive]
 pub struct PostgresConfig {
     /// A libpq-style connection string: `postgres://user:password@host:port/db`
     /// or `host=… dbname=…`.

@@ -111,6 +111,7 @@ pub struct Tokens {
 
 /// Why a tokens file cannot be used.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TokensError {
     #[error("cannot read the tokens file {path}: {source}")]
     /// The file cannot be read.

@@ -9,6 +9,7 @@ use serde_json::{json, Value};
 
 /// What an admin operation can fail with.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AdminError {
     /// No projection (or parked event) by that name.
     #[error("{0}")]
@@ -24,6 +25,7 @@ pub enum AdminError {
 
 /// An API failure.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ApiError {
     #[error("{0}")]
     /// 400: the request is malformed.
@@ -119,6 +121,8 @@ impl ApiError {
                     (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
                 }
                 StoreError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
+                // A kind of failure this server does not know yet.
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "storage"),
             },
         }
     }

@@ -46,6 +46,7 @@ pub use metrics::{install_recorder, InstrumentedStore};
 
 /// How the server treats requests.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// `None` lets everyone do everything: for a server on loopback only.
     pub tokens: Option<Tokens>,

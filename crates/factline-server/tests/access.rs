@@ -44,9 +44,10 @@ async fn status(server: &TestServer, method: &str, path: &str, token: Option<&st
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_are_required_and_scoped_per_category() {
-    let config = ServerConfig {
-        tokens: Some(tokens()),
-        ..ServerConfig::default()
+    let config = {
+        let mut config = ServerConfig::default();
+        config.tokens = Some(tokens());
+        config
     };
     let server = TestServer::start(Arc::new(InMemoryStore::new()), config).await;
     use Some as T;
@@ -139,9 +140,10 @@ async fn refusals_reveal_nothing_outside_the_callers_scopes() {
         ]}}"#
     ))
     .unwrap();
-    let config = ServerConfig {
-        tokens: Some(tokens),
-        ..ServerConfig::default()
+    let config = {
+        let mut config = ServerConfig::default();
+        config.tokens = Some(tokens);
+        config
     };
     let server = TestServer::start(Arc::new(InMemoryStore::new()), config).await;
     let post = |token: &str, path: &str, body: &str, key: Option<&str>| {
@@ -235,9 +237,10 @@ async fn refusals_reveal_nothing_outside_the_callers_scopes() {
 async fn slow_requests_time_out() {
     // A client that sends headers and then stalls its body is cut off
     // at the request timeout instead of holding a connection forever.
-    let config = ServerConfig {
-        request_timeout: Duration::from_millis(300),
-        ..ServerConfig::default()
+    let config = {
+        let mut config = ServerConfig::default();
+        config.request_timeout = Duration::from_millis(300);
+        config
     };
     let server = TestServer::start(Arc::new(InMemoryStore::new()), config).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);

@@ -13,12 +13,11 @@ use serde_json::{json, Value};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn config() -> ServerConfig {
-    ServerConfig {
-        body_limit: 256 * 1024,
-        heartbeat: Duration::from_millis(200),
-        max_page: 50,
-        ..ServerConfig::default()
-    }
+    let mut config = ServerConfig::default();
+    config.body_limit = 256 * 1024;
+    config.heartbeat = Duration::from_millis(200);
+    config.max_page = 50;
+    config
 }
 
 async fn api_behaviour(store: Arc<dyn EventStore>) {

@@ -99,10 +99,11 @@ async fn every_error_answer_is_json_the_parsers_own_included() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_that_never_finishes_its_headers_is_closed() {
-    let config = ServerConfig {
-        connections: ConnectionLimits::default()
-            .with_header_read_timeout(Duration::from_millis(300)),
-        ..ServerConfig::default()
+    let config = {
+        let mut config = ServerConfig::default();
+        config.connections =
+            ConnectionLimits::default().with_header_read_timeout(Duration::from_millis(300));
+        config
     };
     let server = TestServer::start(Arc::new(InMemoryStore::new()), config).await;
     let mut stream = TcpStream::connect(server.base.trim_start_matches("http://"))
@@ -123,9 +124,10 @@ async fn a_connection_that_never_finishes_its_headers_is_closed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_cap_are_answered_503_until_one_closes() {
-    let config = ServerConfig {
-        connections: ConnectionLimits::default().with_max_connections(3),
-        ..ServerConfig::default()
+    let config = {
+        let mut config = ServerConfig::default();
+        config.connections = ConnectionLimits::default().with_max_connections(3);
+        config
     };
     let handle = factline_server::install_recorder().unwrap();
     let server = TestServer::start_with(
@@ -198,11 +200,12 @@ async fn subscriptions_are_capped_in_all_and_per_token() {
         r#"{{"tokens":[{{"name":"a","token":"{A}","read":["*"],"admin":["*"]}},{{"name":"b","token":"{B}","read":["*"]}}]}}"#
     ))
     .unwrap();
-    let config = ServerConfig {
-        tokens: Some(tokens),
-        max_subscriptions: 3,
-        max_subscriptions_per_token: 2,
-        ..ServerConfig::default()
+    let config = {
+        let mut config = ServerConfig::default();
+        config.tokens = Some(tokens);
+        config.max_subscriptions = 3;
+        config.max_subscriptions_per_token = 2;
+        config
     };
     let handle = factline_server::install_recorder().unwrap();
     let server = TestServer::start_with(
@@ -260,11 +263,12 @@ async fn subscriptions_are_capped_in_all_and_per_token() {
 /// browser: no form or text posts, no foreign origin, no foreign name.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn browsers_cannot_be_used_against_the_server() {
-    let config = ServerConfig {
-        browsers: BrowserPolicy::default()
+    let config = {
+        let mut config = ServerConfig::default();
+        config.browsers = BrowserPolicy::default()
             .allow_host("events.internal")
-            .allow_origin("https://ops.example.com"),
-        ..ServerConfig::default()
+            .allow_origin("https://ops.example.com");
+        config
     };
     let server = TestServer::start(Arc::new(InMemoryStore::new()), config).await;
     let plain = reqwest::Client::new();

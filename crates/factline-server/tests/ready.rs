@@ -33,9 +33,10 @@ async fn ready_follows_a_stopped_and_restarted_postgres() {
     let store = factline_postgres::PostgresStore::connect(&db.url)
         .await
         .unwrap();
-    let config = ServerConfig {
-        request_timeout: Duration::from_secs(5),
-        ..ServerConfig::default()
+    let config = {
+        let mut config = ServerConfig::default();
+        config.request_timeout = Duration::from_secs(5);
+        config
     };
     let server = TestServer::start(Arc::new(store), config).await;
     let ready = until_status(&server, "/ready", 200).await;

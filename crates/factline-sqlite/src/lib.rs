@@ -77,6 +77,7 @@ impl std::str::FromStr for Synchronous {
 
 /// Where the SQLite store lives and how its writer works.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SqliteConfig {
     /// The database file, created if missing.
     pub path: PathBuf,

@@ -9,15 +9,14 @@ fn key(key: &str, fingerprint: &str) -> CommandKey {
 /// Limits that keep command keys for a moment; `auto_purge` makes the
 /// store purge on every keyed append instead of never.
 pub fn short_command_retention(auto_purge: bool) -> Limits {
-    Limits {
-        command_retention: Duration::from_millis(400),
-        command_purge_interval: if auto_purge {
-            Duration::ZERO
-        } else {
-            Duration::from_secs(24 * 3600)
-        },
-        ..Limits::default()
-    }
+    let mut config = Limits::default();
+    config.command_retention = Duration::from_millis(400);
+    config.command_purge_interval = if auto_purge {
+        Duration::ZERO
+    } else {
+        Duration::from_secs(24 * 3600)
+    };
+    config
 }
 
 fn written(appended: Appended) -> AppendResult {
