@@ -10,12 +10,15 @@ use async_trait::async_trait;
 use factline::EventStore;
 use factline_orders::read_models;
 use factline_projections::{ParkedEvent, ProjectionStatus, RetryReport};
-use factline_server::{AdminError, DashboardData, ProjectionView, ProjectionsAdmin, RebuildView};
+use factline_server::{
+    AdminError, DashboardData, ProjectionState, ProjectionView, ProjectionsAdmin, RebuildState,
+    RebuildView,
+};
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
 use crate::catalog::{self, ReadModelDb};
-use crate::projections_cli::{self, RebuildArgs};
+use crate::projections_cli::{self, RebuildArgs, ReportState};
 use crate::UsageError;
 
 /// How a live runner of this process is doing.
@@ -110,13 +113,13 @@ impl CatalogAdmin {
         let rebuild = lock(&self.rebuilds).get(name).cloned()?;
         let progress = projections_cli::slowest_progress(&rebuild.statuses);
         let (state, error) = match &rebuild.outcome {
-            None => ("running", None),
-            Some(Ok(())) => ("swapped", None),
-            Some(Err(e)) => ("failed", Some(e.clone())),
+            None => (RebuildState::Running, None),
+            Some(Ok(())) => (RebuildState::Swapped, None),
+            Some(Err(e)) => (RebuildState::Failed, Some(e.clone())),
         };
         Some(RebuildView {
             version: rebuild.version,
-            state: state.to_owned(),
+            state,
             done: progress.map_or(0, |p| p.done),
             total: progress.map_or(0, |p| p.total),
             events_per_second: progress.map_or(0.0, |p| p.events_per_second),
@@ -142,22 +145,25 @@ impl ProjectionsAdmin for CatalogAdmin {
             let rebuild = self.rebuild_view(&name);
             let runner = live.get(&name);
             let error = runner.and_then(|l| l.ended.clone()).and_then(Result::err);
-            let state = if rebuild.as_ref().is_some_and(|r| r.state == "running") {
-                "rebuilding"
-            } else if report.state == "paused" {
-                "paused"
+            let state = if rebuild
+                .as_ref()
+                .is_some_and(|r| r.state == RebuildState::Running)
+            {
+                ProjectionState::Rebuilding
+            } else if report.state == ReportState::Paused {
+                ProjectionState::Paused
             } else if error.is_some() {
-                "failed"
+                ProjectionState::Failed
             } else if runner.is_some_and(|l| l.ended.is_none()) {
-                "running"
+                ProjectionState::Running
             } else if in_progress.is_some() {
-                "rebuilding"
+                ProjectionState::Rebuilding
             } else {
-                "stopped"
+                ProjectionState::Stopped
             };
             views.push(ProjectionView {
                 name,
-                state: state.to_owned(),
+                state,
                 active_version: report.active_version,
                 checkpoint: report.checkpoint,
                 lag_events: report.events_behind,
@@ -174,7 +180,7 @@ impl ProjectionsAdmin for CatalogAdmin {
             if !views.iter().any(|v| v.name == name) {
                 views.push(ProjectionView {
                     name,
-                    state: "running".into(),
+                    state: ProjectionState::Running,
                     active_version: None,
                     checkpoint: l.status.checkpoint(),
                     lag_events: head.saturating_sub(l.status.checkpoint()),

@@ -120,6 +120,29 @@ pub struct RebuildArgs {
     pub quiet: bool,
 }
 
+/// What `status` and `list` say a projection is doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReportState {
+    /// Its active version serves reads.
+    Active,
+    /// An operator paused it.
+    Paused,
+    /// A new version is being built beside the active one.
+    Rebuilding,
+}
+
+impl std::fmt::Display for ReportState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The table pads this column, so it goes through `pad`.
+        f.pad(match self {
+            ReportState::Active => "active",
+            ReportState::Paused => "paused",
+            ReportState::Rebuilding => "rebuilding",
+        })
+    }
+}
+
 /// A projection's state as `status` and `list --json` print it.
 #[derive(Serialize)]
 pub struct StatusReport {
@@ -129,7 +152,7 @@ pub struct StatusReport {
     pub head: u64,
     pub events_behind: u64,
     pub seconds_behind: f64,
-    pub state: &'static str,
+    pub state: ReportState,
     pub parked: u64,
     pub skipped: u64,
     pub versions: Vec<factline_projections::VersionInfo>,
@@ -323,11 +346,11 @@ pub async fn status_at(
         }),
     };
     let state = if info.paused {
-        "paused"
+        ReportState::Paused
     } else if candidate_in_progress(&info).is_some() {
-        "rebuilding"
+        ReportState::Rebuilding
     } else {
-        "active"
+        ReportState::Active
     };
     Ok(StatusReport {
         name: info.name,

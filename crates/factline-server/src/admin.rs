@@ -23,7 +23,7 @@ pub struct ProjectionView {
     pub name: String,
     /// `running`, `paused`, `rebuilding`, `stopped` (no runner in this
     /// process) or `failed`.
-    pub state: String,
+    pub state: ProjectionState,
     /// The version readers see; `None` before its first batch.
     pub active_version: Option<u32>,
     /// The active version's checkpoint.
@@ -44,13 +44,44 @@ pub struct ProjectionView {
     pub error: Option<String>,
 }
 
+/// What a projection is doing, as the admin API and dashboard show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum ProjectionState {
+    /// A runner in this process applies its events.
+    Running,
+    /// An operator paused it: no batch commits until it is resumed.
+    Paused,
+    /// A new version is being built beside the active one.
+    Rebuilding,
+    /// No runner in this process (another process, or the service that
+    /// has its code, may run it).
+    Stopped,
+    /// This process's runner stopped on an error.
+    Failed,
+}
+
+/// Where a rebuild started through the admin API is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum RebuildState {
+    /// Catching up with the log.
+    Running,
+    /// Done: the new version is the active one.
+    Swapped,
+    /// Stopped on an error; the active version is unchanged.
+    Failed,
+}
+
 /// How far a rebuild has come.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct RebuildView {
     /// The version being built.
     pub version: u32,
     /// `running`, `swapped` or `failed`.
-    pub state: String,
+    pub state: RebuildState,
     /// Events applied so far.
     pub done: u64,
     /// Events to apply in all.

@@ -37,7 +37,9 @@ use factline_outbox::OutboxDb;
 use serde_json::json;
 use tokio::sync::watch;
 
-pub use admin::{DashboardData, ProjectionView, ProjectionsAdmin, RebuildView};
+pub use admin::{
+    DashboardData, ProjectionState, ProjectionView, ProjectionsAdmin, RebuildState, RebuildView,
+};
 pub use auth::{Caller, CategorySet, Scopes, Token, Tokens, TokensError, MIN_TOKEN_LEN};
 pub use connections::{serve_with_limits, ConnectionLimits};
 pub use error::{AdminError, ApiError};
