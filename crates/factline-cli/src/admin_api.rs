@@ -46,8 +46,8 @@ pub struct CatalogAdmin {
     rebuilds: Arc<Mutex<HashMap<String, Rebuild>>>,
 }
 
-fn failed(e: impl std::fmt::Display) -> AdminError {
-    AdminError::Failed(e.to_string())
+fn failed(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> AdminError {
+    AdminError::failed(e)
 }
 
 /// A usage error (bad name, nothing to do) is a refusal; the rest failed.
@@ -55,7 +55,7 @@ fn classify(e: anyhow::Error) -> AdminError {
     if e.chain().any(|c| c.is::<UsageError>()) {
         AdminError::Refused(format!("{e:#}"))
     } else {
-        AdminError::Failed(format!("{e:#}"))
+        AdminError::failed(e)
     }
 }
 

@@ -18,9 +18,32 @@ pub enum AdminError {
     /// running, a projection this server has no code for).
     #[error("{0}")]
     Refused(String),
+    /// The operation failed (the database, a task), with the error that
+    /// made it fail.
     #[error("{0}")]
-    /// The operation failed (the database, a task): what happened.
-    Failed(String),
+    Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl AdminError {
+    /// The operation failed because of `error`.
+    pub fn failed(error: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        AdminError::Failed(error.into())
+    }
+}
+
+/// `error` and what caused it, outermost first: `a: b: c`.
+fn with_causes(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let said = e.to_string();
+        // Many errors repeat their source's words; say each once.
+        if !text.ends_with(&said) {
+            text = format!("{text}: {said}");
+        }
+        cause = e.source();
+    }
+    text
 }
 
 /// An API failure.
@@ -74,7 +97,7 @@ impl From<AdminError> for ApiError {
         match e {
             AdminError::NotFound(m) => ApiError::NotFound(m),
             AdminError::Refused(m) => ApiError::Refused(m),
-            AdminError::Failed(m) => ApiError::Internal(m),
+            AdminError::Failed(e) => ApiError::Internal(with_causes(e.as_ref())),
         }
     }
 }
@@ -226,4 +249,25 @@ pub(crate) async fn json_errors(
         }
     }
     answer
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading the registry")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_failed_admin_operation_answers_500_with_every_cause() {
+        let failed = AdminError::failed(Outer(std::io::Error::other("disk gone")));
+        assert!(
+            std::error::Error::source(&failed).is_some(),
+            "keeps its source"
+        );
+        let answer = ApiError::from(failed);
+        assert_eq!(answer.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(answer.body()["message"], "reading the registry: disk gone");
+    }
 }
