@@ -12,11 +12,11 @@ use async_nats::jetstream;
 use clap::Args;
 use factline::sqlite::{SqliteConfig, SqliteStore};
 use factline::{EventData, EventStore, ExpectedVersion, Location, StreamId};
-use factline_outbox::local_nats::LocalNatsServer;
 use factline_outbox::{
     Message, NatsSink, NatsSinkConfig, OutboxDb, PostgresOutbox, Publication, Relay, RelayConfig,
     SqliteOutbox, WAVES_IN_FLIGHT,
 };
+use factline_testkit::nats::LocalNatsServer;
 use futures_util::StreamExt;
 
 use crate::bench::{
@@ -89,7 +89,7 @@ pub async fn run(args: OutboxBench, location: &Location) -> anyhow::Result<()> {
     }
     let local = match &args.nats {
         Some(_) => None,
-        None => Some(LocalNatsServer::start().map_err(anyhow::Error::msg)?),
+        None => Some(LocalNatsServer::start()?),
     };
     let nats_url = match (&args.nats, &local) {
         (Some(url), _) => url.clone(),

@@ -125,7 +125,7 @@ macro_rules! on_every_backend {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $case() {
-                    let db = factline_testpg::database().await;
+                    let db = factline_testkit::pg::database().await;
                     let store = factline_postgres::PostgresStore::connect(&db.url)
                         .await
                         .expect("connect to the test database");

@@ -50,8 +50,6 @@ use factline_core::StorageError;
 #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 mod db;
 pub mod inbox;
-#[cfg(feature = "nats")]
-pub mod local_nats;
 mod message;
 #[cfg(feature = "nats")]
 mod nats;

@@ -4,18 +4,18 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use factline_core::{EventData, EventStore, ExpectedVersion, Metadata, RecordedEvent, StreamId};
-use factline_outbox::local_nats::LocalNatsServer;
 use factline_outbox::{
     inbox, Message, NatsSink, NatsSinkConfig, OutboxDb, Publication, Relay, RelayConfig, Sink,
     SqliteOutbox,
 };
+use factline_testkit::nats::LocalNatsServer;
 use futures_util::StreamExt;
 use serde_json::json;
 
@@ -365,8 +365,7 @@ fn a_relay_killed_10_times_delivers_every_event_exactly_once() {
     let mut rng = fastrand::Rng::with_seed(7);
     let mut kills = 0;
     while kills < 10 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+        let mut child = factline_testkit::process::rerun(TEST)
             .env(CHILD, format!("{} {}", path.display(), nats.url()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

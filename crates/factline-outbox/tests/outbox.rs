@@ -508,7 +508,9 @@ fn sqlite_outbox_needs_a_store() {
 
 // ------------------------------------------------------------ PostgreSQL
 
-async fn postgres(db: &factline_testpg::TestDatabase) -> (Arc<dyn EventStore>, Arc<dyn OutboxDb>) {
+async fn postgres(
+    db: &factline_testkit::pg::TestDatabase,
+) -> (Arc<dyn EventStore>, Arc<dyn OutboxDb>) {
     let store = factline_postgres::PostgresStore::connect_with_inline(
         factline_postgres::PostgresConfig::new(&db.url),
         vec![Box::new(Refuser::default())],
@@ -521,7 +523,7 @@ async fn postgres(db: &factline_testpg::TestDatabase) -> (Arc<dyn EventStore>, A
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_records_are_written_with_the_append_and_relayed() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let (store, outbox) = postgres(&db).await;
     captured_in_the_append_transaction(store, outbox).await;
 }
@@ -535,14 +537,14 @@ async fn sqlite_refused_messages_are_parked_and_their_streams_go_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_refused_messages_are_parked_and_their_streams_go_on() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let (store, outbox) = postgres(&db).await;
     refused_messages_are_parked_and_their_streams_go_on(store, outbox).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_relay_keeps_per_stream_order_while_the_sink_fails() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let (store, outbox) = postgres(&db).await;
     order_holds_while_a_sink_fails(store, outbox).await;
 }
@@ -552,7 +554,7 @@ async fn postgres_relay_keeps_per_stream_order_while_the_sink_fails() {
 /// deletes them with the rest, and pending records stay pending.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_records_marked_in_place_move_to_the_published_log() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let (store, outbox) = postgres(&db).await;
     outbox
         .add_publication(Publication::everything())
@@ -606,7 +608,7 @@ async fn postgres_records_marked_in_place_move_to_the_published_log() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_lanes_are_shared_and_handed_over() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let (_store, outbox) = postgres(&db).await;
     lanes_are_shared_and_handed_over(outbox.clone()).await;
     bad_publications_are_refused(outbox).await;
@@ -646,8 +648,8 @@ fn sqlite_inbox_ignores_redeliveries_and_forgets_rolled_back_ones() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_inbox_ignores_redeliveries_and_forgets_rolled_back_ones() {
     use factline_outbox::inbox::postgres as inbox;
-    let db = factline_testpg::database().await;
-    let mut client = factline_testpg::connect(&db.url).await;
+    let db = factline_testkit::pg::database().await;
+    let mut client = factline_testkit::pg::connect(&db.url).await;
     client
         .batch_execute("CREATE SCHEMA consumer")
         .await

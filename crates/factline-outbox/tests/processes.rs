@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -20,17 +20,8 @@ use serde_json::json;
 
 const ROLE: &str = "FACTLINE_TEST_OUTBOX_ROLE";
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn child(test: &str, role: String) -> Child {
-    Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", test, "--nocapture", "--test-threads=1"])
+    factline_testkit::process::rerun(test)
         .env(ROLE, role)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -93,7 +84,7 @@ async fn appender(db: &str) {
 }
 
 fn killed_after_commits(test: &str, db: &str) {
-    let rt = runtime();
+    let rt = factline_testkit::runtime();
     let outbox = rt.block_on(async {
         let _store = open_store(db).await;
         let outbox = open_outbox(db).await;
@@ -156,7 +147,7 @@ fn sqlite_appenders_killed_after_commits_have_every_commit_published() {
     const TEST: &str = "sqlite_appenders_killed_after_commits_have_every_commit_published";
     if let Ok(role) = std::env::var(ROLE) {
         let db = role.strip_prefix("append ").unwrap();
-        return runtime().block_on(appender(db));
+        return factline_testkit::runtime().block_on(appender(db));
     }
     let dir = tempfile::tempdir().unwrap();
     killed_after_commits(TEST, dir.path().join("f.db").to_str().unwrap());
@@ -167,10 +158,10 @@ fn postgres_appenders_killed_after_commits_have_every_commit_published() {
     const TEST: &str = "postgres_appenders_killed_after_commits_have_every_commit_published";
     if let Ok(role) = std::env::var(ROLE) {
         let db = role.strip_prefix("append ").unwrap();
-        return runtime().block_on(appender(db));
+        return factline_testkit::runtime().block_on(appender(db));
     }
-    let rt = runtime();
-    let db = rt.block_on(factline_testpg::database());
+    let rt = factline_testkit::runtime();
+    let db = rt.block_on(factline_testkit::pg::database());
     drop(rt);
     killed_after_commits(TEST, &db.url);
 }
@@ -258,10 +249,10 @@ fn three_postgres_relays_share_the_outbox_and_publish_each_record_once_in_order(
             parts.next().unwrap(),
             parts.next().unwrap(),
         );
-        return runtime().block_on(relay_process(db, Path::new(dir), id));
+        return factline_testkit::runtime().block_on(relay_process(db, Path::new(dir), id));
     }
-    let rt = runtime();
-    let db = rt.block_on(factline_testpg::database());
+    let rt = factline_testkit::runtime();
+    let db = rt.block_on(factline_testkit::pg::database());
     let dir = tempfile::tempdir().unwrap();
     let (store, outbox) = rt.block_on(async {
         let store = open_store(&db.url).await;

@@ -15,7 +15,7 @@ use factline_core::{
     StoreError, StreamFilter,
 };
 use factline_postgres::PostgresStore;
-use factline_testpg::{Durability, PgCluster, StopMode};
+use factline_testkit::pg::{Durability, PgCluster, StopMode};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -57,7 +57,7 @@ async fn server_crash_and_restart_under_load() {
             .await
             .unwrap(),
     );
-    let db = factline_testpg::create_database(&cluster.url("postgres")).await;
+    let db = factline_testkit::pg::create_database(&cluster.url("postgres")).await;
     let store = PostgresStore::connect(&db.url).await.unwrap();
     let follower = PostgresStore::connect(&db.url).await.unwrap();
     let stop = Arc::new(AtomicBool::new(false));
@@ -329,9 +329,9 @@ async fn append_whose_acknowledgement_was_lost_is_safe_to_retry() {
     let cluster = tokio::task::spawn_blocking(|| PgCluster::start(Durability::Throwaway))
         .await
         .unwrap();
-    let db = factline_testpg::create_database(&cluster.url("postgres")).await;
+    let db = factline_testkit::pg::create_database(&cluster.url("postgres")).await;
     let cutter = AckCutter::start(cluster.port()).await;
-    let proxied = factline_testpg::with_database(
+    let proxied = factline_testkit::pg::with_database(
         &format!("postgres://postgres@127.0.0.1:{}/x", cutter.port),
         db.name(),
     );

@@ -34,11 +34,11 @@ async fn writers_waiting_for_head(admin: &tokio_postgres::Client) -> i64 {
 /// the reader gets A's event and then B's, in that order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn held_open_transaction_keeps_later_commits_invisible_until_it_commits() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let (a, gate) = gated_store(&db.url).await;
     let b = connect(&db.url).await;
     let reader = connect(&db.url).await;
-    let admin = factline_testpg::connect(&db.url).await;
+    let admin = factline_testkit::pg::connect(&db.url).await;
     b.append(&sid("Order-0"), ANY, events(1, "before"))
         .await
         .unwrap();
@@ -77,10 +77,10 @@ async fn held_open_transaction_keeps_later_commits_invisible_until_it_commits() 
 /// takes it, so `$all` stays dense and in commit order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn held_open_transaction_that_aborts_leaves_no_trace_and_no_gap() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let (a, gate) = gated_store(&db.url).await;
     let b = connect(&db.url).await;
-    let admin = factline_testpg::connect(&db.url).await;
+    let admin = factline_testkit::pg::connect(&db.url).await;
 
     let held = tokio::spawn({
         let a = a.clone();
@@ -118,7 +118,7 @@ async fn held_open_transaction_that_aborts_leaves_no_trace_and_no_gap() {
 /// and each still succeeds or fails on its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_single_appends_share_transactions() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let (store, gate) = gated_store(&db.url).await;
     for i in 0..64 {
         // Every stream exists at version 1, so expected versions can fail.
@@ -185,7 +185,7 @@ async fn concurrent_single_appends_share_transactions() {
 /// in that batch, which equals the record read back afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_command_key_repeated_within_a_batch_writes_once() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let (store, gate) = gated_store(&db.url).await;
     let key = CommandKey::new("place-7", "same");
     let held = {
@@ -242,7 +242,7 @@ async fn one_command_key_repeated_within_a_batch_writes_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stores_starting_at_once_migrate_once() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let mut starts = Vec::new();
     for _ in 0..8 {
         let url = db.url.clone();
@@ -253,7 +253,7 @@ async fn stores_starting_at_once_migrate_once() {
     for start in starts {
         start.await.unwrap().expect("every store starts");
     }
-    let admin = factline_testpg::connect(&db.url).await;
+    let admin = factline_testkit::pg::connect(&db.url).await;
     let versions: Vec<i32> = admin
         .query("SELECT version FROM factline.schema_version", &[])
         .await
@@ -266,9 +266,9 @@ async fn stores_starting_at_once_migrate_once() {
 
 #[tokio::test]
 async fn refuses_a_schema_from_a_newer_version() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     drop(connect(&db.url).await);
-    let admin = factline_testpg::connect(&db.url).await;
+    let admin = factline_testkit::pg::connect(&db.url).await;
     admin
         .execute(
             "INSERT INTO factline.schema_version (version) VALUES ($1)",
@@ -285,7 +285,7 @@ async fn refuses_a_schema_from_a_newer_version() {
 
 #[tokio::test]
 async fn schemas_keep_stores_in_one_database_apart() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let mut config = PostgresConfig::new(&db.url);
     config.schema = "tenant_a".into();
     let a = PostgresStore::connect_with(config.clone()).await.unwrap();
@@ -331,7 +331,7 @@ async fn bad_connection_strings_and_unreachable_servers_fail_clearly() {
 /// process), pushed by NOTIFY: the PostgreSQL store has no polling interval.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscriptions_wake_on_commits_of_other_stores() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let follower = connect(&db.url).await;
     let writer = connect(&db.url).await;
     let mut sub = follower.subscribe(StreamFilter::All, 1);
@@ -368,10 +368,10 @@ async fn listeners(admin: &tokio_postgres::Client, kill: bool) -> i64 {
 /// subscriber once the listener has reconnected (which reads the head).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn subscriber_survives_its_listener_connection_being_killed() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let follower = connect(&db.url).await;
     let writer = connect(&db.url).await;
-    let admin = factline_testpg::connect(&db.url).await;
+    let admin = factline_testkit::pg::connect(&db.url).await;
     let mut sub = follower.subscribe(StreamFilter::All, 1);
     for round in 1..=3u64 {
         eventually("both listeners are connected", || async {
@@ -403,7 +403,7 @@ async fn subscriber_survives_its_listener_connection_being_killed() {
 /// conflicts the stored state says.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn stale_guesses_about_streams_never_commit() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let a = connect(&db.url).await;
     let b = connect(&db.url).await;
     let order = sid("Order-1");
@@ -461,7 +461,7 @@ async fn stale_guesses_about_streams_never_commit() {
 /// `pool_size` connections, and all of them complete.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_reads_share_a_bounded_pool() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let mut config = PostgresConfig::new(&db.url);
     config.pool_size = 3;
     let store = PostgresStore::connect_with(config).await.unwrap();
@@ -478,7 +478,7 @@ async fn concurrent_reads_share_a_bounded_pool() {
     for read in reads {
         assert_eq!(read.await.unwrap().unwrap().len(), 10);
     }
-    let admin = factline_testpg::connect(&db.url).await;
+    let admin = factline_testkit::pg::connect(&db.url).await;
     let pooled: i64 = admin
         .query_one(
             "SELECT count(*) FROM pg_stat_activity

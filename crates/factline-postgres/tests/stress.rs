@@ -92,7 +92,7 @@ fn sixteen_writers_in_three_processes_and_a_subscriber_agree_on_all() {
         .build()
         .unwrap();
     runtime.block_on(async {
-        let db = factline_testpg::database().await;
+        let db = factline_testkit::pg::database().await;
         let store = PostgresStore::connect(&db.url).await.unwrap();
         // The subscriber's store writes nothing: every wake-up it gets comes
         // through LISTEN/NOTIFY, from this process's writer or the children's.

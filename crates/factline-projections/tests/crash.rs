@@ -2,9 +2,8 @@
 //! resumes from its checkpoint: after many kills the read model holds every
 //! event exactly once. The test binary re-runs itself as the child.
 
+use factline_testkit::process::KillPlan;
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -143,61 +142,11 @@ async fn run_to_the_end<S: Sink + 'static>(store: Arc<dyn EventStore>, sink: S) 
     println!("done");
 }
 
-/// Runs the child until it finishes by itself, first killing it `KILLS`
-/// times, each after a random number of its batches (so at a random point
-/// of a later batch, whatever the machine's speed).
-fn kill_repeatedly(test: &str, env: &[(&str, String)]) {
-    let mut rng = fastrand::Rng::with_seed(11);
-    let mut kills = 0;
-    loop {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", test, "--nocapture", "--test-threads=1"])
-            .envs(env.iter().map(|(k, v)| (k.to_string(), v.clone())))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let kill_after = rng.usize(1..40);
-        let mut batches = 0;
-        let (mut done, mut killed) = (false, false);
-        for line in lines.map_while(Result::ok) {
-            if line.starts_with("at ") {
-                batches += 1;
-                if kills < KILLS && batches == kill_after {
-                    child.kill().unwrap();
-                    (kills, killed) = (kills + 1, true);
-                    break;
-                }
-            }
-            done |= line == "done";
-        }
-        let status = child.wait().unwrap();
-        if done {
-            assert!(status.success(), "the child failed: {status}");
-            assert_eq!(
-                kills, KILLS,
-                "the child finished before it was killed {KILLS} times"
-            );
-            return;
-        }
-        assert!(killed, "the child stopped by itself: {status}");
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 #[test]
 fn sqlite_projection_killed_repeatedly_applies_every_event_once() {
     const TEST: &str = "sqlite_projection_killed_repeatedly_applies_every_event_once";
     if let Ok(dir) = std::env::var(CHILD) {
-        runtime().block_on(async {
+        factline_testkit::runtime().block_on(async {
             let path = std::path::Path::new(&dir).join("events.db");
             let store = Arc::new(factline_sqlite::SqliteStore::open(&path).unwrap());
             run_to_the_end(store, SqliteSink::open(&path, Sums).unwrap()).await;
@@ -206,13 +155,13 @@ fn sqlite_projection_killed_repeatedly_applies_every_event_once() {
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");
-    runtime().block_on(async {
+    factline_testkit::runtime().block_on(async {
         let store: Arc<dyn EventStore> =
             Arc::new(factline_sqlite::SqliteStore::open(&path).unwrap());
         fill(&store).await;
     });
     kill_repeatedly(TEST, &[(CHILD, dir.path().display().to_string())]);
-    runtime().block_on(async {
+    factline_testkit::runtime().block_on(async {
         let mut sink = SqliteSink::open(&path, Sums).unwrap();
         assert_eq!(sink.checkpoint().await.unwrap(), EVENTS);
         let sums: BTreeMap<String, (i64, i64)> = sink
@@ -231,7 +180,7 @@ fn sqlite_projection_killed_repeatedly_applies_every_event_once() {
 fn postgres_projection_killed_repeatedly_applies_every_event_once() {
     const TEST: &str = "postgres_projection_killed_repeatedly_applies_every_event_once";
     if let Ok(url) = std::env::var(CHILD) {
-        runtime().block_on(async {
+        factline_testkit::runtime().block_on(async {
             let store = factline_postgres::PostgresStore::connect(&url)
                 .await
                 .unwrap();
@@ -240,8 +189,8 @@ fn postgres_projection_killed_repeatedly_applies_every_event_once() {
         });
         return;
     }
-    let rt = runtime();
-    let db = rt.block_on(factline_testpg::database());
+    let rt = factline_testkit::runtime();
+    let db = rt.block_on(factline_testkit::pg::database());
     rt.block_on(async {
         let store: Arc<dyn EventStore> = Arc::new(
             factline_postgres::PostgresStore::connect(&db.url)
@@ -265,4 +214,17 @@ fn postgres_projection_killed_repeatedly_applies_every_event_once() {
             .collect();
         assert_eq!(sums, expected());
     });
+}
+
+/// Runs the child until it finishes by itself, first killing it `KILLS`
+/// times, each after a random number of its batches (so at a random point
+/// of a later batch, whatever the machine's speed).
+fn kill_repeatedly(test: &str, env: &[(&str, String)]) {
+    let plan = KillPlan {
+        kills: KILLS,
+        seed: 11,
+        after: 1..40,
+        pause_ms: 0..1,
+    };
+    plan.run(test, env, |line| line.starts_with("at "));
 }

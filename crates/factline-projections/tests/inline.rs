@@ -281,7 +281,7 @@ async fn postgres_names(url: &str) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_inline_read_model_is_exact_and_refusals_fail_their_own_append() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let store = open_postgres(&db.url).await;
     register(&*store, "User-first", "ada").await.unwrap();
     assert_eq!(
@@ -301,7 +301,7 @@ async fn postgres_inline_read_model_is_exact_and_refusals_fail_their_own_append(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_inline_catches_up_on_events_appended_without_it() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let plain = PostgresStore::connect(&db.url).await.unwrap();
     for i in 0..3 {
         let stream = StreamId::new(format!("User-old{i}")).unwrap();
@@ -437,7 +437,7 @@ async fn sqlite_a_failing_inline_database_fails_the_append_as_storage() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_a_failing_inline_database_fails_the_append_as_storage() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let store =
         PostgresStore::connect_with_inline(PostgresConfig::new(&db.url), vec![Box::new(Failing)])
             .await

@@ -143,7 +143,7 @@ impl Db for Sqlite {
 }
 
 struct Postgres {
-    db: factline_testpg::TestDatabase,
+    db: factline_testkit::pg::TestDatabase,
     store: Arc<dyn EventStore>,
 }
 
@@ -293,7 +293,7 @@ async fn sqlite_partitions_split_the_streams_and_change_only_by_a_rebuild() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_partitions_split_the_streams_and_change_only_by_a_rebuild() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let store = factline_postgres::PostgresStore::connect(&db.url)
         .await
         .unwrap();
@@ -348,7 +348,7 @@ impl SqlProjection for Crossed {
 /// event exactly once: the server aborts one batch, which is run again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_partitions_that_deadlock_apply_every_event_once() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let store: Arc<dyn EventStore> = Arc::new(
         factline_postgres::PostgresStore::connect(&db.url)
             .await

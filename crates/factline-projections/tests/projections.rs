@@ -224,8 +224,8 @@ impl<const SAME: bool> Sqlite<SAME> {
 
 /// `SAME`: the read model is in the events' database; else in another.
 struct Postgres<const SAME: bool> {
-    events: factline_testpg::TestDatabase,
-    read: factline_testpg::TestDatabase,
+    events: factline_testkit::pg::TestDatabase,
+    read: factline_testkit::pg::TestDatabase,
     store: Arc<dyn EventStore>,
 }
 
@@ -233,8 +233,8 @@ struct Postgres<const SAME: bool> {
 impl<const SAME: bool> Target for Postgres<SAME> {
     type Sink = PostgresSink<Counts>;
     async fn start() -> Self {
-        let events = factline_testpg::database().await;
-        let read = factline_testpg::database().await;
+        let events = factline_testkit::pg::database().await;
+        let read = factline_testkit::pg::database().await;
         let store = factline_postgres::PostgresStore::connect(&events.url)
             .await
             .unwrap();

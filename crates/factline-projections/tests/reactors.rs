@@ -197,7 +197,7 @@ async fn sqlite_reactors() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_reactors() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let store: Arc<dyn EventStore> = Arc::new(
         factline_postgres::PostgresStore::connect(&db.url)
             .await

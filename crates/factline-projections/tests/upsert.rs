@@ -73,7 +73,7 @@ fn sqlite_upserts_keep_the_newest_state_whatever_the_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_upserts_keep_the_newest_state_whatever_the_order() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
         .await
         .unwrap();

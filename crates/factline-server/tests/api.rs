@@ -342,7 +342,7 @@ async fn the_api_works_on_sqlite() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_api_works_on_postgres() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let store = factline_postgres::PostgresStore::connect(&db.url)
         .await
         .unwrap();

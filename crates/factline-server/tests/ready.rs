@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use common::TestServer;
 use factline_server::ServerConfig;
-use factline_testpg::{Durability, PgCluster, StopMode};
+use factline_testkit::pg::{Durability, PgCluster, StopMode};
 
 async fn until_status(server: &TestServer, path: &str, want: u16) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -29,7 +29,7 @@ async fn ready_follows_a_stopped_and_restarted_postgres() {
             .await
             .unwrap(),
     );
-    let db = factline_testpg::create_database(&cluster.url("postgres")).await;
+    let db = factline_testkit::pg::create_database(&cluster.url("postgres")).await;
     let store = factline_postgres::PostgresStore::connect(&db.url)
         .await
         .unwrap();

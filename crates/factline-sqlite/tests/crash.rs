@@ -7,7 +7,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -21,19 +21,11 @@ const CHILD_DB: &str = "FACTLINE_TEST_CRASH_CHILD_DB";
 const EVENTS_PER_APPEND: u64 = 20;
 const STREAMS: u64 = 40;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 /// The child: 8 concurrent writers append forever, printing each
 /// acknowledged append as a JSON line. Even writers append as commands
 /// whose idempotency key is the append's tag.
 fn run_child(path: &str) -> ! {
-    runtime().block_on(async {
+    factline_testkit::runtime().block_on(async {
         let store = SqliteStore::open(path).unwrap();
         let (acks, mut acked) = tokio::sync::mpsc::unbounded_channel::<String>();
         for writer in 0..8u64 {
@@ -89,18 +81,14 @@ fn sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one() {
     let path = dir.path().join("crash.db");
     let mut acked: Vec<Value> = Vec::new();
     for round in 0..3 {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_DB, &path)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = factline_testkit::process::rerun(
+            "sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one",
+        )
+        .env(CHILD_DB, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         let reader = std::thread::spawn(move || {
@@ -129,7 +117,7 @@ fn sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one() {
         acked.extend(rx.try_iter());
     }
 
-    runtime().block_on(async {
+    factline_testkit::runtime().block_on(async {
         let store = SqliteStore::open(&path).unwrap();
         // Every acknowledged append is there, whole, where it was reported.
         for ack in &acked {

@@ -6,10 +6,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use factline_testkit::process::KillPlan;
 use std::sync::Arc;
-use std::time::Duration;
 
 use common::{read_postgres, read_sqlite, reference};
 use factline_core::EventStore;
@@ -77,57 +75,6 @@ async fn child_postgres(url: &str) {
     println!("done");
 }
 
-/// Runs the child until it finishes by itself, first killing it `KILLS`
-/// times: each time after a random number of its commits and then a random
-/// pause, so the kill lands anywhere in a batch, whatever the machine's
-/// speed. Returns how many commits the children reported.
-fn kill_repeatedly(test: &str, env: (&str, String)) -> usize {
-    let mut rng = fastrand::Rng::with_seed(13);
-    let (mut kills, mut commits) = (0, 0);
-    loop {
-        let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", test, "--nocapture", "--test-threads=1"])
-            .env(env.0, &env.1)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let kill_after = rng.usize(1..25);
-        let (mut seen, mut done, mut killed) = (0, false, false);
-        for line in lines.map_while(Result::ok) {
-            if line.starts_with("at ") {
-                (seen, commits) = (seen + 1, commits + 1);
-                if kills < KILLS && seen == kill_after {
-                    std::thread::sleep(Duration::from_millis(rng.u64(0..40)));
-                    child.kill().unwrap();
-                    (kills, killed) = (kills + 1, true);
-                    break;
-                }
-            }
-            done |= line == "done";
-        }
-        let status = child.wait().unwrap();
-        if done {
-            assert!(status.success(), "the child failed: {status}");
-            assert_eq!(
-                kills, KILLS,
-                "the child finished before it was killed {KILLS} times"
-            );
-            return commits;
-        }
-        assert!(killed, "the child stopped by itself: {status}");
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
 fn fill(
     store: Arc<dyn EventStore>,
     rt: &tokio::runtime::Runtime,
@@ -151,12 +98,13 @@ fn fill(
 fn sqlite_orders_projections_killed_20_times_equal_the_reference_fold() {
     const TEST: &str = "sqlite_orders_projections_killed_20_times_equal_the_reference_fold";
     if let Ok(dir) = std::env::var(CHILD) {
-        runtime().block_on(child_sqlite(&std::path::Path::new(&dir).join("events.db")));
+        factline_testkit::runtime()
+            .block_on(child_sqlite(&std::path::Path::new(&dir).join("events.db")));
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("events.db");
-    let rt = runtime();
+    let rt = factline_testkit::runtime();
     let history = {
         let store = Arc::new(factline_sqlite::SqliteStore::open(&path).unwrap());
         fill(store, &rt)
@@ -172,11 +120,11 @@ fn sqlite_orders_projections_killed_20_times_equal_the_reference_fold() {
 fn postgres_orders_projections_killed_20_times_equal_the_reference_fold() {
     const TEST: &str = "postgres_orders_projections_killed_20_times_equal_the_reference_fold";
     if let Ok(url) = std::env::var(CHILD) {
-        runtime().block_on(child_postgres(&url));
+        factline_testkit::runtime().block_on(child_postgres(&url));
         return;
     }
-    let rt = runtime();
-    let db = rt.block_on(factline_testpg::database());
+    let rt = factline_testkit::runtime();
+    let db = rt.block_on(factline_testkit::pg::database());
     let history = {
         let store = rt.block_on(factline_postgres::PostgresStore::connect(&db.url));
         fill(Arc::new(store.unwrap()), &rt)
@@ -185,4 +133,19 @@ fn postgres_orders_projections_killed_20_times_equal_the_reference_fold() {
     let expected = reference(&history);
     assert_eq!(rt.block_on(read_postgres(&db.url, SCHEMA)), expected);
     println!("{commits} commits over {KILLS} kills");
+}
+
+/// Runs the child until it finishes by itself, first killing it `KILLS`
+/// times: each time after a random number of its commits and then a random
+/// pause, so the kill lands anywhere in a batch, whatever the machine's
+/// speed. Returns how many commits the children reported.
+fn kill_repeatedly(test: &str, env: (&str, String)) -> usize {
+    let plan = KillPlan {
+        kills: KILLS,
+        seed: 13,
+        after: 1..25,
+        pause_ms: 0..40,
+    };
+    plan.run(test, &[(env.0, env.1)], |line| line.starts_with("at "))
+        .progress
 }

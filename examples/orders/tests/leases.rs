@@ -9,7 +9,7 @@ mod common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -76,8 +76,7 @@ struct Worker {
 
 /// Starts child `id`; its `owner` lines go to `events` as (child, name).
 fn spawn(id: usize, url: &str, events: &mpsc::Sender<(usize, String, Instant)>) -> Worker {
-    let mut process = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", TEST, "--nocapture", "--test-threads=1"])
+    let mut process = factline_testkit::process::rerun(TEST)
         .env(CHILD, url)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -113,7 +112,7 @@ fn owners_killed_repeatedly_hand_over_and_nothing_is_applied_twice() {
         .enable_all()
         .build()
         .unwrap();
-    let db = rt.block_on(factline_testpg::database());
+    let db = rt.block_on(factline_testkit::pg::database());
     let store: Arc<dyn EventStore> = Arc::new(
         rt.block_on(factline_postgres::PostgresStore::connect(&db.url))
             .unwrap(),

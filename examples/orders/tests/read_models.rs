@@ -74,7 +74,7 @@ async fn sqlite_read_models_equal_a_fold_of_the_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn postgres_read_models_equal_a_fold_of_the_history() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let store: Arc<dyn EventStore> = Arc::new(
         factline_postgres::PostgresStore::connect(&db.url)
             .await
@@ -147,7 +147,7 @@ async fn partitioned_sqlite_read_models_equal_a_fold_of_the_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitioned_postgres_read_models_equal_a_fold_of_the_history() {
-    let db = factline_testpg::database().await;
+    let db = factline_testkit::pg::database().await;
     let store: Arc<dyn EventStore> = Arc::new(
         factline_postgres::PostgresStore::connect(&db.url)
             .await

@@ -31,7 +31,7 @@ pub fn postgres_db() -> Db {
         .enable_all()
         .build()
         .unwrap();
-    let db = runtime.block_on(factline_testpg::database());
+    let db = runtime.block_on(factline_testkit::pg::database());
     Db {
         spec: db.url.clone(),
         _guard: Box::new(db),

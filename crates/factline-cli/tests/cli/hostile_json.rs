@@ -374,7 +374,7 @@ fn rewrite_data(db: &str, position: u64, text: &str) {
             .build()
             .unwrap();
         runtime.block_on(async {
-            let client = factline_testpg::connect(db).await;
+            let client = factline_testkit::pg::connect(db).await;
             let changed = client
                 .execute(
                     "UPDATE factline.events SET data = $1::text::json WHERE position = $2",

@@ -1,11 +1,6 @@
-//! Test support for everything that runs on PostgreSQL: a throwaway cluster
-//! per test binary (or the server named by `FACTLINE_TEST_PG_URL`) and a
-//! fresh database per test.
-//!
-//! Nothing here skips a test: when no server can be had, the test fails
-//! with a message that says what to install.
-
-#![warn(missing_docs)]
+//! Everything that runs on PostgreSQL: a throwaway cluster per test binary
+//! (or the server named by `FACTLINE_TEST_PG_URL`) and a fresh database
+//! per test.
 
 use std::fs::File;
 use std::io::Write;

@@ -1,6 +1,7 @@
 //! A throwaway `nats-server` with JetStream, for `factline bench outbox`
 //! and the tests: a free port on loopback and a temporary store directory.
 
+use std::io::{Error, ErrorKind};
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -40,13 +41,14 @@ pub fn find_nats_server() -> Option<PathBuf> {
 
 impl LocalNatsServer {
     /// Starts a server and waits until it accepts connections.
-    pub fn start() -> Result<Self, String> {
-        let binary = find_nats_server().ok_or_else(|| INSTALL_HINT.to_owned())?;
+    /// A missing binary is [`ErrorKind::NotFound`] saying what to install.
+    pub fn start() -> Result<Self, Error> {
+        let binary =
+            find_nats_server().ok_or_else(|| Error::new(ErrorKind::NotFound, INSTALL_HINT))?;
         let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .map_err(|e| format!("finding a free port: {e}"))?
+            .and_then(|l| l.local_addr())?
             .port();
-        let store = tempfile::tempdir().map_err(|e| format!("a store directory: {e}"))?;
+        let store = tempfile::tempdir()?;
         let mut server = LocalNatsServer {
             binary,
             port,
@@ -71,7 +73,7 @@ impl LocalNatsServer {
     }
 
     /// Starts the server again on the same port with the same store.
-    pub fn restart(&mut self) -> Result<(), String> {
+    pub fn restart(&mut self) -> Result<(), Error> {
         self.kill();
         let child = Command::new(&self.binary)
             .args([
@@ -87,17 +89,21 @@ impl LocalNatsServer {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .map_err(|e| format!("starting {}: {e}", self.binary.display()))?;
+            .map_err(|e| {
+                Error::new(e.kind(), format!("starting {}: {e}", self.binary.display()))
+            })?;
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(15);
         while TcpStream::connect((Ipv4Addr::LOCALHOST, self.port)).is_err() {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                return Err(format!("nats-server exited at start: {status}"));
+                return Err(Error::other(format!(
+                    "nats-server exited at start: {status}"
+                )));
             }
             if Instant::now() > deadline {
-                return Err(format!(
-                    "nats-server did not listen on {} within 15 s",
-                    self.port
+                return Err(Error::new(
+                    ErrorKind::TimedOut,
+                    format!("nats-server did not listen on {} within 15 s", self.port),
                 ));
             }
             std::thread::sleep(Duration::from_millis(20));
