@@ -17,6 +17,7 @@ pub mod baseline;
 mod error;
 mod inline;
 mod listener;
+mod plan;
 mod schema;
 pub mod sql;
 mod writer;

@@ -19,11 +19,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SubsecRound, Utc};
-use factline_core::backend::writer_queue::{drain_batch, new_command_record, AppendJob};
-use factline_core::backend::{
-    resolve_command, resolve_duplicates, retention_cutoff, EncodedEvent, ExistingEvent,
-    StoredContent,
-};
+use factline_core::backend::writer_queue::{drain_batch, AppendJob};
+use factline_core::backend::{retention_cutoff, ExistingEvent, StoredContent};
 use factline_core::{
     AppendResult, Appended, CommandRecord, Limits, StorageError, StoreError, StreamId,
 };
@@ -36,6 +33,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
 use crate::error::pg_error;
+use crate::plan::{plan_batch, Commands, EventColumns, Head, NeedStoredIds, Plan};
 use crate::schema::Sql;
 
 /// Test hook run after a transaction has taken its positions and written
@@ -75,7 +73,7 @@ const MAX_KNOWN_STREAMS: usize = 100_000;
 
 /// Where the stream numbers of a relative plan start (new streams number
 /// upwards from here; real stream numbers are positive).
-const RELATIVE_STREAM_BASE: i64 = -(1 << 62);
+pub(crate) const RELATIVE_STREAM_BASE: i64 = -(1 << 62);
 
 /// The writer's connection with its statements prepared.
 pub(crate) struct Connection {
@@ -1065,256 +1063,4 @@ async fn find_events(
         );
     }
     Ok(stored)
-}
-
-/// The last position and stream number handed out.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Head {
-    pub last_position: u64,
-    pub last_stream_no: i64,
-}
-
-/// What one transaction writes, column by column, ready for `unnest`.
-pub(crate) struct EventColumns<'a> {
-    pub position: Vec<i64>,
-    pub stream_no: Vec<i64>,
-    pub version: Vec<i64>,
-    pub category: Vec<&'a str>,
-    pub event_id: Vec<Uuid>,
-    pub event_type: Vec<&'a str>,
-    pub data: Vec<&'a str>,
-    pub metadata: Vec<Option<&'a str>>,
-}
-
-impl EventColumns<'_> {
-    fn with_capacity(n: usize) -> Self {
-        EventColumns {
-            position: Vec::with_capacity(n),
-            stream_no: Vec::with_capacity(n),
-            version: Vec::with_capacity(n),
-            category: Vec::with_capacity(n),
-            event_id: Vec::with_capacity(n),
-            event_type: Vec::with_capacity(n),
-            data: Vec::with_capacity(n),
-            metadata: Vec::with_capacity(n),
-        }
-    }
-}
-
-#[derive(Default)]
-pub(crate) struct NewStreams<'a> {
-    pub stream_no: Vec<i64>,
-    pub stream_id: Vec<&'a str>,
-    pub category: Vec<&'a str>,
-}
-
-pub(crate) struct Plan<'a> {
-    pub outcomes: Vec<Result<Appended, StoreError>>,
-    /// Command records to store (only in plans made with [`Commands`]).
-    pub commands: Vec<CommandRecord>,
-    pub events: EventColumns<'a>,
-    pub new_streams: NewStreams<'a>,
-    /// Every stream the plan writes to: (id, number, version after).
-    pub streams: Vec<(&'a str, i64, u64)>,
-    pub head: Head,
-}
-
-impl Plan<'_> {
-    /// For a plan made relative to the head: how many events and new
-    /// streams it adds.
-    fn relative_size(&self) -> (i64, i64) {
-        (
-            self.head.last_position as i64,
-            self.head.last_stream_no - RELATIVE_STREAM_BASE,
-        )
-    }
-}
-
-/// The plan needs to know which of the batch's event ids are stored.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct NeedStoredIds;
-
-struct StreamState<'a> {
-    category: &'a str,
-    stream_no: i64,
-    version: u64,
-    /// Created by this batch.
-    created: bool,
-}
-
-/// The command records stored under a batch's keys, as looked up under the
-/// head lock, and the time that decides which are live.
-pub(crate) struct Commands {
-    pub stored: HashMap<String, CommandRecord>,
-    pub now: DateTime<Utc>,
-    pub retention: Duration,
-}
-
-/// Decides every append of the batch in memory, in queue order, as if they
-/// ran one after another: each sees the versions the earlier ones produced,
-/// and the command keys the earlier ones stored.
-///
-/// `streams` holds the stored state of the batch's streams; `stored` is
-/// where the batch's event ids are stored, when that has been looked up;
-/// `commands` the batch's stored command keys, when they have been looked
-/// up. Asks for them (`Err(NeedStoredIds)`) when an append cannot be
-/// decided without them.
-pub(crate) fn plan_batch<'a>(
-    batch: &'a [AppendJob],
-    skip: &[bool],
-    streams: &HashMap<String, (i64, u64)>,
-    stored: Option<&HashMap<Uuid, ExistingEvent>>,
-    commands: Option<&Commands>,
-    head: Head,
-) -> Result<Plan<'a>, NeedStoredIds> {
-    let mut states: HashMap<&'a str, StreamState<'a>> = HashMap::new();
-    // Events this batch writes, by id: a later append in the batch that
-    // repeats them is a retry of an earlier one.
-    let total_events = batch.iter().map(|j| j.events.len()).sum();
-    let mut written: HashMap<Uuid, (&StreamId, u64, u64, &EncodedEvent)> =
-        HashMap::with_capacity(total_events);
-    let mut events = EventColumns::with_capacity(total_events);
-    let mut outcomes = Vec::with_capacity(batch.len());
-    let mut new_commands: Vec<CommandRecord> = Vec::new();
-    let mut next = head;
-    for (index, job) in batch.iter().enumerate() {
-        if skip.get(index) == Some(&true) {
-            // Refused by an inline projection: the caller fills in why.
-            outcomes.push(Err(StoreError::invalid_input("skipped")));
-            continue;
-        }
-        if let Some(command) = &job.command {
-            let commands = commands.ok_or(NeedStoredIds)?;
-            let earlier = new_commands.iter().rev().find(|r| r.key == command.key);
-            let stored = earlier.or_else(|| commands.stored.get(&command.key));
-            match resolve_command(command, stored, commands.now, commands.retention) {
-                Ok(Some(record)) => {
-                    outcomes.push(Ok(Appended::Replayed(record)));
-                    continue;
-                }
-                Ok(None) => {}
-                Err(rejection) => {
-                    outcomes.push(Err(rejection));
-                    continue;
-                }
-            }
-        }
-        let stream = job.stream_id.as_str();
-        let current = states
-            .get(stream)
-            .map(|s| s.version)
-            .or_else(|| streams.get(stream).map(|&(_, version)| version))
-            .unwrap_or(0);
-        let satisfied = job.expected.is_satisfied_by(current);
-        let repeats_batch = job.events.iter().any(|e| written.contains_key(&e.event_id));
-        if stored.is_some() || !satisfied || repeats_batch {
-            // Maybe a retry of an append that already happened (S3).
-            let stored = stored.ok_or(NeedStoredIds)?;
-            let ids: Vec<Uuid> = job.events.iter().map(|e| e.event_id).collect();
-            let existing: Vec<Option<ExistingEvent>> = ids
-                .iter()
-                .map(|id| match written.get(id) {
-                    Some(&(stream_id, version, position, event)) => Some(ExistingEvent {
-                        stream_id: stream_id.clone(),
-                        version,
-                        position,
-                        content: StoredContent::of(event),
-                    }),
-                    None => stored.get(id).cloned(),
-                })
-                .collect();
-            match resolve_duplicates(
-                &job.stream_id,
-                job.expected,
-                current,
-                &job.events,
-                &existing,
-            ) {
-                Ok(Some(original)) => {
-                    outcomes.push(Ok(Appended::Written(original)));
-                    continue;
-                }
-                Err(rejection) => {
-                    outcomes.push(Err(rejection));
-                    continue;
-                }
-                Ok(None) if !satisfied => {
-                    outcomes.push(Err(StoreError::Conflict {
-                        stream_id: job.stream_id.clone(),
-                        expected: job.expected,
-                        actual: current,
-                    }));
-                    continue;
-                }
-                Ok(None) => {}
-            }
-        }
-        let state = states
-            .entry(stream)
-            .or_insert_with(|| match streams.get(stream) {
-                Some(&(stream_no, version)) => StreamState {
-                    category: job.stream_id.category(),
-                    stream_no,
-                    version,
-                    created: false,
-                },
-                None => {
-                    next.last_stream_no += 1;
-                    StreamState {
-                        category: job.stream_id.category(),
-                        stream_no: next.last_stream_no,
-                        version: 0,
-                        created: true,
-                    }
-                }
-            });
-        let category = job.stream_id.category();
-        let first_version = state.version + 1;
-        let first_position = next.last_position + 1;
-        for event in &job.events {
-            state.version += 1;
-            next.last_position += 1;
-            events.position.push(next.last_position as i64);
-            events.stream_no.push(state.stream_no);
-            events.version.push(state.version as i64);
-            events.category.push(category);
-            events.event_id.push(event.event_id);
-            events.event_type.push(&event.event_type);
-            events.data.push(&event.data);
-            events.metadata.push(event.metadata.as_deref());
-            written.insert(
-                event.event_id,
-                (&job.stream_id, state.version, next.last_position, event),
-            );
-        }
-        let result = AppendResult {
-            stream_id: job.stream_id.clone(),
-            first_version,
-            last_version: state.version,
-            first_position,
-            last_position: next.last_position,
-        };
-        if let (Some(command), Some(commands)) = (&job.command, commands) {
-            new_commands.push(new_command_record(job, command, &result, commands.now));
-        }
-        outcomes.push(Ok(Appended::Written(result)));
-    }
-    let mut new_streams = NewStreams::default();
-    let mut touched = Vec::with_capacity(states.len());
-    for (stream, state) in &states {
-        touched.push((*stream, state.stream_no, state.version));
-        if state.created {
-            new_streams.stream_no.push(state.stream_no);
-            new_streams.stream_id.push(stream);
-            new_streams.category.push(state.category);
-        }
-    }
-    Ok(Plan {
-        outcomes,
-        commands: new_commands,
-        events,
-        new_streams,
-        streams: touched,
-        head: next,
-    })
 }

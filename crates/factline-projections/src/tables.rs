@@ -275,3 +275,32 @@ pub(crate) fn may_write(
         (Mode::Rebuild, _) => Ok(false),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Partitions are stored (checkpoint keys name them, rebuilds assume
+    /// them): the hash must never change. Pinned to FNV-1a's published
+    /// vectors ("a" is 0xaf63dc4c8601ec8c, "foobar" 0x85944171f73967e8)
+    /// and to ids of every shape, computed apart from this code.
+    #[test]
+    fn partitions_are_fnv1a_and_never_change() {
+        let counts = [2, 4, 16, 256, 1000];
+        let golden: [(&str, [u32; 5]); 6] = [
+            ("a", [0, 0, 12, 140, 996]),
+            ("foobar", [0, 0, 8, 232, 968]),
+            ("Order-1", [1, 1, 13, 205, 877]),
+            ("Customer-c42", [1, 3, 11, 235, 323]),
+            ("Invoice-2026-0001", [1, 3, 7, 151, 63]),
+            ("Zürich-1", [0, 2, 2, 178, 858]),
+        ];
+        for (id, wanted) in golden {
+            let got = counts.map(|count| partition_of(id, count));
+            assert_eq!(got, wanted, "{id}");
+        }
+        assert_eq!(0xaf63_dc4c_8601_ec8c_u64 % 1000, 996);
+        assert_eq!(partition_of("anything", 1), 0);
+        assert_eq!(partition_of("anything", 0), 0, "no partitions is one");
+    }
+}

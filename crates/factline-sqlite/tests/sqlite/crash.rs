@@ -81,9 +81,10 @@ fn sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one() {
     let path = dir.path().join("crash.db");
     let mut acked: Vec<Value> = Vec::new();
     for round in 0..3 {
-        let mut child = factline_testkit::process::rerun(
+        let mut child = factline_testkit::process::rerun(&factline_testkit::process::test_name(
+            module_path!(),
             "sigkill_mid_commit_loses_no_acknowledged_append_and_leaves_no_partial_one",
-        )
+        ))
         .env(CHILD_DB, &path)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

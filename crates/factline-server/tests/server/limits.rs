@@ -2,7 +2,7 @@
 //! deadline for headers, caps on connections and subscriptions, and one
 //! JSON error shape for every refusal, the HTTP parser's own included.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

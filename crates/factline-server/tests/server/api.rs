@@ -1,6 +1,6 @@
 //! The HTTP API against every backend: append, read, subscribe, errors.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! PostgreSQL-specific behaviour: hole-free order under a held-open
 //! transaction, group commit, migrations, cross-process wake-ups.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -5,7 +5,7 @@
 //! read model equals the reference fold of the history. The test binary
 //! re-runs itself as the children.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read};
@@ -76,13 +76,16 @@ struct Worker {
 
 /// Starts child `id`; its `owner` lines go to `events` as (child, name).
 fn spawn(id: usize, url: &str, events: &mpsc::Sender<(usize, String, Instant)>) -> Worker {
-    let mut process = factline_testkit::process::rerun(TEST)
-        .env(CHILD, url)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
+    let mut process = factline_testkit::process::rerun(&factline_testkit::process::test_name(
+        module_path!(),
+        TEST,
+    ))
+    .env(CHILD, url)
+    .stdin(Stdio::piped())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::inherit())
+    .spawn()
+    .unwrap();
     let stdout = process.stdout.take().unwrap();
     let events = events.clone();
     std::thread::spawn(move || {

@@ -21,7 +21,7 @@ use serde_json::json;
 const ROLE: &str = "FACTLINE_TEST_OUTBOX_ROLE";
 
 fn child(test: &str, role: String) -> Child {
-    factline_testkit::process::rerun(test)
+    factline_testkit::process::rerun(&factline_testkit::process::test_name(module_path!(), test))
         .env(ROLE, role)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

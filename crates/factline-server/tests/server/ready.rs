@@ -1,7 +1,7 @@
 //! `/ready` follows the store: a stopped PostgreSQL makes it 503 while
 //! `/health` stays 200, and it recovers when the server is back.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

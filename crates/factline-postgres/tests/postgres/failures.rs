@@ -2,7 +2,7 @@
 //! crashed and restarted under load, and a connection cut right after the
 //! server committed, before the client heard so.
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -160,7 +160,10 @@ fn sqlite_projection_killed_repeatedly_applies_every_event_once() {
             Arc::new(factline_sqlite::SqliteStore::open(&path).unwrap());
         fill(&store).await;
     });
-    kill_repeatedly(TEST, &[(CHILD, dir.path().display().to_string())]);
+    kill_repeatedly(
+        &factline_testkit::process::test_name(module_path!(), TEST),
+        &[(CHILD, dir.path().display().to_string())],
+    );
     factline_testkit::runtime().block_on(async {
         let mut sink = SqliteSink::open(&path, Sums).unwrap();
         assert_eq!(sink.checkpoint().await.unwrap(), EVENTS);
@@ -199,7 +202,10 @@ fn postgres_projection_killed_repeatedly_applies_every_event_once() {
         );
         fill(&store).await;
     });
-    kill_repeatedly(TEST, &[(CHILD, db.url.clone())]);
+    kill_repeatedly(
+        &factline_testkit::process::test_name(module_path!(), TEST),
+        &[(CHILD, db.url.clone())],
+    );
     rt.block_on(async {
         let mut sink = PostgresSink::connect(&db.url, "read", Sums).await.unwrap();
         assert_eq!(sink.checkpoint().await.unwrap(), EVENTS);

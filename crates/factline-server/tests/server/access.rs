@@ -1,6 +1,6 @@
 //! Bearer tokens and scopes, request limits, and the metrics a scrape shows.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::Duration;

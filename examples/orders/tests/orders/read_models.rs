@@ -3,7 +3,7 @@
 //! each read model equals a fold of the full history computed here,
 //! independently, from the typed events.
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

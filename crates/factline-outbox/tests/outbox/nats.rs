@@ -365,12 +365,15 @@ fn a_relay_killed_10_times_delivers_every_event_exactly_once() {
     let mut rng = fastrand::Rng::with_seed(7);
     let mut kills = 0;
     while kills < 10 {
-        let mut child = factline_testkit::process::rerun(TEST)
-            .env(CHILD, format!("{} {}", path.display(), nats.url()))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
+        let mut child = factline_testkit::process::rerun(&factline_testkit::process::test_name(
+            module_path!(),
+            TEST,
+        ))
+        .env(CHILD, format!("{} {}", path.display(), nats.url()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
         let lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let kill_after = rng.usize(2..12);
         let mut busy_rounds = 0;

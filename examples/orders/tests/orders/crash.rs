@@ -4,7 +4,7 @@
 //! read model equals the reference fold of the full history. The test
 //! binary re-runs itself as the child.
 
-mod common;
+use crate::common;
 
 use factline_testkit::process::KillPlan;
 use std::sync::Arc;
@@ -109,7 +109,10 @@ fn sqlite_orders_projections_killed_20_times_equal_the_reference_fold() {
         let store = Arc::new(factline_sqlite::SqliteStore::open(&path).unwrap());
         fill(store, &rt)
     };
-    let commits = kill_repeatedly(TEST, (CHILD, dir.path().display().to_string()));
+    let commits = kill_repeatedly(
+        &factline_testkit::process::test_name(module_path!(), TEST),
+        (CHILD, dir.path().display().to_string()),
+    );
     let expected = reference(&history);
     assert!(expected.orders.len() > 70_000 && expected.customers.len() > 700);
     assert_eq!(read_sqlite(&path), expected);
@@ -129,7 +132,10 @@ fn postgres_orders_projections_killed_20_times_equal_the_reference_fold() {
         let store = rt.block_on(factline_postgres::PostgresStore::connect(&db.url));
         fill(Arc::new(store.unwrap()), &rt)
     };
-    let commits = kill_repeatedly(TEST, (CHILD, db.url.clone()));
+    let commits = kill_repeatedly(
+        &factline_testkit::process::test_name(module_path!(), TEST),
+        (CHILD, db.url.clone()),
+    );
     let expected = reference(&history);
     assert_eq!(rt.block_on(read_postgres(&db.url, SCHEMA)), expected);
     println!("{commits} commits over {KILLS} kills");

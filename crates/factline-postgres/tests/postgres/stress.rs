@@ -6,7 +6,7 @@
 //! The test re-runs its own binary as the child processes: with `CHILD_URL`
 //! set, the test function becomes a child that runs its writers and exits.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::process::{Command, Stdio};
@@ -113,12 +113,12 @@ fn sixteen_writers_in_three_processes_and_a_subscriber_agree_on_all() {
         let children: Vec<_> = [PARENT_WRITERS, PARENT_WRITERS + CHILD_WRITERS]
             .into_iter()
             .map(|first| {
+                let test = factline_testkit::process::test_name(
+                    module_path!(),
+                    "sixteen_writers_in_three_processes_and_a_subscriber_agree_on_all",
+                );
                 Command::new(std::env::current_exe().unwrap())
-                    .args([
-                        "--exact",
-                        "sixteen_writers_in_three_processes_and_a_subscriber_agree_on_all",
-                        "--nocapture",
-                    ])
+                    .args(["--exact", &test, "--nocapture"])
                     .env(CHILD_URL, &db.url)
                     .env(CHILD_FIRST_WRITER, first.to_string())
                     .stdout(Stdio::null())

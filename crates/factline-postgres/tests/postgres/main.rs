@@ -1,0 +1,10 @@
+//! The integration tests of `factline-postgres`, one test binary with a module
+//! per concept (each module says what it checks).
+
+#[macro_use]
+mod common;
+
+mod conformance;
+mod failures;
+mod postgres;
+mod stress;
