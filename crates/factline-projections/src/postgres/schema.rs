@@ -1,0 +1,196 @@
+//! The registry, checkpoint and lease tables of PostgreSQL and the statements
+//! on them.
+
+use super::*;
+
+/// The active version, with its registry row locked exclusively until the
+/// transaction ends, so a swap or discard and a batch of the old version
+/// cannot interleave. (Batches take the row shared, with a prepared
+/// statement of their own: partitions of one projection may commit side by
+/// side.)
+pub(super) async fn lock_active(
+    tx: &Transaction<'_>,
+    versions: &str,
+    name: &str,
+) -> Result<Option<Active>, tokio_postgres::Error> {
+    let row = tx
+        .query_opt(
+            &format!("SELECT active_version, tables FROM {versions} WHERE name = $1 FOR UPDATE"),
+            &[&name],
+        )
+        .await?;
+    Ok(row.map(|r| Active::parse(i64::from(r.get::<_, i32>(0)), r.get(1))))
+}
+
+pub(super) async fn register(
+    tx: &(impl tokio_postgres::GenericClient + Sync),
+    versions: &str,
+    name: &str,
+    tables: &Tables,
+) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        &format!(
+            "INSERT INTO {versions} (name, active_version, tables, swapped_at) VALUES ($1, $2, $3, now())
+             ON CONFLICT (name) DO UPDATE SET active_version = excluded.active_version,
+                 tables = excluded.tables, swapped_at = excluded.swapped_at"
+        ),
+        &[
+            &name,
+            &(tables.version() as i32),
+            &Active::tables_text(tables.logical()),
+        ],
+    )
+    .await
+    .map(|_| ())
+}
+
+pub(super) fn failure(name: &str, context: &str, e: tokio_postgres::Error) -> ProjectionError {
+    if is_transient(&e) {
+        return ProjectionError::Transient {
+            projection: name.to_owned(),
+            message: format!("{context}: {}", describe(&e)),
+        };
+    }
+    ProjectionError::read_model(name, factline_postgres::sql::storage_error(context, e))
+}
+
+pub(crate) use factline_postgres::sql::describe;
+/// A deadlock or serialization failure: the server aborted the
+/// transaction, and the same one may succeed when run again.
+pub(crate) use factline_postgres::sql::is_aborted_by_server as is_transient;
+
+/// The checkpoint rows of one version (`$1`, its unpartitioned key): one,
+/// or one per partition.
+pub(super) const VERSION_CHECKPOINTS: &str = "(name = $1 OR starts_with(name, $1 || '#'))";
+
+/// A projection's refusal of an event; a deadlock or serialization
+/// failure behind it is no refusal and is run again.
+pub(super) fn refused(name: &str, position: u64, refusal: ApplyError) -> ProjectionError {
+    let projection = name.to_owned();
+    match refusal.is_transient() {
+        true => ProjectionError::Transient {
+            projection,
+            message: refusal.into_message(),
+        },
+        false => ProjectionError::Apply {
+            projection,
+            position,
+            message: refusal.into_message(),
+        },
+    }
+}
+
+/// How often a batch the server aborted (deadlock, serialization failure)
+/// is run again before the runner is told.
+pub(super) const TRANSIENT_ATTEMPTS: u32 = 8;
+
+pub(super) fn save_checkpoint_sql(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} (name, position, updated_at) VALUES ($1, $2, now())
+         ON CONFLICT (name) DO UPDATE SET position = excluded.position,
+                                          updated_at = excluded.updated_at"
+    )
+}
+
+/// Moves a checkpoint only from where the sink last saw it (`$3`), so two
+/// runners of one projection can never both apply a batch: the second
+/// waits on the row (or on the first's insert) and then finds it moved.
+pub(super) fn move_checkpoint_sql(table: &str) -> String {
+    format!(
+        "INSERT INTO {table} AS c (name, position, updated_at) VALUES ($1, $2, now())
+         ON CONFLICT (name) DO UPDATE SET position = excluded.position,
+                                          updated_at = excluded.updated_at
+         WHERE c.position = $3"
+    )
+}
+
+/// The tables every read-model schema has: checkpoints, parked events,
+/// versions and controls.
+pub(super) fn read_model_ddl(schema: &str) -> String {
+    let checkpoints = format!("\"{schema}\".projection_checkpoints");
+    format!(
+        "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
+             CREATE TABLE IF NOT EXISTS {checkpoints} (
+                 name       text        PRIMARY KEY,
+                 position   bigint      NOT NULL,
+                 updated_at timestamptz NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_parked_events (
+                 projection text        NOT NULL,
+                 version    integer     NOT NULL,
+                 position   bigint      NOT NULL,
+                 stream_id  text        NOT NULL,
+                 event_id   text        NOT NULL,
+                 event_type text        NOT NULL,
+                 error      text        NOT NULL,
+                 attempts   integer     NOT NULL,
+                 state      text        NOT NULL,
+                 parked_at  timestamptz NOT NULL,
+                 PRIMARY KEY (projection, version, position)
+             );
+             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_versions (
+                 name           text        PRIMARY KEY,
+                 active_version integer     NOT NULL,
+                 tables         text        NOT NULL,
+                 swapped_at     timestamptz NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_controls (
+                 name       text        PRIMARY KEY,
+                 paused     boolean     NOT NULL,
+                 updated_at timestamptz NOT NULL
+             );"
+    )
+}
+
+/// A connection named after `name`, with `<schema>.projection_checkpoints`
+/// created if missing; returns the client and the table's quoted name.
+pub(super) async fn connect_with_checkpoints(
+    url: &str,
+    schema: &str,
+    name: &str,
+) -> Result<(Client, String), ProjectionError> {
+    let failed = |message: String| ProjectionError::read_model(name, StorageError::new(message));
+    let schema_ok = !schema.is_empty()
+        && schema.len() <= 50
+        && schema
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !schema.starts_with(|c: char| c.is_ascii_digit());
+    if !schema_ok {
+        return Err(ProjectionError::invalid(
+            name,
+            format!("schema name {schema:?} must be 1 to 50 lower-case letters, digits or _"),
+        ));
+    }
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| failed(format!("invalid PostgreSQL connection string: {e}")))?;
+    config.application_name(format!("factline projection {name}"));
+    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+        ProjectionError::read_model(
+            name,
+            factline_postgres::sql::storage_error("connecting the read model", e),
+        )
+    })?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "projection connection ended");
+        }
+    });
+    let checkpoints = format!("\"{schema}\".projection_checkpoints");
+    client
+        .batch_execute(&read_model_ddl(schema))
+        .await
+        .or_else(|e| {
+            // Two runners creating the table at once: one wins.
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                Ok(())
+            } else {
+                Err(ProjectionError::read_model(
+                    name,
+                    factline_postgres::sql::storage_error("creating the checkpoint table", e),
+                ))
+            }
+        })?;
+    Ok((client, checkpoints))
+}
