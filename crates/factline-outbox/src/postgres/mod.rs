@@ -1,7 +1,9 @@
 //! The outbox and inbox on PostgreSQL.
 
+mod connect;
 pub mod inbox;
 mod outbox;
+mod schema;
 
 pub use outbox::PostgresOutbox;
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::quote_ident;
+use super::connect::*;
 use crate::db::*;
 use crate::message::StoredEvent;
 use crate::{OutboxError, Publication, LANES};
@@ -16,21 +16,21 @@ use crate::{OutboxError, Publication, LANES};
 /// The outbox in a PostgreSQL store's schema, on a connection of its own.
 pub struct PostgresOutbox {
     /// Marks, leases and configuration.
-    client: tokio::sync::Mutex<tokio_postgres::Client>,
+    pub(super) client: tokio::sync::Mutex<tokio_postgres::Client>,
     /// Fetches, so a batch is fetched while the last one is being marked.
-    reader: tokio::sync::Mutex<tokio_postgres::Client>,
+    pub(super) reader: tokio::sync::Mutex<tokio_postgres::Client>,
     /// The relay's statements, prepared once per connection.
-    lanes_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
-    pending_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
-    mark_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
-    streams_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
+    pub(super) lanes_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
+    pub(super) pending_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
+    pub(super) mark_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
+    pub(super) streams_sql: tokio::sync::OnceCell<tokio_postgres::Statement>,
     /// Stream ids by number and publications by id, for the fetches: both
     /// never change once written, and joining them in cost the server
     /// more than the rest of the fetch.
-    stream_ids: Mutex<HashMap<i64, String>>,
-    templates: Mutex<HashMap<i64, Publication>>,
-    schema: String,
-    connections: Vec<tokio::task::JoinHandle<()>>,
+    pub(super) stream_ids: Mutex<HashMap<i64, String>>,
+    pub(super) templates: Mutex<HashMap<i64, Publication>>,
+    pub(super) schema: String,
+    pub(super) connections: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for PostgresOutbox {
@@ -39,291 +39,6 @@ impl Drop for PostgresOutbox {
             connection.abort();
         }
     }
-}
-
-async fn pg_connect(
-    url: &str,
-) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), OutboxError> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    let connection = tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::warn!(error = %e, "the outbox's database connection ended");
-        }
-    });
-    Ok((client, connection))
-}
-
-fn postgres_tables(s: &str) -> String {
-    format!(
-        "CREATE TABLE IF NOT EXISTS {s}.outbox_publications (
-             id         bigserial   PRIMARY KEY,
-             category   text,
-             event_type text,
-             subject    text        NOT NULL,
-             key        text        NOT NULL,
-             created_at timestamptz NOT NULL DEFAULT now()
-         );
-         CREATE TABLE IF NOT EXISTS {s}.outbox_parked (
-             position  bigint      PRIMARY KEY,
-             error     text        NOT NULL,
-             parked_at timestamptz NOT NULL DEFAULT now()
-         );
-         CREATE TABLE IF NOT EXISTS {s}.outbox (
-             position     bigint      PRIMARY KEY,
-             stream_no    bigint      NOT NULL,
-             lane         integer     NOT NULL,
-             publication  bigint      NOT NULL,
-             created_at   timestamptz NOT NULL,
-             published_at timestamptz,
-             attempts     integer     NOT NULL DEFAULT 0,
-             last_error   text
-         );
-         -- Published records leave the outbox for this log, one row per
-         -- mark: deleting a record and appending one row per batch costs
-         -- the database less than updating every record, and retention
-         -- then deletes a few rows instead of many records.
-         CREATE TABLE IF NOT EXISTS {s}.outbox_done (
-             id           bigserial   PRIMARY KEY,
-             positions    bigint[]    NOT NULL,
-             published_at timestamptz NOT NULL
-         );
-         CREATE INDEX IF NOT EXISTS outbox_done_at ON {s}.outbox_done (published_at);
-         -- Records marked by an earlier version, moved once.
-         WITH moved AS (DELETE FROM {s}.outbox WHERE published_at IS NOT NULL
-                        RETURNING position, published_at)
-         INSERT INTO {s}.outbox_done (positions, published_at)
-         SELECT array_agg(position ORDER BY position), date_trunc('second', published_at)
-         FROM moved GROUP BY 2;
-         CREATE TABLE IF NOT EXISTS {s}.outbox_lanes (
-             lane       integer     PRIMARY KEY,
-             holder     text,
-             expires_at timestamptz NOT NULL DEFAULT 'epoch'
-         );
-         INSERT INTO {s}.outbox_lanes (lane) SELECT generate_series(0, {last}) ON CONFLICT DO NOTHING;
-         CREATE TABLE IF NOT EXISTS {s}.outbox_relays (
-             relay   text        PRIMARY KEY,
-             seen_at timestamptz NOT NULL
-         );
-         -- One statement's new events, in one INSERT: appends write events
-         -- in a few set-based statements, so the trigger runs per statement.
-         CREATE OR REPLACE FUNCTION {s}.outbox_capture() RETURNS trigger LANGUAGE plpgsql AS $body$
-         BEGIN
-             INSERT INTO {s}.outbox (position, stream_no, lane, publication, created_at)
-             SELECT n.position, n.stream_no, (n.stream_no % {LANES})::integer, p.id, n.recorded_at
-             FROM new_events n
-             CROSS JOIN LATERAL (
-                 SELECT id FROM {s}.outbox_publications p
-                 WHERE (p.category IS NULL OR p.category = n.category)
-                   AND (p.event_type IS NULL OR p.event_type = n.event_type)
-                 ORDER BY p.id LIMIT 1) p;
-             RETURN NULL;
-         END
-         $body$;",
-        last = LANES - 1
-    )
-}
-
-/// Lane checkpoints, added to the tables above (and to those of earlier
-/// versions): `upto` is the position at or below which every record of
-/// the lane is published. Marking a batch then updates a few lane rows
-/// instead of every record, and records under the checkpoint stay in
-/// the outbox until retention. Positions come in commit order without
-/// holes, so a relay that fetched and was acknowledged everything of a
-/// lane up to a position knows nothing below it can still turn up.
-fn postgres_checkpoints(s: &str) -> String {
-    format!(
-        "ALTER TABLE {s}.outbox_lanes ADD COLUMN IF NOT EXISTS upto bigint NOT NULL DEFAULT 0;
-         -- One row per mark that moved checkpoints: retention finds what
-         -- was published before its cutoff here.
-         CREATE TABLE IF NOT EXISTS {s}.outbox_marks (
-             id           bigserial   PRIMARY KEY,
-             lanes        integer[]   NOT NULL,
-             uptos        bigint[]    NOT NULL,
-             published_at timestamptz NOT NULL
-         );
-         CREATE INDEX IF NOT EXISTS outbox_marks_at ON {s}.outbox_marks (published_at);
-         CREATE INDEX IF NOT EXISTS outbox_lane_position ON {s}.outbox (lane, position);
-         -- Every record in the outbox is unpublished or under a checkpoint:
-         -- these indexes of the mark-in-place days only cost the appends.
-         DROP INDEX IF EXISTS {s}.outbox_unpublished;
-         DROP INDEX IF EXISTS {s}.outbox_published;"
-    )
-}
-
-impl PostgresOutbox {
-    /// Connects to the outbox of the store in `schema` (which must exist:
-    /// the store creates it), creating its tables if needed.
-    pub async fn connect(url: &str, schema: &str) -> Result<Self, OutboxError> {
-        let (mut client, connection) = pg_connect(url).await?;
-        let s = quote_ident(schema);
-        let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
-            &[&format!("factline-outbox-setup:{schema}")],
-        )
-        .await?;
-        let has_events: bool = tx
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM information_schema.tables
-                                WHERE table_schema = $1 AND table_name = 'events')",
-                &[&schema],
-            )
-            .await?
-            .get(0);
-        if !has_events {
-            return Err(OutboxError::InvalidInput(format!(
-                "the schema {schema:?} holds no factline store"
-            )));
-        }
-        // Once set up, nothing is taken: the setup's DDL locks the outbox
-        // tables, and against a running relay's marks that can deadlock.
-        let set_up: (bool, bool) = {
-            let row = tx
-                .query_one(
-                    "SELECT to_regclass(quote_ident($1) || '.outbox_done') IS NOT NULL,
-                            to_regclass(quote_ident($1) || '.outbox_marks') IS NOT NULL",
-                    &[&schema],
-                )
-                .await?;
-            (row.get(0), row.get(1))
-        };
-        if !set_up.0 {
-            tx.batch_execute(&postgres_tables(&s)).await?;
-        }
-        if !set_up.0 || !set_up.1 {
-            tx.batch_execute(&postgres_checkpoints(&s)).await?;
-        }
-        tx.commit().await?;
-        // A mark lost in a crash republishes its records (which sinks
-        // deduplicate), and a lost lease renewal only expires sooner: no
-        // commit of this connection needs to wait for the disk.
-        client.batch_execute("SET synchronous_commit = off").await?;
-        let (reader, reader_connection) = pg_connect(url).await?;
-        // The reader's statements are prepared once and their best plans do
-        // not depend on the values bound: planning the fetch afresh on every
-        // call (PostgreSQL's custom plans) cost a third of its execution.
-        reader
-            .batch_execute("SET plan_cache_mode = force_generic_plan")
-            .await?;
-        Ok(PostgresOutbox {
-            client: tokio::sync::Mutex::new(client),
-            reader: tokio::sync::Mutex::new(reader),
-            lanes_sql: tokio::sync::OnceCell::new(),
-            pending_sql: tokio::sync::OnceCell::new(),
-            mark_sql: tokio::sync::OnceCell::new(),
-            streams_sql: tokio::sync::OnceCell::new(),
-            stream_ids: Mutex::default(),
-            templates: Mutex::default(),
-            schema: s,
-            connections: vec![connection, reader_connection],
-        })
-    }
-
-    async fn publications_in(
-        client: &impl tokio_postgres::GenericClient,
-        s: &str,
-    ) -> Result<Vec<Publication>, OutboxError> {
-        let rows = client
-            .query(
-                &format!(
-                    "SELECT id, category, event_type, subject, key FROM {s}.outbox_publications ORDER BY id"
-                ),
-                &[],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|r| Publication {
-                id: r.get(0),
-                category: r.get(1),
-                event_type: r.get(2),
-                subject: r.get(3),
-                key: r.get(4),
-            })
-            .collect())
-    }
-}
-
-/// A statement of `cell`, prepared on `client` the first time.
-async fn prepared<'a>(
-    cell: &'a tokio::sync::OnceCell<tokio_postgres::Statement>,
-    client: &tokio_postgres::Client,
-    sql: impl FnOnce() -> String,
-) -> Result<&'a tokio_postgres::Statement, tokio_postgres::Error> {
-    cell.get_or_try_init(|| async { client.prepare(&sql()).await })
-        .await
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, OutboxError> {
-    mutex
-        .lock()
-        .map_err(|_| OutboxError::internal("an outbox cache was poisoned".to_owned()))
-}
-
-/// Entries a cache holds before it starts over.
-const CACHE_LIMIT: usize = 100_000;
-
-impl PostgresOutbox {
-    /// Reads the ids of the streams in `rows` (column 1) not yet known.
-    async fn learn_streams(
-        &self,
-        client: &tokio_postgres::Client,
-        rows: &[tokio_postgres::Row],
-    ) -> Result<(), OutboxError> {
-        let unknown: Vec<i64> = {
-            let known = lock(&self.stream_ids)?;
-            let mut unknown: Vec<i64> = rows
-                .iter()
-                .map(|r| r.get::<_, i64>(1))
-                .filter(|no| !known.contains_key(no))
-                .collect();
-            unknown.sort_unstable();
-            unknown.dedup();
-            unknown
-        };
-        if unknown.is_empty() {
-            return Ok(());
-        }
-        let s = &self.schema;
-        let streams_sql = prepared(&self.streams_sql, client, || {
-            format!("SELECT stream_no, stream_id FROM {s}.streams WHERE stream_no = ANY($1)")
-        })
-        .await?;
-        let found = client.query(streams_sql, &[&unknown]).await?;
-        let mut known = lock(&self.stream_ids)?;
-        if known.len() + found.len() > CACHE_LIMIT {
-            known.clear();
-        }
-        for row in &found {
-            known.insert(row.get(0), row.get(1));
-        }
-        Ok(())
-    }
-
-    /// Reloads the publications when `rows` (column 3) name one not known.
-    async fn learn_templates(
-        &self,
-        client: &tokio_postgres::Client,
-        rows: &[tokio_postgres::Row],
-    ) -> Result<(), OutboxError> {
-        let complete = {
-            let known = lock(&self.templates)?;
-            rows.iter().all(|r| known.contains_key(&r.get::<_, i64>(3)))
-        };
-        if complete {
-            return Ok(());
-        }
-        let publications = Self::publications_in(client, &self.schema).await?;
-        let mut known = lock(&self.templates)?;
-        for publication in publications {
-            known.insert(publication.id, publication);
-        }
-        Ok(())
-    }
-}
-
-fn pg_positions(positions: &[u64]) -> Vec<i64> {
-    positions.iter().map(|&p| p as i64).collect()
 }
 
 #[async_trait]

@@ -1,7 +1,7 @@
 //! The outbox in a SQLite store's file (see `db.rs` for the trigger and the
 //! contract both backends keep).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -9,180 +9,20 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::connect::*;
+use super::schema::*;
 use crate::db::*;
 use crate::message::StoredEvent;
-use crate::{OutboxError, Publication, DEFAULT_KEY, DEFAULT_SUBJECT, LANES};
+use crate::{OutboxError, Publication, DEFAULT_KEY, DEFAULT_SUBJECT};
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
 /// The outbox in a SQLite store's file, on connections of its own: one
 /// that reads records, one that writes marks and leases. A mark waiting
 /// for the store's write lock never holds up the next fetch.
 pub struct SqliteOutbox {
-    reader: Arc<Mutex<Connection>>,
-    writer: Arc<Mutex<Connection>>,
-    path: PathBuf,
-}
-
-fn sqlite_connection(path: &Path) -> Result<Connection, OutboxError> {
-    factline_core::backend::create_private_file(path)
-        .map_err(|e| OutboxError::internal(format!("creating {}: {e}", path.display())))?;
-    let mut conn = Connection::open(path)?;
-    // SQLite's own busy handler backs off to 100 ms sleeps; under a busy
-    // writer a mark or heartbeat would stall the relay that long. Look
-    // again every millisecond instead, for up to 10 s.
-    conn.busy_handler(Some(|attempt: i32| {
-        std::thread::sleep(Duration::from_millis(1));
-        attempt < 10_000
-    }))?;
-    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))?;
-    // A lost last mark republishes a record, which sinks deduplicate.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    Ok(conn)
-}
-
-const SQLITE_TABLES: &str = "
-    CREATE TABLE IF NOT EXISTS outbox_publications (
-        id         INTEGER PRIMARY KEY,
-        category   TEXT,
-        event_type TEXT,
-        subject    TEXT    NOT NULL,
-        key        TEXT    NOT NULL,
-        created_at INTEGER NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS outbox (
-        position     INTEGER PRIMARY KEY,
-        stream_no    INTEGER NOT NULL,
-        lane         INTEGER NOT NULL,
-        publication  INTEGER NOT NULL,
-        created_at   INTEGER NOT NULL,
-        published_at INTEGER,
-        attempts     INTEGER NOT NULL DEFAULT 0,
-        last_error   TEXT
-    );
-    CREATE INDEX IF NOT EXISTS outbox_unpublished ON outbox (position) WHERE published_at IS NULL;
-    CREATE INDEX IF NOT EXISTS outbox_published ON outbox (published_at) WHERE published_at IS NOT NULL;
-    CREATE TABLE IF NOT EXISTS outbox_lanes (
-        lane       INTEGER PRIMARY KEY,
-        holder     TEXT,
-        expires_at INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE IF NOT EXISTS outbox_parked (
-        position  INTEGER PRIMARY KEY,
-        error     TEXT    NOT NULL,
-        parked_at INTEGER NOT NULL
-    );
-    CREATE TABLE IF NOT EXISTS outbox_relays (
-        relay   TEXT    PRIMARY KEY,
-        seen_at INTEGER NOT NULL
-    );";
-
-/// Runs inside the append's statement: the first matching publication
-/// (lowest id) decides the record.
-fn sqlite_trigger() -> String {
-    format!(
-        "CREATE TRIGGER IF NOT EXISTS outbox_capture AFTER INSERT ON events
-         BEGIN
-             INSERT INTO outbox (position, stream_no, lane, publication, created_at)
-             SELECT NEW.position, NEW.stream_no, NEW.stream_no % {LANES}, p.id, NEW.recorded_at
-             FROM outbox_publications p
-             WHERE (p.category IS NULL OR p.category = NEW.category)
-               AND (p.event_type IS NULL OR p.event_type = NEW.event_type)
-             ORDER BY p.id LIMIT 1;
-         END;"
-    )
-}
-
-impl SqliteOutbox {
-    /// Opens the outbox of the store at `path` (which must exist: the
-    /// store creates its events table), creating its tables if needed.
-    pub fn open(path: impl AsRef<Path>) -> Result<Self, OutboxError> {
-        let path = path.as_ref().to_path_buf();
-        if !path.exists() {
-            return Err(OutboxError::InvalidInput(format!(
-                "{} does not exist: open the store there first",
-                path.display()
-            )));
-        }
-        let mut conn = sqlite_connection(&path)?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let has_events: bool = tx.query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'events')",
-            [],
-            |r| r.get(0),
-        )?;
-        if !has_events {
-            return Err(OutboxError::InvalidInput(format!(
-                "{} holds no factline store",
-                path.display()
-            )));
-        }
-        tx.execute_batch(SQLITE_TABLES)?;
-        tx.execute(
-            &format!(
-                "WITH RECURSIVE n(lane) AS (SELECT 0 UNION ALL SELECT lane + 1 FROM n WHERE lane < {})
-                 INSERT OR IGNORE INTO outbox_lanes (lane) SELECT lane FROM n",
-                LANES - 1
-            ),
-            [],
-        )?;
-        tx.commit()?;
-        Ok(SqliteOutbox {
-            reader: Arc::new(Mutex::new(sqlite_connection(&path)?)),
-            writer: Arc::new(Mutex::new(conn)),
-            path,
-        })
-    }
-
-    /// The store file the outbox lives in.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Runs `work` on the writing connection.
-    async fn run<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
-    ) -> Result<T, OutboxError> {
-        Self::on(self.writer.clone(), work).await
-    }
-
-    /// Runs `work` on the reading connection.
-    async fn read<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
-    ) -> Result<T, OutboxError> {
-        Self::on(self.reader.clone(), work).await
-    }
-
-    async fn on<T: Send + 'static>(
-        conn: Arc<Mutex<Connection>>,
-        work: impl FnOnce(&mut Connection) -> Result<T, OutboxError> + Send + 'static,
-    ) -> Result<T, OutboxError> {
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn
-                .lock()
-                .map_err(|_| OutboxError::internal("the outbox connection was poisoned"))?;
-            work(&mut conn)
-        })
-        .await
-        .map_err(|e| OutboxError::internal(format!("an outbox task failed: {e}")))?
-    }
-}
-
-fn sqlite_publications(conn: &Connection) -> rusqlite::Result<Vec<Publication>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, category, event_type, subject, key FROM outbox_publications ORDER BY id",
-    )?;
-    let rows = stmt.query_map([], |r| {
-        Ok(Publication {
-            id: r.get(0)?,
-            category: r.get(1)?,
-            event_type: r.get(2)?,
-            subject: r.get(3)?,
-            key: r.get(4)?,
-        })
-    })?;
-    rows.collect()
+    pub(super) reader: Arc<Mutex<Connection>>,
+    pub(super) writer: Arc<Mutex<Connection>>,
+    pub(super) path: PathBuf,
 }
 
 #[async_trait]
