@@ -14,8 +14,8 @@ use factline_core::{StorageError, StoreError};
 use futures_util::SinkExt;
 use tokio_postgres::{Client, NoTls, Statement};
 
-use crate::error::pg_error;
 use crate::schema::{quote_ident, validate_schema_name};
+use crate::sql::pg_error;
 
 /// How the baseline writes its rows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -14,10 +14,12 @@
 #![warn(missing_docs)]
 
 pub mod baseline;
-mod error;
+mod commands;
+mod config;
+mod head;
 mod inline;
-mod listener;
 mod plan;
+mod reader;
 mod schema;
 pub mod sql;
 mod writer;
@@ -27,81 +29,27 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
+use chrono::Utc;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use factline_core::backend::retention_cutoff;
 use factline_core::backend::writer_queue::{submit_append, submit_command, AppendJob};
 use factline_core::{
     AppendResult, Appended, CommandKey, CommandRecord, Direction, EventData, EventStore,
-    ExpectedVersion, JsonText, Limits, Metadata, ReadStream, RecordedEvent, Snapshot, StorageError,
+    ExpectedVersion, JsonText, Limits, ReadStream, RecordedEvent, Snapshot, StorageError,
     StoreError, StreamFilter, StreamId, Subscription, Tally,
 };
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::Row;
 
+pub use config::PostgresConfig;
 pub use inline::InlineProjection;
 pub use schema::SCHEMA_VERSION;
 pub use writer::CommitGate;
 
-use error::{pg_error, pool_error};
+use commands::decode_command;
+use reader::{decode_event, sql_limit, sql_u64};
 use schema::Sql;
-
-/// How to connect to PostgreSQL and size the store's writer and pool.
-#[derive(Clone)]
-#[non_exhaustive]
-pub struct PostgresConfig {
-    /// A libpq-style connection string: `postgres://user:password@host:port/db`
-    /// or `host=… dbname=…`.
-    pub url: String,
-    /// The PostgreSQL schema factline's tables live in; created if missing.
-    pub schema: String,
-    /// Most connections the read pool opens. The writer and the listener
-    /// have one connection each besides.
-    pub pool_size: usize,
-    /// What appends may hold.
-    pub limits: Limits,
-    /// Most events the writer puts in one group-commit transaction.
-    pub max_batch_events: usize,
-    /// Appends that may wait for the writer before callers are held back.
-    pub queue_capacity: usize,
-    /// How long opening a connection, or waiting for a pooled one, may take.
-    pub connect_timeout: Duration,
-    /// The server ends a writer transaction idle this long, so a stalled
-    /// process cannot hold up every other process's appends.
-    pub idle_in_transaction_timeout: Duration,
-    /// Test hook: runs before each COMMIT; see [`CommitGate`].
-    #[doc(hidden)]
-    pub commit_gate: Option<CommitGate>,
-}
-
-impl std::fmt::Debug for PostgresConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        // The URL may hold a password.
-        f.debug_struct("PostgresConfig")
-            .field("schema", &self.schema)
-            .field("pool_size", &self.pool_size)
-            .field("limits", &self.limits)
-            .field("max_batch_events", &self.max_batch_events)
-            .finish_non_exhaustive()
-    }
-}
-
-impl PostgresConfig {
-    /// The defaults for the database at `url`, in the `factline` schema.
-    pub fn new(url: impl Into<String>) -> Self {
-        PostgresConfig {
-            url: url.into(),
-            schema: "factline".to_string(),
-            pool_size: 16,
-            limits: Limits::default(),
-            max_batch_events: 20_000,
-            queue_capacity: 4096,
-            connect_timeout: Duration::from_secs(5),
-            idle_in_transaction_timeout: Duration::from_secs(60),
-            commit_gate: None,
-        }
-    }
-}
+use sql::{pg_error, pool_error};
 
 /// Counts of the writer's work, for tests and benchmarks.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -224,7 +172,7 @@ impl PostgresStore {
         };
         tokio::spawn(writer.run(jobs));
         let (stop_listener, stopped) = oneshot::channel();
-        let listener = listener::Listener {
+        let listener = head::Listener {
             pg_config: named("listener"),
             channel: sql.channel.clone(),
             head_sql: sql.head.clone(),
@@ -323,67 +271,6 @@ impl PostgresStore {
         }
         Ok(events)
     }
-}
-
-/// PostgreSQL integers are signed; a limit beyond `i64::MAX` means "no limit".
-fn sql_limit(limit: usize) -> i64 {
-    i64::try_from(limit).unwrap_or(i64::MAX)
-}
-
-fn sql_u64(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-fn decode_event(row: &Row) -> Result<RecordedEvent, StoreError> {
-    let position = row.get::<_, i64>(0) as u64;
-    let corrupt = |what: String| -> StoreError {
-        StorageError::new(format!(
-            "the event at position {position} is corrupt: {what}"
-        ))
-        .into()
-    };
-    let stream_id =
-        StreamId::new(row.get::<_, String>(1)).map_err(|e| corrupt(format!("stream id: {e}")))?;
-    let data: &str = row.get(5);
-    let metadata: Option<&str> = row.get(6);
-    Ok(RecordedEvent {
-        stream_id,
-        version: row.get::<_, i64>(2) as u64,
-        position,
-        event_id: row.get(3),
-        event_type: row.get(4),
-        data: JsonText::parse(data).map_err(|e| corrupt(format!("data: {e}")))?,
-        metadata: match metadata {
-            None => Metadata::default(),
-            Some(text) => {
-                serde_json::from_str(text).map_err(|e| corrupt(format!("metadata: {e}")))?
-            }
-        },
-        recorded_at: row.get::<_, DateTime<Utc>>(7),
-    })
-}
-
-/// A row of `find_commands`.
-pub(crate) fn decode_command(row: &Row) -> Result<CommandRecord, StoreError> {
-    let key: String = row.get(0);
-    let stream_id = StreamId::new(row.get::<_, String>(2)).map_err(|e| {
-        StorageError::new(format!(
-            "the record of command key {key:?} has a corrupt stream id: {e}"
-        ))
-    })?;
-    Ok(CommandRecord {
-        fingerprint: row.get(1),
-        result: AppendResult {
-            stream_id,
-            first_version: row.get::<_, i64>(3) as u64,
-            last_version: row.get::<_, i64>(4) as u64,
-            first_position: row.get::<_, i64>(5) as u64,
-            last_position: row.get::<_, i64>(6) as u64,
-        },
-        event_ids: row.get(7),
-        recorded_at: row.get(8),
-        key,
-    })
 }
 
 #[async_trait]

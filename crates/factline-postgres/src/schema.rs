@@ -4,7 +4,7 @@
 use factline_core::{StorageError, StoreError};
 use tokio_postgres::Client;
 
-use crate::error::pg_error;
+use crate::sql::pg_error;
 
 /// The schema version this build writes.
 pub const SCHEMA_VERSION: i32 = 2;

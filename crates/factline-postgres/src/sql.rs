@@ -5,7 +5,7 @@
 
 use std::error::Error as _;
 
-use factline_core::StorageError;
+use factline_core::{StorageError, StoreError};
 use tokio_postgres::error::SqlState;
 
 /// `name` as a quoted SQL identifier (`"a""b"` for `a"b`).
@@ -73,6 +73,28 @@ pub fn storage_error(context: &str, error: tokio_postgres::Error) -> StorageErro
         storage.retryable()
     } else {
         storage
+    }
+}
+
+/// A storage error for a failed database call, marked retryable when the
+/// same call may succeed later (lost connection, server restarting,
+/// serialization failure, too many connections).
+pub(crate) fn pg_error(context: &str, error: tokio_postgres::Error) -> StoreError {
+    storage_error(context, error).into()
+}
+
+pub(crate) fn pool_error(context: &str, error: deadpool_postgres::PoolError) -> StoreError {
+    use deadpool_postgres::PoolError;
+    match error {
+        PoolError::Backend(e) => pg_error(context, e),
+        // Waiting for a free connection or for a new one timed out: the
+        // server is slow, overloaded or down, all of which may pass.
+        other @ (PoolError::Timeout(_) | PoolError::Closed) => {
+            StorageError::with_source(format!("{context}: {other}"), other)
+                .retryable()
+                .into()
+        }
+        other => StorageError::with_source(format!("{context}: {other}"), other).into(),
     }
 }
 

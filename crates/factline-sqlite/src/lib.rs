@@ -12,17 +12,17 @@
 pub mod baseline;
 mod checkpoint;
 mod commands;
-mod head_poll;
+mod config;
+mod head;
 mod inline;
 mod reader;
 mod schema;
 pub mod sql;
 mod writer;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::Utc;
@@ -30,90 +30,15 @@ use factline_core::backend::retention_cutoff;
 use factline_core::backend::writer_queue::{submit_append, submit_command, AppendJob};
 use factline_core::{
     AppendResult, Appended, CommandKey, CommandRecord, EventData, EventStore, ExpectedVersion,
-    JsonText, Limits, ReadStream, RecordedEvent, Snapshot, StorageError, StoreError, StreamFilter,
+    JsonText, ReadStream, RecordedEvent, Snapshot, StorageError, StoreError, StreamFilter,
     StreamId, Subscription, Tally,
 };
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, watch};
 
+pub use config::{SqliteConfig, Synchronous};
 pub use inline::InlineProjection;
 pub use schema::SCHEMA_VERSION;
-
-/// SQLite's `synchronous` setting: how hard a commit waits for the disk.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum Synchronous {
-    /// No fsync: fast, and a power loss may lose recent commits or worse.
-    Off,
-    /// In WAL mode a power loss may lose the latest commits, never corrupts.
-    Normal,
-    /// Every commit is fsynced before it is acknowledged.
-    #[default]
-    Full,
-}
-
-impl Synchronous {
-    fn pragma_value(self) -> &'static str {
-        match self {
-            Synchronous::Off => "OFF",
-            Synchronous::Normal => "NORMAL",
-            Synchronous::Full => "FULL",
-        }
-    }
-}
-
-impl std::str::FromStr for Synchronous {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.to_ascii_lowercase().as_str() {
-            "off" => Ok(Synchronous::Off),
-            "normal" => Ok(Synchronous::Normal),
-            "full" => Ok(Synchronous::Full),
-            _ => Err(format!(
-                "invalid synchronous mode {s:?}: use off, normal or full"
-            )),
-        }
-    }
-}
-
-/// Where the SQLite store lives and how its writer works.
-#[derive(Clone, Debug)]
-#[non_exhaustive]
-pub struct SqliteConfig {
-    /// The database file, created if missing.
-    pub path: PathBuf,
-    /// How durable a commit is before the append returns.
-    pub synchronous: Synchronous,
-    /// What appends may hold.
-    pub limits: Limits,
-    /// Most events the writer puts in one group-commit transaction.
-    pub max_batch_events: usize,
-    /// Appends that may wait for the writer before callers are held back.
-    pub queue_capacity: usize,
-    /// How often the store reads its head, to see commits made by other
-    /// processes (commits of this process wake subscriptions at once). One
-    /// read per interval serves every subscription.
-    pub fallback_poll: Duration,
-    /// How long a connection waits for another process's write lock.
-    pub busy_timeout: Duration,
-    /// Idle read connections kept open.
-    pub max_idle_readers: usize,
-}
-
-impl SqliteConfig {
-    /// The defaults for the file at `path`.
-    pub fn new(path: impl Into<PathBuf>) -> Self {
-        SqliteConfig {
-            path: path.into(),
-            synchronous: Synchronous::Full,
-            limits: Limits::default(),
-            max_batch_events: 20_000,
-            queue_capacity: 4_096,
-            fallback_poll: Duration::from_millis(200),
-            busy_timeout: Duration::from_secs(10),
-            max_idle_readers: 8,
-        }
-    }
-}
 
 /// Counters of the writer's work, for tests and metrics.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -144,13 +69,7 @@ struct Shared {
     head_poll: OnceLock<bool>,
 }
 
-/// Wraps a SQLite error as a storage failure. Busy/locked databases are
-/// transient, so they are marked retryable.
-pub(crate) fn db_error(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
-    move |e| sql::storage_error(context, e).into()
-}
-
-pub(crate) use sql::is_transient;
+pub(crate) use sql::{db_error, is_transient};
 
 pub(crate) fn open_connection(
     config: &SqliteConfig,
@@ -432,7 +351,7 @@ impl EventStore for SqliteStore {
         // Other processes' commits arrive through the one head poll; only
         // if it cannot start does each subscription poll for itself.
         let polled = *self.shared.head_poll.get_or_init(|| {
-            head_poll::spawn(&self.shared.config, &self.shared.head)
+            head::spawn(&self.shared.config, &self.shared.head)
                 .inspect_err(|e| tracing::warn!(error = %e, "subscriptions poll one by one"))
                 .is_ok()
         });

@@ -4,7 +4,7 @@
 //! and the outbox use these, so they classify the same failure the same
 //! way.
 
-use factline_core::StorageError;
+use factline_core::{StorageError, StoreError};
 
 /// Whether the same call may succeed later: the database was busy or
 /// locked by another connection.
@@ -26,4 +26,10 @@ pub fn storage_error(context: &str, error: rusqlite::Error) -> StorageError {
     } else {
         storage
     }
+}
+
+/// Wraps a SQLite error as a storage failure. Busy/locked databases are
+/// transient, so they are marked retryable.
+pub(crate) fn db_error(context: &'static str) -> impl Fn(rusqlite::Error) -> StoreError {
+    move |e| storage_error(context, e).into()
 }

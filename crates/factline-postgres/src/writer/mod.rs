@@ -32,8 +32,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, NoTls, Statement};
 use uuid::Uuid;
 
-use crate::error::pg_error;
 use crate::plan::{plan_batch, Commands, EventColumns, Head, NeedStoredIds, Plan};
+use crate::sql::pg_error;
 
 mod insert;
 mod paths;

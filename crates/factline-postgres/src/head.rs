@@ -12,8 +12,8 @@ use futures_util::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::error::pg_error;
 use crate::schema::quote_ident;
+use crate::sql::pg_error;
 
 pub(crate) struct Listener {
     pub pg_config: tokio_postgres::Config,
