@@ -18,6 +18,7 @@ mod commands;
 mod config;
 mod head;
 mod inline;
+pub mod migrate;
 mod plan;
 mod reader;
 mod schema;

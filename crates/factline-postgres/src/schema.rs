@@ -98,28 +98,27 @@ pub(crate) fn validate_schema_name(name: &str) -> Result<(), StoreError> {
     }
 }
 
-/// Brings the schema up to [`SCHEMA_VERSION`]. Safe when several processes
-/// start at once: the whole check-and-apply runs under an advisory lock.
+/// Brings the store's tables up to [`SCHEMA_VERSION`] through the one
+/// migration mechanism ([`crate::migrate`], component `store`). Safe when
+/// several processes start at once: it runs under the schema's migration
+/// lock. Schemas of earlier builds tracked the version in `schema_version`
+/// only: it is adopted, and kept up to date for them.
 pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<(), StoreError> {
     let s = quote_ident(schema);
     let err = |e| pg_error("migrating the schema", e);
     let tx = client.transaction().await.map_err(err)?;
-    tx.execute(
-        "SELECT pg_advisory_xact_lock(hashtext($1))",
-        &[&format!("factline-migrate:{schema}")],
-    )
-    .await
-    .map_err(err)?;
+    crate::migrate::lock_and_prepare(&tx, schema)
+        .await
+        .map_err(err)?;
     tx.batch_execute(&format!(
-        "CREATE SCHEMA IF NOT EXISTS {s};
-         CREATE TABLE IF NOT EXISTS {s}.schema_version (
+        "CREATE TABLE IF NOT EXISTS {s}.schema_version (
              version    integer     PRIMARY KEY,
              applied_at timestamptz NOT NULL DEFAULT now()
          );"
     ))
     .await
     .map_err(err)?;
-    let current: i32 = tx
+    let legacy: i32 = tx
         .query_one(
             &format!("SELECT coalesce(max(version), 0) FROM {s}.schema_version"),
             &[],
@@ -127,25 +126,30 @@ pub(crate) async fn migrate(client: &mut Client, schema: &str) -> Result<(), Sto
         .await
         .map_err(err)?
         .get(0);
-    if current > SCHEMA_VERSION {
+    if legacy > SCHEMA_VERSION {
         return Err(StorageError::new(format!(
-            "the schema {schema:?} is at version {current}, newer than this factline ({SCHEMA_VERSION}); upgrade factline"
+            "the schema {schema:?} is at version {legacy}, newer than this factline ({SCHEMA_VERSION}); upgrade factline"
         ))
         .into());
     }
-    for (index, migration) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-        tx.batch_execute(&migration.replace("{s}", &s))
-            .await
-            .map_err(err)?;
-        tx.execute(
-            &format!("INSERT INTO {s}.schema_version (version) VALUES ($1)"),
-            &[&(index as i32 + 1)],
-        )
+    crate::migrate::adopt(&tx, schema, STORE, i64::from(legacy))
         .await
         .map_err(err)?;
-    }
+    crate::migrate::apply_in(&tx, schema, STORE, MIGRATIONS).await?;
+    tx.execute(
+        &format!(
+            "INSERT INTO {s}.schema_version (version)
+             SELECT v FROM generate_series(1, $1::integer) v ON CONFLICT DO NOTHING"
+        ),
+        &[&SCHEMA_VERSION],
+    )
+    .await
+    .map_err(err)?;
     tx.commit().await.map_err(err)
 }
+
+/// The store's component name in `factline_migrations`.
+pub const STORE: &str = "store";
 
 /// Every statement the store runs, for one schema.
 pub(crate) struct Sql {

@@ -15,6 +15,7 @@ mod commands;
 mod config;
 mod head;
 mod inline;
+pub mod migrate;
 mod reader;
 mod schema;
 pub mod sql;

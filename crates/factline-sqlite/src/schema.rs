@@ -69,24 +69,31 @@ const MIGRATIONS: &[&str] = &[
 /// The schema version this build creates and reads (SQLite's `user_version`).
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
-/// Brings the schema up to date. Safe when several processes open the same
-/// file at once: the check and the upgrade run in one write transaction.
+/// Brings the store's tables up to date through the one migration
+/// mechanism ([`crate::migrate`], component `store`). Safe when several
+/// processes open the same file at once: the check and the upgrade run in
+/// one write transaction. Files of earlier builds tracked the version in
+/// `user_version` only: it is adopted, and kept up to date for them.
 pub fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
-    let run = |conn: &mut Connection| -> rusqlite::Result<Result<(), StoreError>> {
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let current: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if current > SCHEMA_VERSION {
-            return Ok(Err(StorageError::new(format!(
-                "the database has schema version {current}, newer than this build's {SCHEMA_VERSION}; upgrade factline"
-            ))
-            .into()));
-        }
-        for (index, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
-            tx.execute_batch(sql)?;
-            tx.pragma_update(None, "user_version", index as i64 + 1)?;
-        }
-        tx.commit()?;
-        Ok(Ok(()))
-    };
-    run(conn).map_err(db_error("migrating the schema"))?
+    let failed = db_error("migrating the schema");
+    let tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(&failed)?;
+    let legacy: i64 = tx
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(&failed)?;
+    if legacy > SCHEMA_VERSION {
+        return Err(StorageError::new(format!(
+            "the database has schema version {legacy}, newer than this build's {SCHEMA_VERSION}; upgrade factline"
+        ))
+        .into());
+    }
+    crate::migrate::adopt(&tx, STORE, legacy).map_err(&failed)?;
+    crate::migrate::apply_in(&tx, STORE, MIGRATIONS)?;
+    tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+        .map_err(&failed)?;
+    tx.commit().map_err(failed)
 }
+
+/// The store's component name in `factline_migrations`.
+pub const STORE: &str = "store";

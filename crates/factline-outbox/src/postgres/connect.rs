@@ -11,13 +11,8 @@ impl PostgresOutbox {
     /// the store creates it), creating its tables if needed.
     pub async fn connect(url: &str, schema: &str) -> Result<Self, OutboxError> {
         let (mut client, connection) = pg_connect(url).await?;
-        let s = quote_ident(schema);
         let tx = client.transaction().await?;
-        tx.execute(
-            "SELECT pg_advisory_xact_lock(hashtext($1))",
-            &[&format!("factline-outbox-setup:{schema}")],
-        )
-        .await?;
+        factline_postgres::migrate::lock_and_prepare(&tx, schema).await?;
         let has_events: bool = tx
             .query_one(
                 "SELECT EXISTS (SELECT 1 FROM information_schema.tables
@@ -31,8 +26,9 @@ impl PostgresOutbox {
                 "the schema {schema:?} holds no factline store"
             )));
         }
-        // Once set up, nothing is taken: the setup's DDL locks the outbox
-        // tables, and against a running relay's marks that can deadlock.
+        // Once migrated, nothing is taken: DDL locks the outbox tables, and
+        // against a running relay's marks that can deadlock. Outboxes of
+        // earlier builds recorded no migrations: what they have is adopted.
         let set_up: (bool, bool) = {
             let row = tx
                 .query_one(
@@ -43,12 +39,18 @@ impl PostgresOutbox {
                 .await?;
             (row.get(0), row.get(1))
         };
-        if !set_up.0 {
-            tx.batch_execute(&postgres_tables(&s)).await?;
+        let recorded = factline_postgres::migrate::version_in(&tx, schema, COMPONENT).await?;
+        if recorded == 0 {
+            let adopted = match set_up {
+                (true, true) => 2,
+                (true, false) => 1,
+                _ => 0,
+            };
+            factline_postgres::migrate::adopt(&tx, schema, COMPONENT, adopted).await?;
         }
-        if !set_up.0 || !set_up.1 {
-            tx.batch_execute(&postgres_checkpoints(&s)).await?;
-        }
+        let migrations = migrations();
+        let migrations: Vec<&str> = migrations.iter().map(String::as_str).collect();
+        factline_postgres::migrate::apply_in(&tx, schema, COMPONENT, &migrations).await?;
         tx.commit().await?;
         // A mark lost in a crash republishes its records (which sinks
         // deduplicate), and a lost lease renewal only expires sooner: no
@@ -70,7 +72,7 @@ impl PostgresOutbox {
             streams_sql: tokio::sync::OnceCell::new(),
             stream_ids: Mutex::default(),
             templates: Mutex::default(),
-            schema: s,
+            schema: quote_ident(schema),
             connections: vec![connection, reader_connection],
         })
     }

@@ -24,11 +24,6 @@ pub(super) fn postgres_tables(s: &str) -> String {
              key        text        NOT NULL,
              created_at timestamptz NOT NULL DEFAULT now()
          );
-         CREATE TABLE IF NOT EXISTS {s}.outbox_parked (
-             position  bigint      PRIMARY KEY,
-             error     text        NOT NULL,
-             parked_at timestamptz NOT NULL DEFAULT now()
-         );
          CREATE TABLE IF NOT EXISTS {s}.outbox (
              position     bigint      PRIMARY KEY,
              stream_no    bigint      NOT NULL,
@@ -109,4 +104,23 @@ pub(super) fn postgres_checkpoints(s: &str) -> String {
          DROP INDEX IF EXISTS {s}.outbox_unpublished;
          DROP INDEX IF EXISTS {s}.outbox_published;"
     )
+}
+
+/// The outbox's component name in `factline_migrations`.
+pub(super) const COMPONENT: &str = "outbox";
+
+/// The outbox's migrations, in order (`{s}`: the quoted schema): its
+/// tables, the lane checkpoints that replaced marking records in place,
+/// and the parked records.
+pub(super) fn migrations() -> [String; 3] {
+    [
+        postgres_tables("{s}"),
+        postgres_checkpoints("{s}"),
+        "CREATE TABLE IF NOT EXISTS {s}.outbox_parked (
+             position  bigint      PRIMARY KEY,
+             error     text        NOT NULL,
+             parked_at timestamptz NOT NULL DEFAULT now()
+         );"
+        .to_owned(),
+    ]
 }

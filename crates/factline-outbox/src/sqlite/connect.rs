@@ -31,7 +31,7 @@ impl SqliteOutbox {
                 path.display()
             )));
         }
-        tx.execute_batch(SQLITE_TABLES)?;
+        factline_sqlite::migrate::apply_in(&tx, COMPONENT, &[SQLITE_TABLES])?;
         tx.execute(
             &format!(
                 "WITH RECURSIVE n(lane) AS (SELECT 0 UNION ALL SELECT lane + 1 FROM n WHERE lane < {})

@@ -73,3 +73,6 @@ pub(super) fn sqlite_trigger() -> String {
          END;"
     )
 }
+
+/// The outbox's component name in `factline_migrations`.
+pub(super) const COMPONENT: &str = "outbox";
