@@ -7,7 +7,7 @@
 //! edited once released; a change is a new one.
 
 use factline_core::StorageError;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::{Client, GenericClient};
 
 use crate::sql::{quote_ident, storage_error};
 
@@ -31,9 +31,10 @@ pub async fn apply(
         .map_err(|e| storage_error("migrating the schema", e))
 }
 
-/// [`apply`] inside a transaction the caller holds (and commits).
-pub async fn apply_in(
-    tx: &Transaction<'_>,
+/// [`apply`] inside a transaction the caller holds (and commits) on
+/// `tx`, a `Transaction` or a `Client` with a transaction open.
+pub async fn apply_in<C: GenericClient + Sync>(
+    tx: &C,
     schema: &str,
     component: &str,
     migrations: &[&str],
@@ -64,8 +65,8 @@ pub async fn apply_in(
 
 /// Takes the schema's migration lock (until the transaction ends) and
 /// makes sure the schema and its migrations table exist.
-pub async fn lock_and_prepare(
-    tx: &Transaction<'_>,
+pub async fn lock_and_prepare<C: GenericClient + Sync>(
+    tx: &C,
     schema: &str,
 ) -> Result<(), tokio_postgres::Error> {
     let s = quote_ident(schema);
@@ -87,8 +88,8 @@ pub async fn lock_and_prepare(
 }
 
 /// The version `component` is at in `schema`: the last migration recorded.
-pub async fn version_in(
-    tx: &Transaction<'_>,
+pub async fn version_in<C: GenericClient + Sync>(
+    tx: &C,
     schema: &str,
     component: &str,
 ) -> Result<i64, tokio_postgres::Error> {
@@ -106,8 +107,8 @@ pub async fn version_in(
 
 /// Records `component` as being at `version` without running anything: for
 /// tables an earlier build created and tracked otherwise.
-pub async fn adopt(
-    tx: &Transaction<'_>,
+pub async fn adopt<C: GenericClient + Sync>(
+    tx: &C,
     schema: &str,
     component: &str,
     version: i64,

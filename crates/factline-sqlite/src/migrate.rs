@@ -137,4 +137,23 @@ mod tests {
             .unwrap();
         assert_eq!(rows, 1);
     }
+
+    #[tokio::test]
+    async fn a_store_an_earlier_build_made_is_adopted_not_migrated_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.db");
+        drop(crate::SqliteStore::open(&path).unwrap());
+        // As an earlier build left it: the version in user_version only.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute(
+            "DELETE FROM factline_migrations WHERE component = 'store'",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        // Running migration 1 again would fail: its tables exist.
+        drop(crate::SqliteStore::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        assert_eq!(version(&conn, "store").unwrap(), crate::SCHEMA_VERSION);
+    }
 }

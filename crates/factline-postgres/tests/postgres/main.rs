@@ -6,5 +6,6 @@ mod common;
 
 mod conformance;
 mod failures;
+mod migrations;
 mod postgres;
 mod stress;

@@ -128,10 +128,13 @@ impl<P: crate::SqlProjection> factline_postgres::InlineProjection for PostgresIn
         let failed =
             |e| InlineError::Failed(factline_postgres::sql::storage_error("the checkpoint", e));
         if !self.set_up {
-            client
-                .batch_execute(&read_model_ddl(&self.schema))
-                .await
-                .map_err(failed)?;
+            factline_postgres::migrate::apply_in(
+                client,
+                &self.schema,
+                READ_MODELS,
+                READ_MODEL_MIGRATIONS,
+            )
+            .await?;
         }
         let key = checkpoint_key(&self.name, self.tables.version(), None);
         let row = client

@@ -106,41 +106,41 @@ pub(super) fn move_checkpoint_sql(table: &str) -> String {
 
 /// The tables every read-model schema has: checkpoints, parked events,
 /// versions and controls.
-pub(super) fn read_model_ddl(schema: &str) -> String {
-    let checkpoints = format!("\"{schema}\".projection_checkpoints");
-    format!(
-        "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
-             CREATE TABLE IF NOT EXISTS {checkpoints} (
-                 name       text        PRIMARY KEY,
-                 position   bigint      NOT NULL,
-                 updated_at timestamptz NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_parked_events (
-                 projection text        NOT NULL,
-                 version    integer     NOT NULL,
-                 position   bigint      NOT NULL,
-                 stream_id  text        NOT NULL,
-                 event_id   text        NOT NULL,
-                 event_type text        NOT NULL,
-                 error      text        NOT NULL,
-                 attempts   integer     NOT NULL,
-                 state      text        NOT NULL,
-                 parked_at  timestamptz NOT NULL,
-                 PRIMARY KEY (projection, version, position)
-             );
-             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_versions (
-                 name           text        PRIMARY KEY,
-                 active_version integer     NOT NULL,
-                 tables         text        NOT NULL,
-                 swapped_at     timestamptz NOT NULL
-             );
-             CREATE TABLE IF NOT EXISTS \"{schema}\".projection_controls (
-                 name       text        PRIMARY KEY,
-                 paused     boolean     NOT NULL,
-                 updated_at timestamptz NOT NULL
-             );"
-    )
-}
+/// The read models' component name in `factline_migrations`.
+pub(super) const READ_MODELS: &str = "read_models";
+
+/// The read models' migrations (`{s}`: the quoted schema): the registry,
+/// checkpoints, parked events and controls.
+pub(super) const READ_MODEL_MIGRATIONS: &[&str] =
+    &["CREATE TABLE IF NOT EXISTS {s}.projection_checkpoints (
+         name       text        PRIMARY KEY,
+         position   bigint      NOT NULL,
+         updated_at timestamptz NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS {s}.projection_parked_events (
+         projection text        NOT NULL,
+         version    integer     NOT NULL,
+         position   bigint      NOT NULL,
+         stream_id  text        NOT NULL,
+         event_id   text        NOT NULL,
+         event_type text        NOT NULL,
+         error      text        NOT NULL,
+         attempts   integer     NOT NULL,
+         state      text        NOT NULL,
+         parked_at  timestamptz NOT NULL,
+         PRIMARY KEY (projection, version, position)
+     );
+     CREATE TABLE IF NOT EXISTS {s}.projection_versions (
+         name           text        PRIMARY KEY,
+         active_version integer     NOT NULL,
+         tables         text        NOT NULL,
+         swapped_at     timestamptz NOT NULL
+     );
+     CREATE TABLE IF NOT EXISTS {s}.projection_controls (
+         name       text        PRIMARY KEY,
+         paused     boolean     NOT NULL,
+         updated_at timestamptz NOT NULL
+     );"];
 
 /// A connection named after `name`, with `<schema>.projection_checkpoints`
 /// created if missing; returns the client and the table's quoted name.
@@ -166,7 +166,7 @@ pub(super) async fn connect_with_checkpoints(
         .parse()
         .map_err(|e| failed(format!("invalid PostgreSQL connection string: {e}")))?;
     config.application_name(format!("factline projection {name}"));
-    let (client, connection) = config.connect(NoTls).await.map_err(|e| {
+    let (mut client, connection) = config.connect(NoTls).await.map_err(|e| {
         ProjectionError::read_model(
             name,
             factline_postgres::sql::storage_error("connecting the read model", e),
@@ -178,19 +178,9 @@ pub(super) async fn connect_with_checkpoints(
         }
     });
     let checkpoints = format!("\"{schema}\".projection_checkpoints");
-    client
-        .batch_execute(&read_model_ddl(schema))
+    // Runners starting at once migrate under one lock: one creates.
+    factline_postgres::migrate::apply(&mut client, schema, READ_MODELS, READ_MODEL_MIGRATIONS)
         .await
-        .or_else(|e| {
-            // Two runners creating the table at once: one wins.
-            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
-                Ok(())
-            } else {
-                Err(ProjectionError::read_model(
-                    name,
-                    factline_postgres::sql::storage_error("creating the checkpoint table", e),
-                ))
-            }
-        })?;
+        .map_err(|e| ProjectionError::read_model(name, e))?;
     Ok((client, checkpoints))
 }

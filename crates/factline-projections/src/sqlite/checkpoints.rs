@@ -49,12 +49,13 @@ impl SqliteCheckpoints {
                 StorageError::with_source(context, e),
             )
         })?;
-        let conn = Connection::open(path).map_err(&failed)?;
+        let mut conn = Connection::open(path).map_err(&failed)?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(&failed)?;
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
             .map_err(&failed)?;
-        conn.execute_batch(CHECKPOINTS).map_err(&failed)?;
+        factline_sqlite::migrate::apply(&mut conn, READ_MODELS, &[CHECKPOINTS])
+            .map_err(|e| ProjectionError::read_model("reactor checkpoints", e))?;
         Ok(SqliteCheckpoints {
             conn: std::sync::Arc::new(std::sync::Mutex::new(conn)),
         })

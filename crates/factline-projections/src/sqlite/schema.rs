@@ -4,6 +4,10 @@
 use super::*;
 
 /// The checkpoints of every projection in a read-model file.
+/// The read models' component name in `factline_migrations`.
+pub(super) const READ_MODELS: &str = "read_models";
+
+/// Migration 1 of the read models' tables.
 pub(super) const CHECKPOINTS: &str = "CREATE TABLE IF NOT EXISTS factline_projection_checkpoints (
     name       TEXT    PRIMARY KEY,
     position   INTEGER NOT NULL,

@@ -50,7 +50,7 @@ impl<P: SqliteProjection> SqliteSink<P> {
             let context = format!("creating {}", path.display());
             ProjectionError::read_model(name.clone(), StorageError::with_source(context, e))
         })?;
-        let conn = Connection::open(&path).map_err(&failed)?;
+        let mut conn = Connection::open(&path).map_err(&failed)?;
         conn.busy_timeout(Duration::from_secs(10))
             .map_err(&failed)?;
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
@@ -62,7 +62,8 @@ impl<P: SqliteProjection> SqliteSink<P> {
         // A batch's pages stay in memory until its commit (32 MiB).
         conn.pragma_update(None, "cache_size", -32_768)
             .map_err(&failed)?;
-        conn.execute_batch(CHECKPOINTS).map_err(&failed)?;
+        factline_sqlite::migrate::apply(&mut conn, READ_MODELS, &[CHECKPOINTS])
+            .map_err(|e| ProjectionError::read_model(name.clone(), e))?;
         Ok(SqliteSink {
             name,
             path,
