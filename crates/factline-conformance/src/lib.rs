@@ -98,7 +98,7 @@ macro_rules! conformance_suite {
 /// and `postgres::case` (a fresh database). For tests of code built on the
 /// store, such as the command side. The calling crate needs
 /// `factline-core`, `factline-sqlite`, `factline-postgres`,
-/// `factline-testpg`, `tempfile` and `tokio` as dev-dependencies.
+/// `factline-testkit`, `tempfile` and `tokio` as dev-dependencies.
 #[macro_export]
 macro_rules! on_every_backend {
     ($($case:ident),* $(,)?) => {
