@@ -46,8 +46,10 @@ pub enum TypedError {
 /// Take events with [`Subscription::next`], or use it as a
 /// [`futures_core::Stream`] of `Result<RecordedEvent, StoreError>` (it never
 /// ends; an item that is an error leaves the position where it was, so the
-/// next one tries again). Both are cancel-safe: a read dropped half-way is
-/// finished by the next call, and nothing is skipped or delivered twice.
+/// next one tries again). Both are cancel-safe: a `next()` dropped half-way
+/// reads again from where it stood, a `Stream` poll's read stays in flight
+/// for the next call, and nothing is skipped or delivered twice. `next()`
+/// reads in place; only the `Stream` form boxes a read per page.
 ///
 /// ```
 /// # tokio::runtime::Runtime::new().unwrap().block_on(async {
@@ -152,7 +154,22 @@ impl Subscription {
     /// consumer sees neither a gap nor a duplicate; only a permanent failure
     /// is returned.
     pub async fn next(&mut self) -> Result<RecordedEvent, StoreError> {
-        std::future::poll_fn(|cx| self.poll_event(cx)).await
+        // A read a `Stream` poll left in flight finishes first; then the
+        // cursor is read in place, with nothing boxed per page.
+        if let Some(reading) = self.reading.take() {
+            let (cursor, filled) = reading.await;
+            self.cursor = Some(cursor);
+            filled?;
+        }
+        let Some(cursor) = self.cursor.as_mut() else {
+            unreachable!("a subscription holds its cursor once no read is in flight");
+        };
+        loop {
+            if let Some(event) = cursor.buffer.pop_front() {
+                return Ok(event);
+            }
+            cursor.fill().await?;
+        }
     }
 
     fn poll_event(&mut self, cx: &mut Context<'_>) -> Poll<Result<RecordedEvent, StoreError>> {
@@ -431,11 +448,18 @@ mod tests {
             seen.push(sub.next().await.unwrap().position);
         }
         // Caught up: polls that wait for a commit are dropped half-way, as a
-        // select! with a timeout does; the next ones finish the same read.
-        for _ in 0..3 {
+        // select! with a timeout does, through both forms; the next ones
+        // finish the same read.
+        for _ in 0..2 {
             let waited = tokio::time::timeout(Duration::from_millis(20), sub.next()).await;
             assert!(waited.is_err(), "nothing new was committed");
-            assert!(!sub.caught_up(), "a read is in flight");
+            assert!(sub.caught_up(), "next() reads in place");
+        }
+        for _ in 0..2 {
+            let waited =
+                tokio::time::timeout(Duration::from_millis(20), StreamExt::next(&mut sub)).await;
+            assert!(waited.is_err(), "nothing new was committed");
+            assert!(!sub.caught_up(), "a stream's read is in flight");
         }
         let writer = tokio::spawn(async move {
             for n in 4..=40 {
