@@ -247,14 +247,13 @@ impl Relay {
         let pumped = self.pumping(&mut flow, until).await;
         let settled = self.settle(&mut flow).await;
         let mut round = pumped?;
-        round.published += settled?;
+        let marked = round.published + settled?;
         // Parked records are marked done like acknowledged ones, within
         // this pump: they were not published.
-        round.published = round.published.saturating_sub(round.parked);
-        self.stats.published.fetch_sub(
-            round.parked.min(round.published + round.parked),
-            Ordering::Relaxed,
-        );
+        round.published = marked.saturating_sub(round.parked);
+        self.stats
+            .published
+            .fetch_sub(marked - round.published, Ordering::Relaxed);
         Ok(round)
     }
 
