@@ -11,10 +11,14 @@ use factline_core::RecordedEvent;
 use crate::{ApplyError, Tables};
 
 /// A statement parameter.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub enum SqlValue {
     /// An integer (`BIGINT`, or `INTEGER`/`SMALLINT` where the column is one).
     Int(i64),
+    /// A floating-point number (`DOUBLE PRECISION`, or `REAL` where the
+    /// column is one).
+    Real(f64),
     /// A text value.
     Text(String),
     /// SQL `NULL`.
@@ -46,12 +50,17 @@ impl From<String> for SqlValue {
 }
 
 /// One statement an event makes.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Statement {
     /// SQL with `$1`, `$2`… for the parameters.
     pub sql: String,
     /// The values of `$1`, `$2`, … in order.
     pub params: Vec<SqlValue>,
+    /// When set, the statement must change a row (or, for a `SELECT`,
+    /// find one); if it does not, the event cannot be applied and this is
+    /// why (see [`Statement::requiring_a_row`]).
+    pub unless_a_row: Option<String>,
 }
 
 impl Statement {
@@ -60,7 +69,17 @@ impl Statement {
         Statement {
             sql: sql.into(),
             params,
+            unless_a_row: None,
         }
+    }
+
+    /// The same statement, which must change (or, for a `SELECT`, find) at
+    /// least one row: otherwise the event is refused with `message`, as an
+    /// [`ApplyError`] from the projection (parked or stopping the runner by
+    /// its poison policy).
+    pub fn requiring_a_row(mut self, message: impl Into<String>) -> Self {
+        self.unless_a_row = Some(message.into());
+        self
     }
 }
 
@@ -81,6 +100,12 @@ pub trait SqlProjection: Send + Sync + 'static {
     /// The version of its code; raise it to rebuild the read model beside the active one.
     fn version(&self) -> u32 {
         1
+    }
+    /// A digest of what decides the read model's content, for projections
+    /// whose definition is data (declared read models): a version built
+    /// from one definition is never continued by another.
+    fn fingerprint(&self) -> Option<String> {
+        None
     }
     /// The logical table names; see [`Tables`].
     fn tables(&self) -> &[&str];
@@ -129,6 +154,9 @@ impl SqlProjection for Box<dyn SqlProjection> {
     }
     fn version(&self) -> u32 {
         (**self).version()
+    }
+    fn fingerprint(&self) -> Option<String> {
+        (**self).fingerprint()
     }
     fn tables(&self) -> &[&str] {
         (**self).tables()

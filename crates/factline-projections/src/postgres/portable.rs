@@ -24,6 +24,8 @@ impl ToSql for SqlValue {
             SqlValue::Int(v) if *ty == Type::INT4 => i32::try_from(*v)?.to_sql(ty, out),
             SqlValue::Int(v) if *ty == Type::INT2 => i16::try_from(*v)?.to_sql(ty, out),
             SqlValue::Int(v) => v.to_sql(ty, out),
+            SqlValue::Real(v) if *ty == Type::FLOAT4 => (*v as f32).to_sql(ty, out),
+            SqlValue::Real(v) => v.to_sql(ty, out),
         }
     }
 
@@ -117,9 +119,16 @@ impl<P: SqlProjection> PostgresProjection for Portable<P> {
                 .map(|p| p as &(dyn ToSql + Sync))
                 .collect();
             async move {
-                tx.execute(prepared, &params)
+                let changed = tx
+                    .execute(prepared, &params)
                     .await
-                    .map_err(|e| (*position, ApplyError::from(e)))
+                    .map_err(|e| (*position, ApplyError::from(e)))?;
+                match &statement.unless_a_row {
+                    Some(message) if changed == 0 => {
+                        Err((*position, ApplyError::new(message.clone())))
+                    }
+                    _ => Ok(()),
+                }
             }
         });
         // Answers come back in order, so the first error is the statement

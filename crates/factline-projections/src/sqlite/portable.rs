@@ -22,8 +22,20 @@ impl<P: SqlProjection> Portable<P> {
                     .entry(statement.sql.clone())
                     .or_insert_with(|| sqlite_sql(&statement.sql)),
             };
-            tx.prepare_cached(sql)?
-                .execute(rusqlite::params_from_iter(&statement.params))?;
+            let mut prepared = tx.prepare_cached(sql)?;
+            let params = rusqlite::params_from_iter(&statement.params);
+            let Some(message) = &statement.unless_a_row else {
+                prepared.execute(params)?;
+                continue;
+            };
+            let found = if prepared.readonly() {
+                prepared.query(params)?.next()?.is_some()
+            } else {
+                prepared.execute(params)? > 0
+            };
+            if !found {
+                return Err(ApplyError::new(message.clone()));
+            }
         }
         Ok(())
     }
@@ -49,6 +61,7 @@ impl rusqlite::ToSql for SqlValue {
         use rusqlite::types::{ToSqlOutput, Value, ValueRef};
         Ok(match self {
             SqlValue::Int(v) => ToSqlOutput::Owned(Value::Integer(*v)),
+            SqlValue::Real(v) => ToSqlOutput::Owned(Value::Real(*v)),
             SqlValue::Text(v) => ToSqlOutput::Borrowed(ValueRef::Text(v.as_bytes())),
             SqlValue::Null => ToSqlOutput::Owned(Value::Null),
         })

@@ -1,0 +1,771 @@
+//! Values and conditions: what an operation takes from an event
+//! (`data.amount`, `entity_id`, `recorded_day`, `'paid'`, `len(data.lines)`)
+//! and when it runs (`data.refund_cents > 0 and metadata.tenant == 'acme'`).
+//! Parsed once when the file is read, evaluated per event.
+
+use std::fmt;
+
+use factline_core::RecordedEvent;
+use serde_json::Value;
+
+/// The type of a column or of a value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ColumnType {
+    /// Text.
+    Text,
+    /// A 64-bit whole number.
+    Integer,
+    /// A 64-bit floating-point number.
+    Real,
+}
+
+impl ColumnType {
+    pub(crate) fn parse(name: &str) -> Option<ColumnType> {
+        match name {
+            "text" => Some(ColumnType::Text),
+            "integer" => Some(ColumnType::Integer),
+            "real" => Some(ColumnType::Real),
+            _ => None,
+        }
+    }
+
+    /// Its name in the definitions file.
+    pub fn name(self) -> &'static str {
+        match self {
+            ColumnType::Text => "text",
+            ColumnType::Integer => "integer",
+            ColumnType::Real => "real",
+        }
+    }
+
+    /// The SQL type both SQLite and PostgreSQL know.
+    pub(crate) fn sql(self) -> &'static str {
+        match self {
+            ColumnType::Text => "TEXT",
+            ColumnType::Integer => "BIGINT",
+            ColumnType::Real => "DOUBLE PRECISION",
+        }
+    }
+}
+
+/// A value computed from an event (or a constant).
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Val {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Real(f64),
+    Text(String),
+    /// An object or array of the event's data.
+    Json(Value),
+}
+
+impl Val {
+    pub(crate) fn from_json(value: &Value) -> Val {
+        match value {
+            Value::Null => Val::Null,
+            Value::Bool(b) => Val::Bool(*b),
+            Value::Number(n) => match n.as_i64() {
+                Some(i) => Val::Int(i),
+                None => Val::Real(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => Val::Text(s.clone()),
+            other => Val::Json(other.clone()),
+        }
+    }
+
+    pub(crate) fn from_toml(value: &toml::Value) -> Option<Val> {
+        Some(match value {
+            toml::Value::String(s) => Val::Text(s.clone()),
+            toml::Value::Integer(i) => Val::Int(*i),
+            toml::Value::Float(f) => Val::Real(*f),
+            toml::Value::Boolean(b) => Val::Bool(*b),
+            _ => return None,
+        })
+    }
+
+    /// What kind of value it is, for error messages.
+    pub(crate) fn kind(&self) -> &'static str {
+        match self {
+            Val::Null => "null",
+            Val::Bool(_) => "a boolean",
+            Val::Int(_) => "an integer",
+            Val::Real(_) => "a number with a fraction",
+            Val::Text(_) => "text",
+            Val::Json(Value::Array(_)) => "an array",
+            Val::Json(_) => "an object",
+        }
+    }
+
+    fn truthy(&self) -> bool {
+        match self {
+            Val::Null => false,
+            Val::Bool(b) => *b,
+            Val::Int(i) => *i != 0,
+            Val::Real(f) => *f != 0.0,
+            Val::Text(s) => !s.is_empty(),
+            Val::Json(_) => true,
+        }
+    }
+}
+
+impl fmt::Display for Val {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Val::Null => f.write_str("null"),
+            Val::Bool(b) => write!(f, "{b}"),
+            Val::Int(i) => write!(f, "{i}"),
+            Val::Real(r) => write!(f, "{r}"),
+            Val::Text(s) => write!(f, "{s:?}"),
+            Val::Json(v) => write!(f, "{v}"),
+        }
+    }
+}
+
+/// Where a value comes from.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Expr {
+    Const(Val),
+    /// A path into the event's data: `data.customer.id`, `data.lines.0`.
+    Data(Vec<String>),
+    /// `metadata.correlation_id`, `metadata.headers.tenant`, …
+    Metadata(Vec<String>),
+    StreamId,
+    /// The part of the stream id after the category's `-`.
+    EntityId,
+    Category,
+    EventType,
+    EventId,
+    Version,
+    Position,
+    RecordedAt,
+    RecordedDay,
+    RecordedHour,
+    /// The number of elements of an array (or keys of an object).
+    Len(Box<Expr>),
+    /// A value remembered in a table (`lookup.<name>`), read by the SQL.
+    Lookup(String),
+}
+
+/// The built-in values, for documentation and error messages.
+pub(crate) const BUILT_INS: &[&str] = &[
+    "stream_id",
+    "entity_id",
+    "category",
+    "event_type",
+    "event_id",
+    "version",
+    "position",
+    "recorded_at",
+    "recorded_day",
+    "recorded_hour",
+];
+
+impl Expr {
+    /// The type it always has, where that is known before any event.
+    pub(crate) fn static_type(&self) -> Option<ColumnType> {
+        match self {
+            Expr::Const(Val::Int(_) | Val::Bool(_)) => Some(ColumnType::Integer),
+            Expr::Const(Val::Real(_)) => Some(ColumnType::Real),
+            Expr::Const(Val::Text(_)) => Some(ColumnType::Text),
+            Expr::Version | Expr::Position | Expr::Len(_) => Some(ColumnType::Integer),
+            Expr::StreamId
+            | Expr::EntityId
+            | Expr::Category
+            | Expr::EventType
+            | Expr::EventId
+            | Expr::RecordedAt
+            | Expr::RecordedDay
+            | Expr::RecordedHour => Some(ColumnType::Text),
+            Expr::Metadata(path) => match path.first().map(String::as_str) {
+                Some("schema_version") => Some(ColumnType::Integer),
+                Some(_) => Some(ColumnType::Text),
+                None => None,
+            },
+            _ => None,
+        }
+    }
+
+    /// Its value for `event` (whose data is `data`); lookups are the SQL's
+    /// to read and give null here.
+    pub(crate) fn eval(&self, event: &RecordedEvent, data: &Value) -> Val {
+        match self {
+            Expr::Const(v) => v.clone(),
+            Expr::Data(path) => {
+                let mut at = data;
+                for step in path {
+                    let next = match at {
+                        Value::Object(map) => map.get(step),
+                        Value::Array(items) => {
+                            step.parse::<usize>().ok().and_then(|i| items.get(i))
+                        }
+                        _ => None,
+                    };
+                    match next {
+                        Some(v) => at = v,
+                        None => return Val::Null,
+                    }
+                }
+                Val::from_json(at)
+            }
+            Expr::Metadata(path) => {
+                let m = &event.metadata;
+                let text = |v: &Option<String>| v.clone().map_or(Val::Null, Val::Text);
+                match path.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                    ["correlation_id"] => text(&m.correlation_id),
+                    ["causation_id"] => text(&m.causation_id),
+                    ["schema_version"] => Val::Int(i64::from(m.schema_version)),
+                    ["headers", name] => text(&m.headers.get(name).cloned()),
+                    _ => Val::Null,
+                }
+            }
+            Expr::StreamId => Val::Text(event.stream_id.to_string()),
+            Expr::EntityId => Val::Text(
+                event
+                    .stream_id
+                    .as_str()
+                    .split_once('-')
+                    .map_or("", |(_, id)| id)
+                    .to_owned(),
+            ),
+            Expr::Category => Val::Text(event.stream_id.category().to_owned()),
+            Expr::EventType => Val::Text(event.event_type.clone()),
+            Expr::EventId => Val::Text(event.event_id.to_string()),
+            Expr::Version => Val::Int(i64::try_from(event.version).unwrap_or(i64::MAX)),
+            Expr::Position => Val::Int(i64::try_from(event.position).unwrap_or(i64::MAX)),
+            Expr::RecordedAt => Val::Text(
+                event
+                    .recorded_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+            ),
+            Expr::RecordedDay => Val::Text(event.recorded_at.format("%Y-%m-%d").to_string()),
+            Expr::RecordedHour => Val::Text(event.recorded_at.format("%Y-%m-%dT%H:00").to_string()),
+            Expr::Len(inner) => match inner.eval(event, data) {
+                Val::Json(Value::Array(items)) => Val::Int(items.len() as i64),
+                Val::Json(Value::Object(map)) => Val::Int(map.len() as i64),
+                Val::Text(s) => Val::Int(s.chars().count() as i64),
+                _ => Val::Null,
+            },
+            Expr::Lookup(_) => Val::Null,
+        }
+    }
+
+    /// The lookup it reads, if any.
+    pub(crate) fn lookup(&self) -> Option<&str> {
+        match self {
+            Expr::Lookup(name) => Some(name),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Expr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Expr::Const(Val::Text(s)) => write!(f, "'{}'", s.replace('\'', "''")),
+            Expr::Const(v) => write!(f, "{v}"),
+            Expr::Data(path) => write!(f, "data.{}", path.join(".")),
+            Expr::Metadata(path) => write!(f, "metadata.{}", path.join(".")),
+            Expr::Len(inner) => write!(f, "len({inner})"),
+            Expr::Lookup(name) => write!(f, "lookup.{name}"),
+            other => {
+                let name = match other {
+                    Expr::StreamId => "stream_id",
+                    Expr::EntityId => "entity_id",
+                    Expr::Category => "category",
+                    Expr::EventType => "event_type",
+                    Expr::EventId => "event_id",
+                    Expr::Version => "version",
+                    Expr::Position => "position",
+                    Expr::RecordedAt => "recorded_at",
+                    Expr::RecordedDay => "recorded_day",
+                    _ => "recorded_hour",
+                };
+                f.write_str(name)
+            }
+        }
+    }
+}
+
+/// A comparison operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CmpOp {
+    Eq,
+    Ne,
+    Lt,
+    Le,
+    Gt,
+    Ge,
+}
+
+/// A condition on an event.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum Cond {
+    Or(Vec<Cond>),
+    And(Vec<Cond>),
+    Not(Box<Cond>),
+    Cmp(Expr, CmpOp, Expr),
+    Truthy(Expr),
+}
+
+impl Cond {
+    pub(crate) fn holds(&self, event: &RecordedEvent, data: &Value) -> bool {
+        match self {
+            Cond::Or(all) => all.iter().any(|c| c.holds(event, data)),
+            Cond::And(all) => all.iter().all(|c| c.holds(event, data)),
+            Cond::Not(c) => !c.holds(event, data),
+            Cond::Truthy(e) => e.eval(event, data).truthy(),
+            Cond::Cmp(l, op, r) => compare(&l.eval(event, data), *op, &r.eval(event, data)),
+        }
+    }
+}
+
+/// Null equals only null and is neither smaller nor larger than anything;
+/// numbers compare as numbers; values of different kinds are unequal.
+fn compare(l: &Val, op: CmpOp, r: &Val) -> bool {
+    use std::cmp::Ordering;
+    let ordering: Option<Ordering> = match (l, r) {
+        (Val::Null, Val::Null) => Some(Ordering::Equal),
+        (Val::Null, _) | (_, Val::Null) => None,
+        (Val::Int(a), Val::Int(b)) => Some(a.cmp(b)),
+        (Val::Int(a), Val::Real(b)) => (*a as f64).partial_cmp(b),
+        (Val::Real(a), Val::Int(b)) => a.partial_cmp(&(*b as f64)),
+        (Val::Real(a), Val::Real(b)) => a.partial_cmp(b),
+        (Val::Text(a), Val::Text(b)) => Some(a.cmp(b)),
+        (Val::Bool(a), Val::Bool(b)) => Some(a.cmp(b)),
+        (a, b) => (a == b).then_some(Ordering::Equal),
+    };
+    match (op, ordering) {
+        (CmpOp::Eq, o) => o == Some(Ordering::Equal),
+        (CmpOp::Ne, o) => o != Some(Ordering::Equal),
+        (_, None) => false,
+        (CmpOp::Lt, Some(o)) => o == Ordering::Less,
+        (CmpOp::Le, Some(o)) => o != Ordering::Greater,
+        (CmpOp::Gt, Some(o)) => o == Ordering::Greater,
+        (CmpOp::Ge, Some(o)) => o != Ordering::Less,
+    }
+}
+
+/// Why an expression or condition does not parse: the message and the
+/// byte offset in its text.
+#[derive(Debug, PartialEq)]
+pub(crate) struct ParseError {
+    pub offset: usize,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+enum Token {
+    Word(String),
+    Text(String),
+    Number(String),
+    Op(CmpOp),
+    Open,
+    Close,
+}
+
+fn tokens(text: &str) -> Result<Vec<(usize, Token)>, ParseError> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    let fail = |offset, message: &str| ParseError {
+        offset,
+        message: message.to_owned(),
+    };
+    while i < bytes.len() {
+        let c = bytes[i];
+        let start = i;
+        match c {
+            b' ' | b'\t' | b'\n' | b'\r' => i += 1,
+            b'(' => {
+                out.push((start, Token::Open));
+                i += 1;
+            }
+            b')' => {
+                out.push((start, Token::Close));
+                i += 1;
+            }
+            b'\'' => {
+                let mut s = String::new();
+                i += 1;
+                loop {
+                    match text[i..].find('\'') {
+                        None => return Err(fail(start, "a text constant is not closed with '")),
+                        Some(n) => {
+                            s.push_str(&text[i..i + n]);
+                            i += n + 1;
+                            if bytes.get(i) == Some(&b'\'') {
+                                s.push('\'');
+                                i += 1;
+                            } else {
+                                break;
+                            }
+                        }
+                    }
+                }
+                out.push((start, Token::Text(s)));
+            }
+            b'=' | b'!' | b'<' | b'>' => {
+                let two = bytes.get(i + 1) == Some(&b'=');
+                let op = match (c, two) {
+                    (b'=', true) => CmpOp::Eq,
+                    (b'!', true) => CmpOp::Ne,
+                    (b'<', true) => CmpOp::Le,
+                    (b'>', true) => CmpOp::Ge,
+                    (b'<', false) if bytes.get(i + 1) == Some(&b'>') => {
+                        i += 1;
+                        CmpOp::Ne
+                    }
+                    (b'<', false) => CmpOp::Lt,
+                    (b'>', false) => CmpOp::Gt,
+                    (b'=', false) => CmpOp::Eq,
+                    _ => {
+                        return Err(fail(
+                            start,
+                            "`!` is only used in `!=`; write `not` to negate",
+                        ))
+                    }
+                };
+                i += if two { 2 } else { 1 };
+                out.push((start, Token::Op(op)));
+            }
+            b'-' | b'0'..=b'9' => {
+                i += 1;
+                while i < bytes.len() && (bytes[i].is_ascii_digit() || bytes[i] == b'.') {
+                    i += 1;
+                }
+                out.push((start, Token::Number(text[start..i].to_owned())));
+            }
+            c if c.is_ascii_alphabetic() || c == b'_' => {
+                while i < bytes.len()
+                    && (bytes[i].is_ascii_alphanumeric() || matches!(bytes[i], b'_' | b'.' | b'-'))
+                {
+                    i += 1;
+                }
+                out.push((start, Token::Word(text[start..i].to_owned())));
+            }
+            _ => {
+                let ch = text[i..].chars().next().unwrap_or('?');
+                return Err(fail(start, &format!("unexpected {ch:?}")));
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct Parser<'a> {
+    tokens: Vec<(usize, Token)>,
+    at: usize,
+    end: usize,
+    lookups_allowed: bool,
+    _text: &'a str,
+}
+
+impl Parser<'_> {
+    fn peek(&self) -> Option<&Token> {
+        self.tokens.get(self.at).map(|(_, t)| t)
+    }
+    fn offset(&self) -> usize {
+        self.tokens.get(self.at).map_or(self.end, |(o, _)| *o)
+    }
+    fn fail<T>(&self, message: impl Into<String>) -> Result<T, ParseError> {
+        Err(ParseError {
+            offset: self.offset(),
+            message: message.into(),
+        })
+    }
+    fn keyword(&mut self, word: &str) -> bool {
+        if matches!(self.peek(), Some(Token::Word(w)) if w == word) {
+            self.at += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn or(&mut self) -> Result<Cond, ParseError> {
+        let mut all = vec![self.and()?];
+        while self.keyword("or") {
+            all.push(self.and()?);
+        }
+        Ok(if all.len() == 1 {
+            all.remove(0)
+        } else {
+            Cond::Or(all)
+        })
+    }
+
+    fn and(&mut self) -> Result<Cond, ParseError> {
+        let mut all = vec![self.not()?];
+        while self.keyword("and") {
+            all.push(self.not()?);
+        }
+        Ok(if all.len() == 1 {
+            all.remove(0)
+        } else {
+            Cond::And(all)
+        })
+    }
+
+    fn not(&mut self) -> Result<Cond, ParseError> {
+        if self.keyword("not") {
+            return Ok(Cond::Not(Box::new(self.not()?)));
+        }
+        if self.peek() == Some(&Token::Open) {
+            self.at += 1;
+            let inner = self.or()?;
+            if self.peek() != Some(&Token::Close) {
+                return self.fail("expected `)`");
+            }
+            self.at += 1;
+            return Ok(inner);
+        }
+        let left = self.operand()?;
+        if let Some(Token::Op(op)) = self.peek().cloned() {
+            self.at += 1;
+            let right = self.operand()?;
+            return Ok(Cond::Cmp(left, op, right));
+        }
+        Ok(Cond::Truthy(left))
+    }
+
+    fn operand(&mut self) -> Result<Expr, ParseError> {
+        let offset = self.offset();
+        let token = match self.tokens.get(self.at) {
+            Some((_, t)) => t.clone(),
+            None => return self.fail("expected a value"),
+        };
+        self.at += 1;
+        match token {
+            Token::Text(s) => Ok(Expr::Const(Val::Text(s))),
+            Token::Number(n) => match (n.parse::<i64>(), n.parse::<f64>()) {
+                (Ok(i), _) => Ok(Expr::Const(Val::Int(i))),
+                (_, Ok(f)) if f.is_finite() => Ok(Expr::Const(Val::Real(f))),
+                _ => Err(ParseError {
+                    offset,
+                    message: format!("{n:?} is not a number"),
+                }),
+            },
+            Token::Word(w) if w == "len" && self.peek() == Some(&Token::Open) => {
+                self.at += 1;
+                let inner = self.operand()?;
+                if self.peek() != Some(&Token::Close) {
+                    return self.fail("expected `)` after len's value");
+                }
+                self.at += 1;
+                Ok(Expr::Len(Box::new(inner)))
+            }
+            Token::Word(w) => self.word(offset, &w),
+            Token::Open | Token::Close | Token::Op(_) => Err(ParseError {
+                offset,
+                message: "expected a value".into(),
+            }),
+        }
+    }
+
+    fn word(&self, offset: usize, word: &str) -> Result<Expr, ParseError> {
+        let fail = |message: String| Err(ParseError { offset, message });
+        let mut parts = word.split('.');
+        let head = parts.next().unwrap_or_default();
+        let rest: Vec<String> = parts.map(str::to_owned).collect();
+        if rest.iter().any(String::is_empty) {
+            return fail(format!("{word:?} has an empty part between dots"));
+        }
+        let bare = |e: Expr| {
+            if rest.is_empty() {
+                Ok(e)
+            } else {
+                Err(ParseError {
+                    offset,
+                    message: format!("{head} has no fields ({word:?})"),
+                })
+            }
+        };
+        match head {
+            "data" => Ok(Expr::Data(rest)),
+            "metadata" => match rest.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+                ["correlation_id"] | ["causation_id"] | ["schema_version"] | ["headers", _] => {
+                    Ok(Expr::Metadata(rest))
+                }
+                _ => fail(format!(
+                    "{word:?}: metadata has correlation_id, causation_id, schema_version and headers.<name>"
+                )),
+            },
+            "lookup" if rest.len() == 1 => {
+                if self.lookups_allowed {
+                    Ok(Expr::Lookup(rest[0].clone()))
+                } else {
+                    fail(format!(
+                        "{word:?}: a condition cannot read a lookup (it is read by the operation's SQL)"
+                    ))
+                }
+            }
+            "lookup" => fail(format!("{word:?}: write lookup.<name>")),
+            "true" => bare(Expr::Const(Val::Bool(true))),
+            "false" => bare(Expr::Const(Val::Bool(false))),
+            "null" => bare(Expr::Const(Val::Null)),
+            "stream_id" => bare(Expr::StreamId),
+            "entity_id" => bare(Expr::EntityId),
+            "category" => bare(Expr::Category),
+            "event_type" => bare(Expr::EventType),
+            "event_id" => bare(Expr::EventId),
+            "version" => bare(Expr::Version),
+            "position" => bare(Expr::Position),
+            "recorded_at" => bare(Expr::RecordedAt),
+            "recorded_day" => bare(Expr::RecordedDay),
+            "recorded_hour" => bare(Expr::RecordedHour),
+            _ => fail(format!(
+                "unknown value {word:?}: use data.<path>, metadata.<field>, lookup.<name>, a 'text' constant, a number, or one of {}",
+                BUILT_INS.join(", ")
+            )),
+        }
+    }
+}
+
+fn parser(text: &str, lookups_allowed: bool) -> Result<Parser<'_>, ParseError> {
+    Ok(Parser {
+        tokens: tokens(text)?,
+        at: 0,
+        end: text.len(),
+        lookups_allowed,
+        _text: text,
+    })
+}
+
+/// A value expression, e.g. `data.amount` or `'paid'`.
+pub(crate) fn parse_value(text: &str) -> Result<Expr, ParseError> {
+    let mut p = parser(text, true)?;
+    let expr = p.operand()?;
+    if p.at < p.tokens.len() {
+        return p.fail("a value is one expression: nothing may follow it");
+    }
+    Ok(expr)
+}
+
+/// A condition, e.g. `data.refund_cents > 0 and not data.test`.
+pub(crate) fn parse_condition(text: &str) -> Result<Cond, ParseError> {
+    let mut p = parser(text, false)?;
+    let cond = p.or()?;
+    if p.at < p.tokens.len() {
+        return p.fail("expected `and`, `or` or the end of the condition");
+    }
+    Ok(cond)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use factline_core::{JsonText, Metadata, StreamId};
+    use serde_json::json;
+
+    fn event(data: Value) -> RecordedEvent {
+        RecordedEvent {
+            stream_id: StreamId::new("Invoice-2026-7").unwrap(),
+            version: 3,
+            position: 42,
+            event_id: uuid::Uuid::nil(),
+            event_type: "InvoicePaid".into(),
+            data: JsonText::encode(&data).unwrap(),
+            metadata: Metadata {
+                correlation_id: Some("c-1".into()),
+                headers: [("tenant".to_owned(), "acme".to_owned())].into(),
+                ..Metadata::default()
+            },
+            recorded_at: "2026-12-07T15:42:10Z".parse().unwrap(),
+        }
+    }
+
+    fn value_of(text: &str, data: Value) -> Val {
+        let e = event(data.clone());
+        parse_value(text).unwrap().eval(&e, &data)
+    }
+
+    #[test]
+    fn values_come_from_the_event_its_data_and_metadata() {
+        let data =
+            json!({"cents": 1200, "customer": {"id": "c7"}, "lines": [{"sku": "a"}, {"sku": "b"}]});
+        assert_eq!(value_of("data.cents", data.clone()), Val::Int(1200));
+        assert_eq!(
+            value_of("data.customer.id", data.clone()),
+            Val::Text("c7".into())
+        );
+        assert_eq!(
+            value_of("data.lines.1.sku", data.clone()),
+            Val::Text("b".into())
+        );
+        assert_eq!(value_of("len(data.lines)", data.clone()), Val::Int(2));
+        assert_eq!(value_of("data.missing.deeper", data.clone()), Val::Null);
+        assert_eq!(
+            value_of("entity_id", data.clone()),
+            Val::Text("2026-7".into())
+        );
+        assert_eq!(
+            value_of("category", data.clone()),
+            Val::Text("Invoice".into())
+        );
+        assert_eq!(value_of("position", data.clone()), Val::Int(42));
+        assert_eq!(
+            value_of("recorded_day", data.clone()),
+            Val::Text("2026-12-07".into())
+        );
+        assert_eq!(
+            value_of("recorded_hour", data.clone()),
+            Val::Text("2026-12-07T15:00".into())
+        );
+        assert_eq!(
+            value_of("metadata.headers.tenant", data.clone()),
+            Val::Text("acme".into())
+        );
+        assert_eq!(
+            value_of("metadata.correlation_id", data.clone()),
+            Val::Text("c-1".into())
+        );
+        assert_eq!(value_of("'it''s'", data), Val::Text("it's".into()));
+    }
+
+    #[test]
+    fn conditions_compare_numbers_as_numbers_and_null_with_nothing() {
+        let data = json!({"cents": 1200, "refund": 0, "kind": "priority", "ratio": 0.5});
+        let e = event(data.clone());
+        let holds = |text: &str| parse_condition(text).unwrap().holds(&e, &data);
+        assert!(holds("data.cents > 1000 and data.kind == 'priority'"));
+        assert!(!holds("data.refund > 0"));
+        assert!(holds("data.ratio < 1"));
+        assert!(holds("data.refund > 0 or metadata.headers.tenant = 'acme'"));
+        assert!(holds("not (data.refund > 0)"));
+        assert!(
+            !holds("data.absent > 0"),
+            "null is not larger than anything"
+        );
+        assert!(!holds("data.absent < 0"), "nor smaller");
+        assert!(holds("data.absent == null"));
+        assert!(holds("data.absent != 0"));
+        assert!(holds("data.kind"));
+        assert!(!holds("data.refund"));
+    }
+
+    #[test]
+    fn bad_expressions_say_what_and_where() {
+        let bad = parse_value("data.cents +").unwrap_err();
+        assert_eq!(bad.offset, 11);
+        assert!(bad.message.contains("unexpected"), "{}", bad.message);
+        let bad = parse_value("amount").unwrap_err();
+        assert!(
+            bad.message.contains("unknown value \"amount\""),
+            "{}",
+            bad.message
+        );
+        let bad = parse_condition("data.a > 1 data.b").unwrap_err();
+        assert_eq!(bad.offset, 11);
+        let bad = parse_condition("lookup.region == 'eu'").unwrap_err();
+        assert!(
+            bad.message.contains("cannot read a lookup"),
+            "{}",
+            bad.message
+        );
+        let bad = parse_value("'open").unwrap_err();
+        assert!(bad.message.contains("not closed"), "{}", bad.message);
+        let bad = parse_value("metadata.tenant").unwrap_err();
+        assert!(bad.message.contains("headers.<name>"), "{}", bad.message);
+    }
+}

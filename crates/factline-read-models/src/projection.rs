@@ -1,0 +1,220 @@
+//! A declared read model as a [`SqlProjection`]: the engine's runner,
+//! sinks, checkpoints, versions, parking and partitions apply to it as to
+//! a read model written in Rust.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use factline_core::RecordedEvent;
+use factline_projections::{ApplyError, Dialect, SqlProjection, SqlValue, Statement, Tables};
+use serde_json::Value;
+
+use crate::check::type_problem;
+use crate::expr::{ColumnType, Val};
+use crate::model::ReadModel;
+use crate::sql::{create_table, render, Param, Rendered};
+
+/// A read model from a definitions file, run by the projection engine.
+pub struct DeclaredProjection {
+    model: Arc<ReadModel>,
+    table_names: Vec<&'static str>,
+    handlers: HashMap<String, usize>,
+    /// Each handler's operations rendered for the tables of one version.
+    rendered: Option<(u32, Vec<HandlerSql>)>,
+}
+
+/// The statements of one event type's operations: (operation, statements).
+type HandlerSql = Vec<(usize, Vec<Rendered>)>;
+
+/// Table names live as long as the process: a projection hands them out
+/// as `&[&str]`, and there are few (interned, so rebuilding a projection
+/// many times does not grow this).
+fn intern(name: &str) -> &'static str {
+    static NAMES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    let mut names = NAMES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match names.get(name) {
+        Some(interned) => interned,
+        None => {
+            let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            names.insert(leaked);
+            leaked
+        }
+    }
+}
+
+impl DeclaredProjection {
+    /// The projection of `model`.
+    pub fn new(model: Arc<ReadModel>) -> Self {
+        DeclaredProjection {
+            table_names: model.tables.iter().map(|t| intern(&t.name)).collect(),
+            handlers: model
+                .handlers
+                .iter()
+                .enumerate()
+                .map(|(i, (event_type, _))| (event_type.clone(), i))
+                .collect(),
+            model,
+            rendered: None,
+        }
+    }
+
+    /// The read model it runs.
+    pub fn model(&self) -> &ReadModel {
+        &self.model
+    }
+
+    fn rendered(&mut self, tables: &Tables) -> &[HandlerSql] {
+        let current = self
+            .rendered
+            .as_ref()
+            .is_some_and(|(v, _)| *v == tables.version());
+        if !current {
+            let model = &self.model;
+            let all = model
+                .handlers
+                .iter()
+                .map(|(_, ops)| {
+                    ops.iter()
+                        .enumerate()
+                        .map(|(i, op)| (i, render(model, op, tables)))
+                        .collect()
+                })
+                .collect();
+            self.rendered = Some((tables.version(), all));
+        }
+        self.rendered.as_ref().map_or(&[][..], |(_, r)| r)
+    }
+}
+
+/// An event a definition cannot apply: the message names the event, the
+/// value and the rule.
+fn refused(event: &RecordedEvent, message: impl std::fmt::Display) -> ApplyError {
+    ApplyError::new(format!(
+        "{} at position {} (stream {}): {message}",
+        event.event_type, event.position, event.stream_id
+    ))
+}
+
+/// A parameter's value for `event`, checked against its column.
+fn bind(param: &Param, event: &RecordedEvent, data: &Value) -> Result<SqlValue, ApplyError> {
+    let mut value = param.value.expr.eval(event, data);
+    if value == Val::Null {
+        if let Some(default) = &param.value.default {
+            value = default.clone();
+        }
+    }
+    if value == Val::Null {
+        if param.nullable {
+            return Ok(SqlValue::Null);
+        }
+        return Err(refused(
+            event,
+            format!(
+                "{} is missing or null, and {} is not nullable (give the value a default, or make the column nullable)",
+                param.value.expr, param.what
+            ),
+        ));
+    }
+    if let Some(ty) = param.ty {
+        if let Some(problem) = type_problem(&value, ty) {
+            return Err(refused(
+                event,
+                format!("{} {problem} (for {})", param.value.expr, param.what),
+            ));
+        }
+        if ty == ColumnType::Real {
+            if let Val::Int(i) = value {
+                return Ok(SqlValue::Real(i as f64));
+            }
+        }
+    }
+    Ok(match value {
+        Val::Null => SqlValue::Null,
+        Val::Bool(b) => SqlValue::Int(i64::from(b)),
+        Val::Int(i) => SqlValue::Int(i),
+        Val::Real(r) => SqlValue::Real(r),
+        Val::Text(s) => SqlValue::Text(s),
+        Val::Json(v) => SqlValue::Text(v.to_string()),
+    })
+}
+
+impl SqlProjection for DeclaredProjection {
+    fn name(&self) -> &str {
+        &self.model.name
+    }
+    fn version(&self) -> u32 {
+        self.model.version
+    }
+    fn tables(&self) -> &[&str] {
+        &self.table_names
+    }
+    fn create_tables(&self, tables: &Tables) -> Vec<String> {
+        self.create_tables_for(Dialect::Postgres, tables)
+    }
+    fn create_tables_for(&self, dialect: Dialect, tables: &Tables) -> Vec<String> {
+        self.model
+            .tables
+            .iter()
+            .flat_map(|t| create_table(t, tables, dialect == Dialect::Sqlite))
+            .collect()
+    }
+    fn fingerprint(&self) -> Option<String> {
+        Some(self.model.fingerprint.clone())
+    }
+    fn statements(
+        &mut self,
+        tables: &Tables,
+        event: &RecordedEvent,
+    ) -> Result<Vec<Statement>, ApplyError> {
+        let Some(&handler) = self.handlers.get(&event.event_type) else {
+            return Ok(Vec::new());
+        };
+        if !self.model.categories.is_empty()
+            && !self
+                .model
+                .categories
+                .iter()
+                .any(|c| c == event.stream_id.category())
+        {
+            return Ok(Vec::new());
+        }
+        let data = event
+            .data
+            .to_value()
+            .map_err(|e| refused(event, format!("its data is not JSON: {e}")))?;
+        if let Some(when) = &self.model.when {
+            if !when.holds(event, &data) {
+                return Ok(Vec::new());
+            }
+        }
+        let model = self.model.clone();
+        let ops = &model.handlers[handler].1;
+        let rendered = &self.rendered(tables)[handler];
+        let mut statements = Vec::new();
+        for (index, op_statements) in rendered {
+            if let Some(when) = &ops[*index].when {
+                if !when.holds(event, &data) {
+                    continue;
+                }
+            }
+            for r in op_statements {
+                let params = r
+                    .params
+                    .iter()
+                    .map(|p| bind(p, event, &data))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let statement = Statement::new(r.sql.clone(), params);
+                statements.push(match &r.must_find {
+                    Some(message) => {
+                        statement.requiring_a_row(refused(event, message).into_message())
+                    }
+                    None => statement,
+                });
+            }
+        }
+        Ok(statements)
+    }
+}

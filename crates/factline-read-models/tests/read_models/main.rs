@@ -1,0 +1,5 @@
+//! Declared read models: checking definitions files, and running them on
+//! SQLite and PostgreSQL against a fold of the same events.
+
+mod checking;
+mod running;
