@@ -1,7 +1,7 @@
-//! What the server's admin API and dashboard do with the projections this
-//! binary has the code of (the orders read models): run them live, list
-//! them with their lag, pause, resume, rebuild in the background, and
-//! handle parked events.
+//! What the server's admin API and dashboard do with the projections of
+//! the read-model database: list them with their lag, pause, resume and
+//! handle parked events (any projection), and run live and rebuild in the
+//! background those this process can run (see [`Catalog`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -17,7 +17,7 @@ use factline_server::{
 use serde_json::{json, Value};
 use tokio::sync::watch;
 
-use crate::catalog::{self, ReadModelDb};
+use crate::catalog::{self, Catalog, ReadModelDb};
 use crate::projections_cli::{self, RebuildArgs, ReportState};
 use crate::UsageError;
 
@@ -38,8 +38,9 @@ struct Rebuild {
     outcome: Option<Result<(), String>>,
 }
 
-/// The orders projections of one read-model database, for the server.
+/// The projections of one read-model database, for the server.
 pub struct CatalogAdmin {
+    catalog: Catalog,
     db: ReadModelDb,
     store: Arc<dyn EventStore>,
     live: Arc<Mutex<HashMap<String, Live>>>,
@@ -65,8 +66,9 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl CatalogAdmin {
-    pub fn new(db: ReadModelDb, store: Arc<dyn EventStore>) -> Self {
+    pub fn new(catalog: Catalog, db: ReadModelDb, store: Arc<dyn EventStore>) -> Self {
         CatalogAdmin {
+            catalog,
             db,
             store,
             live: Arc::default(),
@@ -74,16 +76,18 @@ impl CatalogAdmin {
         }
     }
 
-    /// Runs every known projection live until `stop`; the returned tasks
-    /// end after their runners stopped.
+    /// Runs the projections called `names` live until `stop`; the
+    /// returned tasks end after their runners stopped.
     pub fn start_live(
         &self,
+        names: &[String],
         stop: &watch::Receiver<bool>,
     ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
         let mut tasks = Vec::new();
-        for projection in catalog::known() {
-            let name = projection.name().to_owned();
-            let (status, runner) = catalog::spawn_live(&self.db, &self.store, &name, stop)?;
+        for name in names {
+            let name = name.clone();
+            let (status, runner) =
+                catalog::spawn_live(&self.catalog, &self.db, &self.store, &name, stop)?;
             lock(&self.live).insert(
                 name.clone(),
                 Live {
@@ -203,7 +207,7 @@ impl ProjectionsAdmin for CatalogAdmin {
     }
 
     async fn rebuild(&self, name: &str) -> Result<RebuildView, AdminError> {
-        catalog::find(name).map_err(classify)?;
+        self.catalog.find(name).map_err(classify)?;
         {
             // Checked and claimed under one lock, so two requests cannot
             // both start one.
@@ -224,6 +228,7 @@ impl ProjectionsAdmin for CatalogAdmin {
         }
         let (started_tx, started_rx) = tokio::sync::oneshot::channel();
         let (db, store, rebuilds) = (self.db.clone(), self.store.clone(), self.rebuilds.clone());
+        let catalog = self.catalog.clone();
         let key = name.to_owned();
         tokio::spawn(async move {
             let args = RebuildArgs {
@@ -247,7 +252,7 @@ impl ProjectionsAdmin for CatalogAdmin {
             };
             let outcome = async {
                 let admin = db.admin().await?;
-                projections_cli::rebuild(&db, &admin, store, &args, on_start).await
+                projections_cli::rebuild(&catalog, &db, &admin, store, &args, on_start).await
             }
             .await;
             let outcome = match outcome {
@@ -286,7 +291,7 @@ impl ProjectionsAdmin for CatalogAdmin {
     }
 
     async fn retry(&self, name: &str) -> Result<RetryReport, AdminError> {
-        projections_cli::retry(&self.db, &self.store, name)
+        projections_cli::retry(&self.catalog, &self.db, &self.store, name)
             .await
             .map_err(classify)
     }
@@ -315,7 +320,7 @@ impl DashboardData for OrdersDashboard {
     async fn read_models(&self) -> Result<Option<Value>, AdminError> {
         let admin = self.db.admin().await.map_err(failed)?;
         let registered = admin.projections().await.map_err(failed)?;
-        let built = catalog::known().iter().all(|p| {
+        let built = catalog::compiled().iter().all(|p| {
             registered
                 .iter()
                 .any(|r| r.name == p.name() && r.active_version.is_some())

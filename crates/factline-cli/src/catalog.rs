@@ -1,8 +1,10 @@
-//! The projections this binary has the code of (the orders read models),
-//! where their read models live for a `--db`, and running them live so
-//! that they follow a swap made by a rebuild in another process.
+//! The projections this process can run — the orders read models it has
+//! the code of, and the read models declared in a definitions file
+//! (`--read-models`) — where their read models live for a `--db`, and
+//! running them live so that they follow a swap made by a rebuild in
+//! another process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,6 +15,7 @@ use factline_projections::{
     ProjectionError, ProjectionInfo, ProjectionStatus, RetryPolicy, Runner, RunnerStats, Sink,
     SqlProjection, SqliteAdmin, SqliteSink,
 };
+use factline_read_models::{DeclaredProjection, Definitions, LoadError, OnError};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -21,8 +24,8 @@ use crate::usage;
 /// The PostgreSQL schema of the orders read models.
 pub const READ_SCHEMA: &str = "orders_read";
 
-/// Every projection the binary can run, rebuild and retry.
-pub fn known() -> Vec<Box<dyn SqlProjection>> {
+/// The orders read models this binary has the code of.
+pub fn compiled() -> Vec<Box<dyn SqlProjection>> {
     vec![
         Box::new(OrderList),
         Box::new(RevenueByRegionDay::new()),
@@ -30,18 +33,86 @@ pub fn known() -> Vec<Box<dyn SqlProjection>> {
     ]
 }
 
-/// The projection called `name`, or a usage error naming the known ones.
-pub fn find(name: &str) -> anyhow::Result<Box<dyn SqlProjection>> {
-    let all = known();
-    let names: Vec<String> = all.iter().map(|p| p.name().to_owned()).collect();
-    all.into_iter()
-        .find(|p| p.name() == name)
-        .ok_or_else(|| {
-            usage(format!(
-                "factline has no code for a projection {name:?} (it knows {}); projections of your own are rebuilt and retried by the service that defines them",
-                names.join(", ")
-            ))
+/// The projections this process can run, rebuild and retry: the compiled
+/// ones and the declared ones.
+#[derive(Clone, Default)]
+pub struct Catalog {
+    declared: Arc<Definitions>,
+}
+
+impl Catalog {
+    /// The compiled projections, and those of the definitions file at
+    /// `path` if given; a file with mistakes is a usage error listing each
+    /// with its line and column.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
+        let Some(path) = path else {
+            return Ok(Catalog::default());
+        };
+        let declared = Definitions::load(path).map_err(|e| match e {
+            LoadError::Invalid(errors) => usage(errors.to_string()),
+            other => usage(other.to_string()),
+        })?;
+        let compiled: Vec<String> = compiled().iter().map(|p| p.name().to_owned()).collect();
+        if let Some(clash) = declared
+            .read_models()
+            .iter()
+            .find(|m| compiled.contains(&m.name().to_owned()))
+        {
+            return Err(usage(format!(
+                "{}: read model {:?} has the name of a projection built into factline ({}); give it another name",
+                path.display(),
+                clash.name(),
+                compiled.join(", ")
+            )));
+        }
+        Ok(Catalog {
+            declared: Arc::new(declared),
         })
+    }
+
+    /// The names of the declared read models.
+    pub fn declared(&self) -> Vec<String> {
+        self.declared
+            .read_models()
+            .iter()
+            .map(|m| m.name().to_owned())
+            .collect()
+    }
+
+    /// Every projection this process can run.
+    pub fn known(&self) -> Vec<Box<dyn SqlProjection>> {
+        let mut all = compiled();
+        for model in self.declared.read_models() {
+            all.push(Box::new(DeclaredProjection::new(Arc::new(model.clone()))));
+        }
+        all
+    }
+
+    /// What a runner of `name` does with an event it cannot apply: what
+    /// a declared read model says (`on_error`); built-in read models are
+    /// parked live, since dashboards show them, and stop a rebuild.
+    pub fn poison_policy(&self, name: &str, rebuild: bool) -> PoisonPolicy {
+        match self.declared.get(name).map(|m| m.on_error()) {
+            Some(OnError::Stop) => PoisonPolicy::Stop,
+            Some(_) => PoisonPolicy::Park,
+            None if rebuild => PoisonPolicy::Stop,
+            None => PoisonPolicy::Park,
+        }
+    }
+
+    /// The projection called `name`, or a usage error naming the known ones.
+    pub fn find(&self, name: &str) -> anyhow::Result<Box<dyn SqlProjection>> {
+        let all = self.known();
+        let names: Vec<String> = all.iter().map(|p| p.name().to_owned()).collect();
+        all.into_iter()
+            .find(|p| p.name() == name)
+            .ok_or_else(|| {
+                usage(format!(
+                    "factline has no code for a projection {name:?} (it knows {}); read models declared in a file are run with --read-models FILE, projections of your own code by the service that defines them",
+                    names.join(", ")
+                ))
+            })
+    }
 }
 
 /// A read-model database: the SQLite file of the events, or a schema of
@@ -105,13 +176,14 @@ impl ReadModelDb {
     /// `name`, live or to rebuild.
     pub async fn sinks(
         &self,
+        catalog: &Catalog,
         name: &str,
         version: u32,
         partitions: u32,
         rebuild: bool,
     ) -> anyhow::Result<Sinks> {
         let partitions = Partition::all(partitions)?;
-        let projection = || anyhow::Ok(Portable::new(find(name)?).at_version(version));
+        let projection = || anyhow::Ok(Portable::new(catalog.find(name)?).at_version(version));
         let sinks = match self {
             ReadModelDb::Sqlite(path) => {
                 let mut all = Vec::with_capacity(partitions.len());
@@ -199,29 +271,32 @@ pub type Running = (
 /// version; when a rebuild elsewhere swaps in another version, it starts
 /// again on that one. The status stays the same across such restarts.
 pub fn spawn_live(
+    catalog: &Catalog,
     db: &ReadModelDb,
     store: &Arc<dyn EventStore>,
     name: &str,
     stop: &watch::Receiver<bool>,
 ) -> anyhow::Result<Running> {
-    find(name)?;
+    catalog.find(name)?;
     let status = ProjectionStatus::new(name);
     let (db, store, name, stop) = (db.clone(), store.clone(), name.to_owned(), stop.clone());
+    let catalog = catalog.clone();
+    let poison = catalog.poison_policy(&name, false);
     let shared = status.clone();
     let task = tokio::spawn(async move {
         let failed = |e: anyhow::Error| {
             ProjectionError::read_model(name.clone(), StorageError::new(format!("{e:#}")))
         };
         loop {
-            let projection = find(&name).map_err(failed)?;
+            let projection = catalog.find(&name).map_err(failed)?;
             let (version, partitions) = db.live_version(projection.as_ref()).await?;
             let ran = match db
-                .sinks(&name, version, partitions, false)
+                .sinks(&catalog, &name, version, partitions, false)
                 .await
                 .map_err(failed)?
             {
-                Sinks::Sqlite(sinks) => run(&store, sinks, &shared, &stop).await,
-                Sinks::Postgres(sinks) => run(&store, sinks, &shared, &stop).await,
+                Sinks::Sqlite(sinks) => run(&store, sinks, &shared, &stop, poison).await,
+                Sinks::Postgres(sinks) => run(&store, sinks, &shared, &stop, poison).await,
             };
             match ran {
                 Err(ProjectionError::NotActive { active, .. }) => {
@@ -245,9 +320,8 @@ async fn run<S: Sink + 'static>(
     sinks: Vec<S>,
     status: &ProjectionStatus,
     stop: &watch::Receiver<bool>,
+    poison: PoisonPolicy,
 ) -> Result<RunnerStats, ProjectionError> {
-    // A bad event is parked (and listed by `factline projections parked`)
-    // instead of stopping a read model the dashboards show.
     let configure = |runner: Runner<S>| {
         runner
             .with_retries(RetryPolicy {
@@ -255,7 +329,7 @@ async fn run<S: Sink + 'static>(
                 first_backoff: Duration::from_millis(50),
                 max_backoff: Duration::from_secs(1),
             })
-            .with_poison_policy(PoisonPolicy::Park)
+            .with_poison_policy(poison)
     };
     let stats = Partitioned::new(store.clone(), sinks, configure)
         .with_status(status.clone())

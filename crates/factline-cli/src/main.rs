@@ -15,6 +15,7 @@ mod outbox_bench;
 mod outbox_cli;
 mod projection_bench;
 mod projections_cli;
+mod read_models_cli;
 mod serve;
 
 // An event store allocates and frees many small buffers per append; glibc's
@@ -82,6 +83,8 @@ enum Command {
     /// Operate the read models: list, status, rebuild, pause, resume, parked
     /// events.
     Projections(projections_cli::ProjectionsArgs),
+    /// Read models declared in a file: check one, print its JSON Schema.
+    ReadModels(read_models_cli::ReadModelsArgs),
     /// The transactional outbox: what is published, backlog and relays.
     Outbox(outbox_cli::OutboxArgs),
     /// Publish the outbox to NATS JetStream, a webhook, a file or stdout,
@@ -179,6 +182,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tail(args) => commands::tail(&location, args).await,
         Command::Demo(args) => demo::run(&location, args).await,
         Command::Projections(args) => projections_cli::run(args, &location).await,
+        Command::ReadModels(args) => read_models_cli::run(args),
         Command::Outbox(args) => outbox_cli::run(args, &location).await,
         Command::Relay(args) => outbox_cli::relay(args, &location).await,
         Command::Bench(b) => bench::run(b.which, &location).await,

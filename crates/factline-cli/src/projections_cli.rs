@@ -4,8 +4,8 @@
 //!
 //! Listing, pausing, resuming, listing parked events and skipping work on
 //! any projection in the read-model database; rebuilding and retrying run
-//! a projection's code, so they work on the projections the binary knows
-//! (the orders read models).
+//! a projection's code, so they work on the projections the binary knows:
+//! the orders read models and those declared in `--read-models FILE`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,13 +13,13 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 use factline::{EventStore, Location};
 use factline_projections::{
-    BatchPolicy, Parking, Partition, Portable, PostgresSink, Progress, ProjectionInfo,
-    ProjectionStatus, RetryReport, Runner, SqliteSink, VersionedSink,
+    BatchPolicy, Parking, Partition, PoisonPolicy, Portable, PostgresSink, Progress,
+    ProjectionInfo, ProjectionStatus, RetryReport, Runner, SqliteSink, VersionedSink,
 };
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
-use crate::catalog::{self, ReadModelDb, Sinks, READ_SCHEMA};
+use crate::catalog::{self, Catalog, ReadModelDb, Sinks, READ_SCHEMA};
 use crate::usage;
 
 #[derive(Args, Debug)]
@@ -28,6 +28,11 @@ pub struct ProjectionsArgs {
     /// events' file).
     #[arg(long, global = true, default_value = READ_SCHEMA)]
     schema: String,
+
+    /// A definitions file of read models (TOML; see docs/read-models.md):
+    /// rebuild, retry and discard know them besides the built-in ones.
+    #[arg(long, global = true, env = "FACTLINE_READ_MODELS", value_name = "FILE")]
+    read_models: Option<std::path::PathBuf>,
 
     #[command(subcommand)]
     command: ProjectionsCommand,
@@ -174,6 +179,7 @@ pub struct RebuildReport {
 }
 
 pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<()> {
+    let catalog = Catalog::load(args.read_models.as_deref())?;
     let db = ReadModelDb::for_location(location, &args.schema)?;
     let mut admin = db.admin().await?;
     match args.command {
@@ -233,7 +239,7 @@ pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<(
         }
         ProjectionsCommand::Retry { name } => {
             let store = location.open().await?;
-            let report = retry(&db, &store, &name).await?;
+            let report = retry(&catalog, &db, &store, &name).await?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -244,7 +250,7 @@ pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<(
             );
         }
         ProjectionsCommand::Discard { name } => {
-            let projection = catalog::find(&name)?;
+            let projection = catalog.find(&name)?;
             let info = existing(&admin, &name).await?;
             let Some(version) = candidate_in_progress(&info) else {
                 return Err(usage(format!(
@@ -272,7 +278,7 @@ pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<(
         }
         ProjectionsCommand::Rebuild(rebuild_args) => {
             let store = location.open().await?;
-            let report = rebuild(&db, &admin, store, &rebuild_args, |_, _| {}).await?;
+            let report = rebuild(&catalog, &db, &admin, store, &rebuild_args, |_, _| {}).await?;
             println!("{}", serde_json::to_string(&report)?);
         }
     }
@@ -281,11 +287,12 @@ pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<(
 
 /// Applies the parked events of a known projection again, in order.
 pub async fn retry(
+    catalog: &Catalog,
     db: &ReadModelDb,
     store: &Arc<dyn EventStore>,
     name: &str,
 ) -> anyhow::Result<RetryReport> {
-    let projection = catalog::find(name)?;
+    let projection = catalog.find(name)?;
     let info = existing(&db.admin().await?, name).await?;
     let version = info.active_version.unwrap_or(projection.version());
     let projection = Portable::new(projection).at_version(version);
@@ -390,6 +397,7 @@ fn print_table(reports: &[StatusReport]) {
 /// and swaps it in (or resumes a stopped rebuild). `on_start` gets the
 /// version and the runners' statuses, which show the progress.
 pub async fn rebuild(
+    catalog: &Catalog,
     db: &ReadModelDb,
     admin: &catalog::Admin,
     store: Arc<dyn EventStore>,
@@ -408,7 +416,7 @@ pub async fn rebuild(
             Partition::MAX
         )));
     }
-    let projection = catalog::find(&args.name)?;
+    let projection = catalog.find(&args.name)?;
     let info = admin.info(&args.name).await?;
     let active = info.as_ref().and_then(|i| i.active_version);
     let count_of = |version: Option<u32>| {
@@ -436,12 +444,16 @@ pub async fn rebuild(
             args.partitions.or(count_of(active)).unwrap_or(1),
         ),
     };
-    match db.sinks(&args.name, version, partitions, true).await? {
+    let poison = catalog.poison_policy(&args.name, true);
+    match db
+        .sinks(catalog, &args.name, version, partitions, true)
+        .await?
+    {
         Sinks::Sqlite(sinks) => {
-            build_and_swap(&store, sinks, args, version, active, on_start).await
+            build_and_swap(&store, sinks, args, (version, active), poison, on_start).await
         }
         Sinks::Postgres(sinks) => {
-            build_and_swap(&store, sinks, args, version, active, on_start).await
+            build_and_swap(&store, sinks, args, (version, active), poison, on_start).await
         }
     }
 }
@@ -450,8 +462,8 @@ async fn build_and_swap<S: VersionedSink + 'static>(
     store: &Arc<dyn EventStore>,
     sinks: Vec<S>,
     args: &RebuildArgs,
-    version: u32,
-    active: Option<u32>,
+    (version, active): (u32, Option<u32>),
+    poison: PoisonPolicy,
     on_start: impl FnOnce(u32, &[ProjectionStatus]),
 ) -> anyhow::Result<RebuildReport> {
     let started = std::time::Instant::now();
@@ -459,7 +471,9 @@ async fn build_and_swap<S: VersionedSink + 'static>(
     let mut runners: Vec<Runner<S>> = sinks
         .into_iter()
         .map(|sink| {
-            let runner = Runner::new(store.clone(), sink).with_policy(BatchPolicy::rebuild());
+            let runner = Runner::new(store.clone(), sink)
+                .with_policy(BatchPolicy::rebuild())
+                .with_poison_policy(poison);
             match args.rate {
                 // The limit is for the whole rebuild.
                 Some(rate) => runner.with_rate_limit((rate / u64::from(partitions)).max(1)),

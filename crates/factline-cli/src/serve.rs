@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::admin_api::{CatalogAdmin, OrdersDashboard};
-use crate::catalog::{ReadModelDb, READ_SCHEMA};
+use crate::catalog::{self, Catalog, ReadModelDb, READ_SCHEMA};
 use crate::outbox_cli::{self, RelayOptions, RunningRelay};
 use crate::{seconds, usage};
 
@@ -47,6 +47,11 @@ pub struct ServeArgs {
     /// customer_totals) live in this process.
     #[arg(long)]
     pub projections: bool,
+    /// Run the read models declared in this file (TOML; see
+    /// docs/read-models.md) live in this process; the admin API rebuilds
+    /// and retries them too.
+    #[arg(long, env = "FACTLINE_READ_MODELS", value_name = "FILE")]
+    pub read_models: Option<PathBuf>,
     /// The PostgreSQL schema of the read models.
     #[arg(long, default_value = READ_SCHEMA)]
     pub schema: String,
@@ -229,6 +234,9 @@ pub async fn start(
             at_least_one("--max-concurrent-reads", args.max_concurrent_reads)?;
         config
     };
+    // A definitions file with mistakes stops here, before anything
+    // listens or writes.
+    let catalog = Catalog::load(args.read_models.as_deref())?;
     raise_open_files_limit(config.connections.max_connections);
 
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -261,16 +269,18 @@ pub async fn start(
         None => Some(ReadModelDb::for_location(location, &args.schema)?),
     };
     if let Some(db) = read_models {
-        let catalog = Arc::new(CatalogAdmin::new(db.clone(), store.clone()));
+        let mut live = catalog.declared();
         if args.projections {
-            projections = catalog.start_live(&stopped)?;
+            live.extend(catalog::compiled().iter().map(|p| p.name().to_owned()));
         }
+        let admin = Arc::new(CatalogAdmin::new(catalog, db.clone(), store.clone()));
+        projections = admin.start_live(&live, &stopped)?;
         server = server
-            .with_projections(catalog.clone())
+            .with_projections(admin.clone())
             .with_dashboard(Arc::new(OrdersDashboard::new(db)));
-    } else if args.projections {
+    } else if args.projections || args.read_models.is_some() {
         return Err(usage(
-            "an in-memory store keeps no read models: give --db a SQLite file or a postgres:// URL for --projections",
+            "an in-memory store keeps no read models: give --db a SQLite file or a postgres:// URL for --projections or --read-models",
         ));
     }
     if *location != Location::Memory {

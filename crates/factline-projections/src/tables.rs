@@ -250,6 +250,21 @@ impl Active {
     }
 }
 
+/// The refusal of a definition that changed while its version did not.
+pub(crate) fn changed_definition(
+    name: &str,
+    version: u32,
+    stored: &str,
+    wanted: &str,
+) -> ProjectionError {
+    ProjectionError::Invalid {
+        projection: name.to_owned(),
+        message: format!(
+            "version {version} was built from another definition (fingerprint {stored}, this one is {wanted}): a changed definition needs a new version, so that one read model is never computed two ways; raise its version to rebuild it"
+        ),
+    }
+}
+
 /// What a batch in `mode` may do, given the registry: `Ok(true)` when it
 /// must register this version (the first build of a projection).
 pub(crate) fn may_write(

@@ -2,13 +2,14 @@
 //! PostgreSQL clusters and per-test databases ([`pg`]), a local
 //! `nats-server` with JetStream ([`nats`]), a test run again as a child
 //! process and killed on purpose ([`process`]), and the runtime the tests
-//! build ([`runtime`]).
+//! build ([`runtime`]), and fixtures ([`fixtures`]).
 //!
 //! Nothing here skips a test: when a service cannot be had, the test fails
 //! with a message that says what to install.
 
 #![warn(missing_docs)]
 
+pub mod fixtures;
 pub mod nats;
 pub mod pg;
 pub mod process;

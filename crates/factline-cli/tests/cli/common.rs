@@ -164,7 +164,12 @@ pub fn spawn_serving(
     let base = loop {
         let line = rx
             .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
-            .expect("factline serve says where it serves");
+            .unwrap_or_else(|e| {
+                panic!(
+                    "factline serve says where it serves ({e}); it said:\n{}",
+                    log.lock().unwrap().join("\n")
+                )
+            });
         if let Some(at) = line.find(" on http://") {
             let rest = &line[at + 4..];
             break rest[..rest.find(' ').unwrap_or(rest.len())].to_owned();

@@ -16,4 +16,5 @@ mod hardening;
 mod hostile_json;
 mod outbox;
 mod projections;
+mod read_models;
 mod serve;

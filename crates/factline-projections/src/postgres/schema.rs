@@ -111,8 +111,8 @@ pub(super) const READ_MODELS: &str = "read_models";
 
 /// The read models' migrations (`{s}`: the quoted schema): the registry,
 /// checkpoints, parked events and controls.
-pub(super) const READ_MODEL_MIGRATIONS: &[&str] =
-    &["CREATE TABLE IF NOT EXISTS {s}.projection_checkpoints (
+pub(super) const READ_MODEL_MIGRATIONS: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS {s}.projection_checkpoints (
          name       text        PRIMARY KEY,
          position   bigint      NOT NULL,
          updated_at timestamptz NOT NULL
@@ -140,7 +140,62 @@ pub(super) const READ_MODEL_MIGRATIONS: &[&str] =
          name       text        PRIMARY KEY,
          paused     boolean     NOT NULL,
          updated_at timestamptz NOT NULL
-     );"];
+     );",
+    // 2: the definition each version of a declared read model was built
+    // from.
+    "CREATE TABLE IF NOT EXISTS {s}.projection_definitions (
+         name        text        NOT NULL,
+         version     integer     NOT NULL,
+         fingerprint text        NOT NULL,
+         recorded_at timestamptz NOT NULL,
+         PRIMARY KEY (name, version)
+     );",
+];
+
+/// Records the definition `version` of `name` is built from, or refuses
+/// one that differs from the recorded one.
+pub(super) async fn check_definition(
+    client: &Client,
+    schema: &str,
+    name: &str,
+    version: u32,
+    fingerprint: &str,
+) -> Result<(), ProjectionError> {
+    let table = format!("\"{schema}\".projection_definitions");
+    let failed = |e| failure(name, "recording the read model's definition", e);
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {table} (name, version, fingerprint, recorded_at)
+                 VALUES ($1, $2, $3, now()) ON CONFLICT (name, version) DO NOTHING"
+            ),
+            &[&name, &(version as i32), &fingerprint],
+        )
+        .await
+        .map_err(failed)?;
+    let stored: String = client
+        .query_one(
+            &format!("SELECT fingerprint FROM {table} WHERE name = $1 AND version = $2"),
+            &[&name, &(version as i32)],
+        )
+        .await
+        .map_err(failed)?
+        .get(0);
+    if stored != fingerprint {
+        return Err(crate::tables::changed_definition(
+            name,
+            version,
+            &stored,
+            fingerprint,
+        ));
+    }
+    Ok(())
+}
+
+/// Forgets the definition of a dropped version.
+pub(super) fn forget_definition_sql(schema: &str) -> String {
+    format!("DELETE FROM \"{schema}\".projection_definitions WHERE name = $1 AND version = $2")
+}
 
 /// A connection named after `name`, with `<schema>.projection_checkpoints`
 /// created if missing; returns the client and the table's quoted name.

@@ -88,6 +88,9 @@ impl<P: PostgresProjection> PostgresSink<P> {
             projection.version(),
             projection.tables(),
         )?;
+        if let Some(fingerprint) = projection.fingerprint() {
+            check_definition(&client, schema, &name, tables.version(), &fingerprint).await?;
+        }
         Ok(PostgresSink {
             name,
             client,

@@ -45,6 +45,12 @@ impl<P: PostgresProjection> VersionedSink for PostgresSink<P> {
                 )
                 .await
                 .map_err(|e| fail("dropping the old checkpoint", e))?;
+                tx.execute(
+                    &forget_definition_sql(&self.schema),
+                    &[&name, &(old.version as i32)],
+                )
+                .await
+                .map_err(|e| fail("forgetting the old definition", e))?;
             }
         }
         tx.commit()
@@ -100,6 +106,12 @@ impl<P: PostgresProjection> VersionedSink for PostgresSink<P> {
         )
         .await
         .map_err(|e| fail("dropping the checkpoint", e))?;
+        tx.execute(
+            &forget_definition_sql(&self.schema),
+            &[&name, &(self.tables.version() as i32)],
+        )
+        .await
+        .map_err(|e| fail("forgetting the definition", e))?;
         tx.commit()
             .await
             .map_err(|e| fail("committing the discard", e))

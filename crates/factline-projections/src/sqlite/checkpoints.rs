@@ -54,7 +54,7 @@ impl SqliteCheckpoints {
             .map_err(&failed)?;
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
             .map_err(&failed)?;
-        factline_sqlite::migrate::apply(&mut conn, READ_MODELS, &[CHECKPOINTS])
+        factline_sqlite::migrate::apply(&mut conn, READ_MODELS, MIGRATIONS)
             .map_err(|e| ProjectionError::read_model("reactor checkpoints", e))?;
         Ok(SqliteCheckpoints {
             conn: std::sync::Arc::new(std::sync::Mutex::new(conn)),

@@ -43,7 +43,7 @@ impl<P: SqliteProjection> factline_sqlite::InlineProjection for SqliteInline<P> 
         let failed =
             |e| InlineError::Failed(factline_sqlite::sql::storage_error("the checkpoint", e));
         if !self.set_up {
-            factline_sqlite::migrate::apply_in(tx, READ_MODELS, &[CHECKPOINTS])?;
+            factline_sqlite::migrate::apply_in(tx, READ_MODELS, MIGRATIONS)?;
         }
         let key = checkpoint_key(&self.name, self.tables.version(), None);
         let at = stored_checkpoint(tx, &key).map_err(failed)?;

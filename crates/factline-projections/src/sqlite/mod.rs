@@ -47,6 +47,13 @@ pub trait SqliteProjection: Send + 'static {
         1
     }
 
+    /// A digest of the definition that decides the read model's content
+    /// (declared read models have one): a version is never continued from
+    /// another definition. `None` for code, whose version says it all.
+    fn fingerprint(&self) -> Option<String> {
+        None
+    }
+
     /// The logical names of the tables it writes; readers query views of
     /// these names, writes go to [`Tables::get`].
     fn tables(&self) -> &[&str];

@@ -75,6 +75,9 @@ impl<P: SqlProjection> SqliteProjection for Portable<P> {
     fn version(&self) -> u32 {
         self.version.unwrap_or_else(|| self.projection.version())
     }
+    fn fingerprint(&self) -> Option<String> {
+        self.projection.fingerprint()
+    }
     fn tables(&self) -> &[&str] {
         self.projection.tables()
     }

@@ -38,6 +38,65 @@ CREATE TABLE IF NOT EXISTS factline_projection_controls (
     updated_at INTEGER NOT NULL
 )";
 
+/// Migration 2: the definition each version of a declared read model was
+/// built from.
+pub(super) const DEFINITIONS: &str = "CREATE TABLE IF NOT EXISTS factline_projection_definitions (
+    name        TEXT    NOT NULL,
+    version     INTEGER NOT NULL,
+    fingerprint TEXT    NOT NULL,
+    recorded_at INTEGER NOT NULL,
+    PRIMARY KEY (name, version)
+)";
+
+/// The read models' migrations, in order.
+pub(super) const MIGRATIONS: &[&str] = &[CHECKPOINTS, DEFINITIONS];
+
+/// Records the definition `version` of `name` is built from, or refuses
+/// one that differs from the recorded one.
+pub(super) fn check_definition(
+    conn: &Connection,
+    name: &str,
+    version: u32,
+    fingerprint: &str,
+) -> Result<(), ProjectionError> {
+    let failed = read_model_failure(name.to_owned());
+    let stored: Option<String> = conn
+        .query_row(
+            "SELECT fingerprint FROM factline_projection_definitions WHERE name = ?1 AND version = ?2",
+            params![name, version],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(&failed)?;
+    match stored {
+        Some(stored) if stored != fingerprint => {
+            Err(crate::tables::changed_definition(name, version, &stored, fingerprint))
+        }
+        Some(_) => Ok(()),
+        None => conn
+            .execute(
+                "INSERT INTO factline_projection_definitions (name, version, fingerprint, recorded_at)
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT (name, version) DO NOTHING",
+                params![name, version, fingerprint, chrono::Utc::now().timestamp_micros()],
+            )
+            .map(|_| ())
+            .map_err(&failed),
+    }
+}
+
+/// Forgets the definition of a dropped version.
+pub(super) fn forget_definition(
+    conn: &Connection,
+    name: &str,
+    version: u32,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "DELETE FROM factline_projection_definitions WHERE name = ?1 AND version = ?2",
+        params![name, version],
+    )
+    .map(|_| ())
+}
+
 pub(super) const SAVE_CHECKPOINT: &str =
     "INSERT INTO factline_projection_checkpoints (name, position, updated_at)
      VALUES (?1, ?2, ?3)

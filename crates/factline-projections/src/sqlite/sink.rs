@@ -62,8 +62,11 @@ impl<P: SqliteProjection> SqliteSink<P> {
         // A batch's pages stay in memory until its commit (32 MiB).
         conn.pragma_update(None, "cache_size", -32_768)
             .map_err(&failed)?;
-        factline_sqlite::migrate::apply(&mut conn, READ_MODELS, &[CHECKPOINTS])
+        factline_sqlite::migrate::apply(&mut conn, READ_MODELS, MIGRATIONS)
             .map_err(|e| ProjectionError::read_model(name.clone(), e))?;
+        if let Some(fingerprint) = projection.fingerprint() {
+            check_definition(&conn, &name, tables.version(), &fingerprint)?;
+        }
         Ok(SqliteSink {
             name,
             path,

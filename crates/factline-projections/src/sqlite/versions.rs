@@ -26,6 +26,7 @@ impl<P: SqliteProjection> VersionedSink for SqliteSink<P> {
                             tx.execute(&statement, []).map_err(&sql)?;
                         }
                         delete_checkpoints(&tx, &name, old.version).map_err(&sql)?;
+                        forget_definition(&tx, &name, old.version).map_err(&sql)?;
                     }
                 }
                 tx.commit().map_err(&sql)?;
@@ -65,6 +66,7 @@ impl<P: SqliteProjection> VersionedSink for SqliteSink<P> {
                 tx.execute(&statement, []).map_err(&sql)?;
             }
             delete_checkpoints(&tx, &name, tables.version()).map_err(&sql)?;
+            forget_definition(&tx, &name, tables.version()).map_err(&sql)?;
             tx.commit().map_err(&sql)
         })
         .await

@@ -3,7 +3,7 @@
 
 use factline_read_models::{json_schema, DefinitionError, Definitions};
 
-const INVOICES: &str = include_str!("invoices.toml");
+const INVOICES: &str = factline_testkit::fixtures::INVOICES_READ_MODELS;
 
 /// The errors of `text`, as (line, column, message).
 fn errors(text: &str) -> Vec<(usize, usize, String)> {
@@ -213,4 +213,17 @@ fn the_fingerprint_follows_content_not_layout() {
     );
     let changed = INVOICES.replace("payments = 1", "payments = 2");
     assert_ne!(model(&changed).fingerprint(), base, "an operation does");
+}
+
+/// The reference's first example is a whole file: it must stay valid.
+#[test]
+fn the_reference_example_is_valid() {
+    let reference = include_str!("../../../../docs/read-models.md");
+    let start = reference
+        .find("```toml\n[[read_model]]")
+        .expect("an example")
+        + "```toml\n".len();
+    let end = start + reference[start..].find("```").unwrap();
+    let definitions = Definitions::parse(&reference[start..end], "docs/read-models.md").unwrap();
+    assert_eq!(definitions.read_models()[0].name(), "invoices");
 }

@@ -13,7 +13,7 @@ use factline_projections::{
 use factline_read_models::{DeclaredProjection, Definitions};
 use serde_json::json;
 
-const INVOICES: &str = include_str!("invoices.toml");
+const INVOICES: &str = factline_testkit::fixtures::INVOICES_READ_MODELS;
 
 fn projection() -> Portable<DeclaredProjection> {
     let definitions = Definitions::parse(INVOICES, "invoices.toml").unwrap();
@@ -271,4 +271,103 @@ async fn a_declared_read_model_on_postgres_equals_the_fold_and_parks_what_it_can
     let positions: Vec<u64> = parked.iter().map(|p| p.position).collect();
     assert_eq!(positions, fold.parked);
     assert_first_refusal_is_named(&parked);
+}
+
+/// The invoices read model with `payments` counting `weight` per payment,
+/// at `version`.
+fn changed(weight: i64, version: u32) -> Portable<DeclaredProjection> {
+    let text = INVOICES
+        .replace("payments = 1", &format!("payments = {weight}"))
+        .replace("version = 1", &format!("version = {version}"));
+    let definitions = Definitions::parse(&text, "invoices.toml").unwrap();
+    Portable::new(definitions.projection("invoices").unwrap())
+}
+
+fn assert_refused_as_changed(error: factline_projections::ProjectionError) {
+    let message = error.to_string();
+    assert!(
+        message.starts_with("projection invoices: version 1 was built from another definition")
+            && message.contains("raise its version"),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn on_sqlite_a_changed_definition_needs_a_new_version_which_rebuilds_it() {
+    use factline_projections::VersionedSink;
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryStore::new());
+    let fold = history(&store).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("read.db");
+    run(&store, SqliteSink::open(&path, projection()).unwrap()).await;
+
+    let refused = SqliteSink::open(&path, changed(2, 1)).err().unwrap();
+    assert_refused_as_changed(refused);
+    let sink = SqliteSink::open_rebuild(&path, changed(2, 2)).unwrap();
+    let mut runner = Runner::new(store.clone(), sink).with_poison_policy(PoisonPolicy::Park);
+    runner
+        .catch_up(store.head_position().await.unwrap())
+        .await
+        .unwrap();
+    let mut sink = runner.into_sink();
+    assert_eq!(sink.swap(false).await.unwrap(), Some(1));
+
+    let payments: i64 = fold.revenue.values().map(|r| r.1).sum();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let counted: i64 = conn
+        .query_row("SELECT sum(payments) FROM revenue_per_day", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(counted, 2 * payments, "the view shows version 2");
+    SqliteSink::open(&path, changed(2, 2)).expect("the new version runs live");
+    SqliteSink::open_rebuild(&path, changed(3, 1))
+        .expect("version 1 was dropped with its definition: it may be built again");
+}
+
+#[tokio::test]
+async fn on_postgres_a_changed_definition_needs_a_new_version_which_rebuilds_it() {
+    use factline_projections::VersionedSink;
+    let store: Arc<dyn EventStore> = Arc::new(InMemoryStore::new());
+    let fold = history(&store).await;
+    let db = factline_testkit::pg::database().await;
+    let schema = "invoices_read";
+    run(
+        &store,
+        PostgresSink::connect(&db.url, schema, projection())
+            .await
+            .unwrap(),
+    )
+    .await;
+
+    let refused = PostgresSink::connect(&db.url, schema, changed(2, 1))
+        .await
+        .err()
+        .unwrap();
+    assert_refused_as_changed(refused);
+    let sink = PostgresSink::connect_rebuild(&db.url, schema, changed(2, 2))
+        .await
+        .unwrap();
+    let mut runner = Runner::new(store.clone(), sink).with_poison_policy(PoisonPolicy::Park);
+    runner
+        .catch_up(store.head_position().await.unwrap())
+        .await
+        .unwrap();
+    let mut sink = runner.into_sink();
+    assert_eq!(sink.swap(false).await.unwrap(), Some(1));
+
+    let payments: i64 = fold.revenue.values().map(|r| r.1).sum();
+    let client = factline_testkit::pg::connect(&db.url).await;
+    let counted: i64 = client
+        .query_one(
+            "SELECT sum(payments)::bigint FROM invoices_read.revenue_per_day",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(counted, 2 * payments, "the view shows version 2");
+    PostgresSink::connect(&db.url, schema, changed(2, 2))
+        .await
+        .expect("the new version runs live");
 }
