@@ -10,9 +10,10 @@ use async_trait::async_trait;
 use factline::EventStore;
 use factline_orders::read_models;
 use factline_projections::{ParkedEvent, ProjectionStatus, RetryReport};
+use factline_read_models::{Answer, QueryError, Reader, TableRequest};
 use factline_server::{
-    AdminError, DashboardData, ProjectionState, ProjectionView, ProjectionsAdmin, RebuildState,
-    RebuildView,
+    AdminError, DashboardData, ProjectionState, ProjectionView, ProjectionsAdmin, QueryAnswer,
+    ReadModelError, ReadModelView, ReadModelsApi, RebuildState, RebuildView,
 };
 use serde_json::{json, Value};
 use tokio::sync::watch;
@@ -299,6 +300,105 @@ impl ProjectionsAdmin for CatalogAdmin {
     async fn skip(&self, name: &str, position: u64) -> Result<bool, AdminError> {
         let admin = self.db.admin().await.map_err(failed)?;
         admin.skip(name, position).await.map_err(failed)
+    }
+}
+
+/// The declared read models, for `/read-models/…`: their rows through a
+/// [`Reader`] of the read-model database, their progress from the
+/// projections' registry.
+pub struct DeclaredReadModels {
+    reader: Reader,
+    projections: Arc<CatalogAdmin>,
+}
+
+impl DeclaredReadModels {
+    pub fn new(
+        catalog: &Catalog,
+        db: &ReadModelDb,
+        projections: Arc<CatalogAdmin>,
+    ) -> anyhow::Result<Self> {
+        let definitions = catalog.definitions();
+        let reader = match db {
+            ReadModelDb::Sqlite(path) => Reader::sqlite(path, definitions),
+            ReadModelDb::Postgres { url, schema } => Reader::postgres(url, schema, definitions)?,
+        };
+        Ok(DeclaredReadModels {
+            reader,
+            projections,
+        })
+    }
+}
+
+fn answered(answer: Answer) -> QueryAnswer {
+    let rows = answer.rows.into_iter().map(Value::Object).collect();
+    QueryAnswer::new(rows, answer.position, answer.next)
+}
+
+fn query_failed(e: QueryError) -> ReadModelError {
+    match e {
+        QueryError::NotFound(m) => ReadModelError::NotFound(m),
+        QueryError::Invalid(m) => ReadModelError::Invalid(m),
+        other => ReadModelError::Failed(Box::new(other)),
+    }
+}
+
+#[async_trait]
+impl ReadModelsApi for DeclaredReadModels {
+    async fn list(&self, head: u64) -> Result<Vec<ReadModelView>, ReadModelError> {
+        let projections = self
+            .projections
+            .list(head)
+            .await
+            .map_err(|e| ReadModelError::Failed(Box::new(e)))?;
+        Ok(self
+            .reader
+            .definitions()
+            .read_models()
+            .iter()
+            .map(|model| {
+                let name = model.name().to_owned();
+                match projections.iter().find(|p| p.name == model.name()) {
+                    Some(p) => ReadModelView::new(name, model.version(), p.state).with_progress(
+                        p.checkpoint,
+                        p.lag_events,
+                        p.lag_seconds,
+                    ),
+                    None => ReadModelView::new(name, model.version(), ProjectionState::Stopped)
+                        .with_progress(0, head, 0.0),
+                }
+            })
+            .collect())
+    }
+
+    async fn table(
+        &self,
+        read_model: &str,
+        table: &str,
+        params: &[(String, String)],
+    ) -> Result<QueryAnswer, ReadModelError> {
+        let request = TableRequest::from_params(params).map_err(query_failed)?;
+        self.reader
+            .table(read_model, table, &request)
+            .await
+            .map(answered)
+            .map_err(query_failed)
+    }
+
+    async fn query(
+        &self,
+        read_model: &str,
+        query: &str,
+        params: &[(String, String)],
+    ) -> Result<QueryAnswer, ReadModelError> {
+        self.reader
+            .query(read_model, query, params)
+            .await
+            .map(answered)
+            .map_err(query_failed)
+    }
+
+    async fn position(&self, read_model: &str) -> Result<u64, ReadModelError> {
+        self.reader.position(read_model).await.map_err(query_failed)
     }
 }
 

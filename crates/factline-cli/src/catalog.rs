@@ -70,6 +70,11 @@ impl Catalog {
         })
     }
 
+    /// The declared read models.
+    pub fn definitions(&self) -> Arc<Definitions> {
+        self.declared.clone()
+    }
+
     /// The names of the declared read models.
     pub fn declared(&self) -> Vec<String> {
         self.declared

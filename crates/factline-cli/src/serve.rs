@@ -15,7 +15,7 @@ use factline_server::{
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin_api::{CatalogAdmin, OrdersDashboard};
+use crate::admin_api::{CatalogAdmin, DeclaredReadModels, OrdersDashboard};
 use crate::catalog::{self, Catalog, ReadModelDb, READ_SCHEMA};
 use crate::outbox_cli::{self, RelayOptions, RunningRelay};
 use crate::{seconds, usage};
@@ -273,8 +273,17 @@ pub async fn start(
         if args.projections {
             live.extend(catalog::compiled().iter().map(|p| p.name().to_owned()));
         }
-        let admin = Arc::new(CatalogAdmin::new(catalog, db.clone(), store.clone()));
+        let declared = !catalog.declared().is_empty();
+        let admin = Arc::new(CatalogAdmin::new(
+            catalog.clone(),
+            db.clone(),
+            store.clone(),
+        ));
         projections = admin.start_live(&live, &stopped)?;
+        if declared {
+            let read_models = DeclaredReadModels::new(&catalog, &db, admin.clone())?;
+            server = server.with_read_models(Arc::new(read_models));
+        }
         server = server
             .with_projections(admin.clone())
             .with_dashboard(Arc::new(OrdersDashboard::new(db)));

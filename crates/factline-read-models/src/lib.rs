@@ -46,12 +46,22 @@ mod check;
 mod expr;
 mod file;
 mod model;
+#[cfg(feature = "postgres")]
+mod postgres;
 mod projection;
+mod query;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod reader;
 mod sql;
+#[cfg(feature = "sqlite")]
+mod sqlite;
 
 pub use expr::ColumnType;
 pub use model::{Column, OnError, Query, ReadModel, Table};
 pub use projection::DeclaredProjection;
+pub use query::{Answer, QueryError, TableRequest, DEFAULT_ROWS, MAX_ROWS, RESERVED_PARAMS};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use reader::Reader;
 
 /// The read models of one definitions file.
 #[derive(Clone, Debug, Default)]

@@ -15,6 +15,8 @@
 //! digest in constant time. `read` lets a token read and subscribe to the
 //! categories listed, `write` append to them; `$all` needs `read: ["*"]`;
 //! the admin API, `/metrics` and the dashboard's data need `admin: ["*"]`.
+//! `query` lists the declared read models a token may query
+//! (`/read-models/…`; `*` for all); `admin: ["*"]` may query every one.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -39,6 +41,8 @@ pub struct Scopes {
     pub write: CategorySet,
     /// Categories it may administer (projections, outbox, dashboard need every category).
     pub admin: CategorySet,
+    /// Read models it may query (`*`: all).
+    pub query: CategorySet,
 }
 
 /// A set of categories; `*` is every category.
@@ -65,6 +69,28 @@ impl CategorySet {
     /// Whether the set is every category.
     pub fn is_every(&self) -> bool {
         self.every
+    }
+
+    /// Read-model names: 1 to 100 letters, digits, `_`, `-` or `.`.
+    fn parse_names(token: &str, entries: Vec<String>) -> Result<Self, TokensError> {
+        let mut set = CategorySet::default();
+        for entry in entries {
+            let plain = !entry.is_empty()
+                && entry.len() <= 100
+                && entry
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+            if entry == "*" {
+                set.every = true;
+            } else if plain {
+                set.named.insert(entry);
+            } else {
+                return Err(TokensError::Invalid(format!(
+                    "token {token:?}: query scope: {entry:?} is not a read model's name (or \"*\" for every read model)"
+                )));
+            }
+        }
+        Ok(set)
     }
 
     fn parse(token: &str, scope: &str, entries: Vec<String>) -> Result<Self, TokensError> {
@@ -146,6 +172,8 @@ struct TokenEntry {
     write: Vec<String>,
     #[serde(default)]
     admin: Vec<String>,
+    #[serde(default)]
+    query: Vec<String>,
 }
 
 fn digest(token: &str) -> [u8; 32] {
@@ -239,6 +267,7 @@ impl Tokens {
                 read: CategorySet::parse(&name, "read", entry.read)?,
                 write: CategorySet::parse(&name, "write", entry.write)?,
                 admin: CategorySet::parse(&name, "admin", entry.admin)?,
+                query: CategorySet::parse_names(&name, entry.query)?,
             };
             tokens.push(Token {
                 name,
@@ -283,8 +312,8 @@ pub enum Caller {
     Token {
         /// The token's name.
         name: String,
-        /// What it may do.
-        scopes: Scopes,
+        /// What it may do (boxed: a caller is passed around by value).
+        scopes: Box<Scopes>,
     },
 }
 
@@ -310,7 +339,7 @@ impl Caller {
         match tokens.find(presented) {
             Some(token) => Ok(Caller::Token {
                 name: token.name.clone(),
-                scopes: token.scopes.clone(),
+                scopes: Box::new(token.scopes.clone()),
             }),
             None => Err(ApiError::Unauthorized(
                 "the bearer token is not one this server accepts".into(),
@@ -338,7 +367,7 @@ impl Caller {
     ) -> Result<(), ApiError> {
         match self {
             Caller::Anonymous => Ok(()),
-            Caller::Token { scopes, .. } if allowed(scopes) => Ok(()),
+            Caller::Token { scopes, .. } if allowed(scopes.as_ref()) => Ok(()),
             Caller::Token { name, .. } => Err(ApiError::Forbidden(format!(
                 "token {name:?} may not {}",
                 what()
@@ -368,6 +397,20 @@ impl Caller {
             |s| s.write.contains(category),
             || format!("write to category {category:?}"),
         )
+    }
+
+    /// 403 unless the caller may query the read model `name` (its
+    /// `query` scope names it, or it administers everything).
+    pub fn may_query(&self, name: &str) -> Result<(), ApiError> {
+        self.check(
+            |s| s.query.contains(name) || s.admin.is_every(),
+            || format!("query read model {name:?} (its query scope does not list it)"),
+        )
+    }
+
+    /// Whether the caller may query the read model `name`.
+    pub fn can_query(&self, name: &str) -> bool {
+        self.may_query(name).is_ok()
     }
 
     /// 403 unless the caller may administer every category.
@@ -499,5 +542,38 @@ mod tests {
         let shown = format!("{:?}", tokens());
         assert!(shown.contains("writer"));
         assert!(!shown.contains("0123456789abcdef-writer"));
+    }
+
+    #[test]
+    fn a_query_scope_names_read_models_and_admins_query_all() {
+        let tokens = Tokens::parse(
+            r#"{"tokens":[
+                {"name":"billing","token":"billing-token-0123","query":["invoices","revenue.v2"]},
+                {"name":"ops","token":"ops-token-0123456789","admin":["*"]},
+                {"name":"reader","token":"reader-token-012345","read":["*"]}]}"#,
+        )
+        .unwrap();
+        let caller = |secret: &str| {
+            let token = tokens.find(secret).unwrap();
+            Caller::Token {
+                name: token.name.clone(),
+                scopes: Box::new(token.scopes.clone()),
+            }
+        };
+        let billing = caller("billing-token-0123");
+        assert!(billing.may_query("invoices").is_ok() && billing.may_query("revenue.v2").is_ok());
+        assert!(matches!(
+            billing.may_query("tickets"),
+            Err(ApiError::Forbidden(_))
+        ));
+        assert!(caller("ops-token-0123456789").may_query("anything").is_ok());
+        assert!(
+            !caller("reader-token-012345").can_query("invoices"),
+            "read scopes are for events"
+        );
+        let bad = Tokens::parse(
+            r#"{"tokens":[{"name":"x","token":"x-token-0123456789","query":["a b"]}]}"#,
+        );
+        assert!(matches!(bad, Err(TokensError::Invalid(m)) if m.contains("query scope")));
     }
 }

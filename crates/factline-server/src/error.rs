@@ -90,6 +90,19 @@ pub enum ApiError {
     #[error("{0}")]
     /// 503: the server cannot answer now (shutting down, a dependency down).
     Unavailable(String),
+    /// 504: a read model did not reach the position a read asked for
+    /// (`min_position`) within its timeout.
+    #[error(
+        "read model {read_model} has reached position {position}, not {wanted}, within the timeout"
+    )]
+    NotCaughtUp {
+        /// The read model.
+        read_model: String,
+        /// Where it is.
+        position: u64,
+        /// Where the read wanted it.
+        wanted: u64,
+    },
 }
 
 impl From<AdminError> for ApiError {
@@ -124,6 +137,7 @@ impl ApiError {
             }
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::NotCaughtUp { .. } => (StatusCode::GATEWAY_TIMEOUT, "not_caught_up"),
             ApiError::Store(e) => match e {
                 StoreError::Conflict { .. } => (StatusCode::CONFLICT, "conflict"),
                 StoreError::IdempotencyMismatch { .. } => {
@@ -168,6 +182,13 @@ impl ApiError {
             body["stream_id"] = json!(stream_id);
             body["expected"] = expected_json(*expected);
             body["actual"] = json!(actual);
+        }
+        if let ApiError::NotCaughtUp {
+            position, wanted, ..
+        } = self
+        {
+            body["position"] = json!(position);
+            body["wanted"] = json!(wanted);
         }
         body
     }

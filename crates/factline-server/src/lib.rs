@@ -18,6 +18,7 @@ mod events;
 mod guard;
 mod metrics;
 mod openapi;
+mod read_models;
 mod slots;
 pub mod sse;
 mod subscribe;
@@ -45,6 +46,7 @@ pub use connections::{serve_with_limits, ConnectionLimits};
 pub use error::{AdminError, ApiError};
 pub use guard::BrowserPolicy;
 pub use metrics::{install_recorder, InstrumentedStore};
+pub use read_models::{QueryAnswer, ReadModelError, ReadModelView, ReadModelsApi};
 
 /// How the server treats requests.
 #[derive(Clone, Debug)]
@@ -103,6 +105,7 @@ pub(crate) struct AppState {
     pub projections: Option<Arc<dyn ProjectionsAdmin>>,
     pub outbox: Option<Arc<dyn OutboxDb>>,
     pub dashboard: Option<Arc<dyn DashboardData>>,
+    pub read_models: Option<Arc<dyn ReadModelsApi>>,
     pub shutdown: watch::Receiver<bool>,
     pub metrics: Option<::metrics_exporter_prometheus::PrometheusHandle>,
     pub rates: Arc<dashboard::RateSampler>,
@@ -132,6 +135,7 @@ impl Server {
                 projections: None,
                 outbox: None,
                 dashboard: None,
+                read_models: None,
                 shutdown,
                 metrics: None,
                 rates: Arc::default(),
@@ -157,6 +161,12 @@ impl Server {
     /// The read models the dashboard charts.
     pub fn with_dashboard(mut self, data: Arc<dyn DashboardData>) -> Self {
         self.state.dashboard = Some(data);
+        self
+    }
+
+    /// The declared read models `/read-models/…` answers queries on.
+    pub fn with_read_models(mut self, read_models: Arc<dyn ReadModelsApi>) -> Self {
+        self.state.read_models = Some(read_models);
         self
     }
 
@@ -227,6 +237,15 @@ impl Server {
                 post(admin::skip_parked),
             )
             .route("/admin/outbox", get(admin::outbox))
+            .route("/read-models", get(read_models::list))
+            .route(
+                "/read-models/{name}/tables/{table}",
+                get(read_models::table),
+            )
+            .route(
+                "/read-models/{name}/queries/{query}",
+                get(read_models::query),
+            )
             .route("/", get(dashboard::page))
             .route("/dashboard/data", get(dashboard::data))
             .route("/dashboard/app.js", get(dashboard::script))

@@ -273,6 +273,58 @@ fn dashboard() {}
     responses((status = 200, description = "What the dashboard shows: head_position, events {counted_to, streams, categories, event_types}, append_rate {events_per_second, series}, parked_total, projections, outbox {backlog, oldest_age_s, failing, last_error, relays}, read_models (a domain's panels, null where the store has none), read_models_error", body = Object)))]
 fn dashboard_data() {}
 
+/// The declared read models the caller may query.
+#[derive(Serialize, ToSchema)]
+struct ReadModelsDoc {
+    read_models: Vec<ReadModelDoc>,
+}
+
+#[derive(Serialize, ToSchema)]
+struct ReadModelDoc {
+    name: String,
+    version: u32,
+    /// The position its active version has reached.
+    checkpoint: u64,
+    lag_events: u64,
+    lag_seconds: f64,
+    /// `running`, `paused`, `rebuilding`, `stopped` or `failed`.
+    state: String,
+}
+
+/// Rows of a read model and the position they reflect: every event up to
+/// `position` is in them, none after it. `next` is the cursor of the next
+/// page (tables only), null on the last.
+#[derive(Serialize, ToSchema)]
+struct RowsDoc {
+    rows: Vec<serde_json::Map<String, Value>>,
+    position: u64,
+    next: Option<String>,
+}
+
+#[utoipa::path(get, path = "/read-models", tag = "read models",
+    responses((status = 200, body = ReadModelsDoc), (status = 404, description = "The server runs no declared read models", body = ErrorDoc)))]
+fn read_models() {}
+
+#[utoipa::path(get, path = "/read-models/{name}/tables/{table}", tag = "read models",
+    params(("name" = String, Path), ("table" = String, Path),
+        ("order" = Option<String>, Query, description = "A column to sort by, `-column` for descending; the table's key by default"),
+        ("limit" = Option<u32>, Query, description = "At most this many rows (100 by default, at most 1000)"),
+        ("cursor" = Option<String>, Query, description = "The `next` of the previous page"),
+        ("min_position" = Option<u64>, Query, description = "Wait until the read model has reached this position (read your writes)"),
+        ("timeout_ms" = Option<u64>, Query, description = "How long to wait for `min_position` (5000 by default)")),
+    responses((status = 200, description = "Rows whose columns equal the other query parameters (`column=value`), in order", body = RowsDoc),
+        (status = 404, body = ErrorDoc), (status = 504, description = "`not_caught_up`: the read model's `position` did not reach `wanted` within the timeout", body = ErrorDoc)))]
+fn read_model_table() {}
+
+#[utoipa::path(get, path = "/read-models/{name}/queries/{query}", tag = "read models",
+    params(("name" = String, Path), ("query" = String, Path),
+        ("limit" = Option<u32>, Query, description = "At most this many rows (1000 by default and at most)"),
+        ("min_position" = Option<u64>, Query, description = "Wait until the read model has reached this position (read your writes)"),
+        ("timeout_ms" = Option<u64>, Query, description = "How long to wait for `min_position` (5000 by default)")),
+    responses((status = 200, description = "The rows of the named query, whose parameters are the other query parameters", body = RowsDoc),
+        (status = 404, body = ErrorDoc), (status = 504, description = "`not_caught_up`: the read model's `position` did not reach `wanted` within the timeout", body = ErrorDoc)))]
+fn read_model_query() {}
+
 #[derive(OpenApi)]
 #[openapi(
     info(title = "factline", description = "An event store and projection engine: append, read and subscribe to events; operate projections and the outbox."),
@@ -282,11 +334,13 @@ fn dashboard_data() {}
         health, ready, metrics, openapi,
         projections, projection, rebuild, pause, resume, parked, retry_parked, skip_parked, outbox,
         dashboard, dashboard_data,
+        read_models, read_model_table, read_model_query,
     ),
     tags(
         (name = "events", description = "Append and read"),
         (name = "subscriptions", description = "Catch-up then live, as Server-Sent Events"),
         (name = "admin", description = "Needs admin scope \"*\" when tokens are configured"),
+        (name = "read models", description = "Declared read models (`--read-models FILE`); needs a query scope naming the read model (or admin \"*\") when tokens are configured"),
     ),
     security(("bearer" = [])),
     modifiers(&BearerAuth),
@@ -370,7 +424,17 @@ fn complete_operation(path: &str, method: &str, operation: &mut Value, max_page:
                 "category" => json!({"type": "string", "pattern": CATEGORY}),
                 "name" => json!({"type": "string", "minLength": 1, "maxLength": 64}),
                 "position" => json!({"type": "integer", "minimum": 0, "maximum": MAX_POSITION}),
+                "limit" if path.starts_with("/read-models") => {
+                    json!({"type": "integer", "minimum": 1, "maximum": 1000})
+                }
                 "limit" => json!({"type": "integer", "minimum": 1, "maximum": max_page}),
+                "table" | "query" => json!({"type": "string", "minLength": 1, "maxLength": 64}),
+                "order" => json!({"type": "string", "minLength": 1, "maxLength": 65}),
+                "cursor" => json!({"type": "string", "maxLength": 8192}),
+                "min_position" => {
+                    json!({"type": "integer", "minimum": 0, "maximum": MAX_POSITION})
+                }
+                "timeout_ms" => json!({"type": "integer", "minimum": 0, "maximum": 25000}),
                 "direction" => json!({"type": "string", "enum": ["forwards", "backwards"]}),
                 "from" if subscription => {
                     json!({"type": "string", "pattern": "^(end|[0-9]{1,18})$"})

@@ -5,47 +5,30 @@
 //! line and column before anything runs.
 
 use factline_testkit::fixtures::INVOICES_READ_MODELS;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::common::*;
 
 on_every_backend!(
-    declared_read_models_follow_http_appends_park_poison_and_rebuild_on_a_version_bump
+    declared_read_models_follow_http_appends_park_poison_and_rebuild_on_a_version_bump,
+    a_client_reads_its_own_writes_pages_and_queries_within_its_scope,
 );
 
-/// Rows of `sql` (on the read models' views; `{s}` is the schema prefix)
-/// as text.
-fn rows(db: &str, sql: &str) -> Vec<Vec<Option<String>>> {
-    if db.starts_with("postgres") {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        runtime.block_on(async {
-            let client = factline_testkit::pg::connect(db).await;
-            let rows = client
-                .query(&sql.replace("{s}", "orders_read."), &[])
-                .await
-                .unwrap();
-            rows.iter()
-                .map(|r| {
-                    (0..r.len())
-                        .map(|i| r.get::<_, Option<String>>(i))
-                        .collect()
-                })
-                .collect()
-        })
-    } else {
-        let conn = rusqlite::Connection::open(db).unwrap();
-        let mut stmt = conn.prepare(&sql.replace("{s}", "")).unwrap();
-        let width = stmt.column_count();
-        stmt.query_map([], |r| {
-            (0..width).map(|i| r.get::<_, Option<String>>(i)).collect()
-        })
-        .unwrap()
-        .collect::<Result<_, _>>()
-        .unwrap()
-    }
+/// `path`'s answer over HTTP, which must be 200.
+fn get(served: &Served, path: &str) -> Value {
+    let (status, body) = served.call("GET", path, "", None);
+    assert_eq!(status, 200, "GET {path}: {body}");
+    body
+}
+
+/// Values of `columns` in each row of an answer.
+fn columns(answer: &Value, columns: &[&str]) -> Vec<Vec<Value>> {
+    answer["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|row| columns.iter().map(|c| row[*c].clone()).collect())
+        .collect()
 }
 
 fn append(served: &Served, stream: &str, events: &str) {
@@ -92,13 +75,22 @@ fn declared_read_models_follow_http_appends_park_poison_and_rebuild_on_a_version
             .is_some_and(|p| p["checkpoint"] == 5 && p["parked"] == 1)
     });
     assert_eq!(projection(&list, "invoices")["active_version"], 1);
+    let invoices = get(&served, "/read-models/invoices/tables/invoices");
+    assert_eq!(invoices["position"], 5);
     assert_eq!(
-        rows(&db.spec, "SELECT invoice_id, status, CAST(paid_cents AS TEXT), CAST(lines AS TEXT), note FROM {s}invoices ORDER BY invoice_id"),
+        columns(
+            &invoices,
+            &["invoice_id", "status", "paid_cents", "lines", "note"]
+        ),
         vec![
-            vec![Some("1".into()), Some("paid".into()), Some("900".into()), Some("2".into()), None],
-            vec![Some("2".into()), Some("open".into()), Some("0".into()), Some("0".into()), Some("rush".into())],
+            vec![json!("1"), json!("paid"), json!(900), json!(2), Value::Null],
+            vec![json!("2"), json!("open"), json!(0), json!(0), json!("rush")],
         ]
     );
+    let listed = get(&served, "/read-models");
+    assert_eq!(listed["read_models"][0]["name"], "invoices");
+    assert_eq!(listed["read_models"][0]["version"], 1);
+    assert_eq!(listed["read_models"][0]["checkpoint"], 5);
     let parked = json_lines(&run(&db.spec, &["projections", "parked", "invoices"]));
     assert_eq!(parked.len(), 1);
     assert_eq!(parked[0]["position"], 5);
@@ -133,16 +125,11 @@ fn declared_read_models_follow_http_appends_park_poison_and_rebuild_on_a_version
         (2.into(), true.into()),
         "{report}"
     );
+    let revenue = get(&served, "/read-models/invoices/tables/revenue_per_day");
     assert_eq!(
-        rows(
-            &db.spec,
-            "SELECT customer, CAST(payments AS TEXT), CAST(cents AS TEXT) FROM {s}revenue_per_day"
-        ),
-        vec![vec![
-            Some("acme".into()),
-            Some("4".into()),
-            Some("900".into())
-        ]]
+        columns(&revenue, &["customer", "payments", "cents"]),
+        vec![vec![json!("acme"), json!(4), json!(900)]],
+        "the views show version 2"
     );
 
     // The serving process still has version 1's definition: at its next
@@ -267,4 +254,158 @@ fn a_valid_file_is_described_and_the_schema_is_printed() {
     let schema: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(schema["title"], "factline read models");
     assert!(schema["properties"]["read_model"].is_object(), "{schema}");
+}
+
+fn a_client_reads_its_own_writes_pages_and_queries_within_its_scope(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("invoices.toml");
+    std::fs::write(&file, INVOICES_READ_MODELS).unwrap();
+    let tokens = dir.path().join("tokens.json");
+    std::fs::write(
+        &tokens,
+        r#"{"tokens":[
+            {"name":"billing","token":"billing-secret-0123","write":["Invoice"],"query":["invoices"]},
+            {"name":"other","token":"other-secret-012345","query":["tickets"]}]}"#,
+    )
+    .unwrap();
+    let served = Served::start(
+        &db.spec,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--read-models",
+            file.to_str().unwrap(),
+            "--tokens",
+            tokens.to_str().unwrap(),
+        ],
+    );
+    let billing = "billing-secret-0123";
+
+    // Each append is read back at once, with min_position at its position.
+    for i in 1..=12 {
+        let body = format!(
+            r#"[{{"event_type":"InvoiceIssued","data":{{"customer":"c{}","total_cents":{},"lines":[]}}}}]"#,
+            i % 3,
+            i * 100
+        );
+        let (status, appended) = served.call(
+            "POST",
+            &format!("/streams/Invoice-{i:02}"),
+            billing,
+            Some(&body),
+        );
+        assert_eq!(status, 201, "{appended}");
+        let position = appended["last_position"].as_u64().unwrap();
+        let path = format!(
+            "/read-models/invoices/tables/invoices?invoice_id={i:02}&min_position={position}"
+        );
+        let (status, answer) = served.call("GET", &path, billing, None);
+        assert_eq!(status, 200, "{answer}");
+        assert!(answer["position"].as_u64().unwrap() >= position);
+        assert_eq!(
+            answer["rows"][0]["total_cents"],
+            i * 100,
+            "read your write {i}"
+        );
+    }
+
+    // Pages of 5 by descending total, followed by their cursors.
+    let mut seen = Vec::new();
+    let mut path = "/read-models/invoices/tables/invoices?order=-total_cents&limit=5".to_owned();
+    loop {
+        let (status, page) = served.call("GET", &path, billing, None);
+        assert_eq!(status, 200, "{page}");
+        seen.extend(
+            columns(&page, &["total_cents"])
+                .into_iter()
+                .map(|r| r[0].as_i64().unwrap()),
+        );
+        match page["next"].as_str() {
+            Some(next) => {
+                path = format!(
+                "/read-models/invoices/tables/invoices?order=-total_cents&limit=5&cursor={next}"
+            )
+            }
+            None => break,
+        }
+    }
+    assert_eq!(seen, (1..=12).rev().map(|i| i * 100).collect::<Vec<i64>>());
+
+    // A named query with its parameter.
+    let (status, open) = served.call(
+        "GET",
+        "/read-models/invoices/queries/open_by_customer?customer=c1",
+        billing,
+        None,
+    );
+    assert_eq!(status, 200, "{open}");
+    assert_eq!(
+        columns(&open, &["invoice_id", "due"]),
+        vec![
+            vec![json!("01"), json!(100)],
+            vec![json!("04"), json!(400)],
+            vec![json!("07"), json!(700)],
+            vec![json!("10"), json!(1000)]
+        ]
+    );
+
+    // A position the read model does not reach in time: 504, saying where it is.
+    let (status, late) = served.call(
+        "GET",
+        "/read-models/invoices/tables/invoices?min_position=1000&timeout_ms=200",
+        billing,
+        None,
+    );
+    assert_eq!(status, 504, "{late}");
+    assert_eq!(
+        (
+            late["error"].clone(),
+            late["position"].clone(),
+            late["wanted"].clone()
+        ),
+        (json!("not_caught_up"), json!(12), json!(1000))
+    );
+
+    // Bad requests say what is wrong; other read models are not found.
+    let (status, bad) = served.call(
+        "GET",
+        "/read-models/invoices/tables/invoices?colour=red",
+        billing,
+        None,
+    );
+    assert_eq!(status, 400, "{bad}");
+    assert!(
+        bad["message"]
+            .as_str()
+            .unwrap()
+            .contains("\"colour\" is not a column of invoices"),
+        "{bad}"
+    );
+    let (status, _) = served.call(
+        "GET",
+        "/read-models/invoices/tables/invoices?limit=1001",
+        billing,
+        None,
+    );
+    assert_eq!(status, 400);
+    let (status, _) = served.call("GET", "/read-models/invoices/tables/bills", billing, None);
+    assert_eq!(status, 404);
+
+    // Scopes: a token whose query scope does not name the read model is
+    // refused, and does not see it listed; no token is unauthorized.
+    let other = "other-secret-012345";
+    let (status, refused) =
+        served.call("GET", "/read-models/invoices/tables/invoices", other, None);
+    assert_eq!(status, 403, "{refused}");
+    let (status, listed) = served.call("GET", "/read-models", other, None);
+    assert_eq!((status, listed["read_models"].clone()), (200, json!([])));
+    let (status, listed) = served.call("GET", "/read-models", billing, None);
+    assert_eq!(
+        (status, listed["read_models"][0]["name"].clone()),
+        (200, json!("invoices"))
+    );
+    let (status, _) = served.call("GET", "/read-models/invoices/tables/invoices", "", None);
+    assert_eq!(status, 401);
+    let mut served = served;
+    terminate(&mut served.child);
 }

@@ -133,3 +133,25 @@ impl PostgresAdmin {
         tx.commit().await.map_err(fail)
     }
 }
+
+/// The position the active version of `name` in `schema` has reached (the
+/// smallest checkpoint of its partitions), read through `client` — in the
+/// same read transaction as a query of its rows, for an answer that says
+/// which events it reflects. `None` before its first batch.
+pub async fn active_position(
+    client: &impl tokio_postgres::GenericClient,
+    schema: &str,
+    name: &str,
+) -> Result<Option<u64>, tokio_postgres::Error> {
+    // The checkpoint keys of a version: `name@vN`, or `name@vN#i/n` per
+    // partition (see `checkpoint_key`).
+    let sql = format!(
+        "SELECT min(c.position) FROM \"{schema}\".projection_versions v
+         JOIN \"{schema}\".projection_checkpoints c
+           ON c.name = v.name || '@v' || v.active_version
+           OR starts_with(c.name, v.name || '@v' || v.active_version || '#')
+         WHERE v.name = $1"
+    );
+    let row = client.query_one(&sql, &[&name]).await?;
+    Ok(row.get::<_, Option<i64>>(0).map(|p| p as u64))
+}

@@ -103,3 +103,21 @@ impl SqliteAdmin {
             .await
     }
 }
+
+/// The position the active version of `name` has reached (the smallest
+/// checkpoint of its partitions), read on `conn` — in the same read
+/// transaction as a query of its rows, for an answer that says which
+/// events it reflects. `None` before its first batch.
+pub fn active_position(conn: &Connection, name: &str) -> rusqlite::Result<Option<u64>> {
+    // The checkpoint keys of a version: `name@vN`, or `name@vN#i/n` per
+    // partition (see `checkpoint_key`).
+    let sql = "SELECT min(c.position) FROM factline_projection_versions v
+               JOIN factline_projection_checkpoints c
+                 ON c.name = v.name || '@v' || v.active_version
+                 OR substr(c.name, 1, length(v.name) + length(v.active_version) + 3)
+                    = v.name || '@v' || v.active_version || '#'
+               WHERE v.name = ?1";
+    conn.prepare_cached(sql)?
+        .query_row(params![name], |r| r.get::<_, Option<i64>>(0))
+        .map(|p| p.map(|p| p as u64))
+}

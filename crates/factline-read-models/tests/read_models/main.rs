@@ -2,4 +2,5 @@
 //! SQLite and PostgreSQL against a fold of the same events.
 
 mod checking;
+mod reading;
 mod running;

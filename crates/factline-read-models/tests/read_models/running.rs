@@ -15,18 +15,18 @@ use serde_json::json;
 
 const INVOICES: &str = factline_testkit::fixtures::INVOICES_READ_MODELS;
 
-fn projection() -> Portable<DeclaredProjection> {
+pub(crate) fn projection() -> Portable<DeclaredProjection> {
     let definitions = Definitions::parse(INVOICES, "invoices.toml").unwrap();
     Portable::new(definitions.projection("invoices").unwrap())
 }
 
 /// (customer, total, paid, status, lines, last position, note)
-type InvoiceRow = (String, i64, i64, String, i64, i64, Option<String>);
+pub(crate) type InvoiceRow = (String, i64, i64, String, i64, i64, Option<String>);
 
 /// What the invoices read model must hold, folded from the same history.
 #[derive(Debug, Default)]
-struct Fold {
-    invoices: BTreeMap<String, InvoiceRow>,
+pub(crate) struct Fold {
+    pub(crate) invoices: BTreeMap<String, InvoiceRow>,
     customers: BTreeMap<String, String>,
     /// (customer, day) → (cents, payments, largest, smallest)
     revenue: BTreeMap<(String, String), (i64, i64, i64, i64)>,
@@ -38,7 +38,7 @@ struct Fold {
 /// without, partial and full payments, voids (some of test invoices, which
 /// stay), and payments of invoices never issued (which cannot find their
 /// customer and are parked).
-async fn history(store: &Arc<dyn EventStore>) -> Fold {
+pub(crate) async fn history(store: &Arc<dyn EventStore>) -> Fold {
     let mut fold = Fold::default();
     let mut rng = fastrand::Rng::with_seed(7);
     for i in 0..60 {
@@ -171,7 +171,7 @@ fn expected(fold: &Fold) -> (Rows, Rows) {
     (invoices, revenue)
 }
 
-async fn run<S: Sink>(store: &Arc<dyn EventStore>, sink: S) {
+pub(crate) async fn run<S: Sink>(store: &Arc<dyn EventStore>, sink: S) {
     let mut runner = Runner::new(store.clone(), sink)
         .with_retries(RetryPolicy {
             attempts: 1,

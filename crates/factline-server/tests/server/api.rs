@@ -375,6 +375,9 @@ async fn the_openapi_document_lists_every_route() {
         ("/admin/outbox", "get"),
         ("/", "get"),
         ("/dashboard/data", "get"),
+        ("/read-models", "get"),
+        ("/read-models/{name}/tables/{table}", "get"),
+        ("/read-models/{name}/queries/{query}", "get"),
     ] {
         assert!(
             paths.get(route).and_then(|p| p.get(method)).is_some(),
@@ -384,7 +387,9 @@ async fn the_openapi_document_lists_every_route() {
         let concrete = route
             .replace("{stream_id}", "Order-1")
             .replace("{category}", "Order")
-            .replace("{name}", "x");
+            .replace("{name}", "x")
+            .replace("{table}", "t")
+            .replace("{query}", "q");
         if method == "get" && !concrete.starts_with("/subscribe") {
             let (status, body) = server.get(&concrete).await;
             assert!(
