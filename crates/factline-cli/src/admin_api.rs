@@ -8,14 +8,13 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use factline::EventStore;
-use factline_orders::read_models;
 use factline_projections::{ParkedEvent, ProjectionStatus, RetryReport};
 use factline_read_models::{Answer, QueryError, Reader, TableRequest};
 use factline_server::{
-    AdminError, DashboardData, ProjectionState, ProjectionView, ProjectionsAdmin, QueryAnswer,
-    ReadModelError, ReadModelView, ReadModelsApi, RebuildState, RebuildView,
+    AdminError, DashboardData, PanelView, ProjectionState, ProjectionView, ProjectionsAdmin,
+    QueryAnswer, ReadModelError, ReadModelView, ReadModelsApi, RebuildState, RebuildView, Target,
 };
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::watch;
 
 use crate::catalog::{self, Catalog, ReadModelDb};
@@ -400,59 +399,60 @@ impl ReadModelsApi for DeclaredReadModels {
     async fn position(&self, read_model: &str) -> Result<u64, ReadModelError> {
         self.reader.position(read_model).await.map_err(query_failed)
     }
-}
 
-/// The orders read models, for the dashboard's charts: only on a store
-/// where they are registered and built (on any other store the dashboard
-/// shows what every store has).
-pub struct OrdersDashboard {
-    db: ReadModelDb,
-}
-
-impl OrdersDashboard {
-    pub fn new(db: ReadModelDb) -> Self {
-        OrdersDashboard { db }
+    async fn check(
+        &self,
+        read_model: &str,
+        target: Target<'_>,
+        params: &[(String, String)],
+    ) -> Result<(), ReadModelError> {
+        match target {
+            Target::Table(table) => {
+                let request = TableRequest::from_params(params).map_err(query_failed)?;
+                self.reader.check_table(read_model, table, &request)
+            }
+            Target::Query(query) => self.reader.check_query(read_model, query, params),
+            _ => Ok(()),
+        }
+        .map_err(query_failed)
     }
 }
 
 #[async_trait]
-impl DashboardData for OrdersDashboard {
-    async fn read_models(&self) -> Result<Option<Value>, AdminError> {
-        let admin = self.db.admin().await.map_err(failed)?;
-        let registered = admin.projections().await.map_err(failed)?;
-        let built = catalog::compiled().iter().all(|p| {
-            registered
-                .iter()
-                .any(|r| r.name == p.name() && r.active_version.is_some())
-        });
-        if !built {
-            return Ok(None);
-        }
-        let summary = match &self.db {
-            ReadModelDb::Sqlite(path) => {
-                let path = path.clone();
-                tokio::task::spawn_blocking(move || read_models::summary_sqlite(&path))
+impl DashboardData for DeclaredReadModels {
+    /// Each declared panel with its query's rows, read now.
+    async fn panels(&self) -> Result<Vec<PanelView>, AdminError> {
+        let now = chrono::Utc::now();
+        let mut panels = Vec::new();
+        for model in self.reader.definitions().read_models() {
+            for panel in model.panels() {
+                let rows = self
+                    .reader
+                    .query(model.name(), &panel.query, &panel.params(now))
                     .await
-                    .map_err(failed)?
-                    .map_err(failed)?
+                    .map(|answer| {
+                        let rows = answer.rows.into_iter().map(Value::Object).collect();
+                        (rows, answer.position)
+                    })
+                    .map_err(|e| e.to_string());
+                panels.push(
+                    PanelView::new(
+                        model.name().to_owned(),
+                        panel.title.clone(),
+                        panel.query.clone(),
+                        panel.chart.clone(),
+                    )
+                    .drawing(
+                        panel.x.clone(),
+                        panel.y.clone(),
+                        panel.series.clone(),
+                        panel.columns.clone(),
+                        panel.cents.clone(),
+                    )
+                    .with_rows(rows),
+                );
             }
-            ReadModelDb::Postgres { url, schema } => read_models::summary_postgres(url, schema)
-                .await
-                .map_err(failed)?,
-        };
-        Ok(Some(json!({
-            "orders_by_status": summary.statuses.iter()
-                .map(|(status, count)| json!({ "status": status, "orders": count }))
-                .collect::<Vec<_>>(),
-            "net_revenue_by_region": summary.net_revenue.iter()
-                .map(|(region, cents)| json!({ "region": region, "net_cents": cents }))
-                .collect::<Vec<_>>(),
-            "revenue_by_region_day": summary.revenue_by_day.iter()
-                .map(|(day, region, cents)| json!({ "day": day, "region": region, "net_cents": cents }))
-                .collect::<Vec<_>>(),
-            "top_customers": summary.top_customers.iter()
-                .map(|(id, name, cents)| json!({ "customer_id": id, "name": name, "net_cents": cents }))
-                .collect::<Vec<_>>(),
-        })))
+        }
+        Ok(panels)
     }
 }

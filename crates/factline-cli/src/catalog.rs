@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use factline::{EventStore, Location, StorageError};
-use factline_orders::read_models::{CustomerTotals, OrderList, RevenueByRegionDay};
 use factline_projections::{
     ParkedEvent, Partition, Partitioned, PoisonPolicy, Portable, PostgresAdmin, PostgresSink,
     ProjectionError, ProjectionInfo, ProjectionStatus, RetryPolicy, Runner, RunnerStats, Sink,
     SqlProjection, SqliteAdmin, SqliteSink,
 };
-use factline_read_models::{DeclaredProjection, Definitions, LoadError, OnError};
+use factline_read_models::{DeclaredProjection, Definitions, LoadError, OnError, ReadModel};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -24,49 +23,48 @@ use crate::usage;
 /// The PostgreSQL schema of the orders read models.
 pub const READ_SCHEMA: &str = "orders_read";
 
-/// The orders read models this binary has the code of.
-pub fn compiled() -> Vec<Box<dyn SqlProjection>> {
-    vec![
-        Box::new(OrderList),
-        Box::new(RevenueByRegionDay::new()),
-        Box::new(CustomerTotals),
-    ]
-}
+/// The names of the orders demo's read models.
+pub const DEMO_READ_MODELS: [&str; 3] = ["order_list", "revenue", "customer_totals"];
 
-/// The projections this process can run, rebuild and retry: the compiled
-/// ones and the declared ones.
+/// The projections this process can run, rebuild and retry: read models
+/// declared in a definitions file, and those of the orders demo
+/// (`examples/orders/read_models.toml`).
 #[derive(Clone, Default)]
 pub struct Catalog {
     declared: Arc<Definitions>,
 }
 
 impl Catalog {
-    /// The compiled projections, and those of the definitions file at
-    /// `path` if given; a file with mistakes is a usage error listing each
-    /// with its line and column.
-    pub fn load(path: Option<&Path>) -> anyhow::Result<Self> {
-        let Some(path) = path else {
-            return Ok(Catalog::default());
-        };
-        let declared = Definitions::load(path).map_err(|e| match e {
-            LoadError::Invalid(errors) => usage(errors.to_string()),
-            other => usage(other.to_string()),
-        })?;
-        let compiled: Vec<String> = compiled().iter().map(|p| p.name().to_owned()).collect();
-        if let Some(clash) = declared
-            .read_models()
-            .iter()
-            .find(|m| compiled.contains(&m.name().to_owned()))
-        {
-            return Err(usage(format!(
-                "{}: read model {:?} has the name of a projection built into factline ({}); give it another name",
-                path.display(),
-                clash.name(),
-                compiled.join(", ")
-            )));
+    /// The read models of the definitions file at `path` if given, and the
+    /// demo's if `demo`; a file with mistakes is a usage error listing
+    /// each with its line and column.
+    pub fn load(path: Option<&Path>, demo: bool) -> anyhow::Result<Self> {
+        let mut all = Vec::new();
+        if demo {
+            let definitions =
+                Definitions::parse(factline_orders::READ_MODELS, "the demo's read models")
+                    .map_err(|e| anyhow::anyhow!("the demo's read models do not check: {e}"))?;
+            all.extend(definitions.read_models().iter().cloned());
+        }
+        if let Some(path) = path {
+            let file = Definitions::load(path).map_err(|e| match e {
+                LoadError::Invalid(errors) => usage(errors.to_string()),
+                other => usage(other.to_string()),
+            })?;
+            for model in file.read_models() {
+                if all.iter().any(|m: &ReadModel| m.name() == model.name()) {
+                    return Err(usage(format!(
+                        "{}: read model {:?} has the name of one of the demo's ({}), which --projections runs too; give it another name",
+                        path.display(),
+                        model.name(),
+                        DEMO_READ_MODELS.join(", ")
+                    )));
+                }
+                all.push(model.clone());
+            }
         }
         Ok(Catalog {
-            declared: Arc::new(declared),
+            declared: Arc::new(Definitions::from_read_models(all)),
         })
     }
 
@@ -86,22 +84,21 @@ impl Catalog {
 
     /// Every projection this process can run.
     pub fn known(&self) -> Vec<Box<dyn SqlProjection>> {
-        let mut all = compiled();
-        for model in self.declared.read_models() {
-            all.push(Box::new(DeclaredProjection::new(Arc::new(model.clone()))));
-        }
-        all
+        self.declared
+            .read_models()
+            .iter()
+            .map(|model| {
+                Box::new(DeclaredProjection::new(Arc::new(model.clone()))) as Box<dyn SqlProjection>
+            })
+            .collect()
     }
 
     /// What a runner of `name` does with an event it cannot apply: what
-    /// a declared read model says (`on_error`); built-in read models are
-    /// parked live, since dashboards show them, and stop a rebuild.
-    pub fn poison_policy(&self, name: &str, rebuild: bool) -> PoisonPolicy {
+    /// its definition says (`on_error`).
+    pub fn poison_policy(&self, name: &str) -> PoisonPolicy {
         match self.declared.get(name).map(|m| m.on_error()) {
             Some(OnError::Stop) => PoisonPolicy::Stop,
-            Some(_) => PoisonPolicy::Park,
-            None if rebuild => PoisonPolicy::Stop,
-            None => PoisonPolicy::Park,
+            _ => PoisonPolicy::Park,
         }
     }
 
@@ -286,7 +283,7 @@ pub fn spawn_live(
     let status = ProjectionStatus::new(name);
     let (db, store, name, stop) = (db.clone(), store.clone(), name.to_owned(), stop.clone());
     let catalog = catalog.clone();
-    let poison = catalog.poison_policy(&name, false);
+    let poison = catalog.poison_policy(&name);
     let shared = status.clone();
     let task = tokio::spawn(async move {
         let failed = |e: anyhow::Error| {
@@ -294,6 +291,10 @@ pub fn spawn_live(
         };
         loop {
             let projection = catalog.find(&name).map_err(failed)?;
+            if rebuild_if_newer(&catalog, &db, &store, projection.as_ref(), &stop).await? {
+                // Stopped while rebuilding: it resumes at the next start.
+                return Ok(RunnerStats::default());
+            }
             let (version, partitions) = db.live_version(projection.as_ref()).await?;
             let ran = match db
                 .sinks(&catalog, &name, version, partitions, false)
@@ -318,6 +319,49 @@ pub fn spawn_live(
         }
     });
     Ok((status, task))
+}
+
+/// A definition whose version is newer than the active one (edited, its
+/// version raised) is built beside the active one, which serves reads
+/// until the swap: blue/green, as `projections rebuild` does. Another
+/// process may be rebuilding it already: then this one waits and tries
+/// again. `Ok(true)` when `stop` came first.
+async fn rebuild_if_newer(
+    catalog: &Catalog,
+    db: &ReadModelDb,
+    store: &Arc<dyn EventStore>,
+    projection: &dyn SqlProjection,
+    stop: &watch::Receiver<bool>,
+) -> Result<bool, ProjectionError> {
+    let name = projection.name();
+    loop {
+        let admin = db.admin().await?;
+        let active = admin.info(name).await?.and_then(|i| i.active_version);
+        let Some(active) = active.filter(|a| *a < projection.version()) else {
+            return Ok(false);
+        };
+        tracing::info!(projection = %name, active, version = projection.version(), "the definition is newer than the active version: rebuilding it beside");
+        let args = crate::projections_cli::RebuildArgs {
+            name: name.to_owned(),
+            quiet: true,
+            ..Default::default()
+        };
+        let rebuild =
+            crate::projections_cli::rebuild(catalog, db, &admin, store.clone(), &args, |_, _| {});
+        let mut stop = stop.clone();
+        tokio::select! {
+            done = rebuild => match done {
+                Ok(report) => {
+                    tracing::info!(projection = %name, version = report.version, events = report.events, "rebuilt and swapped in");
+                }
+                Err(e) => {
+                    tracing::warn!(projection = %name, error = %format!("{e:#}"), "the rebuild did not finish; trying again");
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+            },
+            _ = async { stop.wait_for(|s| *s).await.map(|_| ()) } => return Ok(true),
+        }
+    }
 }
 
 async fn run<S: Sink + 'static>(

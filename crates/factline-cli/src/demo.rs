@@ -223,12 +223,12 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let lags = loop {
         let infos = admin.projections().await?;
-        let known: Vec<_> = catalog::compiled()
+        let known: Vec<_> = catalog::DEMO_READ_MODELS
             .iter()
-            .filter_map(|p| infos.iter().find(|i| i.name == p.name()).cloned())
+            .filter_map(|name| infos.iter().find(|i| i.name == *name).cloned())
             .collect();
-        let all_there =
-            known.len() == catalog::compiled().len() && known.iter().all(|i| i.checkpoint >= head);
+        let all_there = known.len() == catalog::DEMO_READ_MODELS.len()
+            && known.iter().all(|i| i.checkpoint >= head);
         if all_there || tokio::time::Instant::now() >= deadline {
             break known;
         }

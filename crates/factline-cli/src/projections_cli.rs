@@ -29,8 +29,9 @@ pub struct ProjectionsArgs {
     #[arg(long, global = true, default_value = READ_SCHEMA)]
     schema: String,
 
-    /// A definitions file of read models (TOML; see docs/read-models.md):
-    /// rebuild, retry and discard know them besides the built-in ones.
+    /// A definitions file of read models (TOML; see docs/read-models.md)
+    /// that rebuild, retry and discard run; without it they know the
+    /// orders demo's.
     #[arg(long, global = true, env = "FACTLINE_READ_MODELS", value_name = "FILE")]
     read_models: Option<std::path::PathBuf>,
 
@@ -179,7 +180,8 @@ pub struct RebuildReport {
 }
 
 pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<()> {
-    let catalog = Catalog::load(args.read_models.as_deref())?;
+    // Without a file, the commands know the demo's read models.
+    let catalog = Catalog::load(args.read_models.as_deref(), args.read_models.is_none())?;
     let db = ReadModelDb::for_location(location, &args.schema)?;
     let mut admin = db.admin().await?;
     match args.command {
@@ -444,7 +446,7 @@ pub async fn rebuild(
             args.partitions.or(count_of(active)).unwrap_or(1),
         ),
     };
-    let poison = catalog.poison_policy(&args.name, true);
+    let poison = catalog.poison_policy(&args.name);
     match db
         .sinks(catalog, &args.name, version, partitions, true)
         .await?

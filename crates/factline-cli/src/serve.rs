@@ -15,8 +15,8 @@ use factline_server::{
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::admin_api::{CatalogAdmin, DeclaredReadModels, OrdersDashboard};
-use crate::catalog::{self, Catalog, ReadModelDb, READ_SCHEMA};
+use crate::admin_api::{CatalogAdmin, DeclaredReadModels};
+use crate::catalog::{Catalog, ReadModelDb, READ_SCHEMA};
 use crate::outbox_cli::{self, RelayOptions, RunningRelay};
 use crate::{seconds, usage};
 
@@ -43,8 +43,9 @@ pub struct ServeArgs {
     pub relay: Option<String>,
     #[command(flatten)]
     pub relay_options: RelayOptions,
-    /// Also run the orders read models (order_list, revenue,
-    /// customer_totals) live in this process.
+    /// Also run the orders demo's read models (order_list, revenue,
+    /// customer_totals; declared in examples/orders/read_models.toml) live
+    /// in this process.
     #[arg(long)]
     pub projections: bool,
     /// Run the read models declared in this file (TOML; see
@@ -236,7 +237,7 @@ pub async fn start(
     };
     // A definitions file with mistakes stops here, before anything
     // listens or writes.
-    let catalog = Catalog::load(args.read_models.as_deref())?;
+    let catalog = Catalog::load(args.read_models.as_deref(), args.projections)?;
     raise_open_files_limit(config.connections.max_connections);
 
     let listener = match tokio::net::TcpListener::bind(addr).await {
@@ -269,10 +270,7 @@ pub async fn start(
         None => Some(ReadModelDb::for_location(location, &args.schema)?),
     };
     if let Some(db) = read_models {
-        let mut live = catalog.declared();
-        if args.projections {
-            live.extend(catalog::compiled().iter().map(|p| p.name().to_owned()));
-        }
+        let live = catalog.declared();
         let declared = !catalog.declared().is_empty();
         let admin = Arc::new(CatalogAdmin::new(
             catalog.clone(),
@@ -281,12 +279,12 @@ pub async fn start(
         ));
         projections = admin.start_live(&live, &stopped)?;
         if declared {
-            let read_models = DeclaredReadModels::new(&catalog, &db, admin.clone())?;
-            server = server.with_read_models(Arc::new(read_models));
+            let read_models = Arc::new(DeclaredReadModels::new(&catalog, &db, admin.clone())?);
+            server = server
+                .with_read_models(read_models.clone())
+                .with_dashboard(read_models);
         }
-        server = server
-            .with_projections(admin.clone())
-            .with_dashboard(Arc::new(OrdersDashboard::new(db)));
+        server = server.with_projections(admin);
     } else if args.projections || args.read_models.is_some() {
         return Err(usage(
             "an in-memory store keeps no read models: give --db a SQLite file or a postgres:// URL for --projections or --read-models",

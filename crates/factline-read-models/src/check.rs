@@ -11,11 +11,12 @@ use toml::Spanned;
 
 use crate::expr::{parse_condition, parse_value, ColumnType, Cond, Expr, Val};
 use crate::file::{
-    ColumnDef, FileDef, IfExistsDef, IfMissingDef, LookupDef, OnErrorDef, OpDef, QueryDef,
-    ReadModelDef, TableDef, ValueDef,
+    ColumnDef, FileDef, IfExistsDef, IfMissingDef, LookupDef, OnErrorDef, OpDef, PanelDef,
+    QueryDef, ReadModelDef, TableDef, ValueDef,
 };
 use crate::model::{
-    Change, Column, Lookup, OnError, Op, OpKind, Query, ReadModel, Table, ValueSpec,
+    Change, Column, Lookup, OnError, Op, OpKind, Panel, PanelParam, Query, ReadModel, Table,
+    ValueSpec,
 };
 use crate::sql::{not_read_only, scan, Piece};
 use crate::{DefinitionError, DefinitionErrors, Definitions};
@@ -130,7 +131,7 @@ fn fingerprint(raw: Option<&toml::Value>) -> String {
     let mut value = serde_json::to_value(raw).unwrap_or_default();
     if let Some(map) = value.as_object_mut() {
         // What does not decide the tables' content.
-        for key in ["name", "version", "description", "queries"] {
+        for key in ["name", "version", "description", "queries", "panels"] {
             map.remove(key);
         }
     }
@@ -191,6 +192,7 @@ fn read_model(
         lookups: Vec::new(),
         handlers: Vec::new(),
         queries: Vec::new(),
+        panels: Vec::new(),
         fingerprint: fingerprint(raw),
     };
     for (lookup_name, lookup) in &def.lookups {
@@ -210,7 +212,109 @@ fn read_model(
             model.queries.push(q);
         }
     }
+    for panel in &def.panels {
+        if let Some(p) = panel_def(c, &model, panel) {
+            model.panels.push(p);
+        }
+    }
     (c.errors.len() == errors_before).then_some(model)
+}
+
+const CHARTS: &[&str] = &["number", "table", "bar", "stacked_bars_per_day", "line"];
+
+fn panel_def(c: &mut Checker<'_>, model: &ReadModel, def: &Spanned<PanelDef>) -> Option<Panel> {
+    let span = def.span();
+    let d = def.get_ref();
+    let title = &d.title;
+    let Some(query) = model.queries.iter().find(|q| q.name == d.query) else {
+        c.error(
+            &span,
+            format!(
+                "panel {title:?}: {:?} is not a query of this read model",
+                d.query
+            ),
+        );
+        return None;
+    };
+    if !CHARTS.contains(&d.chart.as_str()) {
+        c.error(
+            &span,
+            format!(
+                "panel {title:?}: chart {:?} is not one of {}",
+                d.chart,
+                CHARTS.join(", ")
+            ),
+        );
+        return None;
+    }
+    let needs: &[(&str, bool)] = match d.chart.as_str() {
+        "number" => &[("y", d.y.is_some())],
+        "bar" | "line" => &[("x", d.x.is_some()), ("y", d.y.is_some())],
+        "stacked_bars_per_day" => &[
+            ("x", d.x.is_some()),
+            ("y", d.y.is_some()),
+            ("series", d.series.is_some()),
+        ],
+        _ => &[],
+    };
+    for (field, given) in needs {
+        if !given {
+            c.error(
+                &span,
+                format!("panel {title:?}: a {} chart needs `{field}`", d.chart),
+            );
+        }
+    }
+    let mut params = Vec::new();
+    for (name, value) in &d.params {
+        if !query.params.iter().any(|(p, _)| p == name) {
+            c.error(
+                &span,
+                format!(
+                    "panel {title:?}: query {} has no parameter {name:?}",
+                    query.name
+                ),
+            );
+            continue;
+        }
+        let days_ago = value
+            .as_table()
+            .and_then(|t| t.get("days_ago"))
+            .and_then(|v| v.as_integer());
+        let param = match (value, days_ago) {
+            (_, Some(n)) if (0..=36_600).contains(&n) => PanelParam::DaysAgo(n as u32),
+            (toml::Value::String(s), None) => PanelParam::Const(s.clone()),
+            (toml::Value::Integer(i), None) => PanelParam::Const(i.to_string()),
+            (toml::Value::Float(f), None) => PanelParam::Const(f.to_string()),
+            _ => {
+                c.error(&span, format!("panel {title:?}: parameter {name} is a text, a number or {{ days_ago = N }}"));
+                continue;
+            }
+        };
+        params.push((name.clone(), param));
+    }
+    for (name, _) in &query.params {
+        if !d.params.contains_key(name) {
+            c.error(
+                &span,
+                format!(
+                    "panel {title:?}: query {} needs the parameter {name}",
+                    query.name
+                ),
+            );
+        }
+    }
+    Some(Panel {
+        title: title.clone(),
+        query: d.query.clone(),
+        chart: d.chart.clone(),
+        x: d.x.clone(),
+        y: d.y.clone(),
+        series: d.series.clone(),
+        columns: d.columns.clone(),
+        cents: d.cents.clone(),
+        params,
+    })
 }
 
 fn table_def(c: &mut Checker<'_>, name: &str, def: &Spanned<TableDef>) -> Option<Table> {

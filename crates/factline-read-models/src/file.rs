@@ -62,6 +62,41 @@ pub(crate) struct ReadModelDef {
     #[serde(default)]
     #[schemars(with = "IndexMap<String, QueryDef>")]
     pub queries: IndexMap<String, Spanned<QueryDef>>,
+    /// Panels on the dashboard, each a chart of one of its queries.
+    #[serde(default)]
+    #[schemars(with = "Vec<PanelDef>")]
+    pub panels: Vec<Spanned<PanelDef>>,
+}
+
+/// A dashboard panel: a named query drawn as a chart.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PanelDef {
+    /// Its heading.
+    pub title: String,
+    /// The named query whose rows it draws.
+    pub query: String,
+    /// `number` (the first row's `y`), `table` (`columns`), `bar` (`y`
+    /// per `x`), `stacked_bars_per_day` (`y` per day `x`, stacked by
+    /// `series`) or `line` (`y` over `x`, one line per `series`).
+    pub chart: String,
+    /// The column of labels, days or times.
+    pub x: Option<String>,
+    /// The column of values.
+    pub y: Option<String>,
+    /// The column that splits values into series.
+    pub series: Option<String>,
+    /// The columns a table shows, in order (all by default).
+    #[serde(default)]
+    pub columns: Vec<String>,
+    /// Columns holding cents, shown as amounts with two decimals.
+    #[serde(default)]
+    pub cents: Vec<String>,
+    /// The query's parameters: a constant, or `{ days_ago = N }` for the
+    /// UTC day N days before today (`YYYY-MM-DD`).
+    #[serde(default)]
+    #[schemars(with = "IndexMap<String, serde_json::Value>")]
+    pub params: IndexMap<String, toml::Value>,
 }
 
 /// See [`ReadModelDef::on_error`].

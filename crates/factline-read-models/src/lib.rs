@@ -38,6 +38,8 @@
 //! ```
 
 #![warn(missing_docs)]
+// Without a database there is nothing to run a query plan on.
+#![cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
 
 use std::path::Path;
 use std::sync::Arc;
@@ -57,7 +59,7 @@ mod sql;
 mod sqlite;
 
 pub use expr::ColumnType;
-pub use model::{Column, OnError, Query, ReadModel, Table};
+pub use model::{Column, OnError, Panel, Query, ReadModel, Table};
 pub use projection::DeclaredProjection;
 pub use query::{Answer, QueryError, TableRequest, DEFAULT_ROWS, MAX_ROWS, RESERVED_PARAMS};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
@@ -83,6 +85,12 @@ impl Definitions {
             source,
         })?;
         Ok(Self::parse(&text, &path.display().to_string())?)
+    }
+
+    /// Read models checked elsewhere (several files' together); their
+    /// names must differ.
+    pub fn from_read_models(read_models: Vec<ReadModel>) -> Self {
+        Definitions { read_models }
     }
 
     /// The read models, in the file's order.

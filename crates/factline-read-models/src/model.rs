@@ -17,6 +17,7 @@ pub struct ReadModel {
     /// Per event type, its operations in order.
     pub(crate) handlers: Vec<(String, Vec<Op>)>,
     pub(crate) queries: Vec<Query>,
+    pub(crate) panels: Vec<Panel>,
     pub(crate) fingerprint: String,
 }
 
@@ -54,6 +55,11 @@ impl ReadModel {
     /// Its named queries.
     pub fn queries(&self) -> &[Query] {
         &self.queries
+    }
+
+    /// Its dashboard panels.
+    pub fn panels(&self) -> &[Panel] {
+        &self.panels
     }
 
     /// What happens to an event it cannot apply.
@@ -206,6 +212,54 @@ pub(crate) struct Op {
     /// Raw SQL with `:name` parameters and `{table}` tables.
     pub sql: Option<String>,
     pub params: Vec<(String, ValueSpec)>,
+}
+
+/// A dashboard panel: a named query drawn as a chart.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Panel {
+    /// Its heading.
+    pub title: String,
+    /// The named query it draws.
+    pub query: String,
+    /// `number`, `table`, `bar`, `stacked_bars_per_day` or `line`.
+    pub chart: String,
+    /// The column of labels, days or times.
+    pub x: Option<String>,
+    /// The column of values.
+    pub y: Option<String>,
+    /// The column that splits values into series.
+    pub series: Option<String>,
+    /// The columns a table shows (all when empty).
+    pub columns: Vec<String>,
+    /// Columns holding cents.
+    pub cents: Vec<String>,
+    #[serde(skip)]
+    pub(crate) params: Vec<(String, PanelParam)>,
+}
+
+/// A panel's query parameter.
+#[derive(Clone, Debug, PartialEq)]
+pub(crate) enum PanelParam {
+    Const(String),
+    DaysAgo(u32),
+}
+
+impl Panel {
+    /// Its query's parameters now (a `days_ago` as that UTC day).
+    pub fn params(&self, now: chrono::DateTime<chrono::Utc>) -> Vec<(String, String)> {
+        self.params
+            .iter()
+            .map(|(name, p)| {
+                let value = match p {
+                    PanelParam::Const(v) => v.clone(),
+                    PanelParam::DaysAgo(n) => (now - chrono::Duration::days(i64::from(*n)))
+                        .format("%Y-%m-%d")
+                        .to_string(),
+                };
+                (name.clone(), value)
+            })
+            .collect()
+    }
 }
 
 /// A named read-only query of a read model.

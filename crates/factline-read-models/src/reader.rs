@@ -94,6 +94,27 @@ impl Reader {
         self.run(plan).await
     }
 
+    /// Whether [`Reader::table`] would be answered (the names exist, the
+    /// request fits), without reading.
+    pub fn check_table(
+        &self,
+        read_model: &str,
+        table: &str,
+        request: &TableRequest,
+    ) -> Result<(), QueryError> {
+        plan_table(self.model(read_model)?, table, request).map(|_| ())
+    }
+
+    /// Whether [`Reader::query`] would be answered, without reading.
+    pub fn check_query(
+        &self,
+        read_model: &str,
+        query: &str,
+        params: &[(String, String)],
+    ) -> Result<(), QueryError> {
+        plan_query(self.model(read_model)?, query, params).map(|_| ())
+    }
+
     /// The position `read_model`'s active version has reached (0 before
     /// its first batch).
     pub async fn position(&self, read_model: &str) -> Result<u64, QueryError> {

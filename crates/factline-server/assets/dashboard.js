@@ -64,72 +64,171 @@ function lastDays(now, n) {
   return days;
 }
 
-function drawRevenue(rows, now) {
-  const box = $("chart-revenue");
-  const legend = $("revenue-legend");
-  if (!rows.length) {
-    legend.replaceChildren();
-    return empty(box, "no paid orders yet");
-  }
-  const days = [...new Set([...lastDays(now, 14), ...rows.map((r) => r.day)])].sort();
-  const regions = [...new Set(rows.map((r) => r.region))].sort();
-  const color = (region) => COLORS[regions.indexOf(region) % COLORS.length];
-  const totals = days.map((d) => rows.filter((r) => r.day === d).reduce((s, r) => s + Math.max(0, r.net_cents), 0));
-  if (Math.max(...totals) <= 0) {
-    legend.replaceChildren();
-    return empty(box, "no paid orders yet");
-  }
+// A value as the panel shows it: cents as an amount, numbers grouped.
+function shown(panel, column, value) {
+  if (value === null || value === undefined) return "–";
+  if (panel.cents.includes(column)) return euros(value);
+  return typeof value === "number" ? count(value) : String(value);
+}
+
+// Stacked bars per day: `y` per day `x`, one colour per `series`, over the
+// last 14 days and any day the rows have.
+function drawStacked(box, panel, now) {
+  const rows = panel.rows, x = panel.x, y = panel.y, series = panel.series;
+  const days = [...new Set([...lastDays(now, 14), ...rows.map((r) => String(r[x]))])].sort();
+  const names = [...new Set(rows.map((r) => String(r[series])))].sort();
+  const color = (name) => COLORS[names.indexOf(name) % COLORS.length];
+  const totals = days.map((d) => rows.filter((r) => String(r[x]) === d).reduce((s, r) => s + Math.max(0, r[y]), 0));
+  const legend = document.createElement("div");
+  legend.className = "legend";
+  if (!rows.length || Math.max(...totals) <= 0) return empty(box, "nothing yet");
   const W = 900, H = 260, L = 70, B = 24, T = 10;
   const root = canvas(box, W, H);
-  const max = niceMax(Math.max(...totals) / 100) * 100;
+  const max = niceMax(Math.max(...totals));
   const slot = (W - L - 8) / days.length;
   const bar = Math.min(60, slot * 0.7);
-  const y = (cents) => T + (1 - cents / max) * (H - T - B);
+  const top = (v) => T + (1 - v / max) * (H - T - B);
   for (const v of [0, max / 2, max]) {
-    root.append(svg("line", { x1: L, x2: W - 8, y1: y(v), y2: y(v), stroke: "#e3e6ec" }));
-    root.append(svg("text", { x: L - 6, y: y(v) + 4, "text-anchor": "end" }, euros(v)));
+    root.append(svg("line", { x1: L, x2: W - 8, y1: top(v), y2: top(v), stroke: "#e3e6ec" }));
+    root.append(svg("text", { x: L - 6, y: top(v) + 4, "text-anchor": "end" }, shown(panel, y, v)));
   }
   days.forEach((day, i) => {
     const cx = L + slot * i + slot / 2;
     let base = 0;
-    for (const region of regions) {
-      const row = rows.find((r) => r.day === day && r.region === region);
-      if (!row) continue;
-      const h = Math.max(0, row.net_cents);
+    for (const name of names) {
+      const row = rows.find((r) => String(r[x]) === day && String(r[series]) === name);
+      if (!row || row[y] <= 0) continue;
       const rect = svg("rect", {
         x: (cx - bar / 2).toFixed(1), width: bar.toFixed(1),
-        y: y(base + h).toFixed(1), height: (y(base) - y(base + h)).toFixed(1),
-        fill: color(region), "data-day": day, "data-region": region, "data-cents": row.net_cents,
+        y: top(base + row[y]).toFixed(1), height: (top(base) - top(base + row[y])).toFixed(1),
+        fill: color(name), "data-day": day, "data-series": name, "data-value": row[y],
       });
-      rect.append(svg("title", {}, `${region} ${day}: ${euros(row.net_cents)} EUR`));
+      rect.append(svg("title", {}, `${name} ${day}: ${shown(panel, y, row[y])}`));
       root.append(rect);
-      base += h;
+      base += row[y];
     }
     root.append(svg("text", { x: cx, y: H - 6, "text-anchor": "middle" }, day.slice(5)));
   });
-  legend.replaceChildren(...regions.map((region) => {
-    const total = rows.filter((r) => r.region === region).reduce((s, r) => s + r.net_cents, 0);
+  legend.replaceChildren(...names.map((name) => {
     const item = document.createElement("span");
-    item.dataset.region = region;
-    item.dataset.cents = total;
-    item.innerHTML = `<i style="background:${color(region)}"></i>`;
-    item.append(`${region} ${euros(total)}`);
+    item.dataset.series = name;
+    item.innerHTML = `<i style="background:${color(name)}"></i>`;
+    item.append(name);
     return item;
   }));
+  box.append(legend);
 }
 
-function drawStatuses(rows) {
-  const box = $("chart-status");
-  if (!rows.length) return empty(box, "no orders yet");
-  const W = 420, row = 28, L = 90, H = rows.length * row + 6;
+// Horizontal bars: `y` per `x`.
+function drawBars(box, panel) {
+  const rows = panel.rows, x = panel.x, y = panel.y;
+  if (!rows.length) return empty(box, "nothing yet");
+  const W = 420, row = 28, L = 110, H = rows.length * row + 6;
   const root = canvas(box, W, H);
-  const max = Math.max(...rows.map((r) => r.orders), 1);
+  const max = Math.max(...rows.map((r) => Math.abs(r[y])), 1);
   rows.forEach((r, i) => {
-    const y = 4 + i * row;
-    const w = ((W - L - 60) * r.orders) / max;
-    root.append(svg("text", { x: L - 8, y: y + 16, "text-anchor": "end" }, r.status));
-    root.append(svg("rect", { x: L, y, width: w.toFixed(1), height: row - 8, rx: 3, fill: COLORS[i % COLORS.length], "data-status": r.status, "data-count": r.orders }));
-    root.append(svg("text", { x: L + w + 6, y: y + 16, class: "value-label" }, count(r.orders)));
+    const top = 4 + i * row;
+    const w = ((W - L - 70) * Math.max(0, r[y])) / max;
+    root.append(svg("text", { x: L - 8, y: top + 16, "text-anchor": "end" }, String(r[x])));
+    root.append(svg("rect", { x: L, y: top, width: w.toFixed(1), height: row - 8, rx: 3, fill: COLORS[i % COLORS.length], "data-label": String(r[x]), "data-value": r[y] }));
+    root.append(svg("text", { x: L + w + 6, y: top + 16, class: "value-label" }, shown(panel, y, r[y])));
+  });
+}
+
+// A line of `y` over `x` (one per `series` when given).
+function drawLine(box, panel) {
+  const rows = panel.rows, x = panel.x, y = panel.y, series = panel.series;
+  if (!rows.length) return empty(box, "nothing yet");
+  const xs = [...new Set(rows.map((r) => String(r[x])))].sort();
+  const names = series ? [...new Set(rows.map((r) => String(r[series])))].sort() : [""];
+  const W = 900, H = 200, L = 70, B = 24, T = 10;
+  const root = canvas(box, W, H);
+  const max = niceMax(Math.max(...rows.map((r) => r[y]), 1));
+  const px = (v) => L + (xs.length > 1 ? (xs.indexOf(v) / (xs.length - 1)) * (W - L - 8) : (W - L - 8) / 2);
+  const py = (v) => T + (1 - v / max) * (H - T - B);
+  for (const v of [0, max / 2, max]) {
+    root.append(svg("line", { x1: L, x2: W - 8, y1: py(v), y2: py(v), stroke: "#e3e6ec" }));
+    root.append(svg("text", { x: L - 6, y: py(v) + 4, "text-anchor": "end" }, shown(panel, y, v)));
+  }
+  names.forEach((name, i) => {
+    const points = rows.filter((r) => !series || String(r[series]) === name);
+    root.append(svg("polyline", { points: points.map((r) => `${px(String(r[x])).toFixed(1)},${py(r[y]).toFixed(1)}`).join(" "), fill: "none", stroke: COLORS[i % COLORS.length], "stroke-width": 2 }));
+    for (const r of points) {
+      const dot = svg("circle", { cx: px(String(r[x])).toFixed(1), cy: py(r[y]).toFixed(1), r: 3, fill: COLORS[i % COLORS.length], "data-x": String(r[x]), "data-series": name, "data-value": r[y] });
+      dot.append(svg("title", {}, `${name} ${r[x]}: ${shown(panel, y, r[y])}`));
+      root.append(dot);
+    }
+  });
+  root.append(svg("text", { x: L, y: H - 4 }, xs[0]));
+  root.append(svg("text", { x: W - 8, y: H - 4, "text-anchor": "end" }, xs[xs.length - 1]));
+}
+
+function drawNumber(box, panel) {
+  const value = panel.rows.length ? panel.rows[0][panel.y] : null;
+  const big = document.createElement("div");
+  big.className = "big";
+  big.dataset.value = value ?? "";
+  big.textContent = shown(panel, panel.y, value);
+  box.replaceChildren(big);
+}
+
+function drawTable(box, panel) {
+  const columns = panel.columns.length ? panel.columns : Object.keys(panel.rows[0] || {});
+  const table = document.createElement("table");
+  const head = document.createElement("tr");
+  for (const c of columns) {
+    const th = document.createElement("th");
+    th.textContent = c;
+    head.append(th);
+  }
+  table.createTHead().append(head);
+  const body = table.createTBody();
+  for (const r of panel.rows) {
+    const tr = document.createElement("tr");
+    for (const c of columns) {
+      const td = document.createElement("td");
+      td.textContent = shown(panel, c, r[c]);
+      td.dataset.column = c;
+      td.dataset.value = r[c] ?? "";
+      if (typeof r[c] === "number") td.className = "num";
+      tr.append(td);
+    }
+    body.append(tr);
+  }
+  if (!panel.rows.length) return empty(box, "nothing yet");
+  box.replaceChildren(table);
+}
+
+// The domains' panels, declared with their read models.
+function drawPanels(panels, now) {
+  const group = $("domain");
+  group.hidden = !panels.length;
+  const ids = panels.map((p) => `${p.read_model}/${p.query}/${p.title}`);
+  for (const section of [...group.children]) if (!ids.includes(section.dataset.panel)) section.remove();
+  panels.forEach((panel, i) => {
+    let section = [...group.children].find((s) => s.dataset.panel === ids[i]);
+    if (!section) {
+      section = document.createElement("section");
+      const wide = panel.chart === "stacked_bars_per_day" || panel.chart === "line";
+      section.className = wide ? "panel wide" : "panel";
+      section.dataset.panel = ids[i];
+      section.dataset.chart = panel.chart;
+      const h2 = document.createElement("h2");
+      h2.textContent = panel.title;
+      const box = document.createElement("div");
+      box.className = "chart";
+      section.append(h2, box);
+      group.append(section);
+    }
+    const box = section.querySelector(".chart");
+    if (panel.error) return empty(box, `cannot be read: ${panel.error}`);
+    ({
+      number: () => drawNumber(box, panel),
+      table: () => drawTable(box, panel),
+      bar: () => drawBars(box, panel),
+      stacked_bars_per_day: () => drawStacked(box, panel, now),
+      line: () => drawLine(box, panel),
+    }[panel.chart] || (() => empty(box, `no chart ${panel.chart}`)))();
   });
 }
 
@@ -170,15 +269,7 @@ function render(data) {
   $("parked-total").textContent = count(data.parked_total);
   $("parked-total").dataset.value = data.parked_total;
   drawRate(data.append_rate.series);
-  const models = data.read_models;
-  $("domain").hidden = !models;
-  if (models) {
-    drawRevenue(models.revenue_by_region_day, new Date(data.generated_at));
-    drawStatuses(models.orders_by_status);
-    fillTable("top-customers", models.top_customers, (c) => [
-      [c.customer_id, "", { customer: c.customer_id }], [c.name], [euros(c.net_cents), "num", { cents: c.net_cents }],
-    ]);
-  }
+  drawPanels(data.panels || [], new Date(data.generated_at));
   $("notice").hidden = !data.read_models_error;
   $("notice").textContent = data.read_models_error ? `The read models cannot be read: ${data.read_models_error}` : "";
   $("projections-empty").hidden = data.projections.length > 0;

@@ -112,13 +112,85 @@ pub trait ProjectionsAdmin: Send + Sync {
     async fn skip(&self, name: &str, position: u64) -> Result<bool, AdminError>;
 }
 
-/// Domain read models the dashboard charts, as JSON the dashboard page
-/// knows.
+/// One panel of a domain's read model on the dashboard: a named query's
+/// rows and how to draw them.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[non_exhaustive]
+pub struct PanelView {
+    /// The read model whose query it draws.
+    pub read_model: String,
+    /// Its heading.
+    pub title: String,
+    /// The named query.
+    pub query: String,
+    /// `number`, `table`, `bar`, `stacked_bars_per_day` or `line`.
+    pub chart: String,
+    /// The column of labels, days or times.
+    pub x: Option<String>,
+    /// The column of values.
+    pub y: Option<String>,
+    /// The column that splits values into series.
+    pub series: Option<String>,
+    /// The columns a table shows (all when empty).
+    pub columns: Vec<String>,
+    /// Columns holding cents.
+    pub cents: Vec<String>,
+    /// The query's rows.
+    pub rows: Vec<Value>,
+    /// The position the read model had reached when they were read.
+    pub position: u64,
+    /// Why the rows could not be read, if they could not.
+    pub error: Option<String>,
+}
+
+impl PanelView {
+    /// A panel of `read_model` drawing `query` as `chart`, with no rows yet.
+    pub fn new(read_model: String, title: String, query: String, chart: String) -> Self {
+        PanelView {
+            read_model,
+            title,
+            query,
+            chart,
+            x: None,
+            y: None,
+            series: None,
+            columns: Vec::new(),
+            cents: Vec::new(),
+            rows: Vec::new(),
+            position: 0,
+            error: None,
+        }
+    }
+
+    /// With the columns it draws.
+    pub fn drawing(
+        mut self,
+        x: Option<String>,
+        y: Option<String>,
+        series: Option<String>,
+        columns: Vec<String>,
+        cents: Vec<String>,
+    ) -> Self {
+        (self.x, self.y, self.series, self.columns, self.cents) = (x, y, series, columns, cents);
+        self
+    }
+
+    /// With its rows, or why they could not be read.
+    pub fn with_rows(mut self, rows: Result<(Vec<Value>, u64), String>) -> Self {
+        match rows {
+            Ok((rows, position)) => (self.rows, self.position) = (rows, position),
+            Err(e) => self.error = Some(e),
+        }
+        self
+    }
+}
+
+/// The panels of the domains' read models the dashboard draws.
 #[async_trait]
 pub trait DashboardData: Send + Sync {
-    /// The figures, or `None` when this store has none of these read
-    /// models: the page then shows only what every store has.
-    async fn read_models(&self) -> Result<Option<Value>, AdminError>;
+    /// Every panel with its rows; none when no read model declares any
+    /// (the page then shows only what every store has).
+    async fn panels(&self) -> Result<Vec<PanelView>, AdminError>;
 }
 
 fn projections_of(state: &Shared) -> Result<&dyn ProjectionsAdmin, ApiError> {

@@ -181,16 +181,33 @@ pub async fn data(
     };
     // Read models that cannot be read (not built yet on this store) leave
     // the rest of the page working: it says why instead of failing whole.
-    let (read_models, read_models_error) = match &state.dashboard {
-        Some(d) => match d.read_models().await {
-            Ok(models) => (models, None),
+    let (panels, read_models_error) = match &state.dashboard {
+        Some(d) => match d.panels().await {
+            Ok(panels) => {
+                let error = panels.iter().find_map(|p| {
+                    p.error
+                        .as_ref()
+                        .map(|e| format!("{} ({}): {e}", p.title, p.read_model))
+                });
+                (panels, error)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "the dashboard's read models cannot be read");
-                (None, Some(e.to_string()))
+                (Vec::new(), Some(e.to_string()))
             }
         },
-        None => (None, None),
+        None => (Vec::new(), None),
     };
+    // Each panel's rows by query name as well: the shape the page read
+    // before panels were declared.
+    let read_models = (!panels.is_empty()).then(|| {
+        let by_query: serde_json::Map<String, Value> = panels
+            .iter()
+            .filter(|p| p.error.is_none())
+            .map(|p| (p.query.clone(), Value::Array(p.rows.clone())))
+            .collect();
+        Value::Object(by_query)
+    });
     let counts = state.counts.advance(state.store.as_ref()).await?;
     let series = state.rates.series();
     // The latest sample, or nothing before the first two.
@@ -211,6 +228,7 @@ pub async fn data(
         })),
         "read_models": read_models,
         "read_models_error": read_models_error,
+        "panels": panels,
     })))
 }
 

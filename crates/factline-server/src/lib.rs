@@ -39,14 +39,15 @@ use serde_json::json;
 use tokio::sync::watch;
 
 pub use admin::{
-    DashboardData, ProjectionState, ProjectionView, ProjectionsAdmin, RebuildState, RebuildView,
+    DashboardData, PanelView, ProjectionState, ProjectionView, ProjectionsAdmin, RebuildState,
+    RebuildView,
 };
 pub use auth::{Caller, CategorySet, Scopes, Token, Tokens, TokensError, MIN_TOKEN_LEN};
 pub use connections::{serve_with_limits, ConnectionLimits};
 pub use error::{AdminError, ApiError};
 pub use guard::BrowserPolicy;
 pub use metrics::{install_recorder, InstrumentedStore};
-pub use read_models::{QueryAnswer, ReadModelError, ReadModelView, ReadModelsApi};
+pub use read_models::{QueryAnswer, ReadModelError, ReadModelView, ReadModelsApi, Target};
 
 /// How the server treats requests.
 #[derive(Clone, Debug)]

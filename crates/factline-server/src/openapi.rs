@@ -270,7 +270,7 @@ fn outbox() {}
 fn dashboard() {}
 
 #[utoipa::path(get, path = "/dashboard/data", tag = "dashboard",
-    responses((status = 200, description = "What the dashboard shows: head_position, events {counted_to, streams, categories, event_types}, append_rate {events_per_second, series}, parked_total, projections, outbox {backlog, oldest_age_s, failing, last_error, relays}, read_models (a domain's panels, null where the store has none), read_models_error", body = Object)))]
+    responses((status = 200, description = "What the dashboard shows: head_position, events {counted_to, streams, categories, event_types}, append_rate {events_per_second, series}, parked_total, projections, outbox {backlog, oldest_age_s, failing, last_error, relays}, read_models (each panel's rows by its query's name, null where no read model declares panels), read_models_error, panels (each declared panel: read_model, title, query, chart, x, y, series, columns, cents, rows, position, error)", body = Object)))]
 fn dashboard_data() {}
 
 /// The declared read models the caller may query.
@@ -434,7 +434,7 @@ fn complete_operation(path: &str, method: &str, operation: &mut Value, max_page:
                 "min_position" => {
                     json!({"type": "integer", "minimum": 0, "maximum": MAX_POSITION})
                 }
-                "timeout_ms" => json!({"type": "integer", "minimum": 0, "maximum": 25000}),
+                "timeout_ms" => json!({"type": "integer", "minimum": 0, "maximum": 15000}),
                 "direction" => json!({"type": "string", "enum": ["forwards", "backwards"]}),
                 "from" if subscription => {
                     json!({"type": "string", "pattern": "^(end|[0-9]{1,18})$"})

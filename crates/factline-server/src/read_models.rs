@@ -125,12 +125,32 @@ pub trait ReadModelsApi: Send + Sync {
     ) -> Result<QueryAnswer, ReadModelError>;
     /// The position `read_model` has reached.
     async fn position(&self, read_model: &str) -> Result<u64, ReadModelError>;
+    /// Whether a request of `target` would be answered (the names exist,
+    /// the parameters fit), without reading: checked before a read waits
+    /// for `min_position`, so a mistake is answered at once.
+    async fn check(
+        &self,
+        read_model: &str,
+        target: Target<'_>,
+        params: &[(String, String)],
+    ) -> Result<(), ReadModelError>;
+}
+
+/// What a read-model request reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Target<'a> {
+    /// A table.
+    Table(&'a str),
+    /// A named query.
+    Query(&'a str),
 }
 
 /// How long a read waits for `min_position` unless told (`timeout_ms`).
 const DEFAULT_WAIT: Duration = Duration::from_secs(5);
-/// The longest wait a read may ask for: less than the request timeout.
-const MAX_WAIT: Duration = Duration::from_secs(25);
+/// The longest wait a read may ask for: well within the request timeout
+/// (30 s by default) and a client's.
+const MAX_WAIT: Duration = Duration::from_secs(15);
 /// How often a waiting read looks at the read model's position.
 const WAIT_POLL: Duration = Duration::from_millis(10);
 
@@ -213,6 +233,7 @@ pub(crate) async fn table(
 ) -> Result<Json<QueryAnswer>, ApiError> {
     caller.may_query(&name)?;
     let api = api(&state)?;
+    api.check(&name, Target::Table(&table), &params).await?;
     wait_for(api, &name, &params).await?;
     Ok(Json(api.table(&name, &table, &params).await?))
 }
@@ -226,6 +247,7 @@ pub(crate) async fn query(
 ) -> Result<Json<QueryAnswer>, ApiError> {
     caller.may_query(&name)?;
     let api = api(&state)?;
+    api.check(&name, Target::Query(&query), &params).await?;
     wait_for(api, &name, &params).await?;
     Ok(Json(api.query(&name, &query, &params).await?))
 }

@@ -8,6 +8,9 @@
 //!   between them (C5).
 //! - [`load`] drives a realistic mix of commands through the command
 //!   handler.
+//! - [`READ_MODELS`] declares the demo's read models (order list, revenue
+//!   per region and day, customer totals) for the server to run;
+//!   [`read_models`] has the same three in Rust, for embedders.
 
 pub mod customer;
 pub mod history;
@@ -17,3 +20,7 @@ pub mod read_models;
 
 pub use customer::{Customer, CustomerCommand, CustomerError, CustomerEvent};
 pub use order::{Order, OrderCommand, OrderError, OrderEvent, OrderLine, OrderStatus};
+
+/// The demo's read models as a definitions file (`read_models.toml`; see
+/// `docs/read-models.md`).
+pub const READ_MODELS: &str = include_str!("../read_models.toml");

@@ -182,13 +182,17 @@ async fn the_dashboard_shows_what_the_api_says() {
     browser
         .wait()
         .at_most(Duration::from_secs(30))
-        .for_element(Locator::Css("#chart-revenue svg rect[data-region]"))
+        .for_element(Locator::Css(
+            "section[data-chart=stacked_bars_per_day] svg rect[data-series]",
+        ))
         .await
         .expect("the revenue chart is drawn");
     browser
         .wait()
         .at_most(Duration::from_secs(30))
-        .for_element(Locator::Css("#chart-status svg rect[data-status]"))
+        .for_element(Locator::Css(
+            "section[data-panel^='order_list/orders_by_status/'] svg rect[data-label]",
+        ))
         .await
         .expect("the status chart is drawn");
 
@@ -199,9 +203,9 @@ async fn the_dashboard_shows_what_the_api_says() {
             events: Number(document.getElementById("events-total").dataset.value),
             backlog: document.getElementById("outbox-backlog").dataset.value,
             parked: Number(document.getElementById("parked-total").dataset.value),
-            revenue: all("#chart-revenue rect[data-region]", r => [r.dataset.day, r.dataset.region, Number(r.dataset.cents)]),
-            statuses: all("#chart-status rect[data-status]", r => [r.dataset.status, Number(r.dataset.count)]),
-            customers: all("#top-customers tbody tr", tr => [tr.children[0].dataset.customer, Number(tr.children[2].dataset.cents)]),
+            revenue: all("section[data-chart=stacked_bars_per_day] rect[data-series]", r => [r.dataset.day, r.dataset.series, Number(r.dataset.value)]),
+            statuses: all("section[data-panel^='order_list/orders_by_status/'] rect[data-label]", r => [r.dataset.label, Number(r.dataset.value)]),
+            customers: all("section[data-panel^='customer_totals/top_customers/'] tbody tr", tr => [tr.querySelector("[data-column=customer_id]").dataset.value, Number(tr.querySelector("[data-column=net_cents]").dataset.value)]),
             lags: all("#projections tbody tr", tr => [tr.children[0].dataset.projection, Number(tr.children[4].dataset.lag)]),
             rate_samples: Number(document.querySelector("#chart-rate polyline")?.dataset.samples ?? 0),
             streams: Number(document.getElementById("streams-total").dataset.value),
@@ -284,55 +288,122 @@ async fn the_dashboard_shows_what_the_api_says() {
     std::fs::write(&path, &png).unwrap();
     eprintln!("screenshot saved to {}", path.display());
 
-    // A store of another domain: the generic panels show its figures and
-    // the orders panels stay hidden.
+    // A store of another domain, invoices, whose read models are declared
+    // in a file: the generic part shows its figures, and its own panels
+    // show what its queries answer.
     let other = tempfile::tempdir().unwrap();
     let other_db = other.path().join("invoices.db");
     let other_db = other_db.to_str().unwrap();
-    for (stream, event_type) in [
-        ("Invoice-1", "InvoiceIssued"),
-        ("Invoice-1", "InvoicePaid"),
-        ("Invoice-2", "InvoiceIssued"),
+    let definitions = other.path().join("invoices.toml");
+    std::fs::write(
+        &definitions,
+        factline_testkit::fixtures::INVOICES_READ_MODELS,
+    )
+    .unwrap();
+    for (stream, event_type, data) in [
+        (
+            "Invoice-1",
+            "InvoiceIssued",
+            r#"{"customer":"acme","total_cents":1200,"lines":[{}]}"#,
+        ),
+        ("Invoice-1", "PaymentReceived", r#"{"cents":200}"#),
+        (
+            "Invoice-2",
+            "InvoiceIssued",
+            r#"{"customer":"acme","total_cents":500,"lines":[]}"#,
+        ),
+        (
+            "Invoice-3",
+            "InvoiceIssued",
+            r#"{"customer":"zeta","total_cents":700,"lines":[]}"#,
+        ),
+        ("Invoice-3", "PaymentReceived", r#"{"cents":700}"#),
     ] {
         let out = run(
             other_db,
-            &["append", stream, "--type", event_type, "--data", "{}"],
+            &["append", stream, "--type", event_type, "--data", data],
         );
         assert_eq!(code(&out), 0, "{}", stderr(&out));
     }
-    let (child, other_base, _) = spawn_serving(other_db, &["--listen", "127.0.0.1:0"]);
+    let (child, other_base, _) = spawn_serving(
+        other_db,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--read-models",
+            definitions.to_str().unwrap(),
+        ],
+    );
     let _other_server = Killed(child);
     browser.goto(&format!("{other_base}/")).await.unwrap();
     const READ_GENERIC: &str = r##"
         const all = (sel, f) => [...document.querySelectorAll(sel)].map(f);
+        const panel = (query) => document.querySelector(`section[data-panel^='invoices/${query}/']`);
         return {
             loaded: document.body.dataset.loaded === "true",
-            domain_shown: !document.getElementById("domain").hidden,
             notice_shown: !document.getElementById("notice").hidden,
             streams: Number(document.getElementById("streams-total").dataset.value),
             categories: all("#categories tbody tr", tr => [tr.children[0].dataset.category, Number(tr.children[1].dataset.streams), Number(tr.children[2].dataset.events)]),
             types: all("#event-types tbody tr", tr => [tr.children[0].dataset.type, Number(tr.children[1].dataset.events)]),
+            outstanding: Number(panel("outstanding")?.querySelector(".big")?.dataset.value),
+            statuses: [...(panel("invoices_by_status")?.querySelectorAll("rect[data-label]") ?? [])].map(r => [r.dataset.label, Number(r.dataset.value)]),
+            per_day: [...(panel("paid_per_day")?.querySelectorAll("circle[data-x]") ?? [])].map(c => [c.dataset.x, Number(c.dataset.value)]),
+            open: [...(panel("open_by_customer")?.querySelectorAll("tbody tr") ?? [])].map(tr => [tr.querySelector("[data-column=invoice_id]").dataset.value, Number(tr.querySelector("[data-column=due]").dataset.value)]),
         };
     "##;
-    eventually("the other domain's figures are shown", || async {
-        let shown = browser
-            .execute(READ_GENERIC, vec![])
+    let query = |name: &'static str, params: &'static str| {
+        let base = other_base.clone();
+        async move {
+            api(&format!(
+                "{base}/read-models/invoices/queries/{name}?min_position=5{params}"
+            ))
             .await
-            .map_err(|e| e.to_string())?;
-        let expected = json!({
-            "loaded": true,
-            "domain_shown": false,
-            "notice_shown": false,
-            "streams": 2,
-            "categories": [["Invoice", 2, 3]],
-            "types": [["InvoiceIssued", 2], ["InvoicePaid", 1]],
-        });
-        if shown == expected {
-            Ok(())
-        } else {
-            Err(format!("shown {shown}\nwanted {expected}"))
         }
-    })
+    };
+    let rows = |answer: &Value, columns: &[&str]| -> Vec<Value> {
+        answer["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                if columns.len() == 1 {
+                    r[columns[0]].clone()
+                } else {
+                    json!(columns.iter().map(|c| r[*c].clone()).collect::<Vec<_>>())
+                }
+            })
+            .collect()
+    };
+    let expected = json!({
+        "loaded": true,
+        "notice_shown": false,
+        "streams": 3,
+        "categories": [["Invoice", 3, 5]],
+        "types": [["InvoiceIssued", 3], ["PaymentReceived", 2]],
+        "outstanding": rows(&query("outstanding", "").await, &["cents"])[0],
+        "statuses": rows(&query("invoices_by_status", "").await, &["status", "invoices"]),
+        "per_day": rows(&query("paid_per_day", "").await, &["day", "cents"]),
+        "open": rows(&query("open_by_customer", "&customer=acme").await, &["invoice_id", "due"]),
+    });
+    assert_eq!(
+        expected["outstanding"], 1500,
+        "what the queries answer: {expected}"
+    );
+    assert_eq!(expected["statuses"], json!([["open", 2], ["paid", 1]]));
+    eventually(
+        "the other domain's figures and panels are shown",
+        || async {
+            let shown = browser
+                .execute(READ_GENERIC, vec![])
+                .await
+                .map_err(|e| e.to_string())?;
+            if shown == expected {
+                Ok(())
+            } else {
+                Err(format!("shown {shown}\nwanted {expected}"))
+            }
+        },
+    )
     .await;
     browser.close().await.unwrap();
 }

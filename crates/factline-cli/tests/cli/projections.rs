@@ -65,7 +65,7 @@ fn projections_are_listed_rebuilt_paused_and_resumed(db: Db) {
     let head = count_all(db) as u64;
     for name in ["order_list", "revenue", "customer_totals"] {
         let p = listed(db, name);
-        assert_eq!(p["active_version"], 1, "{p}");
+        assert_eq!(p["active_version"], 2, "{p}");
         assert_eq!(
             (p["checkpoint"].as_u64(), p["head"].as_u64()),
             (Some(head), Some(head))
@@ -100,21 +100,21 @@ fn projections_are_listed_rebuilt_paused_and_resumed(db: Db) {
     let diff = &lines[0]["diff"];
     assert_eq!(
         (&diff["active"], &diff["candidate"]),
-        (&json!(1), &json!(2)),
+        (&json!(2), &json!(3)),
         "{diff}"
     );
     assert_nothing_differs(diff);
     let report = &lines[1];
     assert_eq!(
         (&report["version"], &report["swapped"]),
-        (&json!(2), &json!(false)),
+        (&json!(3), &json!(false)),
         "{report}"
     );
     assert_eq!(report["checkpoint"].as_u64(), Some(head));
     let p = listed(db, "revenue");
     assert_eq!(
         (&p["active_version"], &p["state"]),
-        (&json!(1), &json!("rebuilding")),
+        (&json!(2), &json!("rebuilding")),
         "{p}"
     );
 
@@ -124,7 +124,7 @@ fn projections_are_listed_rebuilt_paused_and_resumed(db: Db) {
     let report = json_lines(&out).remove(0);
     assert_eq!(
         (&report["version"], &report["previous_version"]),
-        (&json!(2), &json!(1)),
+        (&json!(3), &json!(2)),
         "{report}"
     );
     assert_eq!(
@@ -135,13 +135,13 @@ fn projections_are_listed_rebuilt_paused_and_resumed(db: Db) {
     let p = listed(db, "revenue");
     assert_eq!(
         (&p["active_version"], &p["state"]),
-        (&json!(2), &json!("active")),
+        (&json!(3), &json!("active")),
         "{p}"
     );
     assert_eq!(
         p["versions"].as_array().unwrap().len(),
         1,
-        "version 1 was dropped: {p}"
+        "version 2 was dropped: {p}"
     );
 
     // Pause and resume, shown by status.
@@ -212,7 +212,7 @@ fn a_live_read_model_follows_a_rebuild_swapped_in_by_another_process(db: Db) {
     let report = json_lines(&out).remove(0);
     assert_eq!(
         (&report["version"], &report["swapped"]),
-        (&json!(2), &json!(true))
+        (&json!(3), &json!(true))
     );
     let demo = demo.wait_with_output().unwrap();
     assert_eq!(code(&demo), 0, "{}", stderr(&demo));
@@ -225,7 +225,7 @@ fn a_live_read_model_follows_a_rebuild_swapped_in_by_another_process(db: Db) {
     let p = listed(db, "revenue");
     assert_eq!(
         (&p["active_version"], p["checkpoint"].as_u64()),
-        (&json!(2), Some(head)),
+        (&json!(3), Some(head)),
         "{p}"
     );
     assert!(

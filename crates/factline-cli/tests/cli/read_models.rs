@@ -182,6 +182,42 @@ fn declared_read_models_follow_http_appends_park_poison_and_rebuild_on_a_version
     );
     let mut served = served;
     terminate(&mut served.child);
+
+    // A server started with a newer version rebuilds it beside the active
+    // one by itself and swaps it in.
+    let v3 = dir.path().join("invoices-v3.toml");
+    std::fs::write(
+        &v3,
+        changed
+            .replace("payments = 2", "payments = 3")
+            .replace("version = 1", "version = 3"),
+    )
+    .unwrap();
+    let mut served = Served::start(
+        &db.spec,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--read-models",
+            v3.to_str().unwrap(),
+        ],
+    );
+    served.until("/admin/projections", "", |list| {
+        list["projections"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["name"] == "invoices"))
+            .is_some_and(|p| p["active_version"] == 3 && p["state"] == "running")
+    });
+    let revenue = get(
+        &served,
+        "/read-models/invoices/tables/revenue_per_day?customer=acme",
+    );
+    assert_eq!(
+        columns(&revenue, &["payments"]),
+        vec![vec![json!(6)]],
+        "version 3 counts each payment three times"
+    );
+    terminate(&mut served.child);
 }
 
 #[test]
@@ -390,6 +426,21 @@ fn a_client_reads_its_own_writes_pages_and_queries_within_its_scope(db: Db) {
     assert_eq!(status, 400);
     let (status, _) = served.call("GET", "/read-models/invoices/tables/bills", billing, None);
     assert_eq!(status, 404);
+    // A mistake is answered before any wait: 404, not 504 after the wait.
+    let (status, _) = served.call(
+        "GET",
+        "/read-models/invoices/tables/bills?min_position=99999&timeout_ms=1000",
+        billing,
+        None,
+    );
+    assert_eq!(status, 404);
+    let (status, _) = served.call(
+        "GET",
+        "/read-models/invoices/queries/open_by_customer?min_position=99999&timeout_ms=1000",
+        billing,
+        None,
+    );
+    assert_eq!(status, 400, "the query's parameter is missing");
 
     // Scopes: a token whose query scope does not name the read model is
     // refused, and does not see it listed; no token is unauthorized.

@@ -161,9 +161,9 @@ fn the_server_runs_the_api_the_admin_api_and_the_relay(db: Db) {
     // A rebuild runs in the background; its progress and swap show.
     let (status, started) = served.call("POST", "/admin/projections/revenue/rebuild", ops, None);
     assert_eq!(status, 202, "{started}");
-    assert_eq!(started["rebuild"]["version"], 2);
+    assert_eq!(started["rebuild"]["version"], 3);
     let rebuilt = served.until("/admin/projections/revenue", ops, |p| {
-        p["rebuild"]["state"] == "swapped" && p["active_version"] == 2
+        p["rebuild"]["state"] == "swapped" && p["active_version"] == 3
     });
     assert_eq!(
         rebuilt["rebuild"]["done"], rebuilt["rebuild"]["total"],
