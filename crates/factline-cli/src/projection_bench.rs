@@ -1,7 +1,8 @@
-//! `factline bench projections`: rebuilding the revenue read model over a
-//! long history, against a plain sequential read of the same events from
-//! the same store in the same run; and the latency from an append to the
-//! order-list read model under a steady load.
+//! `factline bench projections`: rebuilding the revenue read model (the
+//! Rust one, or a declared one: `--read-models FILE --read-model NAME`)
+//! over a long history, against a plain sequential read of the same events
+//! from the same store in the same run; and the latency from an append to
+//! the order-list read model (or the declared one) under a steady load.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,7 +12,8 @@ use factline::sqlite::{SqliteConfig, SqliteStore};
 use factline::{EventStore, ExpectedVersion, Location, StreamId};
 use factline_orders::history;
 use factline_orders::read_models::{OrderList, RevenueByRegionDay};
-use factline_projections::{Portable, PostgresSink, Runner, Sink, SqliteSink};
+use factline_projections::{Portable, PostgresSink, Runner, Sink, SqlProjection, SqliteSink};
+use factline_read_models::DeclaredProjection;
 
 use crate::bench::{
     fresh_postgres_store, median, percentile_ms, postgres_url, round, thousandths, Backend,
@@ -36,6 +38,58 @@ pub struct ProjectionsBench {
     /// How long the latency load runs.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// A definitions file: measure its --read-model instead of the Rust
+    /// revenue and order-list read models.
+    #[arg(long, value_name = "FILE", requires = "read_model")]
+    read_models: Option<std::path::PathBuf>,
+    /// The declared read model measured (with --read-models).
+    #[arg(long, value_name = "NAME", requires = "read_models")]
+    read_model: Option<String>,
+}
+
+/// The read models measured: the Rust ones, or one declared in a file.
+enum Measured {
+    Rust,
+    Declared(Box<factline_read_models::ReadModel>),
+}
+
+impl Measured {
+    fn load(args: &ProjectionsBench) -> anyhow::Result<Self> {
+        let (Some(path), Some(name)) = (&args.read_models, &args.read_model) else {
+            return Ok(Measured::Rust);
+        };
+        let catalog = crate::catalog::Catalog::load(Some(path), false)?;
+        let model = catalog.definitions().get(name).cloned().ok_or_else(|| {
+            usage(format!(
+                "{} declares no read model {name:?}",
+                path.display()
+            ))
+        })?;
+        Ok(Measured::Declared(Box::new(model)))
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Measured::Rust => "revenue",
+            Measured::Declared(model) => model.name(),
+        }
+    }
+
+    /// What a rebuild builds.
+    fn rebuilt(&self) -> Box<dyn SqlProjection> {
+        match self {
+            Measured::Rust => Box::new(RevenueByRegionDay::new()),
+            Measured::Declared(model) => Box::new(DeclaredProjection::new(Arc::new((**model).clone()))),
+        }
+    }
+
+    /// What follows the live load.
+    fn live(&self) -> Box<dyn SqlProjection> {
+        match self {
+            Measured::Rust => Box::new(OrderList),
+            Measured::Declared(_) => self.rebuilt(),
+        }
+    }
 }
 
 /// The last line of `bench projections`, a contract for scripts.
@@ -44,7 +98,11 @@ struct ProjectionsReport {
     bench: &'static str,
     backend: &'static str,
     events: u64,
-    /// Rebuild rate of the revenue read model.
+    /// The read model rebuilt.
+    read_model: String,
+    /// Whether it is declared in a file (else written in Rust).
+    declared: bool,
+    /// Its rebuild rate.
     events_per_s: f64,
     /// A plain sequential read of the same events from the same store.
     baseline_events_per_s: f64,
@@ -88,28 +146,24 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
             "bench projections needs a database for its read models: --backend sqlite or postgres",
         )),
     };
+    let measured = Measured::load(&args)?;
     let head = crate::bench::fill_history(&store, args.events, "projections", args.backend).await?;
 
     let mut rebuild_rates = Vec::new();
     let mut read_rates = Vec::new();
     for round in 0..args.rounds {
         let read = sequential_read(&store).await?;
-        let version = round as u32 + 1;
+        // Each round builds a version of its own.
+        let projection = measured.rebuilt();
+        let version = projection.version() + round as u32;
+        let projection = Portable::new(projection).at_version(version);
         let rebuilt = match &target {
             Target::Sqlite(dir) => {
-                let sink = SqliteSink::open_rebuild(
-                    Target::path(dir),
-                    Portable::new(RevenueByRegionDay::new()).at_version(version),
-                )?;
+                let sink = SqliteSink::open_rebuild(Target::path(dir), projection)?;
                 time_rebuild(&store, sink).await?
             }
             Target::Postgres(url) => {
-                let sink = PostgresSink::connect_rebuild(
-                    url,
-                    BENCH_SCHEMA,
-                    Portable::new(RevenueByRegionDay::new()).at_version(version),
-                )
-                .await?;
+                let sink = PostgresSink::connect_rebuild(url, BENCH_SCHEMA, projection).await?;
                 time_rebuild(&store, sink).await?
             }
         };
@@ -125,11 +179,12 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
 
     let mut latencies = match &target {
         Target::Sqlite(dir) => {
-            let sink = SqliteSink::open(Target::path(dir), Portable::new(OrderList))?;
+            let sink = SqliteSink::open(Target::path(dir), Portable::new(measured.live()))?;
             visible_latency(&store, sink, &args).await?
         }
         Target::Postgres(url) => {
-            let sink = PostgresSink::connect(url, BENCH_SCHEMA, Portable::new(OrderList)).await?;
+            let projection = Portable::new(measured.live());
+            let sink = PostgresSink::connect(url, BENCH_SCHEMA, projection).await?;
             visible_latency(&store, sink, &args).await?
         }
     };
@@ -142,8 +197,12 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
         "  median: rebuild {rate:.0} events/s, sequential read {base:.0} events/s, ratio {:.3}",
         rate / base
     );
+    let live = match &measured {
+        Measured::Rust => "the order list".to_owned(),
+        Measured::Declared(model) => model.name().to_owned(),
+    };
     println!(
-        "  append -> visible in the order list at {} orders/s: p50 {p50:.3} ms   p99 {p99:.3} ms ({} samples)",
+        "  append -> visible in {live} at {} orders/s: p50 {p50:.3} ms   p99 {p99:.3} ms ({} samples)",
         args.rate,
         latencies.len()
     );
@@ -155,6 +214,8 @@ pub async fn run(args: ProjectionsBench, location: &Location) -> anyhow::Result<
         bench: "projections",
         backend: args.backend.name(),
         events: head,
+        read_model: measured.name().to_owned(),
+        declared: matches!(measured, Measured::Declared(_)),
         events_per_s: round(rate),
         baseline_events_per_s: round(base),
         ratio: thousandths(rate / base),

@@ -100,7 +100,7 @@ pub use admin::{ProjectionInfo, VersionInfo};
 pub use diff::{DiffReport, TableDiff};
 pub use parking::{ParkedEvent, Parking, PoisonPolicy, RetryPolicy, RetryReport};
 pub use partitioned::Partitioned;
-pub use portable::{Dialect, Portable, SqlProjection, SqlValue, Statement};
+pub use portable::{Dialect, Expected, Portable, SqlProjection, SqlValue, Statement};
 #[cfg(feature = "postgres")]
 pub use postgres::{
     PostgresAdmin, PostgresCheckpoints, PostgresInline, PostgresProjection, PostgresSink,

@@ -57,10 +57,30 @@ pub struct Statement {
     pub sql: String,
     /// The values of `$1`, `$2`, … in order.
     pub params: Vec<SqlValue>,
-    /// When set, the statement must change a row (or, for a `SELECT`,
-    /// find one); if it does not, the event cannot be applied and this is
-    /// why (see [`Statement::requiring_a_row`]).
-    pub unless_a_row: Option<String>,
+    /// When set, how many rows the statement must change (or, for a
+    /// `SELECT`, find); if it does not, the event cannot be applied, for
+    /// the reason given (see [`Statement::requiring_a_row`]).
+    pub expected: Option<(Expected, String)>,
+}
+
+/// How many rows a statement must change or find.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Expected {
+    /// At least this many.
+    AtLeast(u64),
+    /// None at all (a `SELECT` of what must not exist).
+    None,
+}
+
+impl Expected {
+    /// Whether `rows` rows meet it.
+    pub fn met_by(self, rows: u64) -> bool {
+        match self {
+            Expected::AtLeast(n) => rows >= n,
+            Expected::None => rows == 0,
+        }
+    }
 }
 
 impl Statement {
@@ -69,7 +89,7 @@ impl Statement {
         Statement {
             sql: sql.into(),
             params,
-            unless_a_row: None,
+            expected: None,
         }
     }
 
@@ -77,8 +97,14 @@ impl Statement {
     /// least one row: otherwise the event is refused with `message`, as an
     /// [`ApplyError`] from the projection (parked or stopping the runner by
     /// its poison policy).
-    pub fn requiring_a_row(mut self, message: impl Into<String>) -> Self {
-        self.unless_a_row = Some(message.into());
+    pub fn requiring_a_row(self, message: impl Into<String>) -> Self {
+        self.requiring(Expected::AtLeast(1), message)
+    }
+
+    /// The same statement, which must change or find as many rows as
+    /// `expected` says, or the batch is refused with `message`.
+    pub fn requiring(mut self, expected: Expected, message: impl Into<String>) -> Self {
+        self.expected = Some((expected, message.into()));
         self
     }
 }

@@ -44,6 +44,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+mod batch;
 mod check;
 mod expr;
 mod file;

@@ -188,7 +188,7 @@ impl OpKind {
 }
 
 /// How a column changes in an upsert or update.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Change {
     Set,
     Add,

@@ -19,6 +19,9 @@ pub struct DeclaredProjection {
     model: Arc<ReadModel>,
     table_names: Vec<&'static str>,
     handlers: HashMap<String, usize>,
+    /// Per event type and operation, how its rows merge in a batch (none:
+    /// they run one by one).
+    templates: Arc<Vec<Vec<Option<crate::batch::Template>>>>,
     /// Each handler's operations rendered for the tables of one version.
     rendered: Option<(u32, Vec<HandlerSql>)>,
 }
@@ -56,9 +59,88 @@ impl DeclaredProjection {
                 .enumerate()
                 .map(|(i, (event_type, _))| (event_type.clone(), i))
                 .collect(),
+            templates: Arc::new(
+                model
+                    .handlers
+                    .iter()
+                    .map(|(_, ops)| {
+                        ops.iter()
+                            .map(|op| crate::batch::template(&model, op))
+                            .collect()
+                    })
+                    .collect(),
+            ),
             model,
             rendered: None,
         }
+    }
+
+    pub(crate) fn model_arc(&self) -> Arc<ReadModel> {
+        self.model.clone()
+    }
+
+    pub(crate) fn templates(&self) -> Arc<Vec<Vec<Option<crate::batch::Template>>>> {
+        self.templates.clone()
+    }
+
+    /// The handler that applies `event` and its data, or `None` when the
+    /// read model does not apply it (another category or type, or its
+    /// condition does not hold).
+    pub(crate) fn applies(
+        &self,
+        event: &RecordedEvent,
+    ) -> Result<Option<(usize, Value)>, ApplyError> {
+        let Some(&handler) = self.handlers.get(&event.event_type) else {
+            return Ok(None);
+        };
+        if !self.model.categories.is_empty()
+            && !self
+                .model
+                .categories
+                .iter()
+                .any(|c| c == event.stream_id.category())
+        {
+            return Ok(None);
+        }
+        let data = event
+            .data
+            .to_value()
+            .map_err(|e| refused(event, format!("its data is not JSON: {e}")))?;
+        if let Some(when) = &self.model.when {
+            if !when.holds(event, &data) {
+                return Ok(None);
+            }
+        }
+        Ok(Some((handler, data)))
+    }
+
+    /// The statements of one operation for one event.
+    pub(crate) fn op_statements(
+        &mut self,
+        tables: &Tables,
+        handler: usize,
+        index: usize,
+        event: &RecordedEvent,
+        data: &Value,
+    ) -> Result<Vec<Statement>, ApplyError> {
+        let rendered = &self.rendered(tables)[handler];
+        let Some((_, op_statements)) = rendered.iter().find(|(i, _)| *i == index) else {
+            return Ok(Vec::new());
+        };
+        let mut statements = Vec::new();
+        for r in op_statements {
+            let params = r
+                .params
+                .iter()
+                .map(|p| bind(p, event, data))
+                .collect::<Result<Vec<_>, _>>()?;
+            let statement = Statement::new(r.sql.clone(), params);
+            statements.push(match &r.must_find {
+                Some(message) => statement.requiring_a_row(refused(event, message).into_message()),
+                None => statement,
+            });
+        }
+        Ok(statements)
     }
 
     /// The read model it runs.
@@ -99,7 +181,11 @@ fn refused(event: &RecordedEvent, message: impl std::fmt::Display) -> ApplyError
 }
 
 /// A parameter's value for `event`, checked against its column.
-fn bind(param: &Param, event: &RecordedEvent, data: &Value) -> Result<SqlValue, ApplyError> {
+pub(crate) fn bind(
+    param: &Param,
+    event: &RecordedEvent,
+    data: &Value,
+) -> Result<SqlValue, ApplyError> {
     let mut value = param.value.expr.eval(event, data);
     if value == Val::Null {
         if let Some(default) = &param.value.default {
@@ -169,52 +255,32 @@ impl SqlProjection for DeclaredProjection {
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<Vec<Statement>, ApplyError> {
-        let Some(&handler) = self.handlers.get(&event.event_type) else {
+        let Some((handler, data)) = self.applies(event)? else {
             return Ok(Vec::new());
         };
-        if !self.model.categories.is_empty()
-            && !self
-                .model
-                .categories
-                .iter()
-                .any(|c| c == event.stream_id.category())
-        {
-            return Ok(Vec::new());
-        }
-        let data = event
-            .data
-            .to_value()
-            .map_err(|e| refused(event, format!("its data is not JSON: {e}")))?;
-        if let Some(when) = &self.model.when {
-            if !when.holds(event, &data) {
-                return Ok(Vec::new());
-            }
-        }
         let model = self.model.clone();
-        let ops = &model.handlers[handler].1;
-        let rendered = &self.rendered(tables)[handler];
         let mut statements = Vec::new();
-        for (index, op_statements) in rendered {
-            if let Some(when) = &ops[*index].when {
-                if !when.holds(event, &data) {
-                    continue;
-                }
+        for (index, op) in model.handlers[handler].1.iter().enumerate() {
+            if op.when.as_ref().is_some_and(|w| !w.holds(event, &data)) {
+                continue;
             }
-            for r in op_statements {
-                let params = r
-                    .params
-                    .iter()
-                    .map(|p| bind(p, event, &data))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let statement = Statement::new(r.sql.clone(), params);
-                statements.push(match &r.must_find {
-                    Some(message) => {
-                        statement.requiring_a_row(refused(event, message).into_message())
-                    }
-                    None => statement,
-                });
-            }
+            statements.extend(self.op_statements(tables, handler, index, event, &data)?);
         }
         Ok(statements)
+    }
+
+    /// A batch of more than one event as a few set-based statements (see
+    /// `batch.rs`); one event runs as its own statements, whose refusals
+    /// name the event.
+    fn batch_statements(
+        &mut self,
+        dialect: Dialect,
+        tables: &Tables,
+        events: &[RecordedEvent],
+    ) -> Option<Result<Vec<Statement>, ApplyError>> {
+        if events.len() < 2 {
+            return None;
+        }
+        Some(crate::batch::statements(self, dialect, tables, events))
     }
 }

@@ -492,7 +492,7 @@ pub(crate) fn render(model: &ReadModel, op: &Op, tables: &Tables) -> Vec<Rendere
 }
 
 /// A column's new value from its current one and the operation's value.
-fn combine(change: Change, current: &str, value: &str) -> String {
+pub(crate) fn combine(change: Change, current: &str, value: &str) -> String {
     match change {
         Change::Set => value.to_owned(),
         Change::Add => format!("COALESCE({current}, 0) + {value}"),

@@ -126,8 +126,8 @@ impl<P: SqlProjection> PostgresProjection for Portable<P> {
                     .execute(prepared, &params)
                     .await
                     .map_err(|e| (*position, ApplyError::from(e)))?;
-                match &statement.unless_a_row {
-                    Some(message) if changed == 0 => {
+                match &statement.expected {
+                    Some((expected, message)) if !expected.met_by(changed) => {
                         Err((*position, ApplyError::new(message.clone())))
                     }
                     _ => Ok(()),

@@ -24,16 +24,26 @@ impl<P: SqlProjection> Portable<P> {
             };
             let mut prepared = tx.prepare_cached(sql)?;
             let params = rusqlite::params_from_iter(&statement.params);
-            let Some(message) = &statement.unless_a_row else {
+            let Some((expected, message)) = &statement.expected else {
                 prepared.execute(params)?;
                 continue;
             };
-            let found = if prepared.readonly() {
-                prepared.query(params)?.next()?.is_some()
+            let rows = if prepared.readonly() {
+                // Counted only as far as the expectation needs.
+                let wanted = match expected {
+                    crate::Expected::AtLeast(n) => *n,
+                    _ => 1,
+                };
+                let mut rows = prepared.query(params)?;
+                let mut found = 0;
+                while found < wanted && rows.next()?.is_some() {
+                    found += 1;
+                }
+                found
             } else {
-                prepared.execute(params)? > 0
+                prepared.execute(params)? as u64
             };
-            if !found {
+            if !expected.met_by(rows) {
                 return Err(ApplyError::new(message.clone()));
             }
         }

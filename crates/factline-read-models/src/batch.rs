@@ -1,0 +1,773 @@
+//! A batch of events as a few set-based statements: each operation's rows
+//! go in as one JSON array parameter, so a rebuild runs a handful of
+//! statements per batch instead of one or two per event.
+//!
+//! The result must equal applying the events one by one. Rows of one
+//! operation are merged into one statement only where that cannot change
+//! what any other statement sees: each row's writes and lookups are known
+//! by table and key (computed from the event), and a row joins its
+//! operation's last group only if no later group reads or writes what it
+//! writes or writes what it reads. Rows of one key are combined in Rust
+//! (set: the last, add: the sum, min/max) or, when the key comes from a
+//! lookup, by `GROUP BY` in SQL (add, min and max only). Whatever cannot be
+//! merged exactly (raw SQL, a `set` keyed by a lookup, a nullable column
+//! added to) runs as its own statements, in order.
+
+use std::collections::{HashMap, HashSet};
+
+use factline_core::RecordedEvent;
+use factline_projections::{ApplyError, Dialect, Expected, SqlValue, Statement, Tables};
+use serde_json::Value;
+
+use crate::expr::{ColumnType, Expr};
+use crate::model::{Change, Op, OpKind, ReadModel, ValueSpec};
+use crate::projection::bind;
+use crate::sql::{combine, ident, Param};
+
+/// How one operation's rows are put in a statement.
+#[derive(Debug)]
+pub(crate) struct Template {
+    kind: OpKind,
+    table: String,
+    /// Its table's place among the read model's tables.
+    table_index: usize,
+    /// The values each row carries, in order (lookup keys included).
+    slots: Vec<Param>,
+    /// Key columns and the SQL of their value.
+    key: Vec<(String, String)>,
+    /// Changed (or inserted) columns, how, and the SQL of their value.
+    changes: Vec<(String, Change, String)>,
+    /// Lookups that must find their row, with the SQL of their key test.
+    checked: Vec<(String, String)>,
+    /// `EXISTS` guards of lookups that may find nothing.
+    guards: Vec<String>,
+    /// The slots of the key when it is known from the event.
+    key_slots: Option<Vec<usize>>,
+    /// The slots of the row this writes, in its table's key order, when
+    /// known from the event (else it may write any row of its table).
+    write_key: Option<Vec<usize>>,
+    /// The lookups read: (table, slots of the row in key order, or `None`
+    /// when they find rows by other columns).
+    reads: Vec<(usize, Option<Vec<usize>>)>,
+    must_find: bool,
+    /// Upserts that only add (or only keep the least, or the greatest)
+    /// commute with each other on their table: which of these, if any.
+    commutes: Option<Change>,
+}
+
+/// `columns` (with their slots) in the order of `key`, if they are
+/// exactly its columns.
+fn in_key_order(key: &[String], columns: &[(String, usize)]) -> Option<Vec<usize>> {
+    if key.is_empty() || key.len() != columns.len() {
+        return None;
+    }
+    key.iter()
+        .map(|k| columns.iter().find(|(c, _)| c == k).map(|(_, s)| *s))
+        .collect()
+}
+
+/// Whether `op` can be merged, and how.
+pub(crate) fn template(model: &ReadModel, op: &Op) -> Option<Template> {
+    let table_name = op.table.clone()?;
+    let table = model.table(&table_name)?;
+    let index_of = |name: &str| {
+        model
+            .tables
+            .iter()
+            .position(|t| t.name == name)
+            .unwrap_or(usize::MAX)
+    };
+    let mut t = Template {
+        kind: op.kind,
+        table_index: index_of(&table_name),
+        table: table_name.clone(),
+        slots: Vec::new(),
+        key: Vec::new(),
+        changes: Vec::new(),
+        checked: Vec::new(),
+        guards: Vec::new(),
+        key_slots: Some(Vec::new()),
+        write_key: None,
+        reads: Vec::new(),
+        must_find: false,
+        commutes: None,
+    };
+    let mut lookup_sql: HashMap<String, (String, String)> = HashMap::new();
+    let mut value_sql = |t: &mut Template, column: &str, value: &ValueSpec| -> Option<String> {
+        if let Expr::Lookup(name) = &value.expr {
+            if let Some((select, _)) = lookup_sql.get(name) {
+                return Some(select.clone());
+            }
+            let lookup = model.lookup(name)?;
+            let lookup_table = model.table(&lookup.table)?;
+            let mut tests = Vec::new();
+            let mut slots = Vec::new();
+            for (column, value) in &lookup.key {
+                let col = lookup_table.column(column)?;
+                slots.push((column.clone(), t.slots.len()));
+                let slot = slot_sql(t.slots.len(), col.ty);
+                t.slots.push(Param {
+                    value: value.clone(),
+                    ty: Some(col.ty),
+                    nullable: false,
+                    what: format!("lookup.{name}'s key {column}"),
+                });
+                tests.push(format!("l.{} = {slot}", ident(column)));
+            }
+            let from = format!(
+                "{{table:{}}} AS l WHERE {}",
+                lookup.table,
+                tests.join(" AND ")
+            );
+            let select = format!("(SELECT l.{} FROM {from})", ident(&lookup.column));
+            let exists = format!("EXISTS (SELECT 1 FROM {from})");
+            if op.skip_missing {
+                t.guards.push(exists);
+            } else {
+                t.checked.push((name.clone(), exists));
+            }
+            t.reads.push((
+                index_of(&lookup.table),
+                in_key_order(&lookup_table.key, &slots),
+            ));
+            lookup_sql.insert(name.clone(), (select.clone(), String::new()));
+            return Some(select);
+        }
+        let col = table.column(column)?;
+        let index = t.slots.len();
+        t.slots.push(Param {
+            value: value.clone(),
+            ty: Some(col.ty),
+            nullable: col.nullable,
+            what: format!("{}.{column}", table.name),
+        });
+        Some(slot_sql(index, col.ty))
+    };
+    for (column, value) in &op.key {
+        let sql = value_sql(&mut t, column, value)?;
+        match (&value.expr, &mut t.key_slots) {
+            (Expr::Lookup(_), _) => t.key_slots = None,
+            (_, Some(slots)) => slots.push(t.slots.len() - 1),
+            _ => {}
+        }
+        t.key.push((column.clone(), sql));
+    }
+    for (column, change, value) in &op.changes {
+        let sql = value_sql(&mut t, column, value)?;
+        t.changes.push((column.clone(), *change, sql));
+    }
+    // The row written, when every column of the table's key is a value
+    // of the event.
+    let plain = |columns: &mut dyn Iterator<Item = (&String, &String)>| -> Vec<(String, usize)> {
+        columns
+            .filter_map(|(c, sql)| slot_of(sql).map(|s| (c.clone(), s)))
+            .collect()
+    };
+    t.write_key = match op.kind {
+        OpKind::Insert { .. } => {
+            let columns = plain(&mut t.changes.iter().map(|(c, _, sql)| (c, sql)));
+            let key_columns: Vec<(String, usize)> = columns
+                .into_iter()
+                .filter(|(c, _)| table.key.contains(c))
+                .collect();
+            in_key_order(&table.key, &key_columns)
+        }
+        _ if t.key.len() == op.key.len() => {
+            let columns = plain(&mut t.key.iter().map(|(c, sql)| (c, sql)));
+            in_key_order(&table.key, &columns)
+        }
+        _ => None,
+    };
+    let commutative = t.changes.iter().all(|(_, c, _)| *c != Change::Set);
+    let nullable_sum = t.changes.iter().any(|(column, change, _)| {
+        *change != Change::Set && table.column(column).is_some_and(|c| c.nullable)
+    });
+    let merges = match op.kind {
+        OpKind::Insert { .. } => true,
+        OpKind::Upsert | OpKind::Update => !nullable_sum && (t.key_slots.is_some() || commutative),
+        OpKind::Delete => t.key_slots.is_some(),
+        OpKind::Sql => false,
+    };
+    t.must_find = matches!(op.kind, OpKind::Update | OpKind::Delete) && !op.skip_missing;
+    let first = t.changes.first().map(|(_, c, _)| *c);
+    t.commutes = first.filter(|c| {
+        op.kind == OpKind::Upsert
+            && *c != Change::Set
+            && !nullable_sum
+            && t.changes.iter().all(|(_, other, _)| other == c)
+    });
+    merges.then_some(t)
+}
+
+/// Field `i` of a row, as a value of type `ty`.
+fn slot_sql(i: usize, ty: ColumnType) -> String {
+    format!("CAST(e.value ->> {i} AS {})", ty.sql())
+}
+
+/// The rows of one group as the JSON array parameter.
+fn rows_json(rows: &[Vec<SqlValue>]) -> String {
+    let rows: Vec<Value> = rows
+        .iter()
+        .map(|row| {
+            Value::Array(
+                row.iter()
+                    .map(|v| match v {
+                        SqlValue::Int(i) => Value::from(*i),
+                        SqlValue::Real(r) => {
+                            serde_json::Number::from_f64(*r).map_or(Value::Null, Value::Number)
+                        }
+                        SqlValue::Text(s) => Value::String(s.clone()),
+                        _ => Value::Null,
+                    })
+                    .collect(),
+            )
+        })
+        .collect();
+    Value::Array(rows).to_string()
+}
+
+/// Rows of one key combined as applying them in order would: `set` keeps
+/// the last value, `add` sums, `min`/`max` keep the smallest/largest.
+fn combine_rows(template: &Template, rows: Vec<Vec<SqlValue>>) -> Vec<Vec<SqlValue>> {
+    let Some(key_slots) = &template.key_slots else {
+        return rows;
+    };
+    // The slot of each changed column's value (lookups are not combined:
+    // their value is the same for one key).
+    let change_slots: Vec<(usize, Change)> = template
+        .changes
+        .iter()
+        .filter_map(|(_, change, sql)| slot_of(sql).map(|s| (s, *change)))
+        .collect();
+    let mut order: Vec<String> = Vec::new();
+    let mut combined: HashMap<String, Vec<SqlValue>> = HashMap::new();
+    for row in rows {
+        let key = exact_key(&row, key_slots);
+        match combined.get_mut(&key) {
+            None => {
+                order.push(key.clone());
+                combined.insert(key, row);
+            }
+            Some(acc) => {
+                for (slot, change) in &change_slots {
+                    let (a, b) = (&acc[*slot], &row[*slot]);
+                    acc[*slot] = match (change, a, b) {
+                        (Change::Set, _, b) => b.clone(),
+                        (Change::Add, SqlValue::Int(x), SqlValue::Int(y)) => {
+                            SqlValue::Int(x.saturating_add(*y))
+                        }
+                        (Change::Add, SqlValue::Real(x), SqlValue::Real(y)) => {
+                            SqlValue::Real(x + y)
+                        }
+                        (Change::Min, SqlValue::Int(x), SqlValue::Int(y)) => {
+                            SqlValue::Int(*x.min(y))
+                        }
+                        (Change::Max, SqlValue::Int(x), SqlValue::Int(y)) => {
+                            SqlValue::Int(*x.max(y))
+                        }
+                        (Change::Min, SqlValue::Real(x), SqlValue::Real(y)) => {
+                            SqlValue::Real(x.min(*y))
+                        }
+                        (Change::Max, SqlValue::Real(x), SqlValue::Real(y)) => {
+                            SqlValue::Real(x.max(*y))
+                        }
+                        (_, _, b) => b.clone(),
+                    };
+                }
+                // Other slots (lookup keys) are the same for one key, or
+                // only read: the last row's stand.
+                for (i, value) in row.into_iter().enumerate() {
+                    if !change_slots.iter().any(|(s, _)| *s == i) {
+                        acc[i] = value;
+                    }
+                }
+            }
+        }
+    }
+    order
+        .into_iter()
+        .filter_map(|k| combined.remove(&k))
+        .collect()
+}
+
+/// The slot a value's SQL reads, if it is a plain slot.
+fn slot_of(sql: &str) -> Option<usize> {
+    let rest = sql.strip_prefix("CAST(e.value ->> ")?;
+    rest[..rest.find(' ')?].parse().ok()
+}
+
+/// A row's key exactly, for combining the rows of one key.
+fn exact_key(row: &[SqlValue], slots: &[usize]) -> String {
+    let parts: Vec<String> = slots.iter().map(|s| format!("{:?}", row[*s])).collect();
+    parts.join("\u{1f}")
+}
+
+/// A row's key as a hash, with its table's: two keys that differ may
+/// share a hash, which only makes two rows look dependent (they then stay
+/// in order), never the reverse.
+fn key_of(table: usize, row: &[SqlValue], slots: &[usize]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    table.hash(&mut hasher);
+    for slot in slots {
+        match &row[*slot] {
+            SqlValue::Int(i) => (1u8, *i).hash(&mut hasher),
+            SqlValue::Real(r) => (2u8, r.to_bits()).hash(&mut hasher),
+            SqlValue::Text(t) => (3u8, t).hash(&mut hasher),
+            _ => 0u8.hash(&mut hasher),
+        }
+    }
+    hasher.finish()
+}
+
+/// The table of a known key, kept beside it.
+type Key = (usize, u64);
+
+/// What a row (or a group of rows) reads and writes, by table and key.
+#[derive(Default)]
+struct Footprint {
+    /// Every table: raw SQL, or what cannot be told.
+    everything: bool,
+    reads: HashSet<Key>,
+    reads_any: HashSet<usize>,
+    writes: HashSet<Key>,
+    writes_any: HashSet<usize>,
+    /// Tables written by upserts that commute with each other when of one
+    /// kind (all add, all min or all max).
+    commuting: HashSet<(usize, Change)>,
+}
+
+impl Footprint {
+    fn touches(
+        &self,
+        keys: &HashSet<Key>,
+        any: &HashSet<usize>,
+        table: usize,
+        key: Option<u64>,
+    ) -> bool {
+        let _ = self;
+        any.contains(&table)
+            || match key {
+                Some(k) => keys.contains(&(table, k)),
+                None => keys.iter().any(|(t, _)| *t == table),
+            }
+    }
+
+    /// Whether `later` (a group after the one `self`'s row would join)
+    /// must stay after it.
+    fn conflicts_with(&self, later: &Footprint) -> bool {
+        if self.everything || later.everything {
+            return true;
+        }
+        let commuted = |table: usize| later.commuting.iter().any(|(t, _)| *t == table);
+        let read_written = self.reads.iter().any(|(t, k)| {
+            later.touches(&later.writes, &later.writes_any, *t, Some(*k)) || commuted(*t)
+        }) || self
+            .reads_any
+            .iter()
+            .any(|t| later.touches(&later.writes, &later.writes_any, *t, None) || commuted(*t));
+        let written = |keys: &HashSet<Key>, any: &HashSet<usize>| {
+            self.writes
+                .iter()
+                .any(|(t, k)| later.touches(keys, any, *t, Some(*k)))
+                || self
+                    .writes_any
+                    .iter()
+                    .any(|t| later.touches(keys, any, *t, None))
+        };
+        let written_commuting = self.writes.iter().any(|(t, _)| commuted(*t))
+            || self.writes_any.iter().any(|t| commuted(*t));
+        let commuting_touched = self.commuting.iter().any(|(t, kind)| {
+            later.touches(&later.reads, &later.reads_any, *t, None)
+                || later.touches(&later.writes, &later.writes_any, *t, None)
+                || later
+                    .commuting
+                    .iter()
+                    .any(|(u, other)| u == t && other != kind)
+        });
+        read_written
+            || written(&later.reads, &later.reads_any)
+            || written(&later.writes, &later.writes_any)
+            || written_commuting
+            || commuting_touched
+    }
+
+    fn absorb(&mut self, row: Footprint) {
+        self.everything |= row.everything;
+        self.reads.extend(row.reads);
+        self.reads_any.extend(row.reads_any);
+        self.writes.extend(row.writes);
+        self.writes_any.extend(row.writes_any);
+        self.commuting.extend(row.commuting);
+    }
+}
+
+/// A run of rows of one operation, or one event's own statements.
+enum Group {
+    Rows {
+        op: (usize, usize),
+        rows: Vec<Vec<SqlValue>>,
+        keys: HashSet<u64>,
+        footprint: Footprint,
+    },
+    Single {
+        statements: Vec<Statement>,
+        footprint: Footprint,
+    },
+}
+
+impl Group {
+    fn footprint(&self) -> &Footprint {
+        match self {
+            Group::Rows { footprint, .. } | Group::Single { footprint, .. } => footprint,
+        }
+    }
+}
+
+/// The batch's statements, or `None` to apply it event by event.
+pub(crate) fn statements(
+    projection: &mut crate::DeclaredProjection,
+    dialect: Dialect,
+    tables: &Tables,
+    events: &[RecordedEvent],
+) -> Result<Vec<Statement>, ApplyError> {
+    let model = projection.model_arc();
+    let templates = projection.templates();
+    let mut groups: Vec<Group> = Vec::new();
+    let mut last_of: HashMap<(usize, usize), usize> = HashMap::new();
+    for event in events {
+        let Some((handler, data)) = projection.applies(event)? else {
+            continue;
+        };
+        let ops = &model.handlers[handler].1;
+        for (index, op) in ops.iter().enumerate() {
+            if op.when.as_ref().is_some_and(|w| !w.holds(event, &data)) {
+                continue;
+            }
+            let Some(template) = &templates[handler][index] else {
+                // Not mergeable: this event's statements of this operation,
+                // in order, touching whatever they touch.
+                let statements = projection.op_statements(tables, handler, index, event, &data)?;
+                groups.push(Group::Single {
+                    statements,
+                    footprint: Footprint {
+                        everything: true,
+                        ..Footprint::default()
+                    },
+                });
+                continue;
+            };
+            let row = template
+                .slots
+                .iter()
+                .map(|p| bind(p, event, &data))
+                .collect::<Result<Vec<_>, _>>()?;
+            let mut footprint = Footprint::default();
+            for (table, slots) in &template.reads {
+                match slots {
+                    Some(slots) => footprint
+                        .reads
+                        .insert((*table, key_of(*table, &row, slots))),
+                    None => footprint.reads_any.insert(*table),
+                };
+            }
+            let table = template.table_index;
+            let key = template.key_slots.as_ref().map(|s| key_of(table, &row, s));
+            match (template.commutes, &template.write_key) {
+                (Some(kind), _) => footprint.commuting.insert((table, kind)),
+                (None, Some(slots)) => footprint.writes.insert((table, key_of(table, &row, slots))),
+                (None, None) => footprint.writes_any.insert(table),
+            };
+            let id = (handler, index);
+            let joinable = last_of.get(&id).copied().filter(|g| {
+                let reads_own_group = match &groups[*g] {
+                    Group::Rows {
+                        footprint: own,
+                        keys,
+                        ..
+                    } => {
+                        let own_commuting = |t: usize| own.commuting.iter().any(|(u, _)| *u == t);
+                        footprint.reads.iter().any(|(t, k)| {
+                            own.touches(&own.writes, &own.writes_any, *t, Some(*k))
+                                || own_commuting(*t)
+                        }) || footprint.reads_any.iter().any(|t| {
+                            own.touches(&own.writes, &own.writes_any, *t, None) || own_commuting(*t)
+                        }) || (template.kind == OpKind::Delete
+                            && key.is_some_and(|k| keys.contains(&k)))
+                    }
+                    Group::Single { .. } => true,
+                };
+                !reads_own_group
+                    && groups[g + 1..]
+                        .iter()
+                        .all(|later| !footprint.conflicts_with(later.footprint()))
+            });
+            match joinable {
+                Some(g) => {
+                    if let Group::Rows {
+                        rows,
+                        keys,
+                        footprint: own,
+                        ..
+                    } = &mut groups[g]
+                    {
+                        rows.push(row);
+                        keys.extend(key);
+                        own.absorb(footprint);
+                    }
+                }
+                None => {
+                    last_of.insert(id, groups.len());
+                    groups.push(Group::Rows {
+                        op: id,
+                        rows: vec![row],
+                        keys: key.into_iter().collect(),
+                        footprint,
+                    });
+                }
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for group in groups {
+        match group {
+            Group::Single { statements, .. } => out.extend(statements),
+            Group::Rows { op, rows, .. } => {
+                let Some(template) = &templates[op.0][op.1] else {
+                    continue;
+                };
+                let rows = if matches!(template.kind, OpKind::Upsert | OpKind::Update) {
+                    combine_rows(template, rows)
+                } else {
+                    rows
+                };
+                out.extend(group_statements(template, dialect, tables, &rows));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The statements of one group: checks that lookups (and rows to update
+/// or delete) exist, then the operation on every row at once.
+fn group_statements(
+    t: &Template,
+    dialect: Dialect,
+    tables: &Tables,
+    rows: &[Vec<SqlValue>],
+) -> Vec<Statement> {
+    let elements = match dialect {
+        Dialect::Sqlite => "json_each($1) AS e",
+        _ => "json_array_elements($1::text::json) AS e(value)",
+    };
+    let named = |sql: String| {
+        let mut sql = sql;
+        while let Some(at) = sql.find("{table:") {
+            let end = at + sql[at..].find('}').unwrap_or(0);
+            let table = sql[at + 7..end].to_owned();
+            sql.replace_range(at..=end, &tables.get(&table));
+        }
+        sql
+    };
+    let json = rows_json(rows);
+    let statement = |sql: String| Statement::new(named(sql), vec![SqlValue::Text(json.clone())]);
+    let guard = if t.guards.is_empty() {
+        "true".to_owned()
+    } else {
+        t.guards.join(" AND ")
+    };
+    let table = tables.get(&t.table);
+    let mut out = Vec::new();
+    for (lookup, exists) in &t.checked {
+        out.push(
+            statement(format!(
+                "SELECT 1 FROM {elements} WHERE {guard} AND NOT ({exists}) LIMIT 1"
+            ))
+            .requiring(
+                Expected::None,
+                format!("lookup.{lookup} found no row for an event of this batch"),
+            ),
+        );
+    }
+    let key_columns: Vec<String> = t.key.iter().map(|(c, _)| ident(c)).collect();
+    let key_values: Vec<&str> = t.key.iter().map(|(_, v)| v.as_str()).collect();
+    match t.kind {
+        OpKind::Insert { ignore_existing } => {
+            let columns: Vec<String> = t.changes.iter().map(|(c, _, _)| ident(c)).collect();
+            let values: Vec<&str> = t.changes.iter().map(|(_, _, v)| v.as_str()).collect();
+            let conflict = if ignore_existing {
+                " ON CONFLICT DO NOTHING"
+            } else {
+                ""
+            };
+            out.push(statement(format!(
+                "INSERT INTO {table} ({}) SELECT {} FROM {elements} WHERE {guard}{conflict}",
+                columns.join(", "),
+                values.join(", ")
+            )));
+        }
+        OpKind::Upsert => {
+            let mut columns = key_columns.clone();
+            columns.extend(t.changes.iter().map(|(c, _, _)| ident(c)));
+            let updates: Vec<String> = t
+                .changes
+                .iter()
+                .map(|(c, change, _)| {
+                    format!(
+                        "{} = {}",
+                        ident(c),
+                        combine(
+                            *change,
+                            &format!("cur.{}", ident(c)),
+                            &format!("excluded.{}", ident(c))
+                        )
+                    )
+                })
+                .collect();
+            let on_conflict = if updates.is_empty() {
+                "DO NOTHING".to_owned()
+            } else {
+                format!("DO UPDATE SET {}", updates.join(", "))
+            };
+            let select = if t.key_slots.is_some() {
+                let mut values: Vec<&str> = key_values.clone();
+                values.extend(t.changes.iter().map(|(_, _, v)| v.as_str()));
+                format!("SELECT {} FROM {elements} WHERE {guard}", values.join(", "))
+            } else {
+                grouped(t, elements, &guard)
+            };
+            out.push(statement(format!(
+                "INSERT INTO {table} AS cur ({}) {select} ON CONFLICT ({}) {on_conflict}",
+                columns.join(", "),
+                key_columns.join(", ")
+            )));
+        }
+        OpKind::Update => {
+            let source = if t.key_slots.is_some() {
+                let mut named_values: Vec<String> = t
+                    .key
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, v))| format!("{v} AS k{i}"))
+                    .collect();
+                named_values.extend(
+                    t.changes
+                        .iter()
+                        .enumerate()
+                        .map(|(i, (_, _, v))| format!("{v} AS c{i}")),
+                );
+                format!(
+                    "SELECT {} FROM {elements} WHERE {guard}",
+                    named_values.join(", ")
+                )
+            } else {
+                grouped(t, elements, &guard)
+            };
+            if t.must_find {
+                let tests: Vec<String> = key_columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("cur.{c} = u.k{i}"))
+                    .collect();
+                out.push(
+                    statement(format!(
+                        "SELECT 1 FROM ({source}) AS u WHERE NOT EXISTS (SELECT 1 FROM {table} AS cur WHERE {}) LIMIT 1",
+                        tests.join(" AND ")
+                    ))
+                    .requiring(Expected::None, format!("update of {} found no row for an event of this batch", t.table)),
+                );
+            }
+            let sets: Vec<String> = t
+                .changes
+                .iter()
+                .enumerate()
+                .map(|(i, (c, change, _))| {
+                    format!(
+                        "{} = {}",
+                        ident(c),
+                        combine(*change, &format!("cur.{}", ident(c)), &format!("u.c{i}"))
+                    )
+                })
+                .collect();
+            let tests: Vec<String> = key_columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("cur.{c} = u.k{i}"))
+                .collect();
+            out.push(statement(format!(
+                "UPDATE {table} AS cur SET {} FROM ({source}) AS u WHERE {}",
+                sets.join(", "),
+                tests.join(" AND ")
+            )));
+        }
+        OpKind::Delete => {
+            let keys = format!(
+                "SELECT {} FROM {elements} WHERE {guard}",
+                key_values.join(", ")
+            );
+            let row_value = if key_columns.len() == 1 {
+                key_columns[0].clone()
+            } else {
+                format!("({})", key_columns.join(", "))
+            };
+            if t.must_find {
+                let named_keys: Vec<String> = key_values
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| format!("{v} AS k{i}"))
+                    .collect();
+                let tests: Vec<String> = key_columns
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("cur.{c} = u.k{i}"))
+                    .collect();
+                out.push(
+                    statement(format!(
+                        "SELECT 1 FROM (SELECT {} FROM {elements} WHERE {guard}) AS u WHERE NOT EXISTS (SELECT 1 FROM {table} AS cur WHERE {}) LIMIT 1",
+                        named_keys.join(", "),
+                        tests.join(" AND ")
+                    ))
+                    .requiring(Expected::None, format!("delete from {} found no row for an event of this batch", t.table)),
+                );
+            }
+            out.push(statement(format!(
+                "DELETE FROM {table} WHERE {row_value} IN ({keys})"
+            )));
+        }
+        OpKind::Sql => {}
+    }
+    out
+}
+
+/// Rows grouped by a key that comes from a lookup, their changes summed
+/// (or their least or greatest kept): `k0…` the key, `c0…` the changes.
+fn grouped(t: &Template, elements: &str, guard: &str) -> String {
+    let mut inner: Vec<String> = t
+        .key
+        .iter()
+        .enumerate()
+        .map(|(i, (_, v))| format!("{v} AS k{i}"))
+        .collect();
+    inner.extend(
+        t.changes
+            .iter()
+            .enumerate()
+            .map(|(i, (_, _, v))| format!("{v} AS c{i}")),
+    );
+    let keys: Vec<String> = (0..t.key.len()).map(|i| format!("k{i}")).collect();
+    let mut outer = keys.clone();
+    outer.extend(t.changes.iter().enumerate().map(|(i, (_, change, _))| {
+        let aggregate = match change {
+            Change::Min => "min",
+            Change::Max => "max",
+            _ => "sum",
+        };
+        format!("{aggregate}(c{i}) AS c{i}")
+    }));
+    format!(
+        "SELECT {} FROM (SELECT {} FROM {elements} WHERE {guard}) AS g GROUP BY {}",
+        outer.join(", "),
+        inner.join(", "),
+        keys.join(", ")
+    )
+}
