@@ -79,7 +79,9 @@ impl Measured {
     fn rebuilt(&self) -> Box<dyn SqlProjection> {
         match self {
             Measured::Rust => Box::new(RevenueByRegionDay::new()),
-            Measured::Declared(model) => Box::new(DeclaredProjection::new(Arc::new((**model).clone()))),
+            Measured::Declared(model) => {
+                Box::new(DeclaredProjection::new(Arc::new((**model).clone())))
+            }
         }
     }
 

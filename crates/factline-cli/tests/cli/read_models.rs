@@ -12,6 +12,7 @@ use crate::common::*;
 on_every_backend!(
     declared_read_models_follow_http_appends_park_poison_and_rebuild_on_a_version_bump,
     a_client_reads_its_own_writes_pages_and_queries_within_its_scope,
+    a_read_model_that_stops_on_error_stops_at_the_event_and_says_why,
 );
 
 /// `path`'s answer over HTTP, which must be 200.
@@ -458,5 +459,65 @@ fn a_client_reads_its_own_writes_pages_and_queries_within_its_scope(db: Db) {
     let (status, _) = served.call("GET", "/read-models/invoices/tables/invoices", "", None);
     assert_eq!(status, 401);
     let mut served = served;
+    terminate(&mut served.child);
+}
+
+fn a_read_model_that_stops_on_error_stops_at_the_event_and_says_why(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("invoices.toml");
+    let stopping = INVOICES_READ_MODELS.replacen(
+        "categories = [\"Invoice\"]",
+        "categories = [\"Invoice\"]\non_error = \"stop\"",
+        1,
+    );
+    std::fs::write(&file, stopping).unwrap();
+    let mut served = Served::start(
+        &db.spec,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--read-models",
+            file.to_str().unwrap(),
+        ],
+    );
+    append(
+        &served,
+        "Invoice-1",
+        r#"[{"event_type":"InvoiceIssued","data":{"customer":"acme","total_cents":900,"lines":[]}}]"#,
+    );
+    // A total that is text, not a number: the definition cannot apply it.
+    append(
+        &served,
+        "Invoice-2",
+        r#"[{"event_type":"InvoiceIssued","data":{"customer":"acme","total_cents":"nine","lines":[]}}]"#,
+    );
+    append(
+        &served,
+        "Invoice-3",
+        r#"[{"event_type":"InvoiceIssued","data":{"customer":"zeta","total_cents":100,"lines":[]}}]"#,
+    );
+    let list = served.until("/admin/projections", "", |list| {
+        list["projections"]
+            .as_array()
+            .and_then(|all| all.iter().find(|p| p["name"] == "invoices"))
+            .is_some_and(|p| p["state"] == "failed")
+    });
+    let p = projection(&list, "invoices");
+    let error = p["error"].as_str().unwrap();
+    assert!(
+        error.contains("InvoiceIssued at position 2 (stream Invoice-2): data.total_cents is text, not integer (for invoices.total_cents)"),
+        "{error}"
+    );
+    assert_eq!(
+        (p["checkpoint"].clone(), p["parked"].clone()),
+        (json!(1), json!(0)),
+        "{p}"
+    );
+    let invoices = get(&served, "/read-models/invoices/tables/invoices");
+    assert_eq!(
+        columns(&invoices, &["invoice_id"]),
+        vec![vec![json!("1")]],
+        "nothing after the event is applied"
+    );
     terminate(&mut served.child);
 }
