@@ -136,7 +136,16 @@ impl ReadModelDb {
     /// none that outlive the process.
     pub fn for_location(location: &Location, schema: &str) -> anyhow::Result<Self> {
         match location {
-            Location::Sqlite(path) => Ok(ReadModelDb::Sqlite(path.clone())),
+            Location::Sqlite(path) => {
+                // A file of its own may be named in a directory that does
+                // not exist yet, as the events' file may.
+                if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(|e| {
+                        usage(format!("cannot create {} for the read models: {e}", parent.display()))
+                    })?;
+                }
+                Ok(ReadModelDb::Sqlite(path.clone()))
+            }
             Location::Postgres(url) => Ok(ReadModelDb::Postgres {
                 url: url.clone(),
                 schema: schema.to_owned(),

@@ -66,7 +66,7 @@ enum Command {
     /// the admin API, /metrics, /health, /ready and the dashboard; with
     /// --relay and --projections also the outbox relay and the orders
     /// read models.
-    Serve(serve::ServeArgs),
+    Serve(Box<serve::ServeArgs>),
     /// Append one event, or a batch of JSON lines from stdin, to a stream.
     Append(commands::AppendArgs),
     /// Read one stream.
@@ -174,7 +174,7 @@ fn init_logging(cli: &Cli) -> Result<(), String> {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let location = Location::parse(&cli.db)?;
     match cli.command {
-        Command::Serve(args) => serve::run(&location, args).await,
+        Command::Serve(args) => serve::run(&location, *args).await,
         Command::Append(args) => commands::append(&location, args).await,
         Command::Read(args) => commands::read(&location, args).await,
         Command::ReadAll(args) => commands::read_all(&location, args).await,

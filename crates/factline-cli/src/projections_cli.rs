@@ -35,6 +35,16 @@ pub struct ProjectionsArgs {
     #[arg(long, global = true, env = "FACTLINE_READ_MODELS", value_name = "FILE")]
     read_models: Option<std::path::PathBuf>,
 
+    /// The database of the read models (a SQLite file or a postgres://
+    /// URL) when it is not the events' own.
+    #[arg(
+        long,
+        global = true,
+        env = "FACTLINE_READ_MODELS_DB",
+        value_name = "DB"
+    )]
+    read_models_db: Option<String>,
+
     #[command(subcommand)]
     command: ProjectionsCommand,
 }
@@ -182,7 +192,13 @@ pub struct RebuildReport {
 pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<()> {
     // Without a file, the commands know the demo's read models.
     let catalog = Catalog::load(args.read_models.as_deref(), args.read_models.is_none())?;
-    let db = ReadModelDb::for_location(location, &args.schema)?;
+    let db = match &args.read_models_db {
+        Some(other) => ReadModelDb::for_location(
+            &Location::parse(other).map_err(|e| usage(format!("--read-models-db: {e}")))?,
+            &args.schema,
+        )?,
+        None => ReadModelDb::for_location(location, &args.schema)?,
+    };
     let mut admin = db.admin().await?;
     match args.command {
         ProjectionsCommand::List { json } => {

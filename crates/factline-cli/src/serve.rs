@@ -53,6 +53,10 @@ pub struct ServeArgs {
     /// and retries them too.
     #[arg(long, env = "FACTLINE_READ_MODELS", value_name = "FILE")]
     pub read_models: Option<PathBuf>,
+    /// Keep the read models in this database (a SQLite file or a
+    /// postgres:// URL) instead of the events' own.
+    #[arg(long, env = "FACTLINE_READ_MODELS_DB", value_name = "DB")]
+    pub read_models_db: Option<String>,
     /// The PostgreSQL schema of the read models.
     #[arg(long, default_value = READ_SCHEMA)]
     pub schema: String,
@@ -264,10 +268,14 @@ pub async fn start(
     // in-memory store has neither.
     let mut projections = Vec::new();
     let mut relay = None;
-    let read_models = match read_models {
-        Some(db) => Some(db),
-        None if *location == Location::Memory => None,
-        None => Some(ReadModelDb::for_location(location, &args.schema)?),
+    let read_models = match (read_models, &args.read_models_db) {
+        (Some(db), _) => Some(db),
+        (None, Some(other)) => Some(ReadModelDb::for_location(
+            &Location::parse(other).map_err(|e| usage(format!("--read-models-db: {e}")))?,
+            &args.schema,
+        )?),
+        (None, None) if *location == Location::Memory => None,
+        (None, None) => Some(ReadModelDb::for_location(location, &args.schema)?),
     };
     if let Some(db) = read_models {
         let live = catalog.declared();

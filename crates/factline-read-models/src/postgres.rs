@@ -29,6 +29,16 @@ fn pool_failed(e: deadpool_postgres::PoolError) -> QueryError {
     QueryError::Storage(StorageError::with_source("connecting for a query", e))
 }
 
+/// A schema whose registry no runner has created yet has applied nothing.
+fn not_created_yet(
+    position: Result<Option<u64>, tokio_postgres::Error>,
+) -> Result<Option<u64>, tokio_postgres::Error> {
+    match position {
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) => Ok(None),
+        other => other,
+    }
+}
+
 impl PostgresReader {
     pub fn new(url: &str, schema: &str) -> Result<Self, QueryError> {
         let config: tokio_postgres::Config = url.parse().map_err(|e| {
@@ -61,10 +71,11 @@ impl PostgresReader {
 
     pub async fn position(&self, name: &str) -> Result<u64, QueryError> {
         let client = self.pool.get().await.map_err(pool_failed)?;
-        factline_projections::postgres::active_position(&**client, &self.schema, name)
-            .await
-            .map(|p| p.unwrap_or(0))
-            .map_err(|e| failed("reading the read model's position", e))
+        let position =
+            factline_projections::postgres::active_position(&**client, &self.schema, name).await;
+        Ok(not_created_yet(position)
+            .map_err(|e| failed("reading the read model's position", e))?
+            .unwrap_or(0))
     }
 
     pub async fn run(&self, plan: Plan) -> Result<Answer, QueryError> {

@@ -69,9 +69,13 @@ impl SqliteReader {
     }
 
     pub async fn position(&self, name: &str) -> Result<u64, QueryError> {
+        // No file yet: nothing has been applied.
+        if !self.path.exists() {
+            return Ok(0);
+        }
         let name = name.to_owned();
         self.with_conn(move |conn| {
-            factline_projections::sqlite::active_position(conn, &name)
+            not_created_yet(factline_projections::sqlite::active_position(conn, &name))
                 .map(|p| p.unwrap_or(0))
                 .map_err(|e| failed("reading the read model's position", e))
         })
@@ -79,6 +83,9 @@ impl SqliteReader {
     }
 
     pub async fn run(&self, plan: Plan) -> Result<Answer, QueryError> {
+        if !self.path.exists() {
+            return Ok(plan.answer(Vec::new(), 0));
+        }
         self.with_conn(move |conn| {
             // One read transaction: the position and the rows of one
             // snapshot.
@@ -92,9 +99,20 @@ impl SqliteReader {
     }
 }
 
+/// A file whose registry no runner has created yet has applied nothing.
+fn not_created_yet(position: rusqlite::Result<Option<u64>>) -> rusqlite::Result<Option<u64>> {
+    match position {
+        Err(e) if e.to_string().contains("no such table") => Ok(None),
+        other => other,
+    }
+}
+
 fn read(conn: &Connection, plan: &Plan) -> Result<Answer, QueryError> {
-    let position = factline_projections::sqlite::active_position(conn, &plan.read_model)
-        .map_err(|e| failed("reading the read model's position", e))?;
+    let position = not_created_yet(factline_projections::sqlite::active_position(
+        conn,
+        &plan.read_model,
+    ))
+    .map_err(|e| failed("reading the read model's position", e))?;
     let Some(position) = position else {
         // Nothing applied yet: its tables do not exist.
         return Ok(plan.answer(Vec::new(), 0));

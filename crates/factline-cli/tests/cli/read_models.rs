@@ -13,6 +13,7 @@ on_every_backend!(
     declared_read_models_follow_http_appends_park_poison_and_rebuild_on_a_version_bump,
     a_client_reads_its_own_writes_pages_and_queries_within_its_scope,
     a_read_model_that_stops_on_error_stops_at_the_event_and_says_why,
+    read_models_may_live_in_another_database_than_the_events,
 );
 
 /// `path`'s answer over HTTP, which must be 200.
@@ -520,4 +521,64 @@ fn a_read_model_that_stops_on_error_stops_at_the_event_and_says_why(db: Db) {
         "nothing after the event is applied"
     );
     terminate(&mut served.child);
+}
+
+fn read_models_may_live_in_another_database_than_the_events(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("invoices.toml");
+    std::fs::write(&file, INVOICES_READ_MODELS).unwrap();
+    let other = if db.spec.starts_with("postgres") {
+        postgres_db()
+    } else {
+        sqlite_db()
+    };
+    let mut served = Served::start(
+        &db.spec,
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--read-models",
+            file.to_str().unwrap(),
+            "--read-models-db",
+            &other.spec,
+        ],
+    );
+    append(
+        &served,
+        "Invoice-1",
+        r#"[{"event_type":"InvoiceIssued","data":{"customer":"acme","total_cents":900,"lines":[]}}]"#,
+    );
+    let (status, answer) = served.call(
+        "GET",
+        "/read-models/invoices/tables/invoices?min_position=1",
+        "",
+        None,
+    );
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        columns(&answer, &["invoice_id", "total_cents"]),
+        vec![vec![json!("1"), json!(900)]]
+    );
+    terminate(&mut served.child);
+
+    // The read model is in the other database only.
+    let listed_there = run(
+        &db.spec,
+        &[
+            "projections",
+            "list",
+            "--json",
+            "--read-models-db",
+            &other.spec,
+        ],
+    );
+    assert_eq!(code(&listed_there), 0, "{}", stderr(&listed_there));
+    let there = json_lines(&listed_there).remove(0);
+    assert_eq!(there[0]["name"], "invoices", "{there}");
+    let listed_here = run(&db.spec, &["projections", "list", "--json"]);
+    assert_eq!(
+        json_lines(&listed_here).remove(0),
+        json!([]),
+        "the events' database has none"
+    );
 }
