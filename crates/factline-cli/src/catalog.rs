@@ -1,8 +1,7 @@
-//! The projections this process can run — the orders read models it has
-//! the code of, and the read models declared in a definitions file
-//! (`--read-models`) — where their read models live for a `--db`, and
-//! running them live so that they follow a swap made by a rebuild in
-//! another process.
+//! The projections this process can run — read models declared in a
+//! definitions file (`--read-models`), and any given besides — where their
+//! read models live for a `--db`, and running them live so that they
+//! follow a swap made by a rebuild in another process.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,32 +19,23 @@ use tokio::task::JoinHandle;
 
 use crate::usage;
 
-/// The PostgreSQL schema of the orders read models.
+/// The PostgreSQL schema of the read models unless `--schema` says
+/// otherwise (a public default, named when the demo was the only domain).
 pub const READ_SCHEMA: &str = "orders_read";
 
-/// The names of the orders demo's read models.
-pub const DEMO_READ_MODELS: [&str; 3] = ["order_list", "revenue", "customer_totals"];
-
 /// The projections this process can run, rebuild and retry: read models
-/// declared in a definitions file, and those of the orders demo
-/// (`examples/orders/read_models.toml`).
+/// declared in a definitions file, and any given besides (the demo's).
 #[derive(Clone, Default)]
 pub struct Catalog {
     declared: Arc<Definitions>,
 }
 
 impl Catalog {
-    /// The read models of the definitions file at `path` if given, and the
-    /// demo's if `demo`; a file with mistakes is a usage error listing
-    /// each with its line and column.
-    pub fn load(path: Option<&Path>, demo: bool) -> anyhow::Result<Self> {
-        let mut all = Vec::new();
-        if demo {
-            let definitions =
-                Definitions::parse(factline_orders::READ_MODELS, "the demo's read models")
-                    .map_err(|e| anyhow::anyhow!("the demo's read models do not check: {e}"))?;
-            all.extend(definitions.read_models().iter().cloned());
-        }
+    /// `besides` and the read models of the definitions file at `path` if
+    /// given; a file with mistakes is a usage error listing each with its
+    /// line and column, and so is a name both declare.
+    pub fn load(path: Option<&Path>, besides: Definitions) -> anyhow::Result<Self> {
+        let mut all = besides.read_models().to_vec();
         if let Some(path) = path {
             let file = Definitions::load(path).map_err(|e| match e {
                 LoadError::Invalid(errors) => usage(errors.to_string()),
@@ -53,11 +43,12 @@ impl Catalog {
             })?;
             for model in file.read_models() {
                 if all.iter().any(|m: &ReadModel| m.name() == model.name()) {
+                    let names: Vec<&str> = besides.read_models().iter().map(|m| m.name()).collect();
                     return Err(usage(format!(
-                        "{}: read model {:?} has the name of one of the demo's ({}), which --projections runs too; give it another name",
+                        "{}: read model {:?} has the name of one this process runs besides ({}); give it another name",
                         path.display(),
                         model.name(),
-                        DEMO_READ_MODELS.join(", ")
+                        names.join(", ")
                     )));
                 }
                 all.push(model.clone());

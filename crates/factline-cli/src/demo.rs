@@ -10,12 +10,21 @@ use factline::Location;
 use factline_orders::load::{self, LoadConfig};
 use factline_orders::read_models::{self, Summary};
 use factline_outbox::Publication;
+use factline_read_models::Definitions;
 use tokio::sync::watch;
 
-use crate::catalog::{self, ReadModelDb, READ_SCHEMA};
+use crate::catalog::{ReadModelDb, READ_SCHEMA};
 use crate::outbox_cli;
 use crate::serve::{self, OnAddressInUse, ServeArgs};
 use crate::usage;
+
+/// The demo's read models, declared in `examples/orders/read_models.toml`
+/// (what `demo`, `serve --projections` and `projections …` without a file
+/// run).
+pub fn declared_read_models() -> anyhow::Result<Definitions> {
+    Definitions::parse(factline_orders::READ_MODELS, "the demo's read models")
+        .map_err(|e| anyhow::anyhow!("the demo's read models do not check: {e}"))
+}
 
 /// Where the read models live: beside the events (the SQLite file or the
 /// PostgreSQL database's `orders_read` schema), or in a temporary file for
@@ -220,14 +229,16 @@ pub async fn run(location: &Location, args: DemoArgs) -> anyhow::Result<()> {
     // every event.
     let head = store.head_position().await?;
     let admin = read_models.db.admin().await?;
+    let demo_models = declared_read_models()?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let lags = loop {
         let infos = admin.projections().await?;
-        let known: Vec<_> = catalog::DEMO_READ_MODELS
+        let known: Vec<_> = demo_models
+            .read_models()
             .iter()
-            .filter_map(|name| infos.iter().find(|i| i.name == *name).cloned())
+            .filter_map(|m| infos.iter().find(|i| i.name == m.name()).cloned())
             .collect();
-        let all_there = known.len() == catalog::DEMO_READ_MODELS.len()
+        let all_there = known.len() == demo_models.read_models().len()
             && known.iter().all(|i| i.checkpoint >= head);
         if all_there || tokio::time::Instant::now() >= deadline {
             break known;

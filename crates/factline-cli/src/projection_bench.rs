@@ -58,7 +58,7 @@ impl Measured {
         let (Some(path), Some(name)) = (&args.read_models, &args.read_model) else {
             return Ok(Measured::Rust);
         };
-        let catalog = crate::catalog::Catalog::load(Some(path), false)?;
+        let catalog = crate::catalog::Catalog::load(Some(path), Default::default())?;
         let model = catalog.definitions().get(name).cloned().ok_or_else(|| {
             usage(format!(
                 "{} declares no read model {name:?}",

@@ -191,7 +191,11 @@ pub struct RebuildReport {
 
 pub async fn run(args: ProjectionsArgs, location: &Location) -> anyhow::Result<()> {
     // Without a file, the commands know the demo's read models.
-    let catalog = Catalog::load(args.read_models.as_deref(), args.read_models.is_none())?;
+    let besides = match args.read_models {
+        None => crate::demo::declared_read_models()?,
+        Some(_) => Default::default(),
+    };
+    let catalog = Catalog::load(args.read_models.as_deref(), besides)?;
     let db = match &args.read_models_db {
         Some(other) => ReadModelDb::for_location(
             &Location::parse(other).map_err(|e| usage(format!("--read-models-db: {e}")))?,

@@ -241,7 +241,11 @@ pub async fn start(
     };
     // A definitions file with mistakes stops here, before anything
     // listens or writes.
-    let catalog = Catalog::load(args.read_models.as_deref(), args.projections)?;
+    let besides = match args.projections {
+        true => crate::demo::declared_read_models()?,
+        false => Default::default(),
+    };
+    let catalog = Catalog::load(args.read_models.as_deref(), besides)?;
     raise_open_files_limit(config.connections.max_connections);
 
     let listener = match tokio::net::TcpListener::bind(addr).await {

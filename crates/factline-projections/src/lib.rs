@@ -110,7 +110,7 @@ pub use runner::{BatchPolicy, Runner, RunnerStats, Sink, VersionedSink};
 #[cfg(feature = "sqlite")]
 pub use sqlite::{SqliteAdmin, SqliteCheckpoints, SqliteInline, SqliteProjection, SqliteSink};
 pub use status::{Answer, Freshness, Lag, NotYet, OnTimeout, Progress, ProjectionStatus};
-pub use tables::{partition_of, Mode, Partition, Tables};
+pub use tables::{is_plain_name, partition_of, Mode, Partition, Tables};
 
 /// Why a projection stopped.
 #[derive(Debug, thiserror::Error)]
@@ -280,13 +280,18 @@ impl From<tokio_postgres::Error> for ApplyError {
 }
 
 /// Projection names go into checkpoint rows and log lines: short and plain.
-pub(crate) fn validate_name(name: &str) -> Result<(), ProjectionError> {
-    let ok = !name.is_empty()
+/// Whether `name` may name a projection: 1 to 100 letters, digits, `_`,
+/// `-` or `.`.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty()
         && name.len() <= 100
         && name
             .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.');
-    if ok {
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+}
+
+pub(crate) fn validate_name(name: &str) -> Result<(), ProjectionError> {
+    if is_valid_name(name) {
         Ok(())
     } else {
         Err(ProjectionError::invalid(

@@ -8,6 +8,17 @@ use factline_core::RecordedEvent;
 
 use crate::ProjectionError;
 
+/// Whether `name` may name a read-model table (or column): 1 to 50
+/// lower-case letters, digits or `_`, not starting with a digit.
+pub fn is_plain_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 50
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+}
+
 /// The physical tables of one version of a projection's read model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Tables {
@@ -24,14 +35,7 @@ impl Tables {
         version: u32,
         logical: &[&str],
     ) -> Result<Self, ProjectionError> {
-        let plain = |t: &&str| {
-            !t.is_empty()
-                && t.len() <= 50
-                && t.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-                && !t.starts_with(|c: char| c.is_ascii_digit())
-        };
-        if let Some(bad) = logical.iter().find(|t| !plain(t)) {
+        if let Some(bad) = logical.iter().find(|t| !is_plain_name(t)) {
             return Err(ProjectionError::Invalid {
                 projection: projection.to_owned(),
                 message: format!(

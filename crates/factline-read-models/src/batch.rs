@@ -96,10 +96,10 @@ pub(crate) fn template(model: &ReadModel, op: &Op) -> Option<Template> {
         must_find: false,
         commutes: None,
     };
-    let mut lookup_sql: HashMap<String, (String, String)> = HashMap::new();
+    let mut lookup_sql: HashMap<String, String> = HashMap::new();
     let mut value_sql = |t: &mut Template, column: &str, value: &ValueSpec| -> Option<String> {
         if let Expr::Lookup(name) = &value.expr {
-            if let Some((select, _)) = lookup_sql.get(name) {
+            if let Some(select) = lookup_sql.get(name) {
                 return Some(select.clone());
             }
             let lookup = model.lookup(name)?;
@@ -134,7 +134,7 @@ pub(crate) fn template(model: &ReadModel, op: &Op) -> Option<Template> {
                 index_of(&lookup.table),
                 in_key_order(&lookup_table.key, &slots),
             ));
-            lookup_sql.insert(name.clone(), (select.clone(), String::new()));
+            lookup_sql.insert(name.clone(), select.clone());
             return Some(select);
         }
         let col = table.column(column)?;
@@ -341,20 +341,23 @@ struct Footprint {
     commuting: HashSet<(usize, Change)>,
 }
 
+/// Whether `keys` (rows by key) or `any` (whole tables) cover the row of
+/// `key` in `table` (any row of it when `key` is `None`).
+fn touches(keys: &HashSet<Key>, any: &HashSet<usize>, table: usize, key: Option<u64>) -> bool {
+    any.contains(&table)
+        || match key {
+            Some(k) => keys.contains(&(table, k)),
+            None => keys.iter().any(|(t, _)| *t == table),
+        }
+}
+
 impl Footprint {
-    fn touches(
-        &self,
-        keys: &HashSet<Key>,
-        any: &HashSet<usize>,
-        table: usize,
-        key: Option<u64>,
-    ) -> bool {
-        let _ = self;
-        any.contains(&table)
-            || match key {
-                Some(k) => keys.contains(&(table, k)),
-                None => keys.iter().any(|(t, _)| *t == table),
-            }
+    fn writes_to(&self, table: usize, key: Option<u64>) -> bool {
+        touches(&self.writes, &self.writes_any, table, key)
+    }
+
+    fn reads_of(&self, table: usize, key: Option<u64>) -> bool {
+        touches(&self.reads, &self.reads_any, table, key)
     }
 
     /// Whether `later` (a group after the one `self`'s row would join)
@@ -364,26 +367,25 @@ impl Footprint {
             return true;
         }
         let commuted = |table: usize| later.commuting.iter().any(|(t, _)| *t == table);
-        let read_written = self.reads.iter().any(|(t, k)| {
-            later.touches(&later.writes, &later.writes_any, *t, Some(*k)) || commuted(*t)
-        }) || self
-            .reads_any
+        let read_written = self
+            .reads
             .iter()
-            .any(|t| later.touches(&later.writes, &later.writes_any, *t, None) || commuted(*t));
+            .any(|(t, k)| later.writes_to(*t, Some(*k)) || commuted(*t))
+            || self
+                .reads_any
+                .iter()
+                .any(|t| later.writes_to(*t, None) || commuted(*t));
         let written = |keys: &HashSet<Key>, any: &HashSet<usize>| {
             self.writes
                 .iter()
-                .any(|(t, k)| later.touches(keys, any, *t, Some(*k)))
-                || self
-                    .writes_any
-                    .iter()
-                    .any(|t| later.touches(keys, any, *t, None))
+                .any(|(t, k)| touches(keys, any, *t, Some(*k)))
+                || self.writes_any.iter().any(|t| touches(keys, any, *t, None))
         };
         let written_commuting = self.writes.iter().any(|(t, _)| commuted(*t))
             || self.writes_any.iter().any(|t| commuted(*t));
         let commuting_touched = self.commuting.iter().any(|(t, kind)| {
-            later.touches(&later.reads, &later.reads_any, *t, None)
-                || later.touches(&later.writes, &later.writes_any, *t, None)
+            later.reads_of(*t, None)
+                || later.writes_to(*t, None)
                 || later
                     .commuting
                     .iter()
@@ -491,13 +493,16 @@ pub(crate) fn statements(
                         ..
                     } => {
                         let own_commuting = |t: usize| own.commuting.iter().any(|(u, _)| *u == t);
-                        footprint.reads.iter().any(|(t, k)| {
-                            own.touches(&own.writes, &own.writes_any, *t, Some(*k))
-                                || own_commuting(*t)
-                        }) || footprint.reads_any.iter().any(|t| {
-                            own.touches(&own.writes, &own.writes_any, *t, None) || own_commuting(*t)
-                        }) || (template.kind == OpKind::Delete
-                            && key.is_some_and(|k| keys.contains(&k)))
+                        footprint
+                            .reads
+                            .iter()
+                            .any(|(t, k)| own.writes_to(*t, Some(*k)) || own_commuting(*t))
+                            || footprint
+                                .reads_any
+                                .iter()
+                                .any(|t| own.writes_to(*t, None) || own_commuting(*t))
+                            || (template.kind == OpKind::Delete
+                                && key.is_some_and(|k| keys.contains(&k)))
                     }
                     Group::Single { .. } => true,
                 };

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 use std::ops::Range;
 
+use factline_projections::{is_plain_name as plain_name, is_valid_name as model_name};
 use indexmap::IndexMap;
 use sha2::{Digest, Sha256};
 use toml::Spanned;
@@ -75,25 +76,6 @@ impl<'a> Checker<'a> {
             }
         }
     }
-}
-
-/// A name of a read model, table or column: lower-case letters, digits
-/// and `_`, not starting with a digit, at most 50 characters.
-fn plain_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 50
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        && !name.starts_with(|c: char| c.is_ascii_digit())
-}
-
-fn model_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 100
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
 }
 
 pub(crate) fn check(text: &str, origin: &str) -> Result<Definitions, DefinitionErrors> {

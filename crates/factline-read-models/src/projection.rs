@@ -26,8 +26,8 @@ pub struct DeclaredProjection {
     rendered: Option<(u32, Vec<HandlerSql>)>,
 }
 
-/// The statements of one event type's operations: (operation, statements).
-type HandlerSql = Vec<(usize, Vec<Rendered>)>;
+/// The statements of one event type's operations, by operation.
+type HandlerSql = Vec<Vec<Rendered>>;
 
 /// Table names live as long as the process: a projection hands them out
 /// as `&[&str]`, and there are few (interned, so rebuilding a projection
@@ -124,7 +124,7 @@ impl DeclaredProjection {
         data: &Value,
     ) -> Result<Vec<Statement>, ApplyError> {
         let rendered = &self.rendered(tables)[handler];
-        let Some((_, op_statements)) = rendered.iter().find(|(i, _)| *i == index) else {
+        let Some(op_statements) = rendered.get(index) else {
             return Ok(Vec::new());
         };
         let mut statements = Vec::new();
@@ -158,12 +158,7 @@ impl DeclaredProjection {
             let all = model
                 .handlers
                 .iter()
-                .map(|(_, ops)| {
-                    ops.iter()
-                        .enumerate()
-                        .map(|(i, op)| (i, render(model, op, tables)))
-                        .collect()
-                })
+                .map(|(_, ops)| ops.iter().map(|op| render(model, op, tables)).collect())
                 .collect();
             self.rendered = Some((tables.version(), all));
         }

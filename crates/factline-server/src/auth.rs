@@ -75,14 +75,9 @@ impl CategorySet {
     fn parse_names(token: &str, entries: Vec<String>) -> Result<Self, TokensError> {
         let mut set = CategorySet::default();
         for entry in entries {
-            let plain = !entry.is_empty()
-                && entry.len() <= 100
-                && entry
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
             if entry == "*" {
                 set.every = true;
-            } else if plain {
+            } else if factline_projections::is_valid_name(&entry) {
                 set.named.insert(entry);
             } else {
                 return Err(TokensError::Invalid(format!(

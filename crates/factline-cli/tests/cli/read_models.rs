@@ -70,13 +70,10 @@ fn declared_read_models_follow_http_appends_park_poison_and_rebuild_on_a_version
         "Invoice-9",
         r#"[{"event_type":"PaymentReceived","data":{"cents":1}}]"#,
     );
-    let list = served.until("/admin/projections", "", |list| {
-        list["projections"]
-            .as_array()
-            .and_then(|all| all.iter().find(|p| p["name"] == "invoices"))
-            .is_some_and(|p| p["checkpoint"] == 5 && p["parked"] == 1)
+    let list = served.until("/admin/projections/invoices", "", |p| {
+        p["checkpoint"] == 5 && p["parked"] == 1
     });
-    assert_eq!(projection(&list, "invoices")["active_version"], 1);
+    assert_eq!(list["active_version"], 1);
     let invoices = get(&served, "/read-models/invoices/tables/invoices");
     assert_eq!(invoices["position"], 5);
     assert_eq!(
@@ -141,16 +138,10 @@ fn declared_read_models_follow_http_appends_park_poison_and_rebuild_on_a_version
         "Invoice-3",
         r#"[{"event_type":"InvoiceIssued","data":{"customer":"zeta","total_cents":1,"lines":[]}}]"#,
     );
-    let list = served.until("/admin/projections", "", |list| {
-        list["projections"]
-            .as_array()
-            .and_then(|all| all.iter().find(|p| p["name"] == "invoices"))
-            .is_some_and(|p| p["error"].is_string())
+    let list = served.until("/admin/projections/invoices", "", |p| {
+        p["error"].is_string()
     });
-    let error = projection(&list, "invoices")["error"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let error = list["error"].as_str().unwrap().to_owned();
     assert!(
         error.contains("version 2 was built from another definition"),
         "{error}"
@@ -204,11 +195,8 @@ fn declared_read_models_follow_http_appends_park_poison_and_rebuild_on_a_version
             v3.to_str().unwrap(),
         ],
     );
-    served.until("/admin/projections", "", |list| {
-        list["projections"]
-            .as_array()
-            .and_then(|all| all.iter().find(|p| p["name"] == "invoices"))
-            .is_some_and(|p| p["active_version"] == 3 && p["state"] == "running")
+    served.until("/admin/projections/invoices", "", |p| {
+        p["active_version"] == 3 && p["state"] == "running"
     });
     let revenue = get(
         &served,
@@ -497,13 +485,10 @@ fn a_read_model_that_stops_on_error_stops_at_the_event_and_says_why(db: Db) {
         "Invoice-3",
         r#"[{"event_type":"InvoiceIssued","data":{"customer":"zeta","total_cents":100,"lines":[]}}]"#,
     );
-    let list = served.until("/admin/projections", "", |list| {
-        list["projections"]
-            .as_array()
-            .and_then(|all| all.iter().find(|p| p["name"] == "invoices"))
-            .is_some_and(|p| p["state"] == "failed")
+    let list = served.until("/admin/projections/invoices", "", |p| {
+        p["state"] == "failed"
     });
-    let p = projection(&list, "invoices");
+    let p = &list;
     let error = p["error"].as_str().unwrap();
     assert!(
         error.contains("InvoiceIssued at position 2 (stream Invoice-2): data.total_cents is text, not integer (for invoices.total_cents)"),
