@@ -310,7 +310,9 @@ impl<S: Sink> Runner<S> {
     }
 
     /// Follows the log until `stop` turns true (or its sender is dropped),
-    /// committing the batch in hand before returning. A failing batch stops
+    /// committing the batch in hand before returning. A batch whose
+    /// database fails in a way that may pass is written again after a
+    /// backoff (the retry policy's attempts); one that still fails stops
     /// the runner with nothing of that batch committed.
     pub async fn run(
         &mut self,
@@ -337,6 +339,9 @@ impl<S: Sink> Runner<S> {
                 // Stopped while paused: the batch in hand was not committed
                 // and is read again from the checkpoint next time.
                 Err(ProjectionError::Paused { .. }) if *stop.borrow() => break Ok(self.stats),
+                // Stopped while a failure that may pass was being retried:
+                // likewise nothing of the batch was committed.
+                Err(e) if e.is_retryable() && *stop.borrow() => break Ok(self.stats),
                 Err(e) => break Err(e),
             }
         };
@@ -517,12 +522,31 @@ impl<S: Sink> Runner<S> {
 
     /// Applies a batch, waiting while the projection is paused (P12's
     /// operators pause from another process: the batch itself sees it).
+    /// A failure that may pass (a busy or unreachable database) is tried
+    /// again with the retry policy's backoff: nothing of a failed batch was
+    /// committed, so the same batch is simply written again.
     async fn apply(&mut self, batch: Arc<[RecordedEvent]>) -> Result<u64, ProjectionError> {
-        self.while_paused(|runner| {
-            let batch = batch.clone();
-            Box::pin(async move { runner.sink.apply_batch(batch).await })
-        })
-        .await
+        let mut backoff = self.retries.first_backoff;
+        let mut attempts = 1;
+        loop {
+            let written = self
+                .while_paused(|runner| {
+                    let batch = batch.clone();
+                    Box::pin(async move { runner.sink.apply_batch(batch).await })
+                })
+                .await;
+            match written {
+                Err(e) if e.is_retryable() && attempts < self.retries.attempts => {
+                    tracing::warn!(projection = self.sink.name(), error = %e, attempt = attempts, "a batch failed and is tried again");
+                    attempts += 1;
+                    if self.sleep_unless_stopped(backoff).await {
+                        return Err(e);
+                    }
+                    backoff = (backoff * 2).min(self.retries.max_backoff);
+                }
+                other => return other,
+            }
+        }
     }
 
     /// Runs `write` until it is not refused as paused, looking again every
@@ -542,17 +566,7 @@ impl<S: Sink> Runner<S> {
                         tracing::info!(projection = %projection, "projection paused");
                     }
                     self.status.set_paused(true);
-                    let stopping = match &mut self.stop {
-                        Some(stop) => tokio::select! {
-                            _ = tokio::time::sleep(PAUSE_POLL) => *stop.borrow(),
-                            _ = stop.changed() => true,
-                        },
-                        None => {
-                            tokio::time::sleep(PAUSE_POLL).await;
-                            false
-                        }
-                    };
-                    if stopping {
+                    if self.sleep_unless_stopped(PAUSE_POLL).await {
                         return Err(ProjectionError::Paused { projection });
                     }
                 }
@@ -563,6 +577,21 @@ impl<S: Sink> Runner<S> {
                     }
                     return other;
                 }
+            }
+        }
+    }
+
+    /// Sleeps for `wait`, or less when `run` is told to stop meanwhile;
+    /// says whether it was.
+    async fn sleep_unless_stopped(&mut self, wait: Duration) -> bool {
+        match &mut self.stop {
+            Some(stop) => tokio::select! {
+                _ = tokio::time::sleep(wait) => *stop.borrow(),
+                _ = stop.changed() => true,
+            },
+            None => {
+                tokio::time::sleep(wait).await;
+                false
             }
         }
     }

@@ -393,3 +393,50 @@ fn read_model_failures_keep_their_source_and_refusals_are_told_apart() {
     );
     assert!(!invalid.unwrap_err().is_retryable());
 }
+
+/// A read-model database another connection keeps locked for longer than
+/// the busy timeout fails a batch with a failure that may pass: the live
+/// runner writes the same batch again after a backoff instead of
+/// stopping, and ends with every event applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_runner_outlasts_a_read_model_locked_past_the_busy_timeout() {
+    let target = Sqlite::<false>::start().await;
+    append(&target.store(), 10).await;
+    let sink = target.sink(None).await;
+    let (locked, held) = std::sync::mpsc::channel();
+    let path = target.read_path();
+    let holder = std::thread::spawn(move || {
+        let conn = rusqlite::Connection::open(path).unwrap();
+        conn.execute_batch("BEGIN IMMEDIATE").unwrap();
+        locked.send(()).unwrap();
+        // Past the sink's 10 s busy timeout, so one attempt fails.
+        std::thread::sleep(Duration::from_secs(12));
+        conn.execute_batch("COMMIT").unwrap();
+    });
+    held.recv().unwrap();
+    let mut runner = Runner::new(target.store(), sink).with_retries(RetryPolicy {
+        attempts: 4,
+        first_backoff: Duration::from_millis(50),
+        max_backoff: Duration::from_millis(200),
+    });
+    let mut progress = runner.watch_checkpoint();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let running = tokio::spawn(async move {
+        let stats = runner.run(stopped).await;
+        (stats, runner)
+    });
+    let head = target.store().head_position().await.unwrap();
+    let reached = tokio::time::timeout(Duration::from_secs(60), progress.wait_for(|p| *p == head));
+    let reached = reached.await;
+    holder.join().unwrap();
+    stop.send_replace(true);
+    let (stats, runner) = running.await.unwrap();
+    let stats = stats.expect("the runner did not stop on a locked database");
+    assert!(
+        reached.is_ok(),
+        "the projection reaches the head once the lock is gone"
+    );
+    assert_eq!(stats.checkpoint, head);
+    let (counts, checkpoint) = Sqlite::<false>::read_model(&mut runner.into_sink()).await;
+    assert_eq!((counts, checkpoint), (expected_counts(10), 10));
+}

@@ -210,7 +210,7 @@ impl<const SAME: bool> Target for Sqlite<SAME> {
 }
 
 impl<const SAME: bool> Sqlite<SAME> {
-    fn read_path(&self) -> std::path::PathBuf {
+    pub(crate) fn read_path(&self) -> std::path::PathBuf {
         self.dir
             .path()
             .join(if SAME { "events.db" } else { "read.db" })
