@@ -13,7 +13,8 @@
 //! merged exactly (raw SQL, a `set` keyed by a lookup, a nullable column
 //! added to) runs as its own statements, in order.
 
-use std::collections::{HashMap, HashSet};
+// foldhash: a batch hashes a few keys and table numbers per event.
+use foldhash::{HashMap, HashMapExt, HashSet};
 
 use factline_core::RecordedEvent;
 use factline_projections::{ApplyError, Dialect, Expected, SqlValue, Statement, Tables};
@@ -45,6 +46,12 @@ pub(crate) struct Template {
     checked: Vec<(String, String)>,
     /// `EXISTS` guards of lookups that may find nothing.
     guards: Vec<String>,
+    /// Those of lookups read by a subquery (not joined): the others' rows
+    /// drop out of the join.
+    row_guards: Vec<String>,
+    /// Lookups of a table's whole key, joined to the rows: one probe a
+    /// row finds the value and whether there is one.
+    joins: String,
     /// The slots of the key when it is known from the event.
     key_slots: Option<Vec<usize>>,
     /// The slots of the row this writes, in its table's key order, when
@@ -90,6 +97,8 @@ pub(crate) fn template(model: &ReadModel, op: &Op) -> Option<Template> {
         changes: Vec::new(),
         checked: Vec::new(),
         guards: Vec::new(),
+        row_guards: Vec::new(),
+        joins: String::new(),
         key_slots: Some(Vec::new()),
         write_key: None,
         reads: Vec::new(),
@@ -123,17 +132,34 @@ pub(crate) fn template(model: &ReadModel, op: &Op) -> Option<Template> {
                 lookup.table,
                 tests.join(" AND ")
             );
-            let select = format!("(SELECT l.{} FROM {from})", ident(&lookup.column));
             let exists = format!("EXISTS (SELECT 1 FROM {from})");
+            let row_key = in_key_order(&lookup_table.key, &slots);
+            // A lookup by the table's key finds at most one row: joined, it
+            // is one probe instead of a test and a subquery.
+            let select = if row_key.is_some() {
+                let alias = format!("l{}", lookup_sql.len());
+                let on: Vec<String> = tests
+                    .iter()
+                    .map(|test| format!("{alias}{}", &test[1..]))
+                    .collect();
+                t.joins.push_str(&format!(
+                    " JOIN {{table:{}}} AS {alias} ON {}",
+                    lookup.table,
+                    on.join(" AND ")
+                ));
+                format!("{alias}.{}", ident(&lookup.column))
+            } else {
+                if op.skip_missing {
+                    t.row_guards.push(exists.clone());
+                }
+                format!("(SELECT l.{} FROM {from})", ident(&lookup.column))
+            };
             if op.skip_missing {
                 t.guards.push(exists);
             } else {
                 t.checked.push((name.clone(), exists));
             }
-            t.reads.push((
-                index_of(&lookup.table),
-                in_key_order(&lookup_table.key, &slots),
-            ));
+            t.reads.push((index_of(&lookup.table), row_key));
             lookup_sql.insert(name.clone(), select.clone());
             return Some(select);
         }
@@ -310,8 +336,9 @@ fn exact_key(row: &[SqlValue], slots: &[usize]) -> String {
 /// share a hash, which only makes two rows look dependent (they then stay
 /// in order), never the reverse.
 fn key_of(table: usize, row: &[SqlValue], slots: &[usize]) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    use std::hash::{BuildHasher, Hash, Hasher};
+    // A fixed seed: the hashes only ever meet each other within a batch.
+    let mut hasher = foldhash::fast::FixedState::with_seed(0).build_hasher();
     table.hash(&mut hasher);
     for slot in slots {
         match &row[*slot] {
@@ -327,14 +354,40 @@ fn key_of(table: usize, row: &[SqlValue], slots: &[usize]) -> u64 {
 /// The table of a known key, kept beside it.
 type Key = (usize, u64);
 
+/// Sets of the keys' own hashes: they need no second hashing.
+type KeySet = std::collections::HashSet<Key, foldhash::fast::FixedState>;
+
+/// Rows by key, and the tables any of them is in.
+#[derive(Default)]
+struct Keys {
+    keys: KeySet,
+    tables: HashSet<usize>,
+}
+
+impl Keys {
+    fn insert(&mut self, key: Key) -> bool {
+        self.tables.insert(key.0);
+        self.keys.insert(key)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Key> {
+        self.keys.iter()
+    }
+
+    fn extend(&mut self, other: Keys) {
+        self.keys.extend(other.keys);
+        self.tables.extend(other.tables);
+    }
+}
+
 /// What a row (or a group of rows) reads and writes, by table and key.
 #[derive(Default)]
 struct Footprint {
     /// Every table: raw SQL, or what cannot be told.
     everything: bool,
-    reads: HashSet<Key>,
+    reads: Keys,
     reads_any: HashSet<usize>,
-    writes: HashSet<Key>,
+    writes: Keys,
     writes_any: HashSet<usize>,
     /// Tables written by upserts that commute with each other when of one
     /// kind (all add, all min or all max).
@@ -343,11 +396,11 @@ struct Footprint {
 
 /// Whether `keys` (rows by key) or `any` (whole tables) cover the row of
 /// `key` in `table` (any row of it when `key` is `None`).
-fn touches(keys: &HashSet<Key>, any: &HashSet<usize>, table: usize, key: Option<u64>) -> bool {
+fn touches(keys: &Keys, any: &HashSet<usize>, table: usize, key: Option<u64>) -> bool {
     any.contains(&table)
         || match key {
-            Some(k) => keys.contains(&(table, k)),
-            None => keys.iter().any(|(t, _)| *t == table),
+            Some(k) => keys.keys.contains(&(table, k)),
+            None => keys.tables.contains(&table),
         }
 }
 
@@ -375,7 +428,7 @@ impl Footprint {
                 .reads_any
                 .iter()
                 .any(|t| later.writes_to(*t, None) || commuted(*t));
-        let written = |keys: &HashSet<Key>, any: &HashSet<usize>| {
+        let written = |keys: &Keys, any: &HashSet<usize>| {
             self.writes
                 .iter()
                 .any(|(t, k)| touches(keys, any, *t, Some(*k)))

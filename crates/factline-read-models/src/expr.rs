@@ -238,8 +238,8 @@ impl Expr {
                     .recorded_at
                     .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
             ),
-            Expr::RecordedDay => Val::Text(event.recorded_at.format("%Y-%m-%d").to_string()),
-            Expr::RecordedHour => Val::Text(event.recorded_at.format("%Y-%m-%dT%H:00").to_string()),
+            Expr::RecordedDay => Val::Text(day_of(event, false)),
+            Expr::RecordedHour => Val::Text(day_of(event, true)),
             Expr::Len(inner) => match inner.eval(event, data) {
                 Val::Json(Value::Array(items)) => Val::Int(items.len() as i64),
                 Val::Json(Value::Object(map)) => Val::Int(map.len() as i64),
@@ -285,6 +285,20 @@ impl fmt::Display for Expr {
             }
         }
     }
+}
+
+/// `YYYY-MM-DD` (and `THH:00`) of the event's time in UTC; written by
+/// hand, as a batch does it for most events.
+fn day_of(event: &RecordedEvent, with_hour: bool) -> String {
+    use chrono::{Datelike, Timelike};
+    use std::fmt::Write;
+    let at = event.recorded_at;
+    let mut day = String::with_capacity(16);
+    let _ = write!(day, "{:04}-{:02}-{:02}", at.year(), at.month(), at.day());
+    if with_hour {
+        let _ = write!(day, "T{:02}:00", at.hour());
+    }
+    day
 }
 
 /// A comparison operator.

@@ -46,6 +46,7 @@ use std::sync::Arc;
 
 mod batch;
 mod check;
+mod data;
 mod expr;
 mod file;
 mod model;

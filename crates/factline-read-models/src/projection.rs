@@ -2,7 +2,7 @@
 //! sinks, checkpoints, versions, parking and partitions apply to it as to
 //! a read model written in Rust.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use factline_core::RecordedEvent;
@@ -10,6 +10,7 @@ use factline_projections::{ApplyError, Dialect, SqlProjection, SqlValue, Stateme
 use serde_json::Value;
 
 use crate::check::type_problem;
+use crate::data::DataFields;
 use crate::expr::{ColumnType, Val};
 use crate::model::ReadModel;
 use crate::sql::{create_table, render, Param, Rendered};
@@ -18,7 +19,9 @@ use crate::sql::{create_table, render, Param, Rendered};
 pub struct DeclaredProjection {
     model: Arc<ReadModel>,
     table_names: Vec<&'static str>,
-    handlers: HashMap<String, usize>,
+    handlers: foldhash::HashMap<String, usize>,
+    /// Per handler, the data fields its operations read.
+    fields: Vec<DataFields>,
     /// Per event type and operation, how its rows merge in a batch (none:
     /// they run one by one).
     templates: Arc<Vec<Vec<Option<crate::batch::Template>>>>,
@@ -58,6 +61,11 @@ impl DeclaredProjection {
                 .iter()
                 .enumerate()
                 .map(|(i, (event_type, _))| (event_type.clone(), i))
+                .collect(),
+            fields: model
+                .handlers
+                .iter()
+                .map(|(_, ops)| DataFields::of(&model, ops))
                 .collect(),
             templates: Arc::new(
                 model
@@ -102,9 +110,8 @@ impl DeclaredProjection {
         {
             return Ok(None);
         }
-        let data = event
-            .data
-            .to_value()
+        let data = self.fields[handler]
+            .read(event.data.as_str())
             .map_err(|e| refused(event, format!("its data is not JSON: {e}")))?;
         if let Some(when) = &self.model.when {
             if !when.holds(event, &data) {

@@ -27,11 +27,16 @@ pub(super) fn group_statements(
     };
     let json = rows_json(rows);
     let statement = |sql: String| Statement::new(named(sql), vec![SqlValue::Text(json.clone())]);
-    let guard = if t.guards.is_empty() {
-        "true".to_owned()
-    } else {
-        t.guards.join(" AND ")
+    let all_of = |guards: &[String]| {
+        if guards.is_empty() {
+            "true".to_owned()
+        } else {
+            guards.join(" AND ")
+        }
     };
+    let guard = all_of(&t.guards);
+    // The rows the operation applies: those whose lookups find a row.
+    let rows_from = format!("{elements}{} WHERE {}", t.joins, all_of(&t.row_guards));
     let table = tables.get(&t.table);
     let mut out = Vec::new();
     for (lookup, exists) in &t.checked {
@@ -57,7 +62,7 @@ pub(super) fn group_statements(
                 ""
             };
             out.push(statement(format!(
-                "INSERT INTO {table} ({}) SELECT {} FROM {elements} WHERE {guard}{conflict}",
+                "INSERT INTO {table} ({}) SELECT {} FROM {rows_from}{conflict}",
                 columns.join(", "),
                 values.join(", ")
             )));
@@ -88,9 +93,9 @@ pub(super) fn group_statements(
             let select = if t.key_slots.is_some() {
                 let mut values: Vec<&str> = key_values.clone();
                 values.extend(t.changes.iter().map(|(_, _, v)| v.as_str()));
-                format!("SELECT {} FROM {elements} WHERE {guard}", values.join(", "))
+                format!("SELECT {} FROM {rows_from}", values.join(", "))
             } else {
-                grouped(t, elements, &guard)
+                grouped(t, &rows_from)
             };
             out.push(statement(format!(
                 "INSERT INTO {table} AS cur ({}) {select} ON CONFLICT ({}) {on_conflict}",
@@ -112,12 +117,9 @@ pub(super) fn group_statements(
                         .enumerate()
                         .map(|(i, (_, _, v))| format!("{v} AS c{i}")),
                 );
-                format!(
-                    "SELECT {} FROM {elements} WHERE {guard}",
-                    named_values.join(", ")
-                )
+                format!("SELECT {} FROM {rows_from}", named_values.join(", "))
             } else {
-                grouped(t, elements, &guard)
+                grouped(t, &rows_from)
             };
             if t.must_find {
                 let tests: Vec<String> = key_columns
@@ -157,10 +159,7 @@ pub(super) fn group_statements(
             )));
         }
         OpKind::Delete => {
-            let keys = format!(
-                "SELECT {} FROM {elements} WHERE {guard}",
-                key_values.join(", ")
-            );
+            let keys = format!("SELECT {} FROM {rows_from}", key_values.join(", "));
             let row_value = if key_columns.len() == 1 {
                 key_columns[0].clone()
             } else {
@@ -179,7 +178,7 @@ pub(super) fn group_statements(
                     .collect();
                 out.push(
                     statement(format!(
-                        "SELECT 1 FROM (SELECT {} FROM {elements} WHERE {guard}) AS u WHERE NOT EXISTS (SELECT 1 FROM {table} AS cur WHERE {}) LIMIT 1",
+                        "SELECT 1 FROM (SELECT {} FROM {rows_from}) AS u WHERE NOT EXISTS (SELECT 1 FROM {table} AS cur WHERE {}) LIMIT 1",
                         named_keys.join(", "),
                         tests.join(" AND ")
                     ))
@@ -197,7 +196,7 @@ pub(super) fn group_statements(
 
 /// Rows grouped by a key that comes from a lookup, their changes summed
 /// (or their least or greatest kept): `k0…` the key, `c0…` the changes.
-fn grouped(t: &Template, elements: &str, guard: &str) -> String {
+fn grouped(t: &Template, rows_from: &str) -> String {
     let mut inner: Vec<String> = t
         .key
         .iter()
@@ -221,7 +220,7 @@ fn grouped(t: &Template, elements: &str, guard: &str) -> String {
         format!("{aggregate}(c{i}) AS c{i}")
     }));
     format!(
-        "SELECT {} FROM (SELECT {} FROM {elements} WHERE {guard}) AS g GROUP BY {}",
+        "SELECT {} FROM (SELECT {} FROM {rows_from}) AS g GROUP BY {}",
         outer.join(", "),
         inner.join(", "),
         keys.join(", ")
