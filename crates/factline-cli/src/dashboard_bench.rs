@@ -2,6 +2,8 @@
 //! region for the last 7 days", answered (a) by aggregating the event
 //! table live with SQL and (b) by reading the revenue projection, with a
 //! long history stored and a steady write load running, in the same run.
+//! With `--declared`, (b) is the demo's declared revenue read model asked
+//! over HTTP through the query API, as a client in any language asks it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,10 +13,13 @@ use factline::{EventStore, ExpectedVersion, Location, StreamId};
 use factline_orders::history;
 use factline_orders::read_models::RevenueByRegionDay;
 use factline_orders::OrderEvent;
-use factline_projections::{Portable, PostgresSink, Runner, Sink, SqliteSink};
+use factline_projections::{Portable, PostgresSink, Runner, Sink, SqlProjection, SqliteSink};
+use factline_read_models::Definitions;
 use tokio::sync::watch;
 
+use crate::admin_api::{CatalogAdmin, DeclaredReadModels};
 use crate::bench::{percentile_ms, postgres_url, round, Backend, BENCH_SCHEMA};
+use crate::catalog::{Catalog, ReadModelDb};
 use crate::usage;
 
 #[derive(Args, Debug)]
@@ -32,7 +37,15 @@ pub struct DashboardBench {
     /// two appends: placed, then paid).
     #[arg(long, default_value_t = 100)]
     rate: u64,
+    /// Answer (b) from the demo's declared revenue read model, asked over
+    /// HTTP (`GET /read-models/revenue/queries/net_revenue_by_region_since`),
+    /// instead of the Rust one read with SQL.
+    #[arg(long)]
+    declared: bool,
 }
+
+/// The declared read model and the query (b) asks with `--declared`.
+const DECLARED: (&str, &str) = ("revenue", "net_revenue_by_region_since");
 
 /// The last line of `bench dashboard`, a contract for scripts.
 #[derive(serde::Serialize)]
@@ -43,7 +56,7 @@ struct DashboardReport {
     /// (a) aggregating the event table live with SQL.
     live_sql_p50_ms: f64,
     live_sql_p99_ms: f64,
-    /// (b) reading the projection.
+    /// (b) reading the projection: with SQL, or (declared) over HTTP.
     projection_p50_ms: f64,
     projection_p99_ms: f64,
     /// p99 of (a) ÷ p99 of (b).
@@ -52,10 +65,22 @@ struct DashboardReport {
     write_rate: u64,
     orders_written: u64,
     samples: usize,
+    /// Whether (b) is the declared read model asked over HTTP.
+    declared: bool,
+    /// The net cents of the last answer each way (the writes go on
+    /// between them, so they differ by a few orders).
+    live_sql_total_cents: i64,
+    projection_total_cents: i64,
 }
 
-/// The two answers, per database.
-enum Queries {
+/// The two answers: per database, and (b) over HTTP when declared.
+struct Queries {
+    db: Db,
+    /// The client and URL of the declared read model's query.
+    http: Option<(reqwest::Client, String)>,
+}
+
+enum Db {
     Sqlite(rusqlite::Connection),
     Postgres(tokio_postgres::Client),
 }
@@ -114,8 +139,12 @@ impl Queries {
     /// Times one answer; `live` picks (a), else (b).
     async fn ask(&mut self, live: bool) -> anyhow::Result<(Duration, Answer)> {
         let started = Instant::now();
-        let answer = match self {
-            Queries::Sqlite(conn) => {
+        if let (false, Some((client, url))) = (live, &self.http) {
+            let answer = ask_http(client, url).await?;
+            return Ok((started.elapsed(), answer));
+        }
+        let answer = match &mut self.db {
+            Db::Sqlite(conn) => {
                 let (sql, param): (&str, rusqlite::types::Value) = if live {
                     (LIVE_SQLITE, week_ago().timestamp_micros().into())
                 } else {
@@ -127,7 +156,7 @@ impl Queries {
                 let rows = stmt.query_map([param], |r| Ok((r.get(0)?, r.get(1)?)))?;
                 rows.collect::<Result<Answer, _>>()?
             }
-            Queries::Postgres(client) => {
+            Db::Postgres(client) => {
                 let rows = if live {
                     client.query(&live_postgres(), &[]).await?
                 } else {
@@ -140,6 +169,28 @@ impl Queries {
         };
         Ok((started.elapsed(), answer))
     }
+}
+
+/// (b) over HTTP: the query's rows, `region` and `net_cents` each.
+async fn ask_http(client: &reqwest::Client, url: &str) -> anyhow::Result<Answer> {
+    let response = client
+        .get(url)
+        .query(&[("from", first_day())])
+        .send()
+        .await?;
+    let status = response.status();
+    let body: serde_json::Value = response.json().await?;
+    if !status.is_success() {
+        anyhow::bail!("{url} answered {status}: {body}");
+    }
+    let rows = body["rows"].as_array().cloned().unwrap_or_default();
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let region = row["region"].as_str().map(str::to_owned);
+            (region, row["net_cents"].as_i64().unwrap_or(0))
+        })
+        .collect())
 }
 
 pub async fn run(args: DashboardBench, location: &Location) -> anyhow::Result<()> {
@@ -157,28 +208,43 @@ pub async fn run(args: DashboardBench, location: &Location) -> anyhow::Result<()
     let head = crate::bench::fill_history(&store, args.events, "dashboard", args.backend).await?;
 
     let (stop, stopped) = watch::channel(false);
-    let (projection, mut queries) = match args.backend {
+    let (projection, db, read_model_db) = match args.backend {
         Backend::Postgres => {
             let url = postgres_url(location)?;
             let sink =
-                PostgresSink::connect(url, BENCH_SCHEMA, Portable::new(RevenueByRegionDay::new()))
+                PostgresSink::connect(url, BENCH_SCHEMA, Portable::new(revenue(args.declared)?))
                     .await?;
             let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
             tokio::spawn(connection);
+            let read_model_db = ReadModelDb::Postgres {
+                url: url.to_owned(),
+                schema: BENCH_SCHEMA.to_owned(),
+            };
             (
                 follow(&store, sink, stopped.clone()).await?,
-                Queries::Postgres(client),
+                Db::Postgres(client),
+                read_model_db,
             )
         }
         _ => {
-            let sink = SqliteSink::open(&path, Portable::new(RevenueByRegionDay::new()))?;
+            let sink = SqliteSink::open(&path, Portable::new(revenue(args.declared)?))?;
             let projection = follow(&store, sink, stopped.clone()).await?;
             (
                 projection,
-                Queries::Sqlite(rusqlite::Connection::open(&path)?),
+                Db::Sqlite(rusqlite::Connection::open(&path)?),
+                ReadModelDb::Sqlite(path.clone()),
             )
         }
     };
+    let (http, server) = match args.declared {
+        true => {
+            let (client, url, server) =
+                serve_declared(&store, read_model_db, stopped.clone()).await?;
+            (Some((client, url)), Some(server))
+        }
+        false => (None, None),
+    };
+    let mut queries = Queries { db, http };
     println!(
         "  the revenue projection caught up; writing {} orders/s while asking",
         args.rate
@@ -200,8 +266,12 @@ pub async fn run(args: DashboardBench, location: &Location) -> anyhow::Result<()
     stop.send_replace(true);
     let orders_written = writer.await??;
     projection.await??;
+    if let Some(server) = server {
+        server.await??;
+    }
     live.sort_unstable();
     read.sort_unstable();
+    let region_total = |a: &Answer| a.iter().map(|(_, c)| c).sum::<i64>();
     let report = DashboardReport {
         bench: "dashboard",
         backend: args.backend.name(),
@@ -214,8 +284,10 @@ pub async fn run(args: DashboardBench, location: &Location) -> anyhow::Result<()
         write_rate: args.rate,
         orders_written,
         samples: args.samples,
+        declared: args.declared,
+        live_sql_total_cents: region_total(&answers.0),
+        projection_total_cents: region_total(&answers.1),
     };
-    let region_total = |a: &Answer| a.iter().map(|(_, c)| c).sum::<i64>();
     println!(
         "  live SQL: p50 {:.2} ms  p99 {:.2} ms (total {} cents)   projection: p50 {:.3} ms  p99 {:.3} ms (total {} cents)   ratio {:.0}",
         report.live_sql_p50_ms,
@@ -233,6 +305,58 @@ pub async fn run(args: DashboardBench, location: &Location) -> anyhow::Result<()
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
+}
+
+/// The demo's revenue read model: declared, or written in Rust.
+fn revenue(declared: bool) -> anyhow::Result<Box<dyn SqlProjection>> {
+    Ok(match declared {
+        true => declared_revenue()?.find(DECLARED.0)?,
+        false => Box::new(RevenueByRegionDay::new()),
+    })
+}
+
+/// The catalog of the demo's declared revenue read model alone.
+fn declared_revenue() -> anyhow::Result<Catalog> {
+    let demo = crate::demo::declared_read_models()?;
+    let revenue: Vec<_> = demo
+        .read_models()
+        .iter()
+        .filter(|m| m.name() == DECLARED.0)
+        .cloned()
+        .collect();
+    Catalog::load(None, Definitions::from_read_models(revenue))
+}
+
+/// Serves the declared revenue read model's query API on a free port
+/// until `stop`: the client and the URL of (b)'s query.
+async fn serve_declared(
+    store: &Arc<dyn EventStore>,
+    db: ReadModelDb,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(
+    reqwest::Client,
+    String,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
+    let catalog = declared_revenue()?;
+    let admin = Arc::new(CatalogAdmin::new(
+        catalog.clone(),
+        db.clone(),
+        store.clone(),
+    ));
+    let read_models = Arc::new(DeclaredReadModels::new(&catalog, &db, admin)?);
+    let server = factline_server::Server::new(store.clone(), Default::default())
+        .with_shutdown(stop.clone())
+        .with_read_models(read_models);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!(
+        "http://{}/read-models/{}/queries/{}",
+        listener.local_addr()?,
+        DECLARED.0,
+        DECLARED.1
+    );
+    let served = tokio::spawn(server.serve(listener, factline_server::stopped_by(stop)));
+    Ok((reqwest::Client::new(), url, served))
 }
 
 /// Catches the projection up on the history, then keeps it following

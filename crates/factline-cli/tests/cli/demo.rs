@@ -66,6 +66,45 @@ fn the_demo_runs_until_interrupted_and_continues_from_its_data(db: Db) {
     assert_eq!(by_status, placed + 4, "{text}");
 }
 
+/// `factline bench dashboard --declared` asks the demo's declared revenue
+/// read model over HTTP while orders are written: its query answers rows
+/// with money in them, and the report says how fast against live SQL.
+#[test]
+fn the_dashboard_bench_asks_the_declared_read_model_over_http() {
+    let out = factline("memory:")
+        .args([
+            "bench",
+            "dashboard",
+            "--backend",
+            "sqlite",
+            "--events",
+            "3000",
+        ])
+        .args(["--samples", "5", "--rate", "50", "--declared"])
+        .output()
+        .unwrap();
+    assert_eq!(code(&out), 0, "{}", stderr(&out));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["bench"], "dashboard", "{report}");
+    assert_eq!(report["declared"], true, "{report}");
+    assert_eq!(report["samples"], 5, "{report}");
+    assert!(
+        report["projection_total_cents"].as_i64() > Some(0),
+        "{report}"
+    );
+    assert!(
+        report["live_sql_total_cents"].as_i64() > Some(0),
+        "{report}"
+    );
+    let (p50, p99) = (
+        report["projection_p50_ms"].as_f64(),
+        report["projection_p99_ms"].as_f64(),
+    );
+    assert!(p50 > Some(0.0) && p50 <= p99, "{report}");
+    assert!(report["ratio"].as_f64() > Some(0.0), "{report}");
+}
+
 /// `factline bench outbox` on a small load: the last line is its JSON
 /// report, every relayed and every live event was counted, and the ratio is
 /// the median of the rounds' paired ratios.
