@@ -122,9 +122,35 @@ pub fn terminate(child: &mut std::process::Child) {
     );
 }
 
+/// A child process killed when dropped if it still runs, so a test that
+/// fails (or forgets to stop it) leaves no server behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// A `factline serve` child and what it printed when it came up.
 pub struct Served {
-    pub child: std::process::Child,
+    pub child: KillOnDrop,
     pub base: String,
     /// Everything it wrote to stderr so far.
     pub log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
@@ -182,7 +208,7 @@ impl Served {
     pub fn start(db: &str, args: &[&str]) -> Served {
         let (child, base, log) = spawn_serving(db, args);
         Served {
-            child,
+            child: KillOnDrop(child),
             base,
             log,
             runtime: tokio::runtime::Builder::new_current_thread()

@@ -9,9 +9,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
+
+use crate::common::KillOnDrop;
 
 use fantoccini::{ClientBuilder, Locator};
 
@@ -31,16 +33,6 @@ fn binary(env: &str, candidates: &[&str]) -> PathBuf {
         .unwrap_or_else(|| panic!("the dashboard test needs {}: {INSTALL}", candidates[0]))
 }
 
-/// Kills the child when the test ends, however it ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -51,7 +43,7 @@ fn free_port() -> u16 {
 
 /// Starts the demo with a bounded load that keeps serving afterwards, and
 /// returns it with the dashboard's address.
-fn start_demo(db: &std::path::Path) -> (Killed, String) {
+fn start_demo(db: &std::path::Path) -> (KillOnDrop, String) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_factline"))
         .args(["--db", db.to_str().unwrap()])
         .args(["demo", "--orders", "60", "--rate", "40", "--keep-serving"])
@@ -68,7 +60,7 @@ fn start_demo(db: &std::path::Path) -> (Killed, String) {
             let _ = tx.send(line);
         }
     });
-    let child = Killed(child);
+    let child = KillOnDrop(child);
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let line = rx
@@ -136,7 +128,7 @@ async fn the_dashboard_shows_what_the_api_says() {
     .await;
 
     let port = free_port();
-    let _driver = Killed(
+    let _driver = KillOnDrop(
         Command::new(&chromedriver)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
@@ -334,7 +326,7 @@ async fn the_dashboard_shows_what_the_api_says() {
             definitions.to_str().unwrap(),
         ],
     );
-    let _other_server = Killed(child);
+    let _other_server = KillOnDrop(child);
     browser.goto(&format!("{other_base}/")).await.unwrap();
     const READ_GENERIC: &str = r##"
         const all = (sel, f) => [...document.querySelectorAll(sel)].map(f);
