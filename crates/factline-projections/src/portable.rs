@@ -144,6 +144,16 @@ pub trait SqlProjection: Send + Sync + 'static {
         let _ = dialect;
         self.create_tables(tables)
     }
+    /// Told when a run starts, before its first batch: it reads on from
+    /// `checkpoint`, and `sole_writer` is false when the run is one
+    /// partition of several. A projection that remembers rows it wrote
+    /// between batches learns here what it may rely on: from checkpoint 0
+    /// as the sole writer, this version's tables hold nothing it has not
+    /// been given since.
+    fn resuming(&mut self, checkpoint: u64, sole_writer: bool) {
+        let _ = (checkpoint, sole_writer);
+    }
+
     /// The statements `event` makes, run in order in the batch's
     /// transaction.
     fn statements(
@@ -192,6 +202,9 @@ impl SqlProjection for Box<dyn SqlProjection> {
     }
     fn create_tables_for(&self, dialect: Dialect, tables: &Tables) -> Vec<String> {
         (**self).create_tables_for(dialect, tables)
+    }
+    fn resuming(&mut self, checkpoint: u64, sole_writer: bool) {
+        (**self).resuming(checkpoint, sole_writer)
     }
     fn statements(
         &mut self,

@@ -20,6 +20,7 @@ use factline_core::RecordedEvent;
 use factline_projections::{ApplyError, Dialect, Expected, SqlValue, Statement, Tables};
 use serde_json::Value;
 
+use crate::cache::Found;
 use crate::expr::{ColumnType, Expr};
 use crate::model::{Change, Op, OpKind, ReadModel, ValueSpec};
 use crate::projection::bind;
@@ -64,6 +65,22 @@ pub(crate) struct Template {
     /// Upserts that only add (or only keep the least, or the greatest)
     /// commute with each other on their table: which of these, if any.
     commutes: Option<Change>,
+    /// With lookups resolved from the cache: per lookup, its key's slots
+    /// (in the lookup's key order) and the slot its value goes in.
+    pub(crate) resolved: Vec<(usize, Vec<usize>, usize)>,
+}
+
+impl Template {
+    /// Whether its rows read no table (no lookup).
+    pub(crate) fn reads_nothing(&self) -> bool {
+        self.reads.is_empty() && self.guards.is_empty() && self.checked.is_empty()
+    }
+
+    /// The slot of the value an insert writes to `column`.
+    pub(crate) fn inserted_slot(&self, column: &str) -> Option<usize> {
+        let (_, _, sql) = self.changes.iter().find(|(c, _, _)| c == column)?;
+        slot_of(sql)
+    }
 }
 
 /// `columns` (with their slots) in the order of `key`, if they are
@@ -77,8 +94,11 @@ fn in_key_order(key: &[String], columns: &[(String, usize)]) -> Option<Vec<usize
         .collect()
 }
 
-/// Whether `op` can be merged, and how.
-pub(crate) fn template(model: &ReadModel, op: &Op) -> Option<Template> {
+/// Whether `op` can be merged, and how. With `cached` (which lookups
+/// are), the template of its rows whose lookups the cache resolved: their
+/// values are slots of the row; `None` unless every lookup it reads is
+/// cached.
+pub(crate) fn template(model: &ReadModel, op: &Op, cached: Option<&[bool]>) -> Option<Template> {
     let table_name = op.table.clone()?;
     let table = model.table(&table_name)?;
     let index_of = |name: &str| {
@@ -104,6 +124,7 @@ pub(crate) fn template(model: &ReadModel, op: &Op) -> Option<Template> {
         reads: Vec::new(),
         must_find: false,
         commutes: None,
+        resolved: Vec::new(),
     };
     let mut lookup_sql: HashMap<String, String> = HashMap::new();
     let mut value_sql = |t: &mut Template, column: &str, value: &ValueSpec| -> Option<String> {
@@ -113,6 +134,36 @@ pub(crate) fn template(model: &ReadModel, op: &Op) -> Option<Template> {
             }
             let lookup = model.lookup(name)?;
             let lookup_table = model.table(&lookup.table)?;
+            if let Some(cached) = cached {
+                let index = model.lookups.iter().position(|l| l.name == *name)?;
+                if !cached.get(index).copied().unwrap_or(false) {
+                    return None;
+                }
+                let mut key_slots = Vec::new();
+                for (column, value) in &lookup.key {
+                    let col = lookup_table.column(column)?;
+                    key_slots.push(t.slots.len());
+                    t.slots.push(Param {
+                        value: value.clone(),
+                        ty: Some(col.ty),
+                        nullable: false,
+                        what: format!("lookup.{name}'s key {column}"),
+                    });
+                }
+                let ty = lookup_table.column(&lookup.column)?.ty;
+                let slot = t.slots.len();
+                // Filled from the cache, not bound from the event.
+                t.slots.push(Param {
+                    value: value.clone(),
+                    ty: Some(ty),
+                    nullable: true,
+                    what: format!("lookup.{name}"),
+                });
+                t.resolved.push((index, key_slots, slot));
+                let select = slot_sql(slot, ty);
+                lookup_sql.insert(name.clone(), select.clone());
+                return Some(select);
+            }
             let mut tests = Vec::new();
             let mut slots = Vec::new();
             for (column, value) in &lookup.key {
@@ -175,9 +226,9 @@ pub(crate) fn template(model: &ReadModel, op: &Op) -> Option<Template> {
     };
     for (column, value) in &op.key {
         let sql = value_sql(&mut t, column, value)?;
-        match (&value.expr, &mut t.key_slots) {
-            (Expr::Lookup(_), _) => t.key_slots = None,
-            (_, Some(slots)) => slots.push(t.slots.len() - 1),
+        match (slot_of(&sql), &mut t.key_slots) {
+            (Some(slot), Some(slots)) => slots.push(slot),
+            (None, _) => t.key_slots = None,
             _ => {}
         }
         t.key.push((column.clone(), sql));
@@ -226,7 +277,8 @@ pub(crate) fn template(model: &ReadModel, op: &Op) -> Option<Template> {
             && !nullable_sum
             && t.changes.iter().all(|(_, other, _)| other == c)
     });
-    merges.then_some(t)
+    let resolving = cached.is_some() && !t.resolved.is_empty();
+    (merges && (cached.is_none() || resolving)).then_some(t)
 }
 
 /// Field `i` of a row, as a value of type `ty`.
@@ -269,10 +321,10 @@ fn combine_rows(template: &Template, rows: Vec<Vec<SqlValue>>) -> Vec<Vec<SqlVal
         .iter()
         .filter_map(|(_, change, sql)| slot_of(sql).map(|s| (s, *change)))
         .collect();
-    let mut order: Vec<String> = Vec::new();
-    let mut combined: HashMap<String, Vec<SqlValue>> = HashMap::new();
+    let mut order: Vec<crate::cache::Key> = Vec::new();
+    let mut combined: HashMap<crate::cache::Key, Vec<SqlValue>> = HashMap::new();
     for row in rows {
-        let key = exact_key(&row, key_slots);
+        let key = crate::cache::key_of(&row, key_slots);
         match combined.get_mut(&key) {
             None => {
                 order.push(key.clone());
@@ -324,12 +376,6 @@ fn combine_rows(template: &Template, rows: Vec<Vec<SqlValue>>) -> Vec<Vec<SqlVal
 fn slot_of(sql: &str) -> Option<usize> {
     let rest = sql.strip_prefix("CAST(e.value ->> ")?;
     rest[..rest.find(' ')?].parse().ok()
-}
-
-/// A row's key exactly, for combining the rows of one key.
-fn exact_key(row: &[SqlValue], slots: &[usize]) -> String {
-    let parts: Vec<String> = slots.iter().map(|s| format!("{:?}", row[*s])).collect();
-    parts.join("\u{1f}")
 }
 
 /// A row's key as a hash, with its table's: two keys that differ may
@@ -461,10 +507,27 @@ impl Footprint {
     }
 }
 
+/// An operation (event type, index) and whether its rows were resolved
+/// from the cache.
+type OpId = (usize, usize, bool);
+
+/// The values of a row of `template` from `event`.
+fn bind_row(
+    template: &Template,
+    event: &RecordedEvent,
+    data: &Value,
+) -> Result<Vec<SqlValue>, ApplyError> {
+    template
+        .slots
+        .iter()
+        .map(|p| bind(p, event, data))
+        .collect()
+}
+
 /// A run of rows of one operation, or one event's own statements.
 enum Group {
     Rows {
-        op: (usize, usize),
+        op: OpId,
         rows: Vec<Vec<SqlValue>>,
         keys: HashSet<u64>,
         footprint: Footprint,
@@ -492,35 +555,77 @@ pub(crate) fn statements(
 ) -> Result<Vec<Statement>, ApplyError> {
     let model = projection.model_arc();
     let templates = projection.templates();
+    let (resolved, plan) = projection.cache_plan();
+    if let (Some(first), Some(last)) = (events.first(), events.last()) {
+        projection.cache.batch(first.position, last.position);
+    }
     let mut groups: Vec<Group> = Vec::new();
-    let mut last_of: HashMap<(usize, usize), usize> = HashMap::new();
+    let mut last_of: HashMap<OpId, usize> = HashMap::new();
     for event in events {
         let Some((handler, data)) = projection.applies(event)? else {
             continue;
         };
         let ops = &model.handlers[handler].1;
-        for (index, op) in ops.iter().enumerate() {
+        'ops: for (index, op) in ops.iter().enumerate() {
             if op.when.as_ref().is_some_and(|w| !w.holds(event, &data)) {
                 continue;
             }
-            let Some(template) = &templates[handler][index] else {
-                // Not mergeable: this event's statements of this operation,
-                // in order, touching whatever they touch.
-                let statements = projection.op_statements(tables, handler, index, event, &data)?;
-                groups.push(Group::Single {
-                    statements,
-                    footprint: Footprint {
-                        everything: true,
-                        ..Footprint::default()
-                    },
-                });
-                continue;
+            // Rows whose lookups the cache resolves need no SQL to find
+            // them, and sum in Rust by their whole key.
+            let mut cached_row = None;
+            if let Some(template) = &resolved[handler][index] {
+                let mut row = bind_row(template, event, &data)?;
+                let mut all_found = true;
+                for (lookup, key_slots, value_slot) in &template.resolved {
+                    match projection
+                        .cache
+                        .find(*lookup, crate::cache::key_of(&row, key_slots))
+                    {
+                        Found::Value(value) => row[*value_slot] = value,
+                        // As the SQL would: nothing to apply.
+                        Found::Absent if op.skip_missing => continue 'ops,
+                        // The SQL finds nothing, and says which event.
+                        Found::Absent | Found::Unknown => {
+                            all_found = false;
+                            break;
+                        }
+                    }
+                }
+                if all_found {
+                    cached_row = Some((template, row));
+                }
+            }
+            let (template, row, id) = match cached_row {
+                Some((template, row)) => (template, row, (handler, index, true)),
+                None => {
+                    let Some(template) = &templates[handler][index] else {
+                        // Not mergeable: this event's statements of this operation,
+                        // in order, touching whatever they touch.
+                        let statements =
+                            projection.op_statements(tables, handler, index, event, &data)?;
+                        groups.push(Group::Single {
+                            statements,
+                            footprint: Footprint {
+                                everything: true,
+                                ..Footprint::default()
+                            },
+                        });
+                        continue;
+                    };
+                    let row = bind_row(template, event, &data)?;
+                    let fill = &plan.fills[handler][index];
+                    for (lookup, key_slots, value_slot) in &fill.lookups {
+                        let key = crate::cache::key_of(&row, key_slots);
+                        projection.cache.inserted(
+                            *lookup,
+                            key,
+                            &row[*value_slot],
+                            fill.ignore_existing,
+                        );
+                    }
+                    (template, row, (handler, index, false))
+                }
             };
-            let row = template
-                .slots
-                .iter()
-                .map(|p| bind(p, event, &data))
-                .collect::<Result<Vec<_>, _>>()?;
             let mut footprint = Footprint::default();
             for (table, slots) in &template.reads {
                 match slots {
@@ -537,7 +642,6 @@ pub(crate) fn statements(
                 (None, Some(slots)) => footprint.writes.insert((table, key_of(table, &row, slots))),
                 (None, None) => footprint.writes_any.insert(table),
             };
-            let id = (handler, index);
             let joinable = last_of.get(&id).copied().filter(|g| {
                 let reads_own_group = match &groups[*g] {
                     Group::Rows {
@@ -595,7 +699,8 @@ pub(crate) fn statements(
         match group {
             Group::Single { statements, .. } => out.extend(statements),
             Group::Rows { op, rows, .. } => {
-                let Some(template) = &templates[op.0][op.1] else {
+                let chosen = if op.2 { &resolved } else { &templates };
+                let Some(template) = &chosen[op.0][op.1] else {
                     continue;
                 };
                 let rows = if matches!(template.kind, OpKind::Upsert | OpKind::Update) {

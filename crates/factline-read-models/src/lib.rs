@@ -45,6 +45,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 mod batch;
+mod cache;
 mod check;
 mod data;
 mod expr;

@@ -9,6 +9,7 @@ use factline_core::RecordedEvent;
 use factline_projections::{ApplyError, Dialect, SqlProjection, SqlValue, Statement, Tables};
 use serde_json::Value;
 
+use crate::cache::{CachePlan, LookupCache};
 use crate::check::type_problem;
 use crate::data::DataFields;
 use crate::expr::{ColumnType, Val};
@@ -24,10 +25,17 @@ pub struct DeclaredProjection {
     fields: Vec<DataFields>,
     /// Per event type and operation, how its rows merge in a batch (none:
     /// they run one by one).
-    templates: Arc<Vec<Vec<Option<crate::batch::Template>>>>,
+    templates: Arc<Templates>,
+    /// The same with lookups resolved from the cache, where they may be.
+    resolved: Arc<Templates>,
+    plan: Arc<CachePlan>,
+    pub(crate) cache: LookupCache,
     /// Each handler's operations rendered for the tables of one version.
     rendered: Option<(u32, Vec<HandlerSql>)>,
 }
+
+/// Per event type and operation, a template (if its rows merge).
+type Templates = Vec<Vec<Option<crate::batch::Template>>>;
 
 /// The statements of one event type's operations, by operation.
 type HandlerSql = Vec<Vec<Rendered>>;
@@ -54,6 +62,20 @@ fn intern(name: &str) -> &'static str {
 impl DeclaredProjection {
     /// The projection of `model`.
     pub fn new(model: Arc<ReadModel>) -> Self {
+        let templates_with = |cached: Option<&[bool]>| -> Templates {
+            model
+                .handlers
+                .iter()
+                .map(|(_, ops)| {
+                    ops.iter()
+                        .map(|op| crate::batch::template(&model, op, cached))
+                        .collect()
+                })
+                .collect()
+        };
+        let templates = templates_with(None);
+        let plan = CachePlan::of(&model, &templates);
+        let resolved = templates_with(Some(&plan.cached));
         DeclaredProjection {
             table_names: model.tables.iter().map(|t| intern(&t.name)).collect(),
             handlers: model
@@ -67,17 +89,10 @@ impl DeclaredProjection {
                 .iter()
                 .map(|(_, ops)| DataFields::of(&model, ops))
                 .collect(),
-            templates: Arc::new(
-                model
-                    .handlers
-                    .iter()
-                    .map(|(_, ops)| {
-                        ops.iter()
-                            .map(|op| crate::batch::template(&model, op))
-                            .collect()
-                    })
-                    .collect(),
-            ),
+            templates: Arc::new(templates),
+            resolved: Arc::new(resolved),
+            plan: Arc::new(plan),
+            cache: LookupCache::default(),
             model,
             rendered: None,
         }
@@ -87,8 +102,13 @@ impl DeclaredProjection {
         self.model.clone()
     }
 
-    pub(crate) fn templates(&self) -> Arc<Vec<Vec<Option<crate::batch::Template>>>> {
+    pub(crate) fn templates(&self) -> Arc<Templates> {
         self.templates.clone()
+    }
+
+    /// The templates of rows resolved from the cache, and what fills it.
+    pub(crate) fn cache_plan(&self) -> (Arc<Templates>, Arc<CachePlan>) {
+        (self.resolved.clone(), self.plan.clone())
     }
 
     /// The handler that applies `event` and its data, or `None` when the
@@ -252,11 +272,20 @@ impl SqlProjection for DeclaredProjection {
     fn fingerprint(&self) -> Option<String> {
         Some(self.model.fingerprint.clone())
     }
+    fn resuming(&mut self, checkpoint: u64, sole_writer: bool) {
+        self.cache.resuming(checkpoint, sole_writer);
+    }
     fn statements(
         &mut self,
         tables: &Tables,
         event: &RecordedEvent,
     ) -> Result<Vec<Statement>, ApplyError> {
+        let fills = self.handlers.get(&event.event_type).is_some_and(|h| {
+            self.plan.fills[*h]
+                .iter()
+                .any(|fill| !fill.lookups.is_empty())
+        });
+        self.cache.applied_singly(event.position, fills);
         let Some((handler, data)) = self.applies(event)? else {
             return Ok(Vec::new());
         };

@@ -57,6 +57,12 @@ pub trait PostgresProjection: Send + Sync + 'static {
     /// these names in the schema, writes go to [`Tables::get`].
     fn tables(&self) -> &[&str];
 
+    /// Told when a run starts, before its first batch (see
+    /// [`crate::SqlProjection::resuming`]).
+    fn resuming(&mut self, checkpoint: u64, sole_writer: bool) {
+        let _ = (checkpoint, sole_writer);
+    }
+
     /// Creates this version's tables if they are missing. Runs in the
     /// first batch's transaction of every run.
     async fn setup(

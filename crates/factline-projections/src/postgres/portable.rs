@@ -51,6 +51,9 @@ impl<P: SqlProjection> PostgresProjection for Portable<P> {
     fn tables(&self) -> &[&str] {
         self.projection.tables()
     }
+    fn resuming(&mut self, checkpoint: u64, sole_writer: bool) {
+        self.projection.resuming(checkpoint, sole_writer)
+    }
     async fn setup(
         &mut self,
         tx: &tokio_postgres::Transaction<'_>,

@@ -209,6 +209,8 @@ impl<P: PostgresProjection> Sink for PostgresSink<P> {
             .map_err(|e| self.failed("reading the checkpoint", e))?;
         let position = row.map_or(0, |r| r.get::<_, i64>(0) as u64);
         self.seen = Some(position);
+        let sole_writer = self.partition.is_none();
+        self.projection.resuming(position, sole_writer);
         Ok(position)
     }
 

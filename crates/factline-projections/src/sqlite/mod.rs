@@ -58,6 +58,12 @@ pub trait SqliteProjection: Send + 'static {
     /// these names, writes go to [`Tables::get`].
     fn tables(&self) -> &[&str];
 
+    /// Told when a run starts, before its first batch (see
+    /// [`crate::SqlProjection::resuming`]).
+    fn resuming(&mut self, checkpoint: u64, sole_writer: bool) {
+        let _ = (checkpoint, sole_writer);
+    }
+
     /// Creates this version's tables if they are missing. Runs in the
     /// first batch's transaction of every run.
     fn setup(&mut self, tx: &Transaction<'_>, tables: &Tables) -> rusqlite::Result<()>;

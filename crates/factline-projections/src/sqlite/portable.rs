@@ -91,6 +91,9 @@ impl<P: SqlProjection> SqliteProjection for Portable<P> {
     fn tables(&self) -> &[&str] {
         self.projection.tables()
     }
+    fn resuming(&mut self, checkpoint: u64, sole_writer: bool) {
+        self.projection.resuming(checkpoint, sole_writer)
+    }
     fn setup(&mut self, tx: &rusqlite::Transaction<'_>, tables: &Tables) -> rusqlite::Result<()> {
         for ddl in self.projection.create_tables_for(Dialect::Sqlite, tables) {
             tx.execute(&sqlite_sql(&ddl), [])?;

@@ -178,6 +178,10 @@ impl<P: SqliteProjection> Sink for SqliteSink<P> {
             .query(move |conn| stored_checkpoint(conn, &key))
             .await?;
         self.seen = Some(position);
+        let sole_writer = self.partition.is_none();
+        if let Some((_, projection)) = self.parts.as_mut() {
+            projection.resuming(position, sole_writer);
+        }
         Ok(position)
     }
 
