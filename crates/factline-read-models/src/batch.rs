@@ -14,7 +14,7 @@
 //! added to) runs as its own statements, in order.
 
 // foldhash: a batch hashes a few keys and table numbers per event.
-use foldhash::{HashMap, HashMapExt, HashSet};
+use foldhash::{HashMap, HashMapExt};
 
 use factline_core::RecordedEvent;
 use factline_projections::{ApplyError, Dialect, Expected, SqlValue, Statement, Tables};
@@ -401,13 +401,17 @@ fn key_of(table: usize, row: &[SqlValue], slots: &[usize]) -> u64 {
 type Key = (usize, u64);
 
 /// Sets of the keys' own hashes: they need no second hashing.
-type KeySet = std::collections::HashSet<Key, foldhash::fast::FixedState>;
+type KeySet = Set<Key>;
+
+/// A set made empty for nothing: a batch makes one or more per row, and
+/// its values are table numbers and key hashes from this process only.
+type Set<T> = std::collections::HashSet<T, foldhash::fast::FixedState>;
 
 /// Rows by key, and the tables any of them is in.
 #[derive(Default)]
 struct Keys {
     keys: KeySet,
-    tables: HashSet<usize>,
+    tables: Set<usize>,
 }
 
 impl Keys {
@@ -432,17 +436,17 @@ struct Footprint {
     /// Every table: raw SQL, or what cannot be told.
     everything: bool,
     reads: Keys,
-    reads_any: HashSet<usize>,
+    reads_any: Set<usize>,
     writes: Keys,
-    writes_any: HashSet<usize>,
+    writes_any: Set<usize>,
     /// Tables written by upserts that commute with each other when of one
     /// kind (all add, all min or all max).
-    commuting: HashSet<(usize, Change)>,
+    commuting: Set<(usize, Change)>,
 }
 
 /// Whether `keys` (rows by key) or `any` (whole tables) cover the row of
 /// `key` in `table` (any row of it when `key` is `None`).
-fn touches(keys: &Keys, any: &HashSet<usize>, table: usize, key: Option<u64>) -> bool {
+fn touches(keys: &Keys, any: &Set<usize>, table: usize, key: Option<u64>) -> bool {
     any.contains(&table)
         || match key {
             Some(k) => keys.keys.contains(&(table, k)),
@@ -474,7 +478,7 @@ impl Footprint {
                 .reads_any
                 .iter()
                 .any(|t| later.writes_to(*t, None) || commuted(*t));
-        let written = |keys: &Keys, any: &HashSet<usize>| {
+        let written = |keys: &Keys, any: &Set<usize>| {
             self.writes
                 .iter()
                 .any(|(t, k)| touches(keys, any, *t, Some(*k)))
@@ -529,7 +533,7 @@ enum Group {
     Rows {
         op: OpId,
         rows: Vec<Vec<SqlValue>>,
-        keys: HashSet<u64>,
+        keys: Set<u64>,
         footprint: Footprint,
     },
     Single {

@@ -229,17 +229,18 @@ impl LookupCache {
         value: &SqlValue,
         ignore_existing: bool,
     ) {
+        // A row kept only if its key was absent: known when complete, or
+        // when an existing row would fail the batch instead.
+        if !self.complete && ignore_existing {
+            return;
+        }
         let key = (lookup, key);
-        if self.pending.contains_key(&key) || self.committed.contains_key(&key) {
+        if self.committed.contains_key(&key) {
             // The first row of a key stays (a second insert is ignored, or
             // fails the batch).
             return;
         }
-        // A row kept only if its key was absent: known when complete, or
-        // when an existing row would fail the batch instead.
-        if self.complete || !ignore_existing {
-            self.pending.insert(key, value.clone());
-        }
+        self.pending.entry(key).or_insert_with(|| value.clone());
     }
 }
 

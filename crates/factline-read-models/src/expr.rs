@@ -211,11 +211,13 @@ impl Expr {
             Expr::Metadata(path) => {
                 let m = &event.metadata;
                 let text = |v: &Option<String>| v.clone().map_or(Val::Null, Val::Text);
-                match path.iter().map(String::as_str).collect::<Vec<_>>()[..] {
-                    ["correlation_id"] => text(&m.correlation_id),
-                    ["causation_id"] => text(&m.causation_id),
-                    ["schema_version"] => Val::Int(i64::from(m.schema_version)),
-                    ["headers", name] => text(&m.headers.get(name).cloned()),
+                match path.as_slice() {
+                    [field] if field == "correlation_id" => text(&m.correlation_id),
+                    [field] if field == "causation_id" => text(&m.causation_id),
+                    [field] if field == "schema_version" => Val::Int(i64::from(m.schema_version)),
+                    [headers, name] if headers == "headers" => {
+                        text(&m.headers.get(name.as_str()).cloned())
+                    }
                     _ => Val::Null,
                 }
             }
