@@ -26,8 +26,10 @@ use crate::model::{Change, Op, OpKind, ReadModel, ValueSpec};
 use crate::projection::bind;
 use crate::sql::{combine, ident, Param};
 
+mod footprint;
 mod statements;
 
+use footprint::{key_of, Footprint, Set};
 use statements::group_statements;
 
 /// How one operation's rows are put in a statement.
@@ -71,9 +73,10 @@ pub(crate) struct Template {
 }
 
 impl Template {
-    /// Whether its rows read no table (no lookup).
+    /// Whether its rows read no table (no lookup: each one read, guarded
+    /// or checked, is among `reads`).
     pub(crate) fn reads_nothing(&self) -> bool {
-        self.reads.is_empty() && self.guards.is_empty() && self.checked.is_empty()
+        self.reads.is_empty()
     }
 
     /// The slot of the value an insert writes to `column`.
@@ -376,139 +379,6 @@ fn combine_rows(template: &Template, rows: Vec<Vec<SqlValue>>) -> Vec<Vec<SqlVal
 fn slot_of(sql: &str) -> Option<usize> {
     let rest = sql.strip_prefix("CAST(e.value ->> ")?;
     rest[..rest.find(' ')?].parse().ok()
-}
-
-/// A row's key as a hash, with its table's: two keys that differ may
-/// share a hash, which only makes two rows look dependent (they then stay
-/// in order), never the reverse.
-fn key_of(table: usize, row: &[SqlValue], slots: &[usize]) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
-    // A fixed seed: the hashes only ever meet each other within a batch.
-    let mut hasher = foldhash::fast::FixedState::with_seed(0).build_hasher();
-    table.hash(&mut hasher);
-    for slot in slots {
-        match &row[*slot] {
-            SqlValue::Int(i) => (1u8, *i).hash(&mut hasher),
-            SqlValue::Real(r) => (2u8, r.to_bits()).hash(&mut hasher),
-            SqlValue::Text(t) => (3u8, t).hash(&mut hasher),
-            _ => 0u8.hash(&mut hasher),
-        }
-    }
-    hasher.finish()
-}
-
-/// The table of a known key, kept beside it.
-type Key = (usize, u64);
-
-/// Sets of the keys' own hashes: they need no second hashing.
-type KeySet = Set<Key>;
-
-/// A set made empty for nothing: a batch makes one or more per row, and
-/// its values are table numbers and key hashes from this process only.
-type Set<T> = std::collections::HashSet<T, foldhash::fast::FixedState>;
-
-/// Rows by key, and the tables any of them is in.
-#[derive(Default)]
-struct Keys {
-    keys: KeySet,
-    tables: Set<usize>,
-}
-
-impl Keys {
-    fn insert(&mut self, key: Key) -> bool {
-        self.tables.insert(key.0);
-        self.keys.insert(key)
-    }
-
-    fn iter(&self) -> impl Iterator<Item = &Key> {
-        self.keys.iter()
-    }
-
-    fn extend(&mut self, other: Keys) {
-        self.keys.extend(other.keys);
-        self.tables.extend(other.tables);
-    }
-}
-
-/// What a row (or a group of rows) reads and writes, by table and key.
-#[derive(Default)]
-struct Footprint {
-    /// Every table: raw SQL, or what cannot be told.
-    everything: bool,
-    reads: Keys,
-    reads_any: Set<usize>,
-    writes: Keys,
-    writes_any: Set<usize>,
-    /// Tables written by upserts that commute with each other when of one
-    /// kind (all add, all min or all max).
-    commuting: Set<(usize, Change)>,
-}
-
-/// Whether `keys` (rows by key) or `any` (whole tables) cover the row of
-/// `key` in `table` (any row of it when `key` is `None`).
-fn touches(keys: &Keys, any: &Set<usize>, table: usize, key: Option<u64>) -> bool {
-    any.contains(&table)
-        || match key {
-            Some(k) => keys.keys.contains(&(table, k)),
-            None => keys.tables.contains(&table),
-        }
-}
-
-impl Footprint {
-    fn writes_to(&self, table: usize, key: Option<u64>) -> bool {
-        touches(&self.writes, &self.writes_any, table, key)
-    }
-
-    fn reads_of(&self, table: usize, key: Option<u64>) -> bool {
-        touches(&self.reads, &self.reads_any, table, key)
-    }
-
-    /// Whether `later` (a group after the one `self`'s row would join)
-    /// must stay after it.
-    fn conflicts_with(&self, later: &Footprint) -> bool {
-        if self.everything || later.everything {
-            return true;
-        }
-        let commuted = |table: usize| later.commuting.iter().any(|(t, _)| *t == table);
-        let read_written = self
-            .reads
-            .iter()
-            .any(|(t, k)| later.writes_to(*t, Some(*k)) || commuted(*t))
-            || self
-                .reads_any
-                .iter()
-                .any(|t| later.writes_to(*t, None) || commuted(*t));
-        let written = |keys: &Keys, any: &Set<usize>| {
-            self.writes
-                .iter()
-                .any(|(t, k)| touches(keys, any, *t, Some(*k)))
-                || self.writes_any.iter().any(|t| touches(keys, any, *t, None))
-        };
-        let written_commuting = self.writes.iter().any(|(t, _)| commuted(*t))
-            || self.writes_any.iter().any(|t| commuted(*t));
-        let commuting_touched = self.commuting.iter().any(|(t, kind)| {
-            later.reads_of(*t, None)
-                || later.writes_to(*t, None)
-                || later
-                    .commuting
-                    .iter()
-                    .any(|(u, other)| u == t && other != kind)
-        });
-        read_written
-            || written(&later.reads, &later.reads_any)
-            || written(&later.writes, &later.writes_any)
-            || written_commuting
-            || commuting_touched
-    }
-
-    fn absorb(&mut self, row: Footprint) {
-        self.everything |= row.everything;
-        self.reads.extend(row.reads);
-        self.reads_any.extend(row.reads_any);
-        self.writes.extend(row.writes);
-        self.writes_any.extend(row.writes_any);
-        self.commuting.extend(row.commuting);
-    }
 }
 
 /// An operation (event type, index) and whether its rows were resolved

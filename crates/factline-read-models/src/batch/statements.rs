@@ -51,6 +51,23 @@ pub(super) fn group_statements(
         );
     }
     let key_columns: Vec<String> = t.key.iter().map(|(c, _)| ident(c)).collect();
+    // A target row `cur` against a source row `u` of `k0…` keys.
+    let same_key = key_columns
+        .iter()
+        .enumerate()
+        .map(|(i, c)| format!("cur.{c} = u.k{i}"))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    // Fails the batch when a source row's target row is missing.
+    let missing_row = |source: &str, what: &str| {
+        statement(format!(
+            "SELECT 1 FROM ({source}) AS u WHERE NOT EXISTS (SELECT 1 FROM {table} AS cur WHERE {same_key}) LIMIT 1"
+        ))
+        .requiring(
+            Expected::None,
+            format!("{what} {} found no row for an event of this batch", t.table),
+        )
+    };
     let key_values: Vec<&str> = t.key.iter().map(|(_, v)| v.as_str()).collect();
     match t.kind {
         OpKind::Insert { ignore_existing } => {
@@ -122,18 +139,7 @@ pub(super) fn group_statements(
                 grouped(t, &rows_from)
             };
             if t.must_find {
-                let tests: Vec<String> = key_columns
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("cur.{c} = u.k{i}"))
-                    .collect();
-                out.push(
-                    statement(format!(
-                        "SELECT 1 FROM ({source}) AS u WHERE NOT EXISTS (SELECT 1 FROM {table} AS cur WHERE {}) LIMIT 1",
-                        tests.join(" AND ")
-                    ))
-                    .requiring(Expected::None, format!("update of {} found no row for an event of this batch", t.table)),
-                );
+                out.push(missing_row(&source, "update of"));
             }
             let sets: Vec<String> = t
                 .changes
@@ -147,15 +153,9 @@ pub(super) fn group_statements(
                     )
                 })
                 .collect();
-            let tests: Vec<String> = key_columns
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!("cur.{c} = u.k{i}"))
-                .collect();
             out.push(statement(format!(
-                "UPDATE {table} AS cur SET {} FROM ({source}) AS u WHERE {}",
+                "UPDATE {table} AS cur SET {} FROM ({source}) AS u WHERE {same_key}",
                 sets.join(", "),
-                tests.join(" AND ")
             )));
         }
         OpKind::Delete => {
@@ -171,19 +171,8 @@ pub(super) fn group_statements(
                     .enumerate()
                     .map(|(i, v)| format!("{v} AS k{i}"))
                     .collect();
-                let tests: Vec<String> = key_columns
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("cur.{c} = u.k{i}"))
-                    .collect();
-                out.push(
-                    statement(format!(
-                        "SELECT 1 FROM (SELECT {} FROM {rows_from}) AS u WHERE NOT EXISTS (SELECT 1 FROM {table} AS cur WHERE {}) LIMIT 1",
-                        named_keys.join(", "),
-                        tests.join(" AND ")
-                    ))
-                    .requiring(Expected::None, format!("delete from {} found no row for an event of this batch", t.table)),
-                );
+                let source = format!("SELECT {} FROM {rows_from}", named_keys.join(", "));
+                out.push(missing_row(&source, "delete from"));
             }
             out.push(statement(format!(
                 "DELETE FROM {table} WHERE {row_value} IN ({keys})"
